@@ -1,0 +1,1 @@
+"""The pure decision core: no I/O, no asyncio. Everything here is tested as tables."""

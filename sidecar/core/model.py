@@ -1,0 +1,105 @@
+"""Value types shared by the planner and the edges. Hashes are xxh3-128 hex strings."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Direction(enum.StrEnum):
+    PULL = "pull"  # bucket -> local folder
+    FINALIZE = "finalize"  # local folder -> bucket
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    size: int
+    mtime_ns: int
+    inode: int
+    executable: bool
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    key: str
+    size: int
+    etag: str  # unquoted
+    hash: str | None = None  # from our metadata, when a HEAD/GET told us
+    md5_matches_local: bool | None = None  # set by the resolver for foreign single-part objects
+
+
+@dataclass(frozen=True, slots=True)
+class BaseEntry:
+    """What both sides agreed on at the last successful sync of one path."""
+
+    size: int
+    hash: str
+    etags: tuple[str, ...]  # every ETag the server has shown for this content
+    mtime_ns: int
+    inode: int
+
+    def matches_stat(self, size: int, mtime_ns: int, inode: int) -> bool:
+        return self.size == size and self.mtime_ns == mtime_ns and self.inode == inode
+
+
+class ActionKind(enum.StrEnum):
+    DOWNLOAD = "download"
+    UPLOAD = "upload"
+    DELETE_LOCAL = "delete-local"
+    DELETE_REMOTE = "delete-remote"
+    ADOPT = "adopt"  # both sides already equal: record it in BASE, move nothing
+    FORGET = "forget"  # both sides gone: drop the BASE entry
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    kind: ActionKind
+    path: str
+    local: LocalFile | None = None
+    remote: RemoteObject | None = None
+    # DOWNLOAD: the local file in the way is kept as a conflict copy (unless equal after all).
+    # UPLOAD: the remote object in the way is copied to a conflict key first.
+    keep_conflict_copy: bool = False
+    conflict_copy: str | None = None  # relative path of the conflict copy
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    path: str
+    kind: str  # "both-modified", "both-added", "modified-deleted"
+    resolution: str  # what the sync did, in words
+    copy: str | None = None  # where the losing version was kept
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "resolution": self.resolution,
+            "copy": self.copy,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FileError:
+    path: str  # relative path or object key
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(slots=True)
+class Plan:
+    direction: Direction
+    actions: list[Action] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
+    skipped: int = 0  # paths in sync already, or whose change belongs to the other direction
+    deletes_blocked: str | None = None  # why deletions were withheld, if they were
+
+    def of_kind(self, kind: ActionKind) -> list[Action]:
+        return [action for action in self.actions if action.kind is kind]

@@ -1,0 +1,312 @@
+"""The option table: every flag next to its SIDECAR_* env twin, default and check.
+
+Pure: `resolve()` turns flag values and an environment mapping into typed configs, raising
+OptionError (one message style for every bad value) before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.core.paths import (
+    BadKey,
+    check_mount_folder,
+    check_volume_name,
+    normalize_prefix,
+)
+from sidecar.core.units import parse_size
+
+
+class OptionError(ValueError):
+    pass
+
+
+def default_concurrency() -> int:
+    # Requests are latency-bound, not CPU-bound: a few dozen in flight hide loopback and
+    # WAN round trips alike, while staying under typical S3 per-prefix rate limits.
+    return min(64, max(16, 8 * (os.cpu_count() or 2)))
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text.rstrip("s"))
+    if value < 0:
+        raise ValueError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    value = float(text.rstrip("%"))
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be between 0 and 100, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError(f"must be positive, got {text!r}")
+    return value
+
+
+def _addr(text: str) -> str:
+    _host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return text
+
+
+def _globs(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--local-dir"
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    scopes: frozenset[str]  # "sync" (pull/finalize --once and serve), "serve", "client"
+    repeatable: bool = False  # flag may be given many times; env is comma-separated
+    is_switch: bool = False  # flag takes no value
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "SIDECAR_" + self.dest.upper()
+
+
+SYNC = frozenset({"sync", "serve"})
+SERVE = frozenset({"serve"})
+CLIENT = frozenset({"client"})
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--remote", None, str, "s3://BUCKET[/PREFIX] holding the volume", SYNC),
+    Option("--local-dir", None, str, "the local folder (block storage) to keep in sync", SYNC),
+    Option(
+        "--state-dir",
+        None,
+        str,
+        "where BASE (the last agreed state) is kept; default: $XDG_STATE_HOME/netvol-sidecar "
+        "(~/.local/state/netvol-sidecar); must be outside the synced folder",
+        SYNC,
+    ),
+    Option("--volume", None, str, "volume name, for logs and metrics (1-50 of a-zA-Z0-9_.-)", SYNC),
+    Option(
+        "--concurrency",
+        None,
+        _positive_int,
+        f"requests in flight across all files (default {default_concurrency()} here)",
+        SYNC,
+    ),
+    Option(
+        "--part-size", "16MiB", _size, "multipart part size; grown to stay <= 10,000 parts", SYNC
+    ),
+    Option(
+        "--multipart-threshold",
+        "32MiB",
+        _size,
+        "files at least this big move in parallel parts",
+        SYNC,
+    ),
+    Option("--include", [], _globs, "only sync paths matching this glob (repeatable)", SYNC, True),
+    Option("--exclude", [], _globs, "never sync paths matching this glob (repeatable)", SYNC, True),
+    Option(
+        "--max-delete-percent",
+        "50",
+        _percent,
+        "stop before deleting more than this share of the other side",
+        SYNC,
+    ),
+    Option(
+        "--force-delete",
+        False,
+        _bool,
+        "allow deleting past --max-delete-percent",
+        SYNC,
+        is_switch=True,
+    ),
+    Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
+    Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
+    Option(
+        "--control-addr", "127.0.0.1:8080", _addr, "control API (pull/finalize), loopback", SERVE
+    ),
+    Option(
+        "--probe-addr", "0.0.0.0:8081", _addr, "probes, /status and /metrics (read-only)", SERVE
+    ),
+    Option(
+        "--shutdown-timeout",
+        "300",
+        _seconds,
+        "seconds allowed for the final finalize after SIGTERM",
+        SERVE,
+    ),
+    Option("--auto-sync", False, _bool, "push changes after they settle", SERVE, is_switch=True),
+    Option("--auto-sync-debounce", "2", _seconds, "seconds of quiet before an auto push", SERVE),
+    Option("--auto-sync-max-delay", "30", _seconds, "longest wait for quiet under writes", SERVE),
+    Option(
+        "--read-only",
+        False,
+        _bool,
+        "pull only; refuse finalize (inference replicas)",
+        SERVE,
+        is_switch=True,
+    ),
+    Option(
+        "--control-url", "http://127.0.0.1:8080", str, "where the daemon's control API is", CLIENT
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    bucket: str
+    prefix: str  # normalized: '' or ends with '/'
+    local_dir: Path
+    state_dir: Path
+    concurrency: int = field(default_factory=default_concurrency)
+    part_size: int = 16 * 1024**2
+    multipart_threshold: int = 32 * 1024**2
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_delete_fraction: float = 0.5
+    force_delete: bool = False
+    volume: str | None = None
+
+    @property
+    def remote_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    sync: SyncConfig
+    control_addr: str = "127.0.0.1:8080"
+    probe_addr: str = "0.0.0.0:8081"
+    shutdown_timeout: float = 300.0
+    auto_sync: bool = False
+    auto_sync_debounce: float = 2.0
+    auto_sync_max_delay: float = 30.0
+    read_only: bool = False
+
+
+def collect(flag_values: Mapping[str, Any], env: Mapping[str, str], scope: str) -> dict[str, Any]:
+    """Flag beats env beats default. Returns parsed values keyed by Option.dest."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if scope not in option.scopes:
+            continue
+        raw = flag_values.get(option.dest)
+        source = option.flag
+        if raw in (None, [], False) and option.env in env:
+            raw, source = env[option.env], option.env
+        if raw in (None, []) or (raw is False and option.is_switch):
+            raw, source = option.default, "default"
+        try:
+            values[option.dest] = _parse_one(option, raw)
+        except ValueError as exc:
+            raise OptionError(f"{option.flag} ({option.env}) from {source}: {exc}") from None
+    return values
+
+
+def _parse_one(option: Option, raw: Any) -> Any:
+    if raw is None or isinstance(raw, bool):
+        return raw
+    if option.repeatable:
+        items = raw if isinstance(raw, list) else [raw]
+        return [glob for item in items for glob in option.parse(item)]
+    return option.parse(raw)
+
+
+def parse_remote(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise OptionError(f"--remote (SIDECAR_REMOTE): {url!r} must look like s3://BUCKET/PREFIX")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise OptionError(f"--remote (SIDECAR_REMOTE): {url!r} has no bucket name")
+    try:
+        return bucket, normalize_prefix(prefix)
+    except BadKey as exc:
+        raise OptionError(f"--remote (SIDECAR_REMOTE): {exc}") from None
+
+
+def default_state_root(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local" / "state")
+    return Path(base) / "netvol-sidecar"
+
+
+def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig:
+    if not values.get("remote"):
+        raise OptionError("--remote (SIDECAR_REMOTE) is required, e.g. s3://my-volume/")
+    if not values.get("local_dir"):
+        raise OptionError("--local-dir (SIDECAR_LOCAL_DIR) is required, e.g. /workspace/data")
+    bucket, prefix = parse_remote(values["remote"])
+    local_dir = Path(os.path.abspath(values["local_dir"]))
+    try:
+        check_mount_folder(str(local_dir))
+        if values.get("volume"):
+            check_volume_name(values["volume"])
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    state_dir = Path(os.path.abspath(values.get("state_dir") or default_state_root(env)))
+    if state_dir == local_dir or local_dir in state_dir.parents:
+        raise OptionError(
+            f"--state-dir (SIDECAR_STATE_DIR) {state_dir} is inside the synced folder "
+            f"{local_dir}; put it outside so the state is never synced"
+        )
+    return SyncConfig(
+        bucket=bucket,
+        prefix=prefix,
+        local_dir=local_dir,
+        state_dir=state_dir,
+        concurrency=values.get("concurrency") or default_concurrency(),
+        part_size=values.get("part_size") or 16 * 1024**2,
+        multipart_threshold=values.get("multipart_threshold") or 32 * 1024**2,
+        include=tuple(values.get("include") or ()),
+        exclude=tuple(values.get("exclude") or ()),
+        max_delete_fraction=(values.get("max_delete_percent") or 0.0) / 100,
+        force_delete=bool(values.get("force_delete")),
+        volume=values.get("volume"),
+    )
+
+
+def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConfig:
+    debounce = values["auto_sync_debounce"]
+    max_delay = values["auto_sync_max_delay"]
+    if max_delay < debounce:
+        raise OptionError(
+            f"--auto-sync-max-delay ({max_delay}s) must be at least --auto-sync-debounce "
+            f"({debounce}s)"
+        )
+    return ServeConfig(
+        sync=sync_config(values, env),
+        control_addr=values["control_addr"],
+        probe_addr=values["probe_addr"],
+        shutdown_timeout=values["shutdown_timeout"],
+        auto_sync=bool(values["auto_sync"]),
+        auto_sync_debounce=debounce,
+        auto_sync_max_delay=max_delay,
+        read_only=bool(values["read_only"]),
+    )

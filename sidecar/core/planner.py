@@ -1,0 +1,264 @@
+"""The three-way planner: LOCAL and REMOTE each compared with BASE, then combined.
+
+Pure: takes maps of path -> state, returns a Plan. Every rule of DESIGN.md "Sync semantics"
+that decides *what* happens lives here; the edges only carry the plan out.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sidecar.core.model import (
+    Action,
+    ActionKind,
+    BaseEntry,
+    Conflict,
+    Direction,
+    FileError,
+    LocalFile,
+    Plan,
+    RemoteObject,
+)
+from sidecar.core.paths import conflict_name, parent_dirs
+
+
+class Change(enum.Enum):
+    ABSENT = "absent"  # not on this side, not in BASE
+    UNCHANGED = "unchanged"
+    MODIFIED = "modified"
+    ADDED = "added"  # on this side, not in BASE
+    DELETED = "deleted"  # in BASE, no longer on this side
+
+
+@dataclass(frozen=True, slots=True)
+class DeletePolicy:
+    allowed: bool = True  # False after listing/scan errors
+    why_not: str = ""
+    max_fraction: float = 0.5  # of the other side's files
+    force: bool = False
+
+
+def local_change(local: LocalFile | None, base: BaseEntry | None) -> Change:
+    if local is None:
+        return Change.ABSENT if base is None else Change.DELETED
+    if base is None:
+        return Change.ADDED
+    return Change.UNCHANGED if local.hash == base.hash else Change.MODIFIED
+
+
+def remote_change(remote: RemoteObject | None, base: BaseEntry | None) -> Change:
+    if remote is None:
+        return Change.ABSENT if base is None else Change.DELETED
+    if base is None:
+        return Change.ADDED
+    if remote.hash is not None:
+        return Change.UNCHANGED if remote.hash == base.hash else Change.MODIFIED
+    if remote.size == base.size and remote.etag in base.etags:
+        return Change.UNCHANGED
+    return Change.MODIFIED
+
+
+def same_content(local: LocalFile, remote: RemoteObject) -> bool | None:
+    """True/False when known without transferring; None when only the bytes can tell."""
+    if local.size != remote.size:
+        return False
+    if remote.hash is not None:
+        return remote.hash == local.hash
+    return remote.md5_matches_local
+
+
+def needs_remote_hash(
+    local: LocalFile | None, remote: RemoteObject | None, base: BaseEntry | None
+) -> bool:
+    """Whether a HEAD (for our hash metadata) could change the decision for this path.
+
+    Only paths where both sides changed (or there is no BASE) and sizes agree: a differing
+    size already proves different content, and an unchanged ETag proves an unchanged object.
+    """
+    if local is None or remote is None or remote.hash is not None:
+        return False
+    if local.size != remote.size:
+        return False
+    if base is None:
+        return True
+    # A new ETag on a same-size object may be our own multipart upload shown with another
+    # ETag (rclone), so ask before downloading or flagging a conflict.
+    return remote_change(remote, base) is not Change.UNCHANGED
+
+
+def plan(
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    base: Mapping[str, BaseEntry],
+    now: datetime,
+    deletes: DeletePolicy | None = None,
+) -> Plan:
+    deletes = deletes or DeletePolicy()
+    result = Plan(direction)
+    for path in sorted(set(local) | set(remote) | set(base)):
+        _plan_path(result, direction, path, local.get(path), remote.get(path), base.get(path), now)
+    _drop_type_clashes(result, direction, local, remote)
+    _apply_delete_policy(result, direction, local, remote, deletes)
+    return result
+
+
+def _plan_path(
+    out: Plan,
+    direction: Direction,
+    path: str,
+    lf: LocalFile | None,
+    ro: RemoteObject | None,
+    be: BaseEntry | None,
+    now: datetime,
+) -> None:
+    lc = local_change(lf, be)
+    rc = remote_change(ro, be)
+    pull = direction is Direction.PULL
+
+    def act(kind: ActionKind, **extra: object) -> None:
+        out.actions.append(Action(kind, path, lf, ro, **extra))  # type: ignore[arg-type]
+
+    # Neither side moved away from BASE.
+    if lc is Change.UNCHANGED and rc is Change.UNCHANGED:
+        out.skipped += 1
+        return
+    if lc in (Change.DELETED, Change.ABSENT) and rc in (Change.DELETED, Change.ABSENT):
+        if be is not None:
+            act(ActionKind.FORGET)
+        return
+
+    # Exactly one side changed.
+    if lc is Change.UNCHANGED:
+        if not pull:
+            out.skipped += 1  # a remote change is pull's business
+        elif rc is Change.DELETED:
+            act(ActionKind.DELETE_LOCAL)
+        else:
+            act(ActionKind.DOWNLOAD)
+        return
+    if rc is Change.UNCHANGED:
+        if pull:
+            out.skipped += 1  # a local change is finalize's business
+        elif lc is Change.DELETED:
+            act(ActionKind.DELETE_REMOTE)
+        else:
+            act(ActionKind.UPLOAD)
+        return
+    if rc is Change.ABSENT:  # local added, never seen remotely
+        if pull:
+            out.skipped += 1
+        else:
+            act(ActionKind.UPLOAD)
+        return
+    if lc is Change.ABSENT:  # remote added, never seen locally
+        if pull:
+            act(ActionKind.DOWNLOAD)
+        else:
+            out.skipped += 1
+        return
+
+    # Both sides changed. Equal content is agreement, not conflict.
+    if lf is not None and ro is not None:
+        equal = same_content(lf, ro)
+        if equal:
+            act(ActionKind.ADOPT)
+            return
+        kind = "both-added" if be is None else "both-modified"
+        copy = conflict_name(path, now)
+        if pull:
+            # Remote takes the name; the local version is kept beside it. When equality is
+            # unknown (foreign multipart object) the download itself decides.
+            act(ActionKind.DOWNLOAD, keep_conflict_copy=True, conflict_copy=copy)
+            resolution = "downloaded the bucket's version; kept the local one as the copy"
+        else:
+            act(ActionKind.UPLOAD, keep_conflict_copy=True, conflict_copy=copy)
+            resolution = "uploaded the local version; kept the bucket's one as the copy"
+        if equal is False:
+            out.conflicts.append(Conflict(path, kind, resolution, copy))
+        return
+
+    # One side modified, the other deleted: the modification wins, nothing is lost.
+    if lf is not None:  # remote deleted, local modified
+        if pull:
+            act(ActionKind.FORGET)  # keep the local file, now local-only
+            resolution = "kept the modified local file; the bucket had deleted it"
+        else:
+            act(ActionKind.UPLOAD)
+            resolution = "uploaded the modified local file; the bucket had deleted it"
+    else:  # local deleted, remote modified
+        if pull:
+            act(ActionKind.DOWNLOAD)
+            resolution = "downloaded the modified object; the local file had been deleted"
+        else:
+            act(ActionKind.FORGET)  # keep the remote object, now remote-only
+            resolution = "kept the modified object; the local file had been deleted"
+    out.conflicts.append(Conflict(path, "modified-deleted", resolution))
+
+
+def _drop_type_clashes(
+    out: Plan,
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+) -> None:
+    """A path that is a file on one side and a folder on the other cannot be written."""
+    if direction is Direction.PULL:
+        writes, deletes = ActionKind.DOWNLOAD, ActionKind.DELETE_LOCAL
+        target = local
+        side = "local"
+    else:
+        writes, deletes = ActionKind.UPLOAD, ActionKind.DELETE_REMOTE
+        target = remote
+        side = "bucket"
+    deleted = {a.path for a in out.actions if a.kind is deletes}
+    surviving = set(target) - deleted
+    written = {a.path for a in out.actions if a.kind is writes}
+    final_files = surviving | written
+    final_dirs = {d for p in final_files for d in parent_dirs(p)}
+    kept: list[Action] = []
+    for action in out.actions:
+        if action.kind is writes:
+            if action.path in final_dirs:
+                out.errors.append(
+                    FileError(action.path, f"is a file here but a folder on the {side} side")
+                )
+                continue
+            clash = next((d for d in parent_dirs(action.path) if d in final_files), None)
+            if clash is not None:
+                out.errors.append(
+                    FileError(action.path, f"needs folder {clash!r}, a file on the {side} side")
+                )
+                continue
+        kept.append(action)
+    out.actions = kept
+
+
+def _apply_delete_policy(
+    out: Plan,
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    policy: DeletePolicy,
+) -> None:
+    kind = ActionKind.DELETE_LOCAL if direction is Direction.PULL else ActionKind.DELETE_REMOTE
+    doomed = [a for a in out.actions if a.kind is kind]
+    if not doomed:
+        return
+    if not policy.allowed:
+        out.deletes_blocked = f"{len(doomed)} deletion(s) withheld: {policy.why_not}"
+    elif not policy.force:
+        other_side = len(local) if direction is Direction.PULL else len(remote)
+        if len(doomed) > policy.max_fraction * other_side:
+            where = "local files" if direction is Direction.PULL else "objects in the bucket"
+            out.deletes_blocked = (
+                f"would delete {len(doomed)} of {other_side} {where} "
+                f"(more than {policy.max_fraction:.0%}); nothing was deleted. If that is "
+                "intended, rerun with --force-delete (SIDECAR_FORCE_DELETE=1) or raise "
+                "--max-delete-percent"
+            )
+    if out.deletes_blocked:
+        out.actions = [a for a in out.actions if a.kind is not kind]
