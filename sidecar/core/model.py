@@ -36,11 +36,6 @@ class BaseEntry:
     size: int
     hash: str
     etags: tuple[str, ...]  # every ETag the server has shown for this content
-    mtime_ns: int
-    inode: int
-
-    def matches_stat(self, size: int, mtime_ns: int, inode: int) -> bool:
-        return self.size == size and self.mtime_ns == mtime_ns and self.inode == inode
 
 
 class ActionKind(enum.StrEnum):

@@ -1,0 +1,42 @@
+"""Which paths the sync sees. Excluded paths are invisible on every side: never sent, never
+fetched, never deleted.
+
+Patterns use gitignore semantics (pathspec): `dir/` matches a folder and everything under
+it, `*.tmp` matches at any depth, `/top.txt` only at the root, `!keep.tmp` re-includes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pathspec
+
+from sidecar.core.paths import is_temp_name
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (".ipynb_checkpoints/", "__pycache__/")
+SYNCIGNORE = ".syncignore"
+
+
+class PathFilter:
+    def __init__(
+        self,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        syncignore_text: str = "",
+    ) -> None:
+        excludes = [*DEFAULT_EXCLUDES, *exclude, *syncignore_text.splitlines()]
+        self._exclude = pathspec.GitIgnoreSpec.from_lines(excludes)
+        includes = list(include)
+        self._include = pathspec.GitIgnoreSpec.from_lines(includes) if includes else None
+
+    def wants(self, relpath: str) -> bool:
+        """True if the file at relpath takes part in the sync."""
+        if is_temp_name(relpath.rsplit("/", 1)[-1]):
+            return False
+        if self._exclude.match_file(relpath):
+            return False
+        return self._include is None or self._include.match_file(relpath)
+
+    def wants_dir(self, reldir: str) -> bool:
+        """False if nothing under reldir can take part (lets the scan prune whole trees)."""
+        return not self._exclude.match_file(reldir + "/")

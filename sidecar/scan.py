@@ -1,0 +1,130 @@
+"""Local scan: walk the folder, stat every file, hash only what changed since last time.
+
+Symlinks are never followed and never synced (documented in README); special files are
+skipped; stale temp files of an interrupted run are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat as stat_mod
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.core.filters import PathFilter
+from sidecar.core.model import FileError, LocalFile
+from sidecar.core.paths import BadKey, check_relpath, is_temp_name
+from sidecar.hashing import content_hash_file
+
+log = logging.getLogger(__name__)
+
+# (size, mtime_ns, inode) -> hash, per relative path: the local hash cache kept in the state.
+StatKey = tuple[int, int, int]
+
+
+@dataclass(slots=True)
+class _Stat:
+    size: int
+    mtime_ns: int
+    inode: int
+    executable: bool
+
+
+@dataclass(slots=True)
+class ScanResult:
+    files: dict[str, LocalFile] = field(default_factory=dict)
+    errors: list[FileError] = field(default_factory=list)
+    temps_removed: int = 0
+    symlinks_skipped: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+
+
+def _walk(root: Path, path_filter: PathFilter, out: ScanResult) -> dict[str, _Stat]:
+    found: dict[str, _Stat] = {}
+    stack = [""]
+    while stack:
+        reldir = stack.pop()
+        absdir = os.path.join(root, reldir) if reldir else str(root)
+        try:
+            entries = list(os.scandir(absdir))
+        except OSError as exc:
+            out.errors.append(FileError(reldir or ".", f"cannot list folder: {exc.strerror}"))
+            continue
+        for entry in entries:
+            rel = f"{reldir}/{entry.name}" if reldir else entry.name
+            if is_temp_name(entry.name):
+                try:
+                    os.unlink(entry.path)
+                    out.temps_removed += 1
+                except OSError as exc:
+                    log.warning("cannot remove stale temp file %s: %s", rel, exc)
+                continue
+            try:
+                if entry.is_symlink():
+                    out.symlinks_skipped += 1
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if path_filter.wants_dir(rel):
+                        stack.append(rel)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue  # fifo, socket, device: not content
+                if not path_filter.wants(rel):
+                    continue
+                check_relpath(rel, what="local file")
+                st = entry.stat(follow_symlinks=False)
+            except BadKey as exc:
+                out.errors.append(FileError(rel, str(exc)))
+                continue
+            except OSError as exc:
+                out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
+                continue
+            found[rel] = _Stat(
+                st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR)
+            )
+    return found
+
+
+def _hash_one(root: Path, rel: str) -> str | FileError:
+    try:
+        return content_hash_file(root / rel)
+    except OSError as exc:
+        return FileError(rel, f"cannot read: {exc.strerror or exc}")
+
+
+async def scan(
+    root: Path,
+    path_filter: PathFilter,
+    hash_cache: Mapping[str, tuple[int, int, int, str]],
+    executor: ThreadPoolExecutor,
+) -> ScanResult:
+    """Scan root; hash_cache maps path -> (size, mtime_ns, inode, hash) from the last scan."""
+    out = ScanResult()
+    loop = asyncio.get_running_loop()
+    stats = await loop.run_in_executor(executor, _walk, root, path_filter, out)
+    to_hash: list[str] = []
+    for rel, st in stats.items():
+        cached = hash_cache.get(rel)
+        if cached is not None and cached[:3] == (st.size, st.mtime_ns, st.inode):
+            out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, cached[3])
+        else:
+            to_hash.append(rel)
+    # Big files first so a pool of workers finishes together.
+    to_hash.sort(key=lambda rel: -stats[rel].size)
+    results = await asyncio.gather(
+        *(loop.run_in_executor(executor, _hash_one, root, rel) for rel in to_hash)
+    )
+    for rel, digest in zip(to_hash, results, strict=True):
+        if isinstance(digest, FileError):
+            out.errors.append(digest)
+            continue
+        st = stats[rel]
+        out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, digest)
+        out.hashed_files += 1
+        out.hashed_bytes += st.size
+    return out
