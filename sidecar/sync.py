@@ -6,10 +6,59 @@ directly and by the daemon for every /pull and /finalize.
 
 from __future__ import annotations
 
-from sidecar.core.model import Direction
+import asyncio
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sidecar.core.filters import SYNCIGNORE, PathFilter
+from sidecar.core.model import (
+    Action,
+    ActionKind,
+    BaseEntry,
+    Conflict,
+    Direction,
+    FileError,
+    LocalFile,
+    RemoteObject,
+)
 from sidecar.core.options import SyncConfig
+from sidecar.core.paths import BadKey, key_to_relpath, parent_dirs
+from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
+from sidecar.core.units import format_bytes
+from sidecar.hashing import md5_file
+from sidecar.s3 import (
+    META_HASH,
+    ClientSettings,
+    ObjectStore,
+    S3Error,
+    credentials_fingerprint,
+)
+from sidecar.scan import ScanResult, scan
+from sidecar.state import StateError, StateStore, state_path_for
+from sidecar.transfer import Settings, TransferError, Transfers
+
+log = logging.getLogger(__name__)
+
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+class FatalSync(Exception):
+    """The sync cannot run at all; nothing was changed."""
+
+
+@dataclass(slots=True)
+class _Listing:
+    objects: dict[str, RemoteObject] = field(default_factory=dict)
+    errors: list[FileError] = field(default_factory=list)
 
 
 class SyncEngine:
@@ -24,16 +73,56 @@ class SyncEngine:
     flight; `retries_total` counts retried requests since the engine was created.
     """
 
-    def __init__(self, config: SyncConfig) -> None:
+    def __init__(self, config: SyncConfig, client: ClientSettings | None = None) -> None:
         self.config = config
-        self.in_flight = 0
-        self.retries_total = 0
+        self.client_settings = client or ClientSettings(
+            concurrency=config.concurrency,
+            read_timeout=float(os.environ.get("SIDECAR_REQUEST_TIMEOUT", "30")),
+        )
+        self.state = StateStore(
+            state_path_for(config.state_dir, config.remote_url, config.local_dir),
+            config.remote_url,
+            config.local_dir,
+        )
+        self._state_loaded = False
+        self._store: ObjectStore | None = None
+        self._store_fingerprint: tuple[float, ...] = ()
+        self._retries_before = 0
+        # Hashing and bulk reads run here; sized so one core hashes while the other serves I/O.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sidecar-io")
+
+    @property
+    def in_flight(self) -> int:
+        return self._store.in_flight if self._store else 0
+
+    @property
+    def retries_total(self) -> int:
+        return self._retries_before + (self._store.retries if self._store else 0)
 
     async def __aenter__(self) -> SyncEngine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        await self._close_store()
+        self.state.close_journal()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_store(self) -> None:
+        if self._store is not None:
+            self._retries_before += self._store.retries
+            store, self._store = self._store, None
+            await store.__aexit__(None, None, None)
+
+    async def _get_store(self) -> ObjectStore:
+        fingerprint = credentials_fingerprint()
+        if self._store is not None and fingerprint != self._store_fingerprint:
+            log.info("credentials file changed; reconnecting with the new keys")
+            await self._close_store()
+        if self._store is None:
+            store = ObjectStore(self.config.bucket, self.client_settings)
+            await store.__aenter__()
+            self._store, self._store_fingerprint = store, fingerprint
+        return self._store
 
     async def run(
         self,
@@ -42,4 +131,335 @@ class SyncEngine:
         dry_run: bool = False,
         progress: Progress | None = None,
     ) -> SyncResult:
-        raise NotImplementedError("the sync engine is being built (issue 2)")
+        started = time.monotonic()
+        progress = progress or Progress(str(direction), started)
+        result = SyncResult(direction, dry_run=dry_run)
+        retries_at_start = self.retries_total
+        try:
+            await self._run(direction, dry_run, progress, result)
+        except FatalSync as exc:
+            result.fatal = str(exc)
+        except S3Error as exc:
+            result.fatal = str(exc)
+        except StateError as exc:
+            result.fatal = str(exc)
+        finally:
+            self.state.close_journal()
+            result.seconds = time.monotonic() - started
+            result.retries = self.retries_total - retries_at_start
+            progress.phase = "done"
+        level = logging.INFO if result.ok else logging.ERROR
+        log.log(level, result.one_line(), extra={"summary": result.as_dict()})
+        return result
+
+    # ---- the steps -------------------------------------------------------------------
+    async def _run(
+        self, direction: Direction, dry_run: bool, progress: Progress, result: SyncResult
+    ) -> None:
+        config = self.config
+        if not self._state_loaded:
+            self.state.load()
+            self._state_loaded = True
+        store = await self._get_store()
+        self._prepare_local_dir(direction, dry_run)
+        if not dry_run:
+            await self._abort_leftover_uploads(store)
+
+        path_filter = PathFilter(config.include, config.exclude, self._read_syncignore())
+        progress.phase = "scanning"
+        scanned, listing = await asyncio.gather(
+            self._scan(path_filter), self._list(store, path_filter)
+        )
+        self.state.replace_hash_cache(
+            {p: (f.size, f.mtime_ns, f.inode, f.hash) for p, f in scanned.files.items()}
+        )
+        base = {p: e for p, e in self.state.base.items() if path_filter.wants(p)}
+        remote = await self._resolve_remote_hashes(store, scanned.files, listing.objects, base)
+        self._remember_new_etags(remote, base)
+
+        progress.phase = "planning"
+        input_errors = scanned.errors + listing.errors
+        policy = DeletePolicy(
+            allowed=not input_errors,
+            why_not="the scan or listing had errors (see errors)",
+            max_fraction=config.max_delete_fraction,
+            force=config.force_delete,
+        )
+        the_plan = plan(direction, scanned.files, remote, base, datetime.now(UTC), policy)
+        result.errors.extend(input_errors + the_plan.errors)
+        result.conflicts.extend(the_plan.conflicts)
+        result.files_skipped = the_plan.skipped
+        result.deletes_blocked = the_plan.deletes_blocked
+        if dry_run:
+            result.planned = list(the_plan.actions)
+            result.files_transferred = sum(
+                1 for a in the_plan.actions if a.kind in (ActionKind.DOWNLOAD, ActionKind.UPLOAD)
+            )
+            result.bytes_transferred = sum(_action_bytes(a) for a in the_plan.actions)
+            return
+        if direction is Direction.PULL:
+            self._check_free_space(the_plan.of_kind(ActionKind.DOWNLOAD))
+
+        progress.phase = "transferring"
+        transfers = Transfers(
+            store,
+            config.local_dir,
+            config.prefix,
+            Settings(config.part_size, config.multipart_threshold),
+            self.state,
+            self._executor,
+            progress,
+        )
+        await self._execute(the_plan.actions, transfers, progress, result)
+        progress.phase = "committing"
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+
+    def _prepare_local_dir(self, direction: Direction, dry_run: bool) -> None:
+        local_dir = self.config.local_dir
+        if local_dir.is_dir():
+            return
+        if local_dir.exists():
+            raise FatalSync(f"local folder {local_dir} exists but is not a folder")
+        if direction is Direction.FINALIZE:
+            raise FatalSync(f"local folder {local_dir} does not exist; nothing to finalize")
+        if not dry_run:
+            try:
+                local_dir.mkdir(parents=True)
+            except OSError as exc:
+                raise FatalSync(f"cannot create local folder {local_dir}: {exc}") from None
+
+    def _read_syncignore(self) -> str:
+        try:
+            return (self.config.local_dir / SYNCIGNORE).read_text()
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FatalSync(f"cannot read {SYNCIGNORE}: {exc}") from None
+
+    async def _abort_leftover_uploads(self, store: ObjectStore) -> None:
+        """Multipart uploads a killed run started and never ended: abort, never orphan."""
+        for upload_id, key in list(self.state.open_uploads.items()):
+            try:
+                await store.abort_multipart(key, upload_id)
+                log.info(
+                    "aborted multipart upload %s of %s left by an interrupted run", upload_id, key
+                )
+            except S3Error as exc:
+                log.warning("could not abort leftover upload %s of %s: %s", upload_id, key, exc)
+                continue
+            self.state.upload_ended(upload_id)
+
+    async def _scan(self, path_filter: PathFilter) -> ScanResult:
+        if not self.config.local_dir.is_dir():
+            return ScanResult()  # dry-run pull into a folder that does not exist yet
+        scanned = await scan(
+            self.config.local_dir, path_filter, self.state.hash_cache, self._executor
+        )
+        if scanned.temps_removed:
+            log.info("removed %d temp file(s) of an interrupted run", scanned.temps_removed)
+        if scanned.symlinks_skipped:
+            log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
+        return scanned
+
+    async def _list(self, store: ObjectStore, path_filter: PathFilter) -> _Listing:
+        listing = _Listing()
+        prefix = self.config.prefix
+        try:
+            async for page in store.list(prefix):
+                for item in page:
+                    try:
+                        relpath = key_to_relpath(prefix, item.key)
+                    except BadKey as exc:
+                        listing.errors.append(FileError(item.key, f"skipped: {exc}"))
+                        continue
+                    if relpath is None or not path_filter.wants(relpath):
+                        continue
+                    listing.objects[relpath] = RemoteObject(item.key, item.size, item.etag)
+        except S3Error as exc:
+            if exc.fatal or exc.not_found:
+                raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
+            raise FatalSync(f"listing {self.config.remote_url} failed: {exc.message}") from None
+        folders = {d for path in listing.objects for d in parent_dirs(path)}
+        for path in sorted(folders & set(listing.objects)):
+            obj = listing.objects.pop(path)
+            listing.errors.append(
+                FileError(obj.key, "skipped: the key is both a file and a folder ('a' and 'a/...')")
+            )
+        return listing
+
+    async def _resolve_remote_hashes(
+        self,
+        store: ObjectStore,
+        local: dict[str, LocalFile],
+        remote: dict[str, RemoteObject],
+        base: dict[str, BaseEntry],
+    ) -> dict[str, RemoteObject]:
+        """HEAD only the objects whose content hash could change a decision."""
+        wanted = [
+            p for p, obj in remote.items() if needs_remote_hash(local.get(p), obj, base.get(p))
+        ]
+        if not wanted:
+            return remote
+
+        async def resolve(path: str) -> None:
+            obj = remote[path]
+            try:
+                info = await store.head(obj.key)
+            except S3Error as exc:
+                log.warning("%s: HEAD failed (%s); treating its content as unknown", obj.key, exc)
+                return
+            digest = info.metadata.get(META_HASH)
+            if digest:
+                remote[path] = RemoteObject(obj.key, obj.size, obj.etag, hash=digest)
+            elif _PLAIN_MD5.match(obj.etag):
+                # A foreign single-part object: its ETag is the MD5 of its bytes.
+                md5 = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, md5_file, self.config.local_dir / path
+                )
+                remote[path] = RemoteObject(
+                    obj.key, obj.size, obj.etag, md5_matches_local=(md5 == obj.etag)
+                )
+
+        remote = dict(remote)
+        await asyncio.gather(*(resolve(p) for p in wanted))
+        return remote
+
+    def _remember_new_etags(
+        self, remote: dict[str, RemoteObject], base: dict[str, BaseEntry]
+    ) -> None:
+        """An object whose hash proves it unchanged but shows a new ETag: learn the ETag, so
+        the next sync needs no HEAD for it."""
+        for path, obj in remote.items():
+            entry = base.get(path)
+            if entry and obj.hash == entry.hash and obj.etag not in entry.etags:
+                updated = BaseEntry(entry.size, entry.hash, (*entry.etags, obj.etag)[-4:])
+                self.state.set_base(path, updated)
+                base[path] = updated
+
+    def _check_free_space(self, downloads: Iterable[Action]) -> None:
+        needed = sum(a.remote.size for a in downloads if a.remote is not None)
+        if not needed:
+            return
+        free = shutil.disk_usage(self.config.local_dir).free
+        if needed > free:
+            raise FatalSync(
+                f"not enough space in {self.config.local_dir}: the pull needs "
+                f"{format_bytes(needed)}, {format_bytes(free)} free; nothing was changed"
+            )
+
+    async def _execute(
+        self,
+        actions: list[Action],
+        transfers: Transfers,
+        progress: Progress,
+        result: SyncResult,
+    ) -> None:
+        state = self.state
+        moving = [a for a in actions if a.kind in (ActionKind.DOWNLOAD, ActionKind.UPLOAD)]
+        progress.files_total = len(moving)
+        progress.bytes_total = sum(_action_bytes(a) for a in moving)
+
+        for action in actions:
+            if action.kind is ActionKind.ADOPT:
+                assert action.local is not None and action.remote is not None
+                state.set_base(
+                    action.path,
+                    BaseEntry(action.local.size, action.local.hash, (action.remote.etag,)),
+                )
+                result.files_adopted += 1
+            elif action.kind is ActionKind.FORGET:
+                state.drop_base(action.path)
+
+        # Deletions first: a folder the bucket replaced by a file (or back) must be gone
+        # before the new version can land.
+        for action in actions:
+            try:
+                if action.kind is ActionKind.DELETE_LOCAL:
+                    if transfers.delete_local(action):
+                        state.drop_base(action.path)
+                        result.files_deleted += 1
+                    else:
+                        result.conflicts.append(
+                            Conflict(
+                                action.path,
+                                "modified-deleted",
+                                "kept the local file: it changed during the pull",
+                            )
+                        )
+                elif action.kind is ActionKind.DELETE_REMOTE:
+                    await transfers.delete_remote(action)
+                    state.drop_base(action.path)
+                    result.files_deleted += 1
+            except TransferError as exc:
+                result.errors.append(exc.error)
+
+        # Big files first: their parts spread over all slots while small files fill gaps.
+        queue = sorted(moving, key=lambda a: -_action_bytes(a))
+        known_conflicts = {c.path for c in result.conflicts}
+
+        async def do_one(action: Action) -> None:
+            try:
+                if action.kind is ActionKind.DOWNLOAD:
+                    done = await transfers.download(action)
+                    state.set_base(
+                        action.path, BaseEntry(done.local.size, done.local.hash, (done.etag,))
+                    )
+                    state.set_hash(action.path, _cache_entry(done.local))
+                    if done.equal_already:
+                        result.files_adopted += 1
+                        return
+                    if done.conflict_copy and action.path not in known_conflicts:
+                        result.conflicts.append(
+                            Conflict(
+                                action.path,
+                                "both-modified",
+                                "the local file changed during the pull; it was kept as the copy",
+                                done.conflict_copy,
+                            )
+                        )
+                    result.files_transferred += 1
+                    result.bytes_transferred += done.local.size
+                else:
+                    up = await transfers.upload(action)
+                    state.set_base(action.path, BaseEntry(up.local.size, up.local.hash, up.etags))
+                    state.set_hash(action.path, _cache_entry(up.local))
+                    result.files_transferred += 1
+                    result.bytes_transferred += up.local.size
+            except TransferError as exc:
+                result.errors.append(exc.error)
+            finally:
+                progress.files_done += 1
+
+        await _run_bounded(queue, do_one, self.config.concurrency)
+
+
+def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:
+    return (local.size, local.mtime_ns, local.inode, local.hash)
+
+
+def _action_bytes(action: Action) -> int:
+    if action.kind is ActionKind.DOWNLOAD and action.remote is not None:
+        return action.remote.size
+    if action.kind is ActionKind.UPLOAD and action.local is not None:
+        return action.local.size
+    return 0
+
+
+async def _run_bounded(
+    items: list[Action], work: Callable[[Action], Awaitable[None]], workers: int
+) -> None:
+    """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
+    iterator = iter(items)
+
+    async def worker() -> None:
+        for item in iterator:
+            await work(item)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(workers, len(items)))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

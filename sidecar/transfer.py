@@ -1,0 +1,497 @@
+"""The transfer engine: carries out one action of a plan against the bucket and the folder.
+
+- Downloads land in a temp file beside the target, are verified against the object's xxh3
+  metadata, get their mtime and mode, and are renamed into place: no half files, ever.
+- Large files move as parallel parts sharing the store's request slots; upload parts also
+  share a memory budget so RSS stays bounded whatever the file sizes.
+- A local file that changes during its upload is detected (stat before/after) and retried;
+  a multipart upload that cannot complete is aborted at once (registered on creation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import stat as stat_mod
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sidecar.core.model import Action, FileError, LocalFile, RemoteObject
+from sidecar.core.parts import part_size_for, split_ranges
+from sidecar.core.paths import parent_dirs, temp_name
+from sidecar.core.progress import Progress
+from sidecar.hashing import content_hash_bytes, content_hash_file, new_content_hasher
+from sidecar.s3 import META_HASH, META_MODE, META_MTIME, ObjectStore, S3Error
+from sidecar.state import StateStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STREAM_ATTEMPTS = 4
+CHANGE_ATTEMPTS = 3
+INLINE_READ_LIMIT = 256 * 1024  # smaller files are read on the loop; a thread hop costs more
+
+
+class TransferError(Exception):
+    """One file failed; the message names the file and the cause."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.error = FileError(path, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    part_size: int
+    multipart_threshold: int
+    upload_memory_budget: int = 64 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    local: LocalFile
+    etag: str
+    equal_already: bool = False  # a conflict download turned out to match the local file
+    conflict_copy: str | None = None  # where a local version in the way was kept
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    local: LocalFile
+    etags: tuple[str, ...]
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _local_key(local: LocalFile) -> tuple[int, int, int]:
+    return (local.size, local.mtime_ns, local.inode)
+
+
+def _mode_for(executable: bool) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if executable else 0o666) & ~umask
+
+
+def metadata_for(local: LocalFile) -> dict[str, str]:
+    return {
+        META_HASH: local.hash,
+        META_MTIME: str(local.mtime_ns),
+        META_MODE: "755" if local.executable else "644",
+    }
+
+
+class Transfers:
+    def __init__(
+        self,
+        store: ObjectStore,
+        root: Path,
+        prefix: str,
+        settings: Settings,
+        state: StateStore,
+        executor: ThreadPoolExecutor,
+        progress: Progress | None = None,
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.prefix = prefix
+        self.settings = settings
+        self.state = state
+        self.executor = executor
+        self.progress = progress
+        max_parts = max(2, settings.upload_memory_budget // max(settings.part_size, 1))
+        self._part_buffers = asyncio.Semaphore(max_parts)
+        self._dirs_ok: set[str] = set()
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _count(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.add_bytes(nbytes)
+
+    async def _in_thread(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _ensure_parent(self, relpath: str) -> None:
+        """Create the parents of relpath inside root, never through a symlink or a file."""
+        for reldir in parent_dirs(relpath):
+            if reldir in self._dirs_ok:
+                continue
+            path = self.root / reldir
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    st = os.lstat(path)
+                else:
+                    self._dirs_ok.add(reldir)
+                    continue
+            if stat_mod.S_ISLNK(st.st_mode):
+                raise TransferError(
+                    relpath, f"folder {reldir!r} is a symlink; not writing through it"
+                )
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise TransferError(relpath, f"{reldir!r} is a file here, the bucket has a folder")
+            self._dirs_ok.add(reldir)
+
+    # ---- download --------------------------------------------------------------------
+    async def download(self, action: Action) -> Downloaded:
+        remote = action.remote
+        assert remote is not None
+        relpath = action.path
+        self._ensure_parent(relpath)
+        dest = self.root / relpath
+        tmp = dest.parent / temp_name()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot create a temp file", exc)) from None
+        try:
+            try:
+                if remote.size >= self.settings.multipart_threshold:
+                    metadata = await self._get_parallel(fd, remote)
+                    digest = str(await self._in_thread(content_hash_file, tmp))
+                else:
+                    metadata, digest = await self._get_whole(fd, remote)
+            except OSError as exc:
+                raise TransferError(relpath, _os_reason("cannot write", exc)) from None
+            expected = metadata.get(META_HASH)
+            if expected and expected != digest:
+                raise TransferError(
+                    relpath,
+                    f"content hash mismatch after download (got {digest}, object says "
+                    f"{expected}); the local file was left untouched",
+                )
+            mode = _mode_for(metadata.get(META_MODE) == "755")
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            return self._place(action, tmp, dest, digest, metadata)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _place(
+        self, action: Action, tmp: Path, dest: Path, digest: str, metadata: dict[str, str]
+    ) -> Downloaded:
+        remote = action.remote
+        assert remote is not None
+        mtime = metadata.get(META_MTIME)
+        if mtime and mtime.isdigit():
+            os.utime(tmp, ns=(int(mtime), int(mtime)))
+        try:
+            current: os.stat_result | None = os.lstat(dest)
+        except FileNotFoundError:
+            current = None
+        planned = action.local
+        conflict_copy: str | None = None
+        if current is not None:
+            if stat_mod.S_ISDIR(current.st_mode):
+                raise TransferError(action.path, "is a folder here, the bucket has a file")
+            changed_since_scan = planned is None or _stat_key(current) != _local_key(planned)
+            if action.keep_conflict_copy or changed_since_scan:
+                if not changed_since_scan and planned is not None and planned.hash == digest:
+                    os.unlink(tmp)  # equal after all: nothing to move, nothing to keep
+                    return Downloaded(planned, remote.etag, equal_already=True)
+                # A local version is in the way (a conflict, or written during this pull):
+                # keep it beside the new one, never overwrite it.
+                conflict_copy = action.conflict_copy or _fresh_conflict_name(action.path)
+                os.rename(dest, self.root / conflict_copy)
+        os.rename(tmp, dest)
+        st = os.lstat(dest)
+        local = LocalFile(
+            st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR), digest
+        )
+        return Downloaded(local, remote.etag, conflict_copy=conflict_copy)
+
+    async def _get_whole(self, fd: int, remote: RemoteObject) -> tuple[dict[str, str], str]:
+        key = self.prefix + self._relpath_of(remote)
+        for attempt in range(STREAM_ATTEMPTS):
+            hasher = new_content_hasher()
+            written = 0
+
+            def sink(_offset: int, data: bytes, hasher: Any = hasher) -> None:
+                nonlocal written
+                hasher.update(data)
+                os.write(fd, data)
+                written += len(data)
+                self._count(len(data))
+
+            try:
+                metadata = await self.store.get_range(key, 0, -1, remote.etag or None, sink)
+            except S3Error as exc:
+                self._count(-written)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
+                    raise TransferError(self._relpath_of(remote), exc.message) from None
+                await _backoff(attempt)
+                continue
+            if written != remote.size:
+                # The object changed since the listing (a server that ignores If-Match).
+                raise TransferError(
+                    self._relpath_of(remote),
+                    f"size changed during download ({remote.size} listed, {written} received)",
+                )
+            return metadata, hasher.hexdigest()
+        raise AssertionError("unreachable")
+
+    async def _get_parallel(self, fd: int, remote: RemoteObject) -> dict[str, str]:
+        relpath = self._relpath_of(remote)
+        key = self.prefix + relpath
+        os.ftruncate(fd, remote.size)
+        ranges = split_ranges(remote.size, part_size_for(remote.size, self.settings.part_size))
+        metadata: dict[str, str] = {}
+
+        async def one(offset: int, length: int) -> None:
+            for attempt in range(STREAM_ATTEMPTS):
+                written = 0
+
+                def sink(position: int, data: bytes) -> None:
+                    nonlocal written
+                    os.pwrite(fd, data, position)
+                    written += len(data)
+                    self._count(len(data))
+
+                try:
+                    meta = await self.store.get_range(
+                        key, offset, length, remote.etag or None, sink
+                    )
+                    metadata.update(meta)
+                    return
+                except S3Error as exc:
+                    self._count(-written)
+                    if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
+                        raise TransferError(relpath, exc.message) from None
+                    await _backoff(attempt)
+
+        await _gather_or_cancel([one(offset, length) for offset, length in ranges])
+        return metadata
+
+    def _relpath_of(self, remote: RemoteObject) -> str:
+        return remote.key[len(self.prefix) :]
+
+    # ---- upload ----------------------------------------------------------------------
+    async def upload(self, action: Action) -> Uploaded:
+        local = action.local
+        assert local is not None
+        relpath = action.path
+        key = self.prefix + relpath
+        remote = action.remote
+        if action.keep_conflict_copy and remote is not None and action.conflict_copy:
+            try:
+                await self.store.copy(key, self.prefix + action.conflict_copy, remote.etag)
+            except S3Error as exc:
+                raise TransferError(
+                    relpath, f"could not keep the bucket's version as a copy: {exc.message}"
+                ) from None
+        if_match = remote.etag if remote is not None else None
+        for _attempt in range(CHANGE_ATTEMPTS):
+            local = await self._current(relpath, local)
+            try:
+                if local.size < self.settings.multipart_threshold:
+                    result = await self._put_whole(relpath, key, local, if_match)
+                else:
+                    result = await self._put_parts(relpath, key, local, if_match)
+            except S3Error as exc:
+                if exc.precondition_failed:
+                    raise TransferError(
+                        relpath,
+                        "the object changed in the bucket during this finalize (precondition "
+                        "failed); nothing was overwritten: run pull, then finalize again",
+                    ) from None
+                raise TransferError(relpath, exc.message) from None
+            if result is not None:
+                return result
+            log.info("%s changed while uploading; trying again", relpath)
+        raise TransferError(
+            relpath, f"kept changing while being uploaded ({CHANGE_ATTEMPTS} tries); not sent"
+        )
+
+    async def _current(self, relpath: str, planned: LocalFile) -> LocalFile:
+        """The file as it is now: re-hashed if it changed since the scan."""
+        path = self.root / relpath
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot read", exc)) from None
+        if _stat_key(st) == _local_key(planned):
+            return planned
+        try:
+            digest = str(await self._in_thread(content_hash_file, path))
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot read", exc)) from None
+        return LocalFile(
+            st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR), digest
+        )
+
+    def _unchanged(self, relpath: str, local: LocalFile) -> bool:
+        try:
+            return _stat_key(os.stat(self.root / relpath)) == _local_key(local)
+        except OSError:
+            return False
+
+    async def _put_whole(
+        self, relpath: str, key: str, local: LocalFile, if_match: str | None
+    ) -> Uploaded | None:
+        path = self.root / relpath
+        try:
+            if local.size <= INLINE_READ_LIMIT:
+                data = _read_file(path)
+            else:
+                data = await self._in_thread(_read_file, path)  # type: ignore[assignment]
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot read", exc)) from None
+        assert isinstance(data, bytes)
+        if len(data) != local.size or not self._unchanged(relpath, local):
+            return None
+        # The bytes we send define the hash we store: never a hash of some other version.
+        local = LocalFile(
+            local.size, local.mtime_ns, local.inode, local.executable, content_hash_bytes(data)
+        )
+        etag = await self.store.put(
+            key, data, metadata_for(local), if_match=if_match, if_none_match=if_match is None
+        )
+        self._count(len(data))
+        return Uploaded(local, (etag,))
+
+    async def _put_parts(
+        self, relpath: str, key: str, local: LocalFile, if_match: str | None
+    ) -> Uploaded | None:
+        path = self.root / relpath
+        part_size = part_size_for(local.size, self.settings.part_size)
+        ranges = split_ranges(local.size, part_size)
+        upload_id = await self.store.create_multipart(key, metadata_for(local))
+        self.state.upload_started(upload_id, key)
+        completed = False
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise TransferError(relpath, _os_reason("cannot read", exc)) from None
+            try:
+                etags = await _gather_or_cancel(
+                    [
+                        self._upload_part(fd, key, upload_id, number, offset, length)
+                        for number, (offset, length) in enumerate(ranges, 1)
+                    ]
+                )
+            finally:
+                os.close(fd)
+            if not self._unchanged(relpath, local):
+                return None  # never complete an object that may mix two versions
+            etag = await self.store.complete_multipart(
+                key, upload_id, etags, if_match=if_match, if_none_match=if_match is None
+            )
+            completed = True
+        finally:
+            if not completed:
+                # Shielded: a cancelled sync must still not leave the upload behind.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.abort_multipart(key, upload_id))
+            self.state.upload_ended(upload_id)
+        # Some servers (rclone) list a multipart object with another ETag than Complete
+        # returned; remember both so our own upload never looks "changed remotely".
+        seen = [etag]
+        try:
+            info = await self.store.head(key)
+            if info.etag and info.etag not in seen:
+                seen.append(info.etag)
+        except S3Error as exc:
+            log.warning("%s: HEAD after upload failed (%s); next sync may re-check it", key, exc)
+        return Uploaded(local, tuple(seen))
+
+    async def _upload_part(
+        self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int
+    ) -> str:
+        async with self._part_buffers:
+            data = await self._in_thread(os.pread, fd, length, offset)
+            assert isinstance(data, bytes)
+            etag = await self.store.upload_part(key, upload_id, number, data)
+            self._count(len(data))
+            return etag
+
+    # ---- deletes ---------------------------------------------------------------------
+    def delete_local(self, action: Action) -> bool:
+        """Delete the local file if it is still the version the plan saw. False if it moved."""
+        path = self.root / action.path
+        planned = action.local
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return True
+        if planned is not None and _stat_key(st) != _local_key(planned):
+            return False  # written to since the scan: keep it, it is news
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise TransferError(action.path, _os_reason("cannot delete", exc)) from None
+        for reldir in reversed(parent_dirs(action.path)):
+            try:
+                os.rmdir(self.root / reldir)  # empty folders go with their last file
+            except OSError:
+                break
+            self._dirs_ok.discard(reldir)
+        return True
+
+    async def delete_remote(self, action: Action) -> None:
+        try:
+            await self.store.delete(self.prefix + action.path)
+        except S3Error as exc:
+            if not exc.not_found:
+                raise TransferError(action.path, exc.message) from None
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb", buffering=0) as handle:
+        return handle.read()
+
+
+def _fresh_conflict_name(relpath: str) -> str:
+    from datetime import UTC, datetime
+
+    from sidecar.core.paths import conflict_name
+
+    return conflict_name(relpath, datetime.now(UTC))
+
+
+def _os_reason(what: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"{what}: no space left on the device"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"{what}: name too long for the filesystem"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{what}: permission denied"
+    return f"{what}: {exc.strerror or exc}"
+
+
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run all; on the first failure cancel the rest and wait for them before raising."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
