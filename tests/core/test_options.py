@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.core.options import (
+    OPTIONS,
+    OptionError,
+    collect,
+    parse_remote,
+    serve_config,
+    sync_config,
+)
+
+
+def test_every_flag_has_an_env_twin_and_help() -> None:
+    for option in OPTIONS:
+        assert option.env == "SIDECAR_" + option.flag[2:].replace("-", "_").upper()
+        assert option.help
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"SIDECAR_CONCURRENCY": "7", "SIDECAR_PART_SIZE": "8MiB"}
+    values = collect({"concurrency": "9"}, env, "sync")
+    assert values["concurrency"] == 9
+    assert values["part_size"] == 8 * 1024**2
+    assert values["multipart_threshold"] == 32 * 1024**2
+
+
+def test_bad_values_name_flag_env_and_source() -> None:
+    with pytest.raises(OptionError, match=r"--concurrency \(SIDECAR_CONCURRENCY\) from SIDECAR"):
+        collect({}, {"SIDECAR_CONCURRENCY": "lots"}, "sync")
+    with pytest.raises(OptionError, match="--part-size"):
+        collect({"part_size": "big"}, {}, "sync")
+    with pytest.raises(OptionError, match="boolean"):
+        collect({}, {"SIDECAR_FORCE_DELETE": "maybe"}, "sync")
+    with pytest.raises(OptionError, match="HOST:PORT"):
+        collect({"control_addr": "8080"}, {}, "serve")
+
+
+def test_env_lists_are_comma_separated_and_flags_repeat() -> None:
+    values = collect({"exclude": ["*.a", "*.b,*.c"]}, {}, "sync")
+    assert values["exclude"] == ["*.a", "*.b", "*.c"]
+    values = collect({}, {"SIDECAR_EXCLUDE": "x/, *.tmp"}, "sync")
+    assert values["exclude"] == ["x/", "*.tmp"]
+
+
+def test_remote_urls() -> None:
+    assert parse_remote("s3://vol") == ("vol", "")
+    assert parse_remote("s3://vol/a/b/") == ("vol", "a/b/")
+    for bad in ("vol/a", "s3://", "s3://vol/../x", "https://vol"):
+        with pytest.raises(OptionError, match="SIDECAR_REMOTE"):
+            parse_remote(bad)
+
+
+def test_sync_config_requires_remote_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="--remote"):
+        sync_config(collect({}, {}, "sync"), {})
+    with pytest.raises(OptionError, match="--local-dir"):
+        sync_config(collect({"remote": "s3://v"}, {}, "sync"), {})
+
+
+def test_state_dir_inside_folder_is_refused(tmp_path: Path) -> None:
+    values = collect(
+        {"remote": "s3://v", "local_dir": str(tmp_path), "state_dir": str(tmp_path / "s")},
+        {},
+        "sync",
+    )
+    with pytest.raises(OptionError, match="inside the synced folder"):
+        sync_config(values, {})
+
+
+def test_state_dir_defaults_outside_folder(tmp_path: Path) -> None:
+    values = collect({"remote": "s3://v/p", "local_dir": str(tmp_path / "w")}, {}, "sync")
+    config = sync_config(values, {"HOME": "/home/jovyan"})
+    assert config.state_dir == Path("/home/jovyan/.local/state/netvol-sidecar")
+    assert config.prefix == "p/" and config.bucket == "v"
+
+
+def test_volume_and_folder_names_validated_as_the_platform_does(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="volume name"):
+        sync_config(
+            collect({"remote": "s3://v", "local_dir": "/w", "volume": "bad name"}, {}, "sync"), {}
+        )
+    with pytest.raises(OptionError, match="folder"):
+        sync_config(collect({"remote": "s3://v", "local_dir": "/w/with space"}, {}, "sync"), {})
+
+
+def test_serve_config_checks_auto_sync_windows() -> None:
+    values = collect(
+        {
+            "remote": "s3://v",
+            "local_dir": "/w",
+            "auto_sync_debounce": "10",
+            "auto_sync_max_delay": "5",
+        },
+        {},
+        "serve",
+    )
+    with pytest.raises(OptionError, match="max-delay"):
+        serve_config(values, {})

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+from sidecar.core.parts import MAX_PARTS, MIN_PART_SIZE, part_size_for, split_ranges
+from sidecar.core.units import format_bytes, format_duration, parse_size
+
+MiB, GiB, TiB = 1024**2, 1024**3, 1024**4
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * MiB, 100 * GiB, 160 * GiB, 1 * TiB, 5 * TiB])
+def test_part_size_never_needs_more_than_10000_parts(size: int) -> None:
+    part = part_size_for(size, 16 * MiB)
+    assert part >= 16 * MiB
+    assert len(split_ranges(size, part)) <= MAX_PARTS
+
+
+def test_part_size_respects_s3_minimum_and_grows_by_doubling() -> None:
+    assert part_size_for(10, 1) == MIN_PART_SIZE
+    assert part_size_for(200 * GiB, 16 * MiB) == 32 * MiB
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 24, 25])
+def test_ranges_cover_every_byte_once(size: int) -> None:
+    ranges = split_ranges(size, 8)
+    covered = [i for offset, length in ranges for i in range(offset, offset + length)]
+    assert covered == list(range(size))
+    assert all(0 < length <= 8 for _, length in ranges) or size == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("8MiB", 8 * MiB), ("64MB", 64_000_000), ("1GiB", GiB), ("1048576", MiB), ("1.5KiB", 1536)],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "8 parsecs", "-1MiB", "1e3"])
+def test_parse_size_rejects_with_the_text(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_formatting() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(25 * GiB) == "25.0 GiB"
+    assert format_duration(5) == "5.0s"
+    assert format_duration(125) == "2m05s"
+    assert format_duration(3 * 3600 + 60) == "3h01m"

@@ -1,0 +1,225 @@
+"""The three-way planner as a table: every combination of LOCAL and REMOTE against BASE."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from sidecar.core.model import ActionKind, BaseEntry, Direction, LocalFile, RemoteObject
+from sidecar.core.planner import Change, DeletePolicy, local_change, plan, remote_change
+
+NOW = datetime(2026, 11, 23, 9, 15, 0, tzinfo=UTC)
+PULL, FIN = Direction.PULL, Direction.FINALIZE
+DL, UP = ActionKind.DOWNLOAD, ActionKind.UPLOAD
+DEL_L, DEL_R = ActionKind.DELETE_LOCAL, ActionKind.DELETE_REMOTE
+ADOPT, FORGET = ActionKind.ADOPT, ActionKind.FORGET
+
+BASE = BaseEntry(size=3, hash="h-base", etags=("e-base",))
+
+
+def lf(digest: str = "h-base", size: int = 3) -> LocalFile:
+    return LocalFile(size=size, mtime_ns=1, inode=1, executable=False, hash=digest)
+
+
+def ro(etag: str = "e-base", size: int = 3, digest: str | None = None) -> RemoteObject:
+    return RemoteObject(key="p/f", size=size, etag=etag, hash=digest)
+
+
+# Sides relative to BASE (None = absent on that side).
+L_SAME, L_MOD, L_GONE = lf(), lf("h-local", 4), None
+R_SAME, R_MOD, R_GONE = ro(), ro("e-remote", 5), None
+
+# (base, local, remote, direction) -> (action or None, conflict kind or None)
+TABLE = [
+    # both unchanged
+    (BASE, L_SAME, R_SAME, PULL, None, None),
+    (BASE, L_SAME, R_SAME, FIN, None, None),
+    # one side modified
+    (BASE, L_SAME, R_MOD, PULL, DL, None),
+    (BASE, L_SAME, R_MOD, FIN, None, None),  # remote change is pull's business
+    (BASE, L_MOD, R_SAME, PULL, None, None),  # local-only changes are kept
+    (BASE, L_MOD, R_SAME, FIN, UP, None),
+    # one side deleted
+    (BASE, L_SAME, R_GONE, PULL, DEL_L, None),
+    (BASE, L_SAME, R_GONE, FIN, None, None),
+    (BASE, L_GONE, R_SAME, PULL, None, None),
+    (BASE, L_GONE, R_SAME, FIN, DEL_R, None),
+    # both deleted: forget
+    (BASE, L_GONE, R_GONE, PULL, FORGET, None),
+    (BASE, L_GONE, R_GONE, FIN, FORGET, None),
+    # both modified, different content: conflict, direction's source wins, loser kept
+    (BASE, L_MOD, R_MOD, PULL, DL, "both-modified"),
+    (BASE, L_MOD, R_MOD, FIN, UP, "both-modified"),
+    # modified vs deleted: the modification wins
+    (BASE, L_MOD, R_GONE, PULL, FORGET, "modified-deleted"),
+    (BASE, L_MOD, R_GONE, FIN, UP, "modified-deleted"),
+    (BASE, L_GONE, R_MOD, PULL, DL, "modified-deleted"),
+    (BASE, L_GONE, R_MOD, FIN, FORGET, "modified-deleted"),
+    # no BASE: added on one side
+    (None, lf("h1"), None, PULL, None, None),
+    (None, lf("h1"), None, FIN, UP, None),
+    (None, None, ro("e1"), PULL, DL, None),
+    (None, None, ro("e1"), FIN, None, None),
+    # no BASE, both added, different sizes: conflict, nothing deleted
+    (None, lf("h1", 4), ro("e1", 5), PULL, DL, "both-added"),
+    (None, lf("h1", 4), ro("e1", 5), FIN, UP, "both-added"),
+    # no BASE, both added, equal content (hash known): adopt, move nothing
+    (None, lf("h1"), ro("e1", digest="h1"), PULL, ADOPT, None),
+    (None, lf("h1"), ro("e1", digest="h1"), FIN, ADOPT, None),
+    # both modified to the same content: agreement
+    (BASE, lf("h2", 4), ro("e2", 4, "h2"), PULL, ADOPT, None),
+    (BASE, lf("h2", 4), ro("e2", 4, "h2"), FIN, ADOPT, None),
+    # remote shows a new ETag but its hash proves the content unchanged (rclone multipart)
+    (BASE, L_SAME, ro("e-other", 3, "h-base"), PULL, None, None),
+    (BASE, L_MOD, ro("e-other", 3, "h-base"), FIN, UP, None),
+]
+
+
+@pytest.mark.parametrize(("base", "local", "remote", "direction", "action", "conflict"), TABLE)
+def test_table(
+    base: BaseEntry | None,
+    local: LocalFile | None,
+    remote: RemoteObject | None,
+    direction: Direction,
+    action: ActionKind | None,
+    conflict: str | None,
+) -> None:
+    result = plan(
+        direction,
+        {"f": local} if local else {},
+        {"f": remote} if remote else {},
+        {"f": base} if base else {},
+        NOW,
+        DeletePolicy(force=True),  # the delete guard has its own tests below
+    )
+    assert [a.kind for a in result.actions] == ([action] if action else [])
+    assert [c.kind for c in result.conflicts] == ([conflict] if conflict else [])
+    assert result.skipped == (0 if action else 1)
+    assert not result.errors
+
+
+def test_conflict_keeps_a_copy_named_with_utc_timestamp() -> None:
+    result = plan(PULL, {"d/model.pt": L_MOD}, {"d/model.pt": R_MOD}, {"d/model.pt": BASE}, NOW)
+    (action,) = result.actions
+    assert action.keep_conflict_copy
+    assert action.conflict_copy == "d/model.conflict-20261123T091500Z.pt"
+    assert result.conflicts[0].copy == action.conflict_copy
+
+
+def test_unknown_equality_downloads_to_compare_without_reporting_conflict_yet() -> None:
+    # A foreign multipart object of the same size: only the bytes can tell.
+    result = plan(PULL, {"f": lf("h1")}, {"f": ro("abc-2")}, {}, NOW)
+    (action,) = result.actions
+    assert action.kind is DL and action.keep_conflict_copy
+    assert result.conflicts == []
+
+
+def test_foreign_single_part_md5_match_is_adoption() -> None:
+    remote = RemoteObject("p/f", 3, "0" * 32, md5_matches_local=True)
+    result = plan(FIN, {"f": lf("h1")}, {"f": remote}, {}, NOW)
+    assert [a.kind for a in result.actions] == [ADOPT]
+
+
+def test_remote_unchanged_needs_same_size_and_known_etag() -> None:
+    assert remote_change(ro("e-base", 3), BASE) is Change.UNCHANGED
+    assert remote_change(ro("e-base", 4), BASE) is Change.MODIFIED
+    assert remote_change(ro("e-new", 3), BASE) is Change.MODIFIED
+    assert remote_change(None, BASE) is Change.DELETED
+    assert remote_change(None, None) is Change.ABSENT
+    assert local_change(lf(), None) is Change.ADDED
+
+
+def test_without_base_nothing_is_ever_deleted() -> None:
+    local = {f"f{i}": lf(f"h{i}") for i in range(10)}
+    for direction in (PULL, FIN):
+        result = plan(direction, local, {}, {}, NOW)
+        assert not result.of_kind(DEL_L) and not result.of_kind(DEL_R)
+        result = plan(direction, {}, {f"f{i}": ro(f"e{i}") for i in range(10)}, {}, NOW)
+        assert not result.of_kind(DEL_L) and not result.of_kind(DEL_R)
+
+
+def _many(n: int) -> tuple[dict[str, LocalFile], dict[str, RemoteObject], dict[str, BaseEntry]]:
+    names = [f"f{i}" for i in range(n)]
+    return ({p: lf() for p in names}, {p: ro() for p in names}, {p: BASE for p in names})
+
+
+def test_emptied_folder_does_not_wipe_the_bucket() -> None:
+    _local, remote, base = _many(10)
+    result = plan(FIN, {}, remote, base, NOW)
+    assert not result.of_kind(DEL_R)
+    assert result.deletes_blocked and "--force-delete" in result.deletes_blocked
+    assert "10 of 10" in result.deletes_blocked
+
+
+def test_wrong_prefix_does_not_wipe_the_folder() -> None:
+    local, _remote, base = _many(10)
+    result = plan(PULL, local, {}, base, NOW)
+    assert not result.of_kind(DEL_L) and result.deletes_blocked
+
+
+def test_delete_guard_threshold_and_force() -> None:
+    local, remote, base = _many(10)
+    for name in ("f0", "f1", "f2", "f3", "f4"):
+        del local[name]
+    assert len(plan(FIN, local, remote, base, NOW).of_kind(DEL_R)) == 5  # exactly half: allowed
+    del local["f5"]
+    assert plan(FIN, local, remote, base, NOW).deletes_blocked
+    forced = plan(FIN, local, remote, base, NOW, DeletePolicy(force=True))
+    assert len(forced.of_kind(DEL_R)) == 6
+    loose = plan(FIN, local, remote, base, NOW, DeletePolicy(max_fraction=0.9))
+    assert len(loose.of_kind(DEL_R)) == 6
+
+
+def test_errors_in_listing_block_every_delete_but_not_transfers() -> None:
+    local, remote, base = _many(4)
+    del remote["f0"]
+    remote["f1"] = ro("e-new", 9)
+    result = plan(PULL, local, remote, base, NOW, DeletePolicy(allowed=False, why_not="listing"))
+    assert [a.kind for a in result.actions] == [DL]
+    assert result.deletes_blocked and "listing" in result.deletes_blocked
+
+
+def test_type_clash_remote_file_where_local_has_folder() -> None:
+    result = plan(PULL, {"a/b": lf("h1")}, {"a": ro("e1")}, {}, NOW)
+    assert not result.actions
+    assert result.errors[0].path == "a" and "folder" in result.errors[0].reason
+
+
+def test_type_clash_remote_folder_where_local_has_file() -> None:
+    result = plan(PULL, {"a": lf("h1")}, {"a/b": ro("e1")}, {}, NOW)
+    assert not result.actions
+    assert result.errors[0].path == "a/b" and "'a'" in result.errors[0].reason
+
+
+def test_type_clash_resolved_when_the_blocking_file_is_deleted_first() -> None:
+    # The bucket replaced file 'a' by folder 'a/': local 'a' is deleted, then 'a/b' lands.
+    result = plan(
+        PULL, {"a": L_SAME}, {"a/b": ro("e1")}, {"a": BASE}, NOW, DeletePolicy(force=True)
+    )
+    assert sorted(a.kind for a in result.actions) == sorted([DL, DEL_L])
+    assert not result.errors
+
+
+def test_type_clash_on_finalize() -> None:
+    result = plan(FIN, {"a/b": lf("h1")}, {"a": ro("e1")}, {}, NOW)
+    assert not result.actions and "bucket" in result.errors[0].reason
+
+
+def test_all_four_local_states_times_four_remote_states_are_decided() -> None:
+    """No combination falls through: every (local, remote) pair yields a decision or a skip."""
+    locals_ = {"same": L_SAME, "mod": L_MOD, "gone": None}
+    remotes = {"same": R_SAME, "mod": R_MOD, "gone": None}
+    for direction in (PULL, FIN):
+        for lname, lval in locals_.items():
+            for rname, rval in remotes.items():
+                result = plan(
+                    direction,
+                    {"f": lval} if lval else {},
+                    {"f": rval} if rval else {},
+                    {"f": BASE},
+                    NOW,
+                    DeletePolicy(force=True),
+                )
+                decided = len(result.actions) + result.skipped
+                assert decided == 1, (direction, lname, rname, result)
