@@ -50,11 +50,10 @@ class S3Server:
         )
 
     def new_bucket(self) -> str:
+        # Through the API even for rclone: its directory cache would not see a folder made
+        # behind its back for minutes.
         name = f"bkt{os.getpid()}x{next(_bucket_numbers)}"
-        if self.local is not None:
-            self.local.make_bucket(name)
-        else:
-            self.client().create_bucket(Bucket=name)
+        self.client().create_bucket(Bucket=name)
         return name
 
 

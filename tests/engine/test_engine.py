@@ -1,0 +1,440 @@
+"""The sync engine in-process against real servers on loopback (moto and rclone)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.core.model import Direction
+from sidecar.core.options import SyncConfig
+from sidecar.core.paths import temp_name
+from sidecar.s3 import ObjectStore
+from sidecar.sync import SyncEngine
+from sidecar.transfer import Transfers
+from tests.conftest import S3Server
+
+MiB = 1024 * 1024
+PULL, FIN = Direction.PULL, Direction.FINALIZE
+
+
+def config(bucket: str, local: Path, state: Path, **extra: Any) -> SyncConfig:
+    values: dict[str, Any] = {
+        "bucket": bucket,
+        "prefix": "vol/",
+        "local_dir": local,
+        "state_dir": state,
+        "concurrency": 8,
+        "part_size": 5 * MiB,
+        "multipart_threshold": 5 * MiB,
+    }
+    values.update(extra)
+    return SyncConfig(**values)
+
+
+async def sync(cfg: SyncConfig, direction: Direction, **kwargs: Any):  # type: ignore[no-untyped-def]
+    async with SyncEngine(cfg) as engine:
+        return await engine.run(direction, **kwargs)
+
+
+def write(path: Path, data: bytes, mtime_ns: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture
+def server(any_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(any_s3)
+    return any_s3
+
+
+@pytest.fixture
+def moto(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(moto_s3)
+    return moto_s3
+
+
+@pytest.fixture
+def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
+    counts: Counter[str] = Counter()
+    original_call = ObjectStore._call
+    original_get = ObjectStore.get_range
+
+    async def counting_call(self: ObjectStore, key: str, method: str, **params: Any) -> Any:
+        counts[method] += 1
+        return await original_call(self, key, method, **params)
+
+    async def counting_get(self: ObjectStore, *args: Any, **kwargs: Any) -> Any:
+        counts["get_object"] += 1
+        return await original_get(self, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "_call", counting_call)
+    monkeypatch.setattr(ObjectStore, "get_range", counting_get)
+    return counts
+
+
+SIZES = {
+    "empty": 0,
+    "one": 1,
+    "part-1": 5 * MiB - 1,
+    "part": 5 * MiB,
+    "part+1": 5 * MiB + 1,
+    "several": 17 * MiB + 3,
+}
+
+
+async def test_round_trip_sizes_mtime_exec_and_noop(
+    server: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    bucket = server.new_bucket()
+    a, b = workdir / "a", workdir / "b"
+    for i, (name, size) in enumerate(SIZES.items()):
+        write(a / "sizes" / f"{name}.bin", os.urandom(size), mtime_ns=1_700_000_000_123_456_789 + i)
+    write(a / "ünï/名前.txt", b"unicode")
+    script = write(a / "bin/run.sh", b"#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+
+    pushed = await sync(config(bucket, a, workdir / "sa"), FIN)
+    assert pushed.ok, pushed.as_dict()
+    assert pushed.files_transferred == len(SIZES) + 2
+    pulled = await sync(config(bucket, b, workdir / "sb"), PULL)
+    assert pulled.ok, pulled.as_dict()
+    assert tree(b) == tree(a)
+    for path in a.rglob("*"):
+        if path.is_file():
+            twin = b / path.relative_to(a)
+            assert twin.stat().st_mtime_ns == path.stat().st_mtime_ns, path
+            assert os.access(twin, os.X_OK) == os.access(path, os.X_OK), path
+
+    request_counter.clear()
+    again = await sync(config(bucket, a, workdir / "sa"), FIN)
+    again_pull = await sync(config(bucket, b, workdir / "sb"), PULL)
+    assert again.files_transferred == again_pull.files_transferred == 0
+    assert again.ok and again_pull.ok
+    # A no-op costs one listing pass each and no per-object request (rclone's multipart ETag
+    # quirk included: the ETag seen after upload was remembered).
+    assert set(request_counter) == {"list_objects_v2"}, request_counter
+
+
+async def test_pull_applies_remote_changes_and_keeps_local_ones(
+    moto: S3Server, workdir: Path
+) -> None:
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    for name in ("keep", "modify", "delete", "local-edit"):
+        s3.put_object(Bucket=bucket, Key=f"vol/{name}.txt", Body=name.encode())
+    cfg = config(bucket, local, workdir / "s")
+    assert (await sync(cfg, PULL)).files_transferred == 4
+    s3.put_object(Bucket=bucket, Key="vol/modify.txt", Body=b"changed remotely")
+    s3.delete_object(Bucket=bucket, Key="vol/delete.txt")
+    s3.put_object(Bucket=bucket, Key="vol/new/added.txt", Body=b"added")
+    write(local / "local-edit.txt", b"edited locally")
+    write(local / "local-only.txt", b"mine")
+
+    result = await sync(
+        cfg,
+        PULL,
+    )
+    assert result.ok, result.as_dict()
+    assert tree(local) == {
+        "keep.txt": b"keep",
+        "modify.txt": b"changed remotely",
+        "new/added.txt": b"added",
+        "local-edit.txt": b"edited locally",
+        "local-only.txt": b"mine",
+    }
+    assert result.files_deleted == 1 and result.files_transferred == 2
+
+
+async def test_conflicts_keep_both_versions(moto: S3Server, workdir: Path) -> None:
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "nb.ipynb", b"base")
+    write(local / "other.py", b"base2")
+    assert (await sync(cfg, FIN)).ok
+    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"their edit")
+    write(local / "nb.ipynb", b"my edit")
+
+    pushed = await sync(cfg, FIN)
+    assert pushed.ok, pushed.as_dict()
+    (conflict,) = pushed.conflicts
+    assert conflict.path == "nb.ipynb" and conflict.copy and ".conflict-" in conflict.copy
+    assert s3.get_object(Bucket=bucket, Key="vol/nb.ipynb")["Body"].read() == b"my edit"
+    kept = s3.get_object(Bucket=bucket, Key=f"vol/{conflict.copy}")["Body"].read()
+    assert kept == b"their edit"
+
+    # And the pull direction: the bucket's version takes the name, mine is kept locally.
+    s3.put_object(Bucket=bucket, Key="vol/other.py", Body=b"theirs again")
+    write(local / "other.py", b"mine again")
+    pulled = await sync(cfg, PULL)
+    (conflict,) = pulled.conflicts
+    assert (local / "other.py").read_bytes() == b"theirs again"
+    assert conflict.copy is not None and (local / conflict.copy).read_bytes() == b"mine again"
+
+
+async def test_concurrent_writer_is_not_silently_overwritten(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If-Match on the ETag the plan saw: a writer racing in between gets a 412, not lost."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "shared.txt", b"v1")
+    write(local / "new.txt", b"mine")
+    assert (await sync(cfg, FIN)).ok
+    write(local / "shared.txt", b"v2 local")
+    s3.delete_object(Bucket=bucket, Key="vol/new.txt")
+    write(local / "new.txt", b"mine again")
+    original = Transfers.upload
+
+    async def racing_upload(self: Transfers, action: Any) -> Any:
+        # Another writer lands between our listing and our PUT.
+        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
+        return await original(self, action)
+
+    monkeypatch.setattr(Transfers, "upload", racing_upload)
+    result = await sync(cfg, FIN)
+    assert not result.ok
+    failed = {e.path: e.reason for e in result.errors}
+    assert set(failed) == {"shared.txt", "new.txt"}
+    assert all("precondition" in reason for reason in failed.values())
+    for name in ("shared.txt", "new.txt"):
+        assert s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read() == b"racer"
+    assert (local / "shared.txt").read_bytes() == b"v2 local"
+
+
+async def test_emptied_folder_never_wipes_the_bucket(moto: S3Server, workdir: Path) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    for i in range(6):
+        write(local / f"f{i}", b"x")
+    assert (await sync(cfg, FIN)).ok
+    for path in local.iterdir():
+        path.unlink()
+    blocked = await sync(cfg, FIN)
+    assert not blocked.ok and blocked.files_deleted == 0
+    assert blocked.deletes_blocked and "--force-delete" in blocked.deletes_blocked
+    listed = moto.client().list_objects_v2(Bucket=bucket, Prefix="vol/")
+    assert listed["KeyCount"] == 6
+    forced = await sync(config(bucket, local, workdir / "s", force_delete=True), FIN)
+    assert forced.ok and forced.files_deleted == 6
+
+
+async def test_stale_temp_files_are_removed_and_never_uploaded(
+    moto: S3Server, workdir: Path
+) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    stale = write(local / "d" / temp_name(), b"half a download")
+    write(local / "d/real.txt", b"real")
+    result = await sync(config(bucket, local, workdir / "s"), FIN)
+    assert result.ok and result.files_transferred == 1
+    assert not stale.exists()
+    keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["vol/d/real.txt"]
+
+
+async def test_filters_hide_paths_from_every_side(moto: S3Server, workdir: Path) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    write(local / ".syncignore", b"scratch/\n")
+    write(local / "scratch/big.tmp", b"x")
+    write(local / ".ipynb_checkpoints/nb-checkpoint.ipynb", b"x")
+    write(local / "pkg/__pycache__/m.pyc", b"x")
+    write(local / "keep.log", b"x")
+    write(local / "drop.log", b"x")
+    cfg = config(bucket, local, workdir / "s", exclude=("drop.log",))
+    assert (await sync(cfg, FIN)).ok
+    keys = sorted(o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["vol/.syncignore", "vol/keep.log"]
+
+
+async def test_dry_run_changes_nothing(moto: S3Server, workdir: Path) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    write(local / "a.txt", b"a")
+    result = await sync(config(bucket, local, workdir / "s"), FIN, dry_run=True)
+    assert result.dry_run and [(str(a.kind), a.path) for a in result.planned] == [
+        ("upload", "a.txt")
+    ]
+    assert moto.client().list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+    assert not (workdir / "s").exists() or not any((workdir / "s").rglob("state.json"))
+
+
+async def test_unchanged_files_are_not_rehashed(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.scan
+
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    for i in range(5):
+        write(local / f"f{i}", os.urandom(100))
+    cfg = config(bucket, local, workdir / "s")
+    assert (await sync(cfg, FIN)).ok
+    hashed: list[str] = []
+    original = sidecar.scan._hash_one
+
+    def spy(root: Path, rel: str) -> Any:
+        hashed.append(rel)
+        return original(root, rel)
+
+    monkeypatch.setattr(sidecar.scan, "_hash_one", spy)
+    os.utime(local / "f3")  # touched, content unchanged: re-hashed, not re-sent
+    result = await sync(cfg, FIN)
+    assert hashed == ["f3"]
+    assert result.files_transferred == 0
+
+
+async def test_resume_after_cancel_does_not_resend(
+    moto: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"vol/f{i:02d}", Body=os.urandom(1000))
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s", concurrency=2)
+    engine = SyncEngine(cfg)
+    task = asyncio.ensure_future(engine.run(PULL))
+    while request_counter["get_object"] < 10:  # noqa: ASYNC110 - polling a spy counter
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await engine.__aexit__(None, None, None)
+    done_before = len(tree(local))
+    assert 0 < done_before < 40
+
+    request_counter.clear()
+    result = await sync(cfg, PULL)
+    assert result.ok
+    assert len(tree(local)) == 40
+    assert result.files_transferred == 40 - done_before
+    assert request_counter["get_object"] == 40 - done_before
+    assert not list(local.rglob(".netvol-tmp.*"))
+
+
+async def test_failed_multipart_upload_leaves_no_orphan(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    write(local / "big.bin", os.urandom(12 * MiB))
+    original = ObjectStore.upload_part
+    calls = 0
+
+    async def failing_part(
+        self: ObjectStore, key: str, upload_id: str, number: int, body: bytes
+    ) -> str:
+        nonlocal calls
+        calls += 1
+        if number == 2:
+            raise asyncio.CancelledError  # the sync is stopped mid-upload
+        return await original(self, key, upload_id, number, body)
+
+    monkeypatch.setattr(ObjectStore, "upload_part", failing_part)
+    with pytest.raises(asyncio.CancelledError):
+        await sync(config(bucket, local, workdir / "s"), FIN)
+    s3 = moto.client()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0  # no half object became current
+
+
+async def test_file_changing_during_upload_never_mixes_versions(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    path = write(local / "big.bin", b"A" * (12 * MiB))
+    original = ObjectStore.upload_part
+    changed = False
+
+    async def writer_meanwhile(
+        self: ObjectStore, key: str, upload_id: str, number: int, body: bytes
+    ) -> str:
+        nonlocal changed
+        if not changed:
+            changed = True
+            path.write_bytes(b"B" * (12 * MiB))  # the notebook saves while we upload
+        return await original(self, key, upload_id, number, body)
+
+    monkeypatch.setattr(ObjectStore, "upload_part", writer_meanwhile)
+    result = await sync(config(bucket, local, workdir / "s"), FIN)
+    assert result.ok, result.as_dict()
+    body = moto.client().get_object(Bucket=bucket, Key="vol/big.bin")["Body"].read()
+    assert body == b"B" * (12 * MiB)
+
+
+async def test_equal_content_without_base_is_adopted_not_resent(
+    server: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    """Lost state: both sides hold the same bytes; nothing moves, nothing is deleted."""
+    bucket = server.new_bucket()
+    a = workdir / "a"
+    write(a / "x.bin", os.urandom(2000))
+    write(a / "big.bin", os.urandom(6 * MiB))
+    assert (await sync(config(bucket, a, workdir / "s1"), FIN)).ok
+    request_counter.clear()
+    again = await sync(config(bucket, a, workdir / "fresh-state"), FIN)
+    assert again.ok and again.files_transferred == 0 and again.files_adopted == 2
+    assert request_counter["put_object"] == request_counter["upload_part"] == 0
+
+
+async def test_wrong_credentials_and_missing_bucket_are_named(
+    moto: S3Server, rclone_s3: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = workdir / "l"
+    local.mkdir()
+    missing = await sync(config("no-such-bucket", local, workdir / "s"), PULL)
+    assert missing.fatal and "bucket does not exist" in missing.fatal
+    monkeypatch.setenv("AWS_ENDPOINT_URL", rclone_s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong-key-id-123")
+    bad = await sync(config(rclone_s3.new_bucket(), local, workdir / "s2"), PULL)
+    assert bad.fatal and "AWS_ACCESS_KEY_ID" in bad.fatal
+    assert list(local.iterdir()) == []
+
+
+async def test_not_enough_space_fails_before_touching_anything(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import sidecar.sync
+
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="vol/model.bin", Body=b"x" * 3000)
+    local = workdir / "l"
+    write(local / "mine.txt", b"mine")
+    real = shutil.disk_usage
+
+    def tiny_disk(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1000, 1000)
+
+    monkeypatch.setattr(sidecar.sync.shutil, "disk_usage", tiny_disk)
+    result = await sync(config(bucket, local, workdir / "s"), PULL)
+    assert result.fatal and "needs 2.9 KiB, 1000 B free" in result.fatal
+    assert tree(local) == {"mine.txt": b"mine"}
