@@ -1,0 +1,208 @@
+"""Opt-in auto-sync: watch the folder, push (finalize) once changes settle.
+
+A push is due when the folder has been quiet for `debounce` seconds, or `max_delay` seconds
+after the first unpushed change even if writes never stop. Waiting for quiet is what keeps a
+file that is still being written from being pushed half-done; under constant writes the
+engine's before/after check still makes every object one consistent version, and the file is
+pushed again once it settles. So a pod killed without warning loses at most the last
+debounce (at most max_delay) seconds of work, plus the push in progress.
+
+The watcher starts with the daemon so no change slips between "ready" and "watching"; pushes
+wait for readiness (finalize is refused before the initial pull anyway). The daemon's own
+pulls also write into the folder and so cause one extra push, which is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchfiles import Change, awatch
+
+from sidecar.core.model import Direction
+from sidecar.core.paths import is_temp_name
+from sidecar.daemon import Coordinator, Refused
+
+log = logging.getLogger("sidecar.autosync")
+
+IGNORED_DIRS = frozenset({".ipynb_checkpoints", "__pycache__"})
+MAX_RETRY_DELAY = 60.0
+
+
+@dataclass(frozen=True)
+class ChangeFilter:
+    """Which watched paths count as user changes. Segments are taken below `root` only, so
+    a folder that itself lives under a `__pycache__` is still watched."""
+
+    root: str
+
+    def __call__(self, change: Change, path: str) -> bool:
+        relative = os.path.relpath(path, self.root)
+        if relative == "." or relative.startswith(".." + os.sep):
+            return False
+        parts = relative.split(os.sep)
+        if any(part in IGNORED_DIRS for part in parts):
+            return False
+        return not is_temp_name(parts[-1])
+
+
+@dataclass
+class AutoSync:
+    coordinator: Coordinator
+    folder: Path
+    debounce: float
+    max_delay: float
+    clock: Callable[[], float] = time.monotonic
+    state: str = "waiting for the initial pull"
+    first_change: float | None = None  # oldest change not yet handed to a push
+    last_change: float | None = None
+    pending_changes: int = 0
+    pushes: int = 0
+    failures_in_row: int = 0
+    retry_at: float | None = None
+    last_push: dict[str, Any] | None = None
+    watcher_error: str | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # -- pure-ish pieces, driven by tests with a fake clock -------------------------------
+
+    def note_changes(self, count: int) -> None:
+        now = self.clock()
+        if self.first_change is None:
+            self.first_change = now
+        self.last_change = now
+        self.pending_changes += count
+        self._changed.set()
+
+    def due_at(self) -> float | None:
+        """When the next push should start, or None with nothing to push."""
+        if self.first_change is None or self.last_change is None:
+            return None
+        due = min(self.last_change + self.debounce, self.first_change + self.max_delay)
+        return max(due, self.retry_at) if self.retry_at is not None else due
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        due = self.due_at()
+        return {
+            "enabled": True,
+            "state": self.state,
+            "debounce_seconds": self.debounce,
+            "max_delay_seconds": self.max_delay,
+            "pending_changes": self.pending_changes,
+            "oldest_unpushed_change_seconds": (
+                None if self.first_change is None else round(now - self.first_change, 3)
+            ),
+            "next_push_in_seconds": None if due is None else round(max(0.0, due - now), 3),
+            "pushes": self.pushes,
+            "last_push": self.last_push,
+            "watcher_error": self.watcher_error,
+        }
+
+    # -- the loops ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._watch(stop), name="auto-sync-watch")
+        try:
+            await _until(stop, self.coordinator.wait_ready())
+            while not stop.is_set():
+                due = self.due_at()
+                if due is None:
+                    self.state = "idle"
+                    self._changed.clear()
+                    await _until(stop, self._changed.wait())
+                    continue
+                delay = due - self.clock()
+                if delay > 0:
+                    self.state = "settling"
+                    self._changed.clear()
+                    await _until(stop, asyncio.wait_for(self._changed.wait(), delay))
+                    continue
+                if not await self._push(stop):
+                    break
+        finally:
+            self.state = "stopped"
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _push(self, stop: asyncio.Event) -> bool:
+        """One push of everything noted so far. False when the daemon will take no more."""
+        count, self.pending_changes = self.pending_changes, 0
+        self.first_change = self.last_change = None
+        self.retry_at = None
+        self.state = "pushing"
+        try:
+            # join_running=False: a finalize already under way scanned before these changes.
+            ticket = self.coordinator.submit(
+                Direction.FINALIZE, join_running=False, origin="auto-sync"
+            )
+            result = await ticket.result()
+        except Refused as exc:
+            self.note_changes(count)  # still unpushed: the shutdown push takes over
+            log.info("auto-sync push not started: %s", exc.reason)
+            return not self.coordinator.closing
+        self.pushes += 1
+        self.last_push = {"ok": result.ok, "changes": count, **_brief(result)}
+        if result.ok:
+            self.failures_in_row = 0
+            return True
+        # Keep the changes pending and back off; a later change does not shorten the wait.
+        self.failures_in_row += 1
+        delay = min(MAX_RETRY_DELAY, self.debounce * 2**self.failures_in_row)
+        self.note_changes(count)
+        self.retry_at = self.clock() + delay
+        log.warning("auto-sync push failed; retrying in %.0fs", delay)
+        return True
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        force_polling: bool | None = None
+        while not stop.is_set():
+            try:
+                async for changes in awatch(
+                    self.folder,
+                    watch_filter=ChangeFilter(str(self.folder)),
+                    debounce=200,
+                    step=50,
+                    stop_event=stop,
+                    force_polling=force_polling,
+                    ignore_permission_denied=True,
+                ):
+                    self.note_changes(len(changes))
+                return
+            except Exception as exc:  # e.g. the inotify watch limit: fall back to polling
+                self.watcher_error = f"{type(exc).__name__}: {exc}"
+                log.error("auto-sync watcher failed (%s); switching to polling", exc)
+                force_polling = True
+                await _until(stop, asyncio.sleep(5))
+
+
+async def _until(stop: asyncio.Event, awaitable: Any) -> None:
+    """Await `awaitable` unless `stop` is set first; a timeout just ends the wait."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            if not pending.done():
+                pending.cancel()
+        for finished in (task, stopper):
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await finished
+
+
+def _brief(result: Any) -> dict[str, Any]:
+    summary = result.as_dict()
+    return {
+        key: summary[key]
+        for key in ("files_transferred", "files_deleted", "seconds", "fatal")
+        if key in summary
+    }

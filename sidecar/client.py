@@ -1,0 +1,170 @@
+"""`sidecar pull|finalize|status` without --once: ask the running daemon.
+
+Standard library only (http.client), so the command starts fast from a notebook terminal or a
+preStop hook. Syncs always stream progress: on a terminal one bar redrawn in place, otherwise
+plain lines; then the summary. Exit codes: 0 ok, 1 the sync failed or was refused,
+2 bad request, 3 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import sys
+import time
+import urllib.parse
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_REQUEST = 2
+EXIT_UNREACHABLE = 3
+
+CONNECT_TIMEOUT = 5.0
+# Progress lines arrive every second while a sync runs or waits; a long silence means the
+# daemon is wedged or gone.
+READ_TIMEOUT = 120.0
+
+
+class Unreachable(Exception):
+    pass
+
+
+def run_client(verb: str, *, control_url: str, dry_run: bool = False, as_json: bool = False) -> int:
+    try:
+        if verb == "status":
+            return _status(control_url, as_json, sys.stdout)
+        return _sync(verb, control_url, dry_run, sys.stdout)
+    except Unreachable as exc:
+        print(
+            f"sidecar: cannot reach the daemon at {control_url}: {exc} "
+            "(is `sidecar serve` running? set --control-url or SIDECAR_CONTROL_URL)",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+
+
+def _connect(control_url: str) -> tuple[http.client.HTTPConnection, str]:
+    url = urllib.parse.urlsplit(control_url)
+    if url.scheme not in ("http", "") or not url.hostname:
+        raise Unreachable(f"not an http:// URL: {control_url!r}")
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=CONNECT_TIMEOUT)
+    try:
+        connection.connect()
+    except OSError as exc:
+        raise Unreachable(exc.strerror or str(exc)) from None
+    assert connection.sock is not None
+    connection.sock.settimeout(READ_TIMEOUT)
+    return connection, url.path.rstrip("/")
+
+
+def _request(control_url: str, method: str, path: str) -> http.client.HTTPResponse:
+    connection, base = _connect(control_url)
+    try:
+        connection.request(method, base + path, headers={"Accept": "application/json"})
+        return connection.getresponse()
+    except OSError as exc:
+        raise Unreachable(f"{method} {path}: {exc}") from None
+
+
+def _sync(verb: str, control_url: str, dry_run: bool, out: TextIO) -> int:
+    query = "?progress=1" + ("&dry_run=1" if dry_run else "")
+    response = _request(control_url, "POST", f"/{verb}{query}")
+    if response.status != 200:
+        return _failed_answer(response)
+    tty = out.isatty()
+    drawn = 0
+    summary: dict[str, Any] | None = None
+    try:
+        for raw in response:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("{"):
+                summary = json.loads(line)
+                break
+            if tty:
+                width = shutil.get_terminal_size().columns - 1
+                shown = line[:width]
+                out.write("\r" + shown.ljust(drawn))
+                drawn = len(shown)
+            else:
+                out.write(line + "\n")
+            out.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unreachable(f"the connection broke during {verb}: {exc}") from None
+    if tty and drawn:
+        out.write("\n")
+    if summary is None:
+        raise Unreachable(f"the daemon ended the {verb} answer without a summary")
+    return _print_summary(summary, out)
+
+
+def _print_summary(summary: dict[str, Any], out: TextIO) -> int:
+    if "refused" in summary:
+        print(f"sidecar: {summary['refused']}", file=sys.stderr)
+        return EXIT_FAILED
+    for step in summary.get("plan", []):
+        copy = f" (conflict copy: {step['conflict_copy']})" if step.get("conflict_copy") else ""
+        out.write(f"{step['action']}\t{step['path']}{copy}\n")
+    for conflict in summary.get("conflicts", []):
+        out.write(f"conflict\t{conflict['path']}: {conflict['kind']}, {conflict['resolution']}\n")
+    for error in summary.get("errors", []):
+        print(f"error\t{error['path']}: {error['reason']}", file=sys.stderr)
+    out.write(summary.get("summary", json.dumps(summary)) + "\n")
+    return EXIT_OK if summary.get("ok") else EXIT_FAILED
+
+
+def _failed_answer(response: http.client.HTTPResponse) -> int:
+    body = response.read().decode(errors="replace")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {"error": body.strip() or response.reason}
+    message = data.get("refused") or data.get("error") or body
+    print(f"sidecar: daemon answered {response.status}: {message}", file=sys.stderr)
+    if response.status in (409, 503) or response.status >= 500:
+        return EXIT_FAILED
+    return EXIT_BAD_REQUEST
+
+
+def _status(control_url: str, as_json: bool, out: TextIO) -> int:
+    response = _request(control_url, "GET", "/status")
+    if response.status != 200:
+        return _failed_answer(response)
+    try:
+        status = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        raise Unreachable(f"unreadable /status answer: {exc}") from None
+    if as_json:
+        out.write(json.dumps(status, indent=2) + "\n")
+    else:
+        out.write(describe_status(status, time.time()))
+    return EXIT_OK
+
+
+def describe_status(status: dict[str, Any], now: float) -> str:
+    lines = [f"volume: {status.get('remote')} <-> {status.get('local_dir')}"]
+    ready = "yes" if status.get("ready") else "no"
+    initial = status.get("initial_pull") or {}
+    if not status.get("ready") and initial:
+        ready += f" (initial pull {initial.get('state')}, attempt {initial.get('attempts')})"
+    lines.append(f"ready: {ready}" + ("  [read-only]" if status.get("read_only") else ""))
+    if status.get("shutting_down"):
+        lines.append("shutting down")
+    current = status.get("current")
+    lines.append(f"now: {current['line']}" if current else "now: idle")
+    for queued in status.get("queued", []):
+        lines.append(f"queued: {queued['operation']} ({queued['waiting_seconds']:.0f}s)")
+    for name, result in sorted((status.get("last_results") or {}).items()):
+        ago = now - result.get("finished_at", now)
+        lines.append(f"last {name} ({ago:.0f}s ago): {result.get('summary')}")
+    error = status.get("last_error")
+    if error:
+        lines.append(f"last error ({now - error['at']:.0f}s ago): {error['message']}")
+    auto = status.get("auto_sync") or {}
+    if auto.get("enabled"):
+        lines.append(
+            f"auto-sync: {auto['state']}, {auto['pending_changes']} unpushed change(s), "
+            f"{auto['pushes']} push(es)"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,382 @@
+"""The coordinator: one sync at a time between HTTP requests, auto-sync and the lifecycle.
+
+- A request for the operation already running joins it and gets the same result.
+- Any other request waits its turn in a FIFO queue; waiting requests for the same operation
+  (and dry-run flag) share one run, so a burst of triggers costs one sync, not a backlog.
+- `join_running=False` (auto-sync, the shutdown push) never joins a run that is already
+  under way: that run scanned the folder before the caller's changes were made.
+- It remembers the current progress, the last result per operation, the last error and
+  readiness (a non-dry-run pull has succeeded once). Read-only daemons refuse finalize.
+
+No globals and no I/O of its own: the engine is anything with `run`, `in_flight` and
+`retries_total`, so the coordination rules are tested with a fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sidecar.core.model import Direction
+from sidecar.core.progress import Progress
+from sidecar.core.result import SyncResult
+from sidecar.metrics import Metrics, outcome
+
+log = logging.getLogger("sidecar.daemon")
+
+
+class Engine(Protocol):
+    in_flight: int
+    retries_total: int
+
+    async def run(
+        self, direction: Direction, *, dry_run: bool = False, progress: Progress | None = None
+    ) -> SyncResult: ...
+
+
+class Refused(Exception):
+    """The daemon will not run this request (read-only, not ready yet, shutting down)."""
+
+    def __init__(self, reason: str, *, retry_later: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_later = retry_later  # 503 (try again) rather than 409 (never, as configured)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    direction: Direction
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.direction}{' (dry run)' if self.dry_run else ''}"
+
+
+@dataclass(eq=False)
+class Run:
+    """One sync, queued or running, and everyone waiting for its result."""
+
+    job: Job
+    origin: str  # who asked first: api, initial, auto-sync, shutdown
+    future: asyncio.Future[SyncResult]
+    queued_at: float
+    started_at: float | None = None
+    progress: Progress | None = None
+    requesters: int = 1
+    task: asyncio.Task[SyncResult] | None = None
+
+    async def result(self) -> SyncResult:
+        # shield: a caller that goes away (client disconnect) must not cancel a sync others
+        # are waiting for.
+        return await asyncio.shield(self.future)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    run: Run
+    state: str  # "joined" (the run was already going), "queued", "started"
+
+    async def result(self) -> SyncResult:
+        return await self.run.result()
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+@dataclass
+class Coordinator:
+    engine: Engine
+    read_only: bool = False
+    metrics: Metrics | None = None
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    current: Run | None = None
+    pending: list[Run] = field(default_factory=list)
+    last_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_error: dict[str, Any] | None = None
+    ready: bool = False
+    closing: bool = False  # shutting down: only finalize is still taken
+    closed: bool = False  # the shutdown push is over: nothing is taken
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _idle: asyncio.Event = field(default_factory=_set_event)
+    _worker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Coordinator:
+        self._worker = asyncio.create_task(self._work(), name="sync-coordinator")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close("daemon stopped", cancel_running=True)
+        self.closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle(), 30)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        direction: Direction,
+        *,
+        dry_run: bool = False,
+        join_running: bool = True,
+        origin: str = "api",
+        allow_closing: bool = False,
+    ) -> Ticket:
+        """Join, coalesce or queue a sync. Raises Refused at once when it cannot run.
+
+        While closing, only finalize is taken: a preStop hook's `sidecar finalize` then
+        joins the shutdown push instead of failing.
+        """
+        if self.closed or (
+            self.closing and (direction is Direction.PULL or dry_run) and not allow_closing
+        ):
+            raise Refused("the daemon is shutting down", retry_later=True)
+        if direction is Direction.FINALIZE and self.read_only:
+            raise Refused(
+                "finalize refused: this sidecar runs with --read-only (pull only); "
+                "local changes are never pushed"
+            )
+        job = Job(direction, dry_run)
+        if direction is Direction.FINALIZE and not dry_run and not self._pull_may_make_ready():
+            raise Refused(self._not_ready_reason(), retry_later=True)
+        current = self.current
+        if join_running and current is not None and current.job == job:
+            current.requesters += 1
+            return Ticket(current, "joined")
+        for run in self.pending:
+            if run.job == job:
+                run.requesters += 1
+                return Ticket(run, "queued")
+        run = Run(
+            job=job,
+            origin=origin,
+            future=asyncio.get_running_loop().create_future(),
+            queued_at=self.clock(),
+        )
+        self.pending.append(run)
+        self._idle.clear()
+        self._wakeup.set()
+        return Ticket(run, "queued" if current is not None or len(self.pending) > 1 else "started")
+
+    async def wait_ready(self) -> None:
+        await self._ready_event.wait()
+
+    def cancel_current(self, reason: str) -> Run | None:
+        """Cancel the running sync (the engine leaves no half-written object current)."""
+        run = self.current
+        if run is not None and run.task is not None and not run.task.done():
+            log.warning("cancelling %s: %s", run.job, reason)
+            run.task.cancel(reason)
+            return run
+        return None
+
+    def close(self, reason: str, *, keep: Job | None = None, cancel_running: bool = False) -> None:
+        """Start shutting down: drop queued runs (except `keep`) and cancel a running pull.
+
+        The final finalize should not wait behind a pull nobody needs any more.
+        `cancel_running` also cancels a running finalize (the shutdown deadline passed).
+        """
+        self.closing = True
+        for run in list(self.pending):
+            if run.job != keep:
+                self.pending.remove(run)
+                self._finish(run, _cancelled_result(run.job, reason), record=False)
+        current = self.current
+        if current is None and not self.pending:
+            self._idle.set()
+        if current is not None and (cancel_running or current.job.direction is Direction.PULL):
+            self.cancel_current(reason)
+
+    async def idle(self) -> None:
+        """Until nothing runs or waits."""
+        await self._idle.wait()
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        current = None
+        if self.current is not None and self.current.progress is not None:
+            current = {
+                **self.current.progress.as_dict(now),
+                "line": self.current.progress.line(now),
+                "dry_run": self.current.job.dry_run,
+                "origin": self.current.origin,
+                "requesters": self.current.requesters,
+            }
+        return {
+            "ready": self.ready,
+            "read_only": self.read_only,
+            "shutting_down": self.closing,
+            "current": current,
+            "queued": [
+                {
+                    "operation": str(run.job.direction),
+                    "dry_run": run.job.dry_run,
+                    "origin": run.origin,
+                    "waiting_seconds": round(now - run.queued_at, 3),
+                    "requesters": run.requesters,
+                }
+                for run in self.pending
+            ],
+            "last_results": self.last_results,
+            "last_error": self.last_error,
+            "in_flight_requests": self.engine.in_flight,
+            "retries_total": self.engine.retries_total,
+        }
+
+    def running_operation(self) -> str | None:
+        return None if self.current is None else str(self.current.job.direction)
+
+    # -- the worker -----------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.pending:
+                run = self.pending.pop(0)
+                self.current = run
+                try:
+                    await self._execute(run)
+                except Exception as exc:  # a bug here must not stop every later sync
+                    log.exception("coordinator failed running %s", run.job)
+                    self._finish(run, None, error=exc)
+                finally:
+                    self.current = None
+            self._idle.set()
+
+    async def _execute(self, run: Run) -> None:
+        job = run.job
+        if job.direction is Direction.FINALIZE and not job.dry_run and not self.ready:
+            # Queued behind an initial pull that then failed: pushing a folder that was never
+            # filled would upload a partial view as if it were the user's work.
+            self._finish(run, None, error=Refused(self._not_ready_reason(), retry_later=True))
+            return
+        run.started_at = self.clock()
+        run.progress = Progress(operation=str(job.direction), started=run.started_at)
+        run.task = asyncio.create_task(
+            self.engine.run(job.direction, dry_run=job.dry_run, progress=run.progress),
+            name=f"sync-{job.direction}",
+        )
+        # wait() rather than await: cancelling the sync must not cancel this worker. The
+        # samples let the rate (and so the ETA) follow the last seconds, not the average.
+        while not run.task.done():
+            await asyncio.wait({run.task}, timeout=1.0)
+            run.progress.sample(self.clock())
+        if run.task.cancelled():
+            result = _cancelled_result(job, "cancelled before it finished")
+            result.seconds = self.clock() - run.started_at
+        elif (exc := run.task.exception()) is not None:
+            log.error("%s crashed: %r", job, exc, exc_info=exc)
+            result = SyncResult(operation=job.direction, dry_run=job.dry_run)
+            result.fatal = f"internal error: {exc!r}"
+            result.seconds = self.clock() - run.started_at
+        else:
+            result = run.task.result()
+        self._finish(run, result)
+
+    def _finish(
+        self,
+        run: Run,
+        result: SyncResult | None,
+        *,
+        error: Exception | None = None,
+        record: bool = True,
+    ) -> None:
+        if error is not None:
+            if not run.future.done():
+                run.future.set_exception(error)
+                run.future.exception()  # retrieved: nobody awaiting is not an error here
+            return
+        assert result is not None
+        finished = self.wall()
+        summary = result.as_dict()
+        summary["finished_at"] = finished
+        summary["origin"] = run.origin
+        summary["outcome"] = outcome(result)
+        summary["summary"] = result.one_line()
+        if record:
+            self.last_results[str(run.job.direction) + ("_dry_run" if run.job.dry_run else "")] = (
+                summary
+            )
+            if not result.ok:
+                self.last_error = {
+                    "operation": str(run.job.direction),
+                    "at": finished,
+                    "message": _error_message(result),
+                }
+            if self.metrics is not None:
+                self.metrics.record(result, finished)
+            if result.ok and run.job == Job(Direction.PULL) and not self.ready:
+                self.ready = True
+                self._ready_event.set()
+            _log_result(run, result)
+        if not run.future.done():
+            run.future.set_result(result)
+
+    def _pull_may_make_ready(self) -> bool:
+        return self.ready or any(
+            run.job == Job(Direction.PULL) for run in [*self.pending, self.current] if run
+        )
+
+    def _not_ready_reason(self) -> str:
+        reason = "finalize refused: the initial pull has not succeeded yet"
+        if self.last_error is not None:
+            reason += f" (last error: {self.last_error['message']})"
+        return reason + "; pushing a folder that was never filled could overwrite newer data"
+
+
+def _cancelled_result(job: Job, reason: str) -> SyncResult:
+    result = SyncResult(operation=job.direction, dry_run=job.dry_run)
+    result.fatal = f"cancelled: {reason}"
+    return result
+
+
+def _error_message(result: SyncResult) -> str:
+    if result.fatal:
+        return result.fatal
+    if result.deletes_blocked:
+        return result.deletes_blocked
+    first = result.errors[0] if result.errors else None
+    more = f" (and {len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
+    return f"{first}{more}" if first else "failed"
+
+
+def _log_result(run: Run, result: SyncResult) -> None:
+    fields = {
+        key: value
+        for key, value in result.as_dict().items()
+        if key not in ("conflicts", "errors", "plan")
+    }
+    fields["conflicts"] = len(result.conflicts)
+    fields["errors"] = len(result.errors)
+    fields["origin"] = run.origin
+    fields["outcome"] = outcome(result)
+    level = logging.INFO if result.ok else logging.ERROR
+    log.log(level, result.one_line(), extra={"sync": fields})
+    for conflict in result.conflicts:
+        log.warning(
+            "conflict on %s: %s, %s",
+            conflict.path,
+            conflict.kind,
+            conflict.resolution,
+            extra={"conflict": conflict.as_dict()},
+        )
+    for error in result.errors[:50]:
+        log.error("%s: %s", run.job.direction, error, extra={"file_error": error.as_dict()})
+    if len(result.errors) > 50:
+        log.error("%s: %d more file errors not logged", run.job.direction, len(result.errors) - 50)

@@ -1,0 +1,173 @@
+"""Sync metrics and their Prometheus text exposition (format 0.0.4), written by hand.
+
+A client library would bring a global registry; here one `Metrics` object belongs to one
+daemon, so tests can build as many as they like. Gauges that mirror live state (requests in
+flight, readiness) are read through callbacks at scrape time instead of being copied around.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sidecar.core.result import SyncResult
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Syncs range from a no-op listing (well under a second) to multi-hour first pulls.
+DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def outcome(result: SyncResult) -> str:
+    """The `outcome` label: success, noop, dry_run, failure or cancelled."""
+    if result.fatal is not None and result.fatal.startswith("cancelled"):
+        return "cancelled"
+    if not result.ok:
+        return "failure"
+    if result.dry_run:
+        return "dry_run"
+    moved = result.files_transferred or result.files_deleted or result.conflicts
+    return "success" if moved else "noop"
+
+
+@dataclass
+class _Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        for index, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[index] += 1
+
+
+@dataclass
+class Metrics:
+    """Counters fed by the coordinator after every sync, plus live gauges read on scrape."""
+
+    volume: str | None = None
+    in_flight: Callable[[], int] = lambda: 0
+    retries: Callable[[], int] = lambda: 0
+    ready: Callable[[], bool] = lambda: False
+    running: Callable[[], str | None] = lambda: None
+    _counters: dict[str, dict[Labels, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    _durations: dict[Labels, _Histogram] = field(default_factory=dict)
+    _last_success: dict[Labels, float] = field(default_factory=dict)
+
+    def record(self, result: SyncResult, finished_at: float) -> None:
+        """Count one finished sync; `finished_at` is wall-clock seconds since the epoch."""
+        op = (("operation", str(result.operation)),)
+        self._counters["syncs_total"][(*op, ("outcome", outcome(result)))] += 1
+        self._counters["conflicts_total"][op] += len(result.conflicts)
+        self._counters["errors_total"][op] += len(result.errors) + (1 if result.fatal else 0)
+        if not result.dry_run:
+            self._counters["bytes_transferred_total"][op] += result.bytes_transferred
+            self._counters["objects_transferred_total"][op] += result.files_transferred
+            self._counters["objects_deleted_total"][op] += result.files_deleted
+        histogram = self._durations.setdefault(op, _Histogram(DURATION_BUCKETS))
+        histogram.observe(result.seconds)
+        if result.ok and not result.dry_run:
+            self._last_success[op] = finished_at
+
+    def render(self) -> str:
+        lines: list[str] = []
+        counters = (
+            ("syncs_total", "Syncs finished, by operation and outcome."),
+            ("bytes_transferred_total", "Bytes moved by syncs (dry runs excluded)."),
+            ("objects_transferred_total", "Files downloaded or uploaded by syncs."),
+            ("objects_deleted_total", "Files or objects deleted by syncs."),
+            ("conflicts_total", "Conflicts found; the losing version was kept as a copy."),
+            ("errors_total", "Per-file errors plus syncs that could not run at all."),
+        )
+        for name, help_text in counters:
+            lines += _family(
+                f"sidecar_{name}", "counter", help_text, self._counters[name].items(), self.volume
+            )
+        lines += self._render_durations()
+        lines += _family(
+            "sidecar_last_success_timestamp_seconds",
+            "gauge",
+            "Wall-clock time of the last successful sync, by operation.",
+            self._last_success.items(),
+            self.volume,
+        )
+        running = self.running()
+        live: tuple[tuple[str, str, str, float], ...] = (
+            ("sidecar_retries_total", "counter", "S3 requests retried.", self.retries()),
+            ("sidecar_in_flight_requests", "gauge", "S3 requests in flight.", self.in_flight()),
+            ("sidecar_ready", "gauge", "1 once the initial pull succeeded.", float(self.ready())),
+        )
+        for name, kind, help_text, value in live:
+            lines += _family(name, kind, help_text, [((), value)], self.volume)
+        lines += _family(
+            "sidecar_sync_running",
+            "gauge",
+            "1 for the operation running now.",
+            [((("operation", op),), float(op == running)) for op in ("pull", "finalize")],
+            self.volume,
+        )
+        return "\n".join(lines) + "\n"
+
+    def _render_durations(self) -> list[str]:
+        name = "sidecar_sync_duration_seconds"
+        lines = [
+            f"# HELP {name} How long syncs took, by operation.",
+            f"# TYPE {name} histogram",
+        ]
+        for labels, histogram in sorted(self._durations.items()):
+            base = _with_volume(labels, self.volume)
+            for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
+                lines.append(f"{name}_bucket{_labels((*base, ('le', _number(bound))))} {count}")
+            lines.append(f"{name}_bucket{_labels((*base, ('le', '+Inf')))} {histogram.count}")
+            lines.append(f"{name}_sum{_labels(base)} {_number(histogram.total)}")
+            lines.append(f"{name}_count{_labels(base)} {histogram.count}")
+        return lines
+
+
+def _family(
+    name: str,
+    kind: str,
+    help_text: str,
+    samples: Iterable[tuple[Labels, float]],
+    volume: str | None,
+) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in sorted(samples):
+        lines.append(f"{name}{_labels(_with_volume(labels, volume))} {_number(value)}")
+    return lines
+
+
+def _with_volume(labels: Labels, volume: str | None) -> Labels:
+    return (("volume", volume), *labels) if volume else labels
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    body = ",".join(f'{key}="{_escape(value)}"' for key, value in labels)
+    return "{" + body + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))

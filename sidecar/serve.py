@@ -1,0 +1,321 @@
+"""`sidecar serve`: wire engine, coordinator, the two listeners, auto-sync and the lifecycle.
+
+Start: both listeners, then the initial pull (retried with backoff until it succeeds; ready
+only after that). Stop on SIGTERM/SIGINT: a final finalize bounded by --shutdown-timeout; a
+second signal or the deadline cancels it (the engine never makes a half-written object
+current) and the log names what was not pushed.
+
+Exit codes: 0 after a clean stop (final push done, or nothing to push), 1 when the final push
+failed or was cut short (so the pod's last state shows it), 2 for an address it cannot bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.autosync import AutoSync
+from sidecar.core.model import Direction
+from sidecar.core.options import ServeConfig, SyncConfig
+from sidecar.core.progress import Progress
+from sidecar.core.result import SyncResult
+from sidecar.daemon import Coordinator, Engine, Job, Refused
+from sidecar.metrics import Metrics
+from sidecar.web import control_app, default_readiness, probe_app
+
+log = logging.getLogger("sidecar.serve")
+
+EXIT_OK = 0
+EXIT_PUSH_INCOMPLETE = 1
+EXIT_CANNOT_LISTEN = 2
+INITIAL_RETRY_MAX = 60.0
+CANCEL_GRACE = 15.0  # how long a cancelled sync may take to unwind
+UNPUSHED_LISTING_BUDGET = 5.0  # after the deadline, time to name what was not pushed
+MAX_LOGGED_PATHS = 50
+
+
+class ListenError(RuntimeError):
+    pass
+
+
+def run_serve(config: ServeConfig) -> int:
+    from sidecar.sync import SyncEngine
+
+    try:
+        return asyncio.run(serve(config, SyncEngine))
+    except ListenError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LISTEN
+
+
+@dataclass
+class Signals:
+    """SIGTERM/SIGINT: the first starts the shutdown, the second hurries it."""
+
+    count: int = 0
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+    second: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fire(self, signum: int) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.count == 1:
+            log.info("%s received: final push, then exit", name)
+            self.first.set()
+        else:
+            log.warning("%s received again: cancelling the final push", name)
+            self.second.set()
+
+
+@dataclass
+class InitialPull:
+    """Pull until one succeeds; until then the daemon is not ready and says why."""
+
+    coordinator: Coordinator
+    clock: Callable[[], float] = time.monotonic
+    attempts: int = 0
+    state: str = "starting"
+    next_retry_at: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        retry_in = None
+        if self.next_retry_at is not None:
+            retry_in = round(max(0.0, self.next_retry_at - self.clock()), 1)
+        return {"state": self.state, "attempts": self.attempts, "next_retry_in_seconds": retry_in}
+
+    async def run(self) -> None:
+        delay = 1.0
+        while not self.coordinator.ready:
+            self.attempts += 1
+            self.state = "running"
+            self.next_retry_at = None
+            try:
+                ticket = self.coordinator.submit(Direction.PULL, origin="initial")
+            except Refused:
+                self.state = "abandoned"
+                return
+            result = await ticket.result()
+            if self.coordinator.ready:
+                break
+            if self.coordinator.closing:
+                self.state = "abandoned"
+                return
+            # Jitter so many pods restarted together do not retry in lockstep.
+            wait = delay * random.uniform(0.8, 1.2)
+            self.state = "retrying"
+            self.next_retry_at = self.clock() + wait
+            log.error(
+                "initial pull failed (attempt %d): %s; retrying in %.0fs",
+                self.attempts,
+                result.fatal or result.deletes_blocked or f"{len(result.errors)} file errors",
+                wait,
+                extra={"attempt": self.attempts, "retry_in_seconds": round(wait, 1)},
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, INITIAL_RETRY_MAX)
+        self.state = "done"
+        self.next_retry_at = None
+        log.info("initial pull done after %d attempt(s): ready", self.attempts)
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def start_listener(app: web.Application, addr: str, what: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = split_addr(addr)
+    try:
+        await web.TCPSite(runner, host, port, shutdown_timeout=5.0).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(
+            f"cannot listen on {addr} for the {what}: {exc.strerror or exc}"
+        ) from None
+    log.info("%s listening on %s", what, addr, extra={"listener": what, "addr": addr})
+    return runner
+
+
+async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]) -> int:
+    loop = asyncio.get_running_loop()
+    signals = Signals()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signals.fire, signum)
+    sync = config.sync
+    async with engine_factory(sync) as engine:
+        metrics = Metrics(
+            volume=sync.volume,
+            in_flight=lambda: engine.in_flight,
+            retries=lambda: engine.retries_total,
+        )
+        async with Coordinator(engine, read_only=config.read_only, metrics=metrics) as coord:
+            metrics.ready = lambda: coord.ready
+            metrics.running = coord.running_operation
+            initial = InitialPull(coord)
+            autosync = (
+                AutoSync(
+                    coord, sync.local_dir, config.auto_sync_debounce, config.auto_sync_max_delay
+                )
+                if config.auto_sync
+                else None
+            )
+
+            def status() -> dict[str, Any]:
+                return {
+                    **coord.status(),
+                    "initial_pull": initial.status(),
+                    "auto_sync": autosync.status() if autosync else {"enabled": False},
+                    "remote": sync.remote_url,
+                    "local_dir": str(sync.local_dir),
+                    "volume": sync.volume,
+                }
+
+            base_readiness = default_readiness(coord)
+
+            def readiness() -> str | None:
+                reason = base_readiness()
+                retry = initial.status()["next_retry_in_seconds"]
+                return f"{reason}; retry in {retry}s" if reason and retry is not None else reason
+
+            probe_host, probe_port = split_addr(config.probe_addr)
+            watch = f"GET /status here or http://{_local(probe_host)}:{probe_port}/status"
+            runners = [
+                await start_listener(
+                    control_app(coord, status=status, watch_hint=watch),
+                    config.control_addr,
+                    "control API",
+                )
+            ]
+            try:
+                runners.append(
+                    await start_listener(
+                        probe_app(coord, metrics, status=status, readiness=readiness),
+                        config.probe_addr,
+                        "probes",
+                    )
+                )
+                log.info(
+                    "serving %s <-> %s%s%s",
+                    sync.remote_url,
+                    sync.local_dir,
+                    " (read-only)" if config.read_only else "",
+                    " (auto-sync)" if autosync else "",
+                )
+                stop_autosync = asyncio.Event()
+                tasks = [asyncio.create_task(initial.run(), name="initial-pull")]
+                if autosync is not None:
+                    tasks.append(asyncio.create_task(autosync.run(stop_autosync), name="autosync"))
+                await signals.first.wait()
+                stop_autosync.set()
+                code = await shutdown(coord, config, signals)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return code
+            finally:
+                for runner in reversed(runners):
+                    await runner.cleanup()
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+async def shutdown(coord: Coordinator, config: ServeConfig, signals: Signals) -> int:
+    if config.read_only or not coord.ready:
+        why = "read-only" if config.read_only else "the initial pull never succeeded"
+        coord.close(f"shutting down ({why})")
+        await _bounded(coord.idle(), CANCEL_GRACE)
+        coord.closed = True
+        log.info("%s: nothing to push; exiting", why)
+        return EXIT_OK
+    coord.close("shutting down: the final push goes first", keep=Job(Direction.FINALIZE))
+    ticket = coord.submit(
+        Direction.FINALIZE, join_running=False, origin="shutdown", allow_closing=True
+    )
+    waiter = asyncio.ensure_future(ticket.result())
+    hurry = asyncio.ensure_future(signals.second.wait())
+    done, _ = await asyncio.wait(
+        {waiter, hurry}, timeout=config.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED
+    )
+    hurry.cancel()
+    if waiter in done:
+        coord.closed = True
+        result = waiter.result()
+        if result.ok:
+            log.info("final push done: %s", result.one_line())
+            return EXIT_OK
+        log.error("final push failed: %s", result.one_line())
+        return EXIT_PUSH_INCOMPLETE
+    reason = (
+        "a second signal"
+        if signals.second.is_set()
+        else f"the --shutdown-timeout of {config.shutdown_timeout:g}s"
+    )
+    progress = ticket.run.progress
+    coord.close(f"cut short by {reason}", cancel_running=True)
+    await _bounded(coord.idle(), CANCEL_GRACE)
+    waiter.cancel()
+    _log_cut_short(reason, progress)
+    await _log_unpushed(coord, signals)
+    coord.closed = True
+    return EXIT_PUSH_INCOMPLETE
+
+
+def _log_cut_short(reason: str, progress: Progress | None) -> None:
+    if progress is None:
+        log.error("final push never started before %s; local changes were not pushed", reason)
+        return
+    log.error(
+        "final push cancelled by %s after %d of %d files (%d of %d bytes); "
+        "no object was left half-written, the rest stays only on local disk",
+        reason,
+        progress.files_done,
+        progress.files_total,
+        progress.bytes_done,
+        progress.bytes_total,
+        extra={"not_pushed_files": max(0, progress.files_total - progress.files_done)},
+    )
+
+
+async def _log_unpushed(coord: Coordinator, signals: Signals) -> None:
+    """Name the paths still waiting to be pushed: a dry-run finalize, briefly."""
+    if signals.count > 2:
+        return
+    try:
+        ticket = coord.submit(
+            Direction.FINALIZE, dry_run=True, origin="shutdown", allow_closing=True
+        )
+    except Refused:
+        return
+    result: SyncResult | None = await _bounded(ticket.result(), UNPUSHED_LISTING_BUDGET)
+    if result is None:
+        coord.cancel_current("listing what was not pushed took too long")
+        await _bounded(coord.idle(), CANCEL_GRACE)
+        log.error("could not list what was not pushed within %gs", UNPUSHED_LISTING_BUDGET)
+        return
+    paths = [action.path for action in result.planned]
+    for path in paths[:MAX_LOGGED_PATHS]:
+        log.error("not pushed: %s", path, extra={"not_pushed": path})
+    if len(paths) > MAX_LOGGED_PATHS:
+        log.error("not pushed: %d more paths", len(paths) - MAX_LOGGED_PATHS)
+
+
+async def _bounded(awaitable: Any, seconds: float) -> Any:
+    with contextlib.suppress(TimeoutError):
+        return await asyncio.wait_for(awaitable, seconds)
+    return None
+
+
+__all__ = ["Engine", "run_serve", "serve"]

@@ -1,0 +1,284 @@
+"""The two HTTP apps: control (loopback, may start syncs) and probes (read-only, pod port).
+
+Control app: POST /pull, POST /finalize, GET /status.
+    ?wait=false    answer 202 at once with where to watch
+    ?progress=1    stream one progress line per second, then the JSON summary (always 200:
+                   the status line is sent before the outcome is known; read "ok")
+    ?dry_run=1     plan only
+    200 ok, 409 refused by configuration (read-only), 503 not now (not ready, shutting down),
+    500 the sync ran and failed (the summary names each error), 4xx for bad requests.
+Probe app: GET /healthz, /readyz, /status, /metrics. No route on it changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.core.model import Direction
+from sidecar.core.result import SyncResult
+from sidecar.daemon import Coordinator, Refused, Ticket
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.metrics import Metrics
+
+# Requests carry everything in the query string; a body is tolerated (curl -d '') but small.
+MAX_BODY = 4096
+PROGRESS_INTERVAL = 1.0
+BAR_WIDTH = 24
+
+StatusFn = Callable[[], dict[str, Any]]
+ReadinessFn = Callable[[], str | None]  # None when ready, else why not
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+METRICS = web.AppKey("metrics", Metrics)
+STATUS = web.AppKey("status", StatusFn)
+READINESS = web.AppKey("readiness", ReadinessFn)
+WATCH_HINT = web.AppKey("watch_hint", str)
+
+_SYNC_PARAMS = frozenset({"wait", "progress", "dry_run"})
+_TRUE = frozenset({"", "1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+@web.middleware
+async def loopback_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # The control listener binds 127.0.0.1 by default; this holds even if someone binds it
+    # to 0.0.0.0 by mistake: syncs can only be started from inside the pod.
+    if not is_loopback(request.remote):
+        return _error(403, f"the control API only answers loopback clients, not {request.remote}")
+    return await handler(request)
+
+
+@web.middleware
+async def strict_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route
+    allowed: frozenset[str] = getattr(route.handler, "allowed_params", frozenset())
+    unknown = sorted(set(request.query) - allowed)
+    if unknown and request.match_info.http_exception is None:
+        known = ", ".join(sorted(allowed)) or "none"
+        return _error(400, f"unknown query parameter(s): {', '.join(unknown)} (known: {known})")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _error(413, f"request body of {request.content_length} bytes; limit {MAX_BODY}")
+    if request.body_exists:
+        # Chunked bodies have no Content-Length: read() stops at client_max_size with a 413.
+        await request.read()
+    return await handler(request)
+
+
+def _params(names: frozenset[str]) -> Callable[[Handler], Handler]:
+    def mark(handler: Handler) -> Handler:
+        handler.allowed_params = names  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    if name not in request.query:
+        return default
+    value = request.query[name].strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise web.HTTPBadRequest(
+        text=json.dumps({"error": f"{name}={request.query[name]!r} is not a boolean (1 or 0)"}),
+        content_type="application/json",
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _refused(exc: Refused) -> web.Response:
+    return web.json_response(
+        {"ok": False, "refused": exc.reason}, status=503 if exc.retry_later else 409
+    )
+
+
+def summary_body(result: SyncResult, ticket: Ticket) -> dict[str, Any]:
+    return {**result.as_dict(), "summary": result.one_line(), "joined": ticket.state == "joined"}
+
+
+def _summary_status(result: SyncResult) -> int:
+    return 200 if result.ok else 500
+
+
+def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    filled = max(0, min(width, int(fraction * width)))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _progress_line(coordinator: Coordinator, ticket: Ticket) -> str:
+    run = ticket.run
+    if run.progress is None:
+        ahead = coordinator.running_operation()
+        after = f" for {ahead} to finish" if ahead else ""
+        return f"{run.job}: waiting{after}"
+    now = coordinator.clock()
+    progress = run.progress
+    fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
+    return f"{progress_bar(fraction)} {progress.line(now)}"
+
+
+# -- control app ------------------------------------------------------------------------------
+
+
+def _sync_handler(direction: Direction) -> Handler:
+    @_params(_SYNC_PARAMS)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        wait = _flag(request, "wait", True)
+        stream = _flag(request, "progress", False)
+        dry_run = _flag(request, "dry_run", False)
+        coordinator = request.app[COORDINATOR]
+        try:
+            ticket = coordinator.submit(direction, dry_run=dry_run)
+        except Refused as exc:
+            return _refused(exc)
+        if not wait:
+            return web.json_response(
+                {
+                    "accepted": True,
+                    "operation": str(direction),
+                    "dry_run": dry_run,
+                    "state": ticket.state,
+                    "watch": request.app[WATCH_HINT],
+                },
+                status=202,
+            )
+        if stream:
+            return await _stream(request, coordinator, ticket)
+        try:
+            result = await ticket.result()
+        except Refused as exc:
+            return _refused(exc)
+        body = summary_body(result, ticket)
+        return web.json_response(body, status=_summary_status(result))
+
+    return handle
+
+
+async def _stream(
+    request: web.Request, coordinator: Coordinator, ticket: Ticket
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
+    )
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    waiter = asyncio.ensure_future(ticket.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
+            if done:
+                break
+            await response.write((_progress_line(coordinator, ticket) + "\n").encode())
+    finally:
+        if not waiter.done():
+            waiter.cancel()  # the client left; the shielded sync goes on for the others
+    try:
+        body: dict[str, Any] = summary_body(waiter.result(), ticket)
+    except Refused as exc:
+        body = {"ok": False, "refused": exc.reason}
+    await response.write((json.dumps(body) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
+@_params(frozenset())
+async def status_handler(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATUS]())
+
+
+def control_app(
+    coordinator: Coordinator,
+    *,
+    status: StatusFn | None = None,
+    watch_hint: str = "GET /status",
+) -> web.Application:
+    app = web.Application(middlewares=[loopback_only, strict_requests], client_max_size=MAX_BODY)
+    app[COORDINATOR] = coordinator
+    app[STATUS] = status or coordinator.status
+    app[WATCH_HINT] = watch_hint
+    app.router.add_post("/pull", _sync_handler(Direction.PULL))
+    app.router.add_post("/finalize", _sync_handler(Direction.FINALIZE))
+    app.router.add_get("/status", status_handler)
+    return app
+
+
+# -- probe app --------------------------------------------------------------------------------
+
+
+@_params(frozenset())
+async def healthz(request: web.Request) -> web.Response:
+    # Answering at all proves the event loop turns; a wedged loop times the probe out.
+    return web.Response(text="ok\n")
+
+
+@_params(frozenset())
+async def readyz(request: web.Request) -> web.Response:
+    reason = request.app[READINESS]()
+    if reason is None:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text=f"not ready: {reason}\n")
+
+
+@_params(frozenset())
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": METRICS_CONTENT_TYPE},
+    )
+
+
+def default_readiness(coordinator: Coordinator) -> ReadinessFn:
+    def readiness() -> str | None:
+        if coordinator.closing:
+            return "shutting down"
+        if coordinator.ready:
+            return None
+        if coordinator.last_error is not None:
+            return f"initial pull failed: {coordinator.last_error['message']}"
+        return "initial pull not finished"
+
+    return readiness
+
+
+def probe_app(
+    coordinator: Coordinator,
+    metrics: Metrics,
+    *,
+    status: StatusFn | None = None,
+    readiness: ReadinessFn | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[strict_requests], client_max_size=MAX_BODY)
+    app[COORDINATOR] = coordinator
+    app[METRICS] = metrics
+    app[STATUS] = status or coordinator.status
+    app[READINESS] = readiness or default_readiness(coordinator)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

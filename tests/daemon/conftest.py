@@ -1,0 +1,88 @@
+"""Fixtures for the daemon tests: the fake engine, a real loopback `rclone serve s3` and
+`sidecar serve` as a real subprocess against it. Helpers are in daemon_support.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon_support import Daemon, FakeEngine, answers_ok
+
+from sidecar.locals3 import LocalS3, environ_with, free_port
+
+BUCKET = "vol"
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path / "s3", log_path=tmp_path / "rclone.log")
+    server.start()
+    server.make_bucket(BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """start_daemon(s3, *extra_flags, env=..., control_host=...) -> a listening Daemon."""
+    started: list[Daemon] = []
+
+    def start(
+        s3: LocalS3,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        control_host: str = "127.0.0.1",
+    ) -> Daemon:
+        index = len(started)
+        local_dir = tmp_path / f"local{index}"
+        local_dir.mkdir(exist_ok=True)
+        control_port, probe_port = free_port(), free_port()
+        log_path = tmp_path / f"daemon{index}.log"
+        command = [
+            sys.executable, "-m", "sidecar", "serve",
+            "--remote", f"s3://{BUCKET}/",
+            "--local-dir", str(local_dir),
+            "--state-dir", str(tmp_path / f"state{index}"),
+            "--control-addr", f"{control_host}:{control_port}",
+            "--probe-addr", f"127.0.0.1:{probe_port}",
+            "--log-format", "json",
+            *flags,
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environ_with({**s3.env(), **(env or {})}),
+            )
+        daemon = Daemon(
+            process=process,
+            control=f"http://127.0.0.1:{control_port}",
+            probe=f"http://127.0.0.1:{probe_port}",
+            local_dir=local_dir,
+            bucket_dir=s3.root / BUCKET,
+            log_path=log_path,
+        )
+        started.append(daemon)
+        daemon.wait_until(lambda: answers_ok(daemon.probe + "/healthz"), 30, "the listeners")
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
