@@ -74,18 +74,24 @@ def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
     counts: Counter[str] = Counter()
     original_call = ObjectStore._call
-    original_get = ObjectStore.get_range
+    original_send = ObjectStore._send
 
     async def counting_call(self: ObjectStore, key: str, method: str, **params: Any) -> Any:
         counts[method] += 1
         return await original_call(self, key, method, **params)
 
-    async def counting_get(self: ObjectStore, *args: Any, **kwargs: Any) -> Any:
-        counts["get_object"] += 1
-        return await original_get(self, *args, **kwargs)
+    async def counting_send(self: ObjectStore, method: str, key: str | None, **kwargs: Any) -> Any:
+        query = kwargs.get("query") or {}
+        if "list-type" in query:
+            counts["list_objects_v2"] += 1
+        elif "partNumber" in query:
+            counts["upload_part"] += 1
+        else:
+            counts[{"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[method]] += 1
+        return await original_send(self, method, key, **kwargs)
 
     monkeypatch.setattr(ObjectStore, "_call", counting_call)
-    monkeypatch.setattr(ObjectStore, "get_range", counting_get)
+    monkeypatch.setattr(ObjectStore, "_send", counting_send)
     return counts
 
 
