@@ -1,8 +1,9 @@
 """The S3 client wrapper: the only module that imports aiobotocore.
 
 Every request goes through one semaphore (`--concurrency` slots shared by all files), is
-retried by botocore's standard mode (throttling, 5xx, timeouts, resets: backoff + jitter),
-and fails as an S3Error that names the key and the cause.
+retried on throttling, 5xx, timeouts and resets (backoff + jitter), and fails as an S3Error
+that names the key and the cause. botocore is imported lazily: a no-op sync with keys in the
+environment never pays its ~0.3 s import.
 """
 
 from __future__ import annotations
@@ -20,15 +21,6 @@ from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import aiohttp
-from aiobotocore.session import get_session
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ResponseStreamingError,
-)
 
 from sidecar.core.sigv4 import Signer, canonical_query, uri_encode_path
 
@@ -85,6 +77,8 @@ class S3Error(Exception):
 
 
 def _error_from(key: str, exc: BaseException) -> S3Error:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(
@@ -99,14 +93,13 @@ def _error_from(key: str, exc: BaseException) -> S3Error:
         return S3Error(
             key, "NoCredentials", "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET", fatal=True
         )
-    if isinstance(exc, EndpointConnectionError):
+    if isinstance(exc, EndpointConnectionError | aiohttp.ClientConnectorError):
         return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
     if isinstance(exc, asyncio.TimeoutError):
         return S3Error(key, "Timeout", "the server did not answer in time")
     return S3Error(key, type(exc).__name__, str(exc) or type(exc).__name__)
 
 
-TRANSIENT = (BotoCoreError, OSError, asyncio.TimeoutError, ResponseStreamingError)
 HTTP_TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 RETRY_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
@@ -211,6 +204,8 @@ class ObjectStore:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._credentials: Any = None
+        self._session: Any = None
+        self._region = "us-east-1"
         self._signer: Signer | None = None
         self._http: aiohttp.ClientSession | None = None
         self._base_url = ""
@@ -218,32 +213,10 @@ class ObjectStore:
         self._path_prefix = ""
 
     async def __aenter__(self) -> ObjectStore:
-        endpoint = endpoint_from_env()
-        s3_options: dict[str, Any] = {
-            # Our own xxh3 verification covers integrity; SHA-256 of every payload (botocore's
-            # default over plain http) would cost a core on loopback for no protection.
-            "payload_signing_enabled": False,
-        }
-        if endpoint:
-            s3_options["addressing_style"] = "path"
-        config = Config(
-            max_pool_connections=self.settings.concurrency,
-            connect_timeout=self.settings.connect_timeout,
-            read_timeout=self.settings.read_timeout,
-            retries={"mode": "standard", "total_max_attempts": self.settings.max_attempts},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            tcp_keepalive=True,
-            s3=s3_options,
+        self._region = (
+            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        session = get_session()
-        self._client = await self._stack.enter_async_context(
-            session.create_client("s3", region_name=region, endpoint_url=endpoint, config=config)
-        )
-        self._credentials = await session.get_credentials()
-        self._region = region
-        self._configure_urls(endpoint, region)
+        self._configure_urls(endpoint_from_env(), self._region)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self.settings.concurrency, ttl_dns_cache=300, keepalive_timeout=30
@@ -258,6 +231,63 @@ class ObjectStore:
         )
         self._stack.push_async_callback(self._http.close)
         return self
+
+    async def _botocore_client(self) -> Any:
+        """The aiobotocore client, created on first use (multipart, copy, delete)."""
+        if self._client is None:
+            from botocore.config import Config
+
+            endpoint = endpoint_from_env()
+            s3_options: dict[str, Any] = {
+                # Our xxh3 verification covers integrity; SHA-256 of every payload (botocore's
+                # default over plain http) would cost a core on loopback for no protection.
+                "payload_signing_enabled": False,
+            }
+            if endpoint:
+                s3_options["addressing_style"] = "path"
+            config = Config(
+                max_pool_connections=self.settings.concurrency,
+                connect_timeout=self.settings.connect_timeout,
+                read_timeout=self.settings.read_timeout,
+                retries={"mode": "standard", "total_max_attempts": self.settings.max_attempts},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                tcp_keepalive=True,
+                s3=s3_options,
+            )
+            session = self._botocore_session()
+            self._client = await self._stack.enter_async_context(
+                session.create_client(
+                    "s3", region_name=self._region, endpoint_url=endpoint, config=config
+                )
+            )
+        return self._client
+
+    def _botocore_session(self) -> Any:
+        if self._session is None:
+            from aiobotocore.session import get_session
+
+            self._session = get_session()
+        return self._session
+
+    async def _frozen_credentials(self) -> tuple[str, str, str | None]:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:  # the common case in a pod: keys from a Secret, as env
+            return key, secret, os.environ.get("AWS_SESSION_TOKEN") or None
+        if self._credentials is None:
+            # Files, profiles, IRSA, instance roles: botocore's provider chain, refreshed
+            # by botocore when the credentials expire.
+            self._credentials = await self._botocore_session().get_credentials()
+            if self._credentials is None:
+                raise S3Error(
+                    self.bucket,
+                    "NoCredentials",
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                    "(or AWS_SHARED_CREDENTIALS_FILE)",
+                    fatal=True,
+                )
+        frozen = await self._credentials.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token
 
     def _configure_urls(self, endpoint: str | None, region: str) -> None:
         if endpoint:  # custom endpoints (MinIO, rclone, Ceph...): path-style addressing
@@ -275,22 +305,15 @@ class ObjectStore:
         await self._stack.aclose()
 
     async def _current_signer(self) -> Signer:
-        if self._credentials is None:
-            raise S3Error(
-                self.bucket,
-                "NoCredentials",
-                "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET",
-                fatal=True,
-            )
-        frozen = await self._credentials.get_frozen_credentials()
+        access_key, secret_key, token = await self._frozen_credentials()
         signer = self._signer
         if (
             signer is None
-            or signer.access_key != frozen.access_key
-            or signer.secret_key != frozen.secret_key
-            or signer.session_token != frozen.token
+            or signer.access_key != access_key
+            or signer.secret_key != secret_key
+            or signer.session_token != token
         ):
-            signer = Signer(frozen.access_key, frozen.secret_key, self._region, frozen.token)
+            signer = Signer(access_key, secret_key, self._region, token)
             self._signer = signer
         return signer
 
@@ -301,7 +324,7 @@ class ObjectStore:
         *,
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        data: bytes | None = None,
+        data: bytes | memoryview | None = None,
     ) -> aiohttp.ClientResponse:
         """One signed request with retries (5xx, throttling, timeouts, resets: backoff and
         jitter). Returns the open response on success; the caller reads and releases it."""
@@ -345,16 +368,20 @@ class ObjectStore:
         raise AssertionError("unreachable")
 
     async def _call(self, key: str, method: str, **params: Any) -> dict[str, Any]:
+        """A request through aiobotocore (retried by botocore's standard mode)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = await self._botocore_client()
         async with self.slots:
             self.in_flight += 1
             try:
-                response: dict[str, Any] = await getattr(self._client, method)(
+                response: dict[str, Any] = await getattr(client, method)(
                     Bucket=self.bucket, **params
                 )
             except ClientError as exc:
                 self.retries += exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
                 raise _error_from(key, exc) from exc
-            except (*TRANSIENT, NoCredentialsError) as exc:
+            except (BotoCoreError, *HTTP_TRANSIENT) as exc:
                 raise _error_from(key, exc) from exc
             finally:
                 self.in_flight -= 1
@@ -457,7 +484,11 @@ class ObjectStore:
         return {}
 
     async def _put_bytes(
-        self, key: str, body: bytes, headers: dict[str, str], query: dict[str, str] | None
+        self,
+        key: str,
+        body: bytes | memoryview,
+        headers: dict[str, str],
+        query: dict[str, str] | None,
     ) -> str:
         async with self.slots:
             self.in_flight += 1
@@ -508,7 +539,9 @@ class ObjectStore:
         response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
         return str(response["UploadId"])
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes | memoryview
+    ) -> str:
         query = {"partNumber": str(number), "uploadId": upload_id}
         return await self._put_bytes(key, body, {}, query)
 

@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import stat as stat_mod
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +109,7 @@ class Transfers:
         self.executor = executor
         self.progress = progress
         max_parts = max(2, settings.upload_memory_budget // max(settings.part_size, 1))
-        self._part_buffers = asyncio.Semaphore(max_parts)
+        self._part_buffers = BufferPool(settings.part_size, max_parts)
         self._dirs_ok: set[str] = set()
 
     # ---- helpers ---------------------------------------------------------------------
@@ -420,11 +420,14 @@ class Transfers:
     async def _upload_part(
         self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int
     ) -> str:
-        async with self._part_buffers:
-            data = await self._in_thread(os.pread, fd, length, offset)
-            assert isinstance(data, bytes)
-            etag = await self.store.upload_part(key, upload_id, number, data)
-            self._count(len(data))
+        async with self._part_buffers.borrow(length) as buffer:
+            count = await self._in_thread(os.preadv, fd, [buffer], offset)
+            if count != length:
+                raise TransferError(
+                    key[len(self.prefix) :], f"file shrank while uploading (part {number})"
+                )
+            etag = await self.store.upload_part(key, upload_id, number, buffer)
+            self._count(length)
             return etag
 
     # ---- deletes ---------------------------------------------------------------------
@@ -456,6 +459,31 @@ class Transfers:
         except S3Error as exc:
             if not exc.not_found:
                 raise TransferError(action.path, exc.message) from None
+
+
+class BufferPool:
+    """Reusable part buffers: memory for uploads is `count` x `size`, whatever the data.
+
+    Fresh 16 MiB bytes objects per part, freed from worker threads, pile up in glibc's
+    per-thread arenas (RSS 258 MiB for a 1 GiB push); reused buffers do not.
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._slots = asyncio.Semaphore(count)
+        self._free: list[bytearray] = []
+
+    @contextlib.asynccontextmanager
+    async def borrow(self, length: int) -> AsyncIterator[memoryview]:
+        async with self._slots:
+            buffer = self._free.pop() if self._free else None
+            if buffer is None or len(buffer) < length:
+                buffer = bytearray(max(length, self.size))
+            try:
+                yield memoryview(buffer)[:length]
+            finally:
+                if len(buffer) == self.size:
+                    self._free.append(buffer)
 
 
 def _read_file(path: Path) -> bytes:
