@@ -29,6 +29,8 @@ from sidecar.metrics import Metrics, outcome
 
 log = logging.getLogger("sidecar.daemon")
 
+MAX_LOGGED_ERRORS = 50
+
 
 class Engine(Protocol):
     in_flight: int
@@ -279,14 +281,16 @@ class Coordinator:
             run.progress.sample(self.clock())
         if run.task.cancelled():
             result = _cancelled_result(job, "cancelled before it finished")
-            result.seconds = self.clock() - run.started_at
         elif (exc := run.task.exception()) is not None:
             log.error("%s crashed: %r", job, exc, exc_info=exc)
             result = SyncResult(operation=job.direction, dry_run=job.dry_run)
             result.fatal = f"internal error: {exc!r}"
-            result.seconds = self.clock() - run.started_at
         else:
-            result = run.task.result()
+            self._finish(run, run.task.result())  # the engine logged its summary line
+            return
+        # The engine never got to log these: one summary line per sync all the same.
+        result.seconds = self.clock() - run.started_at
+        log.error(result.one_line(), extra={"summary": result.as_dict(), "origin": run.origin})
         self._finish(run, result)
 
     def _finish(
@@ -324,7 +328,7 @@ class Coordinator:
             if result.ok and run.job == Job(Direction.PULL) and not self.ready:
                 self.ready = True
                 self._ready_event.set()
-            _log_result(run, result)
+            _log_details(run, result)
         if not run.future.done():
             run.future.set_result(result)
 
@@ -356,27 +360,18 @@ def _error_message(result: SyncResult) -> str:
     return f"{first}{more}" if first else "failed"
 
 
-def _log_result(run: Run, result: SyncResult) -> None:
-    fields = {
-        key: value
-        for key, value in result.as_dict().items()
-        if key not in ("conflicts", "errors", "plan")
-    }
-    fields["conflicts"] = len(result.conflicts)
-    fields["errors"] = len(result.errors)
-    fields["origin"] = run.origin
-    fields["outcome"] = outcome(result)
-    level = logging.INFO if result.ok else logging.ERROR
-    log.log(level, result.one_line(), extra={"sync": fields})
+def _log_details(run: Run, result: SyncResult) -> None:
+    """Conflicts and file errors by name, one line each (the summary line counts them)."""
     for conflict in result.conflicts:
         log.warning(
             "conflict on %s: %s, %s",
             conflict.path,
             conflict.kind,
             conflict.resolution,
-            extra={"conflict": conflict.as_dict()},
+            extra={"conflict": conflict.as_dict(), "origin": run.origin},
         )
-    for error in result.errors[:50]:
+    for error in result.errors[:MAX_LOGGED_ERRORS]:
         log.error("%s: %s", run.job.direction, error, extra={"file_error": error.as_dict()})
-    if len(result.errors) > 50:
-        log.error("%s: %d more file errors not logged", run.job.direction, len(result.errors) - 50)
+    if len(result.errors) > MAX_LOGGED_ERRORS:
+        hidden = len(result.errors) - MAX_LOGGED_ERRORS
+        log.error("%s: %d more file errors (see /status)", run.job.direction, hidden)

@@ -28,6 +28,7 @@ from sidecar.core.model import Direction
 from sidecar.core.options import ServeConfig, SyncConfig
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
+from sidecar.core.units import format_bytes
 from sidecar.daemon import Coordinator, Engine, Job, Refused
 from sidecar.metrics import Metrics
 from sidecar.web import control_app, default_readiness, probe_app
@@ -278,14 +279,12 @@ def _log_cut_short(reason: str, progress: Progress | None) -> None:
         log.error("final push never started before %s; local changes were not pushed", reason)
         return
     log.error(
-        "final push cancelled by %s after %d of %d files (%d of %d bytes); "
-        "no object was left half-written, the rest stays only on local disk",
+        "final push cancelled by %s after %s of %s; no object was left half-written, "
+        "what follows stays only on local disk",
         reason,
-        progress.files_done,
-        progress.files_total,
-        progress.bytes_done,
-        progress.bytes_total,
-        extra={"not_pushed_files": max(0, progress.files_total - progress.files_done)},
+        format_bytes(progress.bytes_done),
+        format_bytes(progress.bytes_total),
+        extra={"bytes_done": progress.bytes_done, "bytes_total": progress.bytes_total},
     )
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import Daemon, FakeEngine, answers_ok
+from daemon_support import Daemon, FakeEngine, StartDaemon, answers_ok
 
 from sidecar.locals3 import LocalS3, environ_with, free_port
 
@@ -24,15 +24,14 @@ def engine() -> FakeEngine:
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[LocalS3]:
     server = LocalS3(tmp_path / "s3", log_path=tmp_path / "rclone.log")
-    server.start()
+    # Tests write objects straight into the backing folder; rclone must not serve a
+    # directory listing it cached before that.
+    server.start(extra_args=("--dir-cache-time", "0s"))
     server.make_bucket(BUCKET)
     try:
         yield server
     finally:
         server.stop()
-
-
-StartDaemon = Callable[..., Daemon]
 
 
 @pytest.fixture

@@ -138,3 +138,6 @@ class Daemon:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"daemon did not stop within {timeout}s\n{self.log()}") from None
+
+
+StartDaemon = Callable[..., Daemon]  # the start_daemon fixture: (s3, *flags, env=, control_host=)

@@ -1,0 +1,361 @@
+"""`sidecar serve` as a real subprocess against a real loopback `rclone serve s3`.
+
+The bucket's objects are plain files under the rclone root, so tests seed and check the
+bucket through the file system and the daemon only through HTTP, signals and its logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_support import StartDaemon, http, http_json
+
+from sidecar.locals3 import LocalS3, free_port
+
+
+def seed(bucket_dir: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        path = bucket_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+def write(folder: Path, name: str, content: bytes) -> None:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def big_file(path: Path, size: int) -> None:
+    """Incompressible-ish data without paying for os.urandom on every byte."""
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as out:
+        for index in range(size >> 20):
+            out.write(index.to_bytes(8, "little") + block[8:])
+
+
+def metric(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric line {line_start!r} in:\n{text}")
+
+
+def test_pull_finalize_status_and_metrics(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    seed(s3.root / "vol", {"models/m.bin": b"m" * 5000, "data/train/a.csv": b"x,y\n1,2\n"})
+    daemon = start_daemon(s3, "--volume", "team-data")
+    daemon.wait_ready()
+    assert (daemon.local_dir / "models" / "m.bin").read_bytes() == b"m" * 5000
+
+    write(daemon.local_dir, "notes/today.md", b"hello")
+    status, body = http_json("POST", daemon.control + "/finalize")
+    assert status == 200, body
+    assert body["ok"] and body["files_transferred"] == 1 and body["errors"] == []
+    assert (daemon.bucket_dir / "notes" / "today.md").read_bytes() == b"hello"
+
+    seed(daemon.bucket_dir, {"data/train/b.csv": b"x,y\n3,4\n"})
+    status, body = http_json("POST", daemon.control + "/pull?dry_run=1")
+    assert status == 200 and body["dry_run"] is True
+    assert body["plan"] == [
+        {"action": "download", "path": "data/train/b.csv", "conflict_copy": None}
+    ]
+    assert not (daemon.local_dir / "data" / "train" / "b.csv").exists()
+
+    status, body = http_json("POST", daemon.control + "/pull?wait=false")
+    assert status == 202 and body["accepted"] is True
+    assert "/status" in body["watch"]
+    daemon.wait_until(
+        lambda: (daemon.local_dir / "data" / "train" / "b.csv").exists(), 20, "async pull"
+    )
+
+    state = daemon.status()
+    assert state["ready"] is True and state["volume"] == "team-data"
+    assert state["initial_pull"]["state"] == "done"
+    assert state["last_results"]["finalize"]["files_transferred"] == 1
+    assert state["auto_sync"] == {"enabled": False}
+    assert http_json("GET", daemon.control + "/status")[0] == 200
+
+    status, text = http("GET", daemon.probe + "/metrics")
+    assert status == 200
+    labels = 'volume="team-data",operation="finalize"'
+    assert metric(text, f'sidecar_syncs_total{{{labels},outcome="success"}}') == 1
+    assert metric(text, f"sidecar_bytes_transferred_total{{{labels}}}") == 5
+    assert metric(text, 'sidecar_ready{volume="team-data"}') == 1
+    assert http("GET", daemon.probe + "/healthz") == (200, "ok\n")
+
+    summaries = [r for r in daemon.records() if "summary" in r]
+    assert {r["summary"]["operation"] for r in summaries} == {"pull", "finalize"}
+
+
+def test_client_verbs(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    write(daemon.local_dir, "x.txt", b"x")
+
+    def sidecar(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", *args, "--control-url", daemon.control],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = sidecar("finalize")
+    assert done.returncode == 0, done.stderr
+    assert "finalize: transferred 1 files" in done.stdout
+    assert (daemon.bucket_dir / "x.txt").read_bytes() == b"x"
+    shown = sidecar("status")
+    assert shown.returncode == 0
+    assert "ready: yes" in shown.stdout and "last finalize" in shown.stdout
+    raw = sidecar("status", "--json")
+    assert json.loads(raw.stdout)["ready"] is True
+    dry = sidecar("pull", "--dry-run")
+    assert dry.returncode == 0 and "would transfer 0 files" in dry.stdout
+
+    unreachable = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "pull",
+            "--control-url",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unreachable.returncode == 3
+    assert "cannot reach the daemon" in unreachable.stderr
+
+
+def test_malformed_requests_get_4xx(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    status, body = http_json("POST", daemon.control + "/pull?force=1&dryrun=1")
+    assert status == 400 and "dryrun, force" in body["error"]
+    assert http("POST", daemon.control + "/pull?progress=often")[0] == 400
+    assert http("POST", daemon.control + "/pull", body=b"x" * 1_000_000)[0] == 413
+    assert http("GET", daemon.control + "/finalize")[0] == 405
+    assert http("POST", daemon.probe + "/finalize")[0] == 404  # no such route on probes
+    assert http("POST", daemon.probe + "/status")[0] == 405
+    assert http("GET", daemon.probe + "/pull")[0] == 404
+
+    # A chunked body has no Content-Length to refuse up front.
+    host, port = daemon.control.removeprefix("http://").split(":")
+    connection = HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/finalize", body=iter([b"y" * 10_000] * 10), encode_chunked=True)
+    assert connection.getresponse().status == 413
+    assert "finalize" not in daemon.status()["last_results"]
+
+
+def _non_loopback_ipv4() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # picks a route; sends nothing
+            address = str(sock.getsockname()[0])
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_control_api_refuses_non_loopback_peers(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    address = _non_loopback_ipv4()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    daemon = start_daemon(s3, control_host="0.0.0.0")  # a misconfiguration, on purpose
+    daemon.wait_ready()
+    port = daemon.control.rsplit(":", 1)[1]
+    status, body = http_json("POST", f"http://{address}:{port}/finalize")
+    assert status == 403 and address in body["error"]
+    assert http("GET", f"http://{address}:{port}/status")[0] == 403
+    assert http_json("POST", daemon.control + "/finalize")[0] == 200
+
+
+def test_concurrent_requests_join_and_queue(
+    s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    for index in range(3):
+        big_file(daemon.local_dir / f"big{index}.bin", 32 << 20)
+    answers: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def post(name: str, path: str) -> None:
+        answers[name] = http_json("POST", daemon.control + path, timeout=120)
+
+    first = threading.Thread(target=post, args=("first", "/finalize"))
+    first.start()
+    daemon.wait_until(lambda: daemon.status()["current"] is not None, 20, "the finalize to start")
+    others = [
+        threading.Thread(target=post, args=(name, path))
+        for name, path in (("joiner", "/finalize"), ("pull", "/pull"), ("pull2", "/pull"))
+    ]
+    for thread in others:
+        thread.start()
+    daemon.wait_until(lambda: len(answers) == 4 or daemon.status()["queued"] != [], 20, "queue")
+    queued = daemon.status()["queued"]
+    for thread in [first, *others]:
+        thread.join(120)
+
+    assert {name: status for name, (status, _) in answers.items()} == dict.fromkeys(answers, 200)
+    assert answers["joiner"][1]["joined"] is True
+    assert answers["joiner"][1]["files_transferred"] == 3
+    assert queued == [] or [q["operation"] for q in queued] == ["pull"]
+    assert answers["pull"][1]["joined"] is False
+    results = daemon.status()["last_results"]
+    assert results["pull"]["finished_at"] > results["finalize"]["finished_at"]
+    _, text = http("GET", daemon.probe + "/metrics")
+    assert metric(text, 'sidecar_syncs_total{operation="finalize",outcome="success"}') == 1
+    # initial pull + one shared run for both queued pull requests
+    assert metric(text, 'sidecar_syncs_total{operation="pull",outcome="noop"}') == 2
+
+
+def test_never_ready_with_wrong_credentials(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    daemon = start_daemon(s3, env={"AWS_SECRET_ACCESS_KEY": "wrong" + s3.secret_key})
+    daemon.wait_until(lambda: daemon.status()["last_error"] is not None, 30, "the first failure")
+    status, text = http("GET", daemon.probe + "/readyz")
+    assert status == 503 and "initial pull failed" in text
+    state = daemon.status()
+    assert state["ready"] is False
+    assert state["initial_pull"]["state"] in ("retrying", "running")
+    assert state["last_error"]["operation"] == "pull"
+    refused = http_json("POST", daemon.control + "/finalize")
+    assert refused[0] == 503 and "initial pull has not succeeded" in refused[1]["refused"]
+    time.sleep(1.5)  # a retry or two later: still not ready
+    assert http("GET", daemon.probe + "/readyz")[0] == 503
+    assert any("initial pull failed" in r["message"] for r in daemon.records())
+    assert daemon.stop() == 0
+    assert list(daemon.bucket_dir.iterdir()) == []
+
+
+def test_becomes_ready_when_the_server_comes_up(tmp_path: Path, start_daemon: StartDaemon) -> None:
+    late = LocalS3(tmp_path / "late-s3", port=free_port())  # known port, not started yet
+    try:
+        daemon = start_daemon(late)
+        daemon.wait_until(lambda: daemon.status()["initial_pull"]["attempts"] >= 1, 20, "attempt")
+        daemon.wait_until(lambda: daemon.status()["last_error"] is not None, 30, "the failure")
+        assert http("GET", daemon.probe + "/readyz")[0] == 503
+        late.start(extra_args=("--dir-cache-time", "0s"))
+        late.make_bucket("vol")
+        seed(late.root / "vol", {"f.txt": b"late"})
+        daemon.wait_ready(timeout=30)
+        assert (daemon.local_dir / "f.txt").read_bytes() == b"late"
+        assert daemon.status()["initial_pull"]["attempts"] >= 2
+    finally:
+        late.stop()
+
+
+def test_sigterm_pushes_local_changes_then_exits_0(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    seed(s3.root / "vol", {"keep.txt": b"keep"})
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    write(daemon.local_dir, "results/run1/metrics.json", b'{"acc": 0.9}')
+    big_file(daemon.local_dir / "results" / "model.bin", 8 << 20)
+    (daemon.local_dir / "keep.txt").write_bytes(b"changed locally")
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+    assert (daemon.bucket_dir / "results/run1/metrics.json").read_bytes() == b'{"acc": 0.9}'
+    assert (daemon.bucket_dir / "results/model.bin").read_bytes() == (
+        daemon.local_dir / "results/model.bin"
+    ).read_bytes()
+    assert (daemon.bucket_dir / "keep.txt").read_bytes() == b"changed locally"
+    assert any(r["message"].startswith("final push done") for r in daemon.records())
+
+
+def test_read_only_refuses_finalize_and_pushes_nothing_at_exit(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    seed(s3.root / "vol", {"model/weights.bin": b"w" * 100})
+    daemon = start_daemon(s3, "--read-only")
+    daemon.wait_ready()
+    write(daemon.local_dir, "scratch.txt", b"not for the bucket")
+    status, body = http_json("POST", daemon.control + "/finalize")
+    assert status == 409 and "--read-only" in body["refused"]
+    assert http_json("POST", daemon.control + "/pull")[0] == 200
+    assert daemon.stop() == 0
+    assert not (daemon.bucket_dir / "scratch.txt").exists()
+
+
+def test_sigkill_with_auto_sync_loses_nothing_older_than_the_window(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    debounce = 0.5
+    daemon = start_daemon(
+        s3, "--auto-sync", "--auto-sync-debounce", str(debounce), "--auto-sync-max-delay", "3"
+    )
+    daemon.wait_ready()
+    write(daemon.local_dir, "work/notebook.ipynb", b'{"cells": []}')
+    write(daemon.local_dir, "work/__pycache__/x.pyc", b"compiled")
+    (daemon.local_dir / ".ipynb_checkpoints").mkdir()
+    write(daemon.local_dir, ".ipynb_checkpoints/nb-checkpoint.ipynb", b"{}")
+    time.sleep(debounce + 2.5)  # the window, plus a generous allowance for the push itself
+    daemon.process.kill()
+    daemon.process.wait()
+    assert (daemon.bucket_dir / "work/notebook.ipynb").read_bytes() == b'{"cells": []}'
+    assert not (daemon.bucket_dir / "work/__pycache__").exists()
+    assert not (daemon.bucket_dir / ".ipynb_checkpoints").exists()
+
+
+def test_auto_sync_pushes_under_constant_writes_within_max_delay(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    daemon = start_daemon(
+        s3, "--auto-sync", "--auto-sync-debounce", "1", "--auto-sync-max-delay", "2"
+    )
+    daemon.wait_ready()
+    write(daemon.local_dir, "first.txt", b"1")
+    log = daemon.local_dir / "train.log"
+    deadline = time.monotonic() + 5
+    with open(log, "ab") as out:
+        while time.monotonic() < deadline:  # never quiet for the 1s debounce
+            out.write(b"step\n")
+            out.flush()
+            time.sleep(0.2)
+            if (daemon.bucket_dir / "first.txt").exists():
+                break
+    assert (daemon.bucket_dir / "first.txt").read_bytes() == b"1", "no push within max delay"
+    auto = daemon.status()["auto_sync"]
+    assert auto["enabled"] is True and auto["pushes"] >= 1
+
+
+@pytest.mark.parametrize("how", ["deadline", "second-sigterm"])
+def test_cut_short_final_push_leaves_no_partial_object(
+    s3: LocalS3, start_daemon: StartDaemon, how: str
+) -> None:
+    timeout = "0.3" if how == "deadline" else "300"
+    daemon = start_daemon(s3, "--shutdown-timeout", timeout, "--part-size", "5MiB")
+    daemon.wait_ready()
+    big_file(daemon.local_dir / "huge.bin", 400 << 20)
+    write(daemon.local_dir, "small.txt", b"small")
+    daemon.process.send_signal(signal.SIGTERM)
+    if how == "second-sigterm":
+        daemon.wait_until(
+            lambda: (
+                any("final push" in r["message"] for r in daemon.records())
+                or "SIGTERM received" in daemon.log()
+            ),
+            20,
+            "the shutdown to start",
+        )
+        time.sleep(0.3)
+        daemon.process.send_signal(signal.SIGTERM)
+    code = daemon.stop(timeout=60)
+    text = daemon.log()
+    huge = daemon.bucket_dir / "huge.bin"
+    if code == 0:
+        pytest.skip("the final push finished before it could be cut short")
+    assert code == 1, text
+    assert "final push cancelled" in text or "final push never started" in text
+    assert "not pushed" in text
+    assert not huge.exists() or huge.stat().st_size == 400 << 20
