@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ class Kubelet:
             self.volumes[volume["name"]] = path
         self.ports: dict[int, int] = {}  # the pod's ports (shared by its containers) -> free
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.signalled: set[str] = set()  # the kubelet sends SIGTERM once per container
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.curl = shutil.which("curl")  # None: hooks' curl calls go through urllib
@@ -186,16 +188,20 @@ class Kubelet:
     def all_logs(self) -> str:
         return "\n".join(self.log_tail(p.stem) for p in sorted(self.logs.glob("*.log")))
 
-    def run_to_completion(self, container: dict[str, Any], timeout: float = 60.0) -> None:
-        env = self.env(container)
-        command = self.local_argv(container, argv(container, env))
-        process = self._popen(container["name"], command, env)
+    @staticmethod
+    def _wait(process: subprocess.Popen[bytes], timeout: float) -> int:
+        """Exit code within timeout; a process that overstays is killed (by its handle)."""
         try:
-            code = process.wait(timeout=timeout)
+            return process.wait(timeout=timeout)
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+    def run_to_completion(self, container: dict[str, Any], timeout: float = 60.0) -> None:
+        env = self.env(container)
+        command = self.local_argv(container, argv(container, env))
+        code = self._wait(self._popen(container["name"], command, env), timeout)
         assert code == 0, f"{container['name']} exited {code}\n{self.log_tail(container['name'])}"
 
     def start(self, container: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -246,12 +252,7 @@ class Kubelet:
             code = self._curl(name, command[1:], timeout)
         else:
             process = self._popen(name, self.local_argv(container, command), env)
-            try:
-                code = process.wait(timeout=timeout)
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+            code = self._wait(process, timeout)
         assert code == 0, f"{name} exited {code}\n{self.all_logs()}"
 
     def _curl(self, name: str, args: list[str], timeout: float) -> int:
@@ -274,8 +275,7 @@ class Kubelet:
         assert url, f"{name}: no URL in {args}"
         if self.curl:
             command = [self.curl, "--max-time", str(timeout), *local_args]
-            process = self._popen(name, command, {})
-            return process.wait(timeout=timeout + 5)
+            return self._wait(self._popen(name, command, {}), timeout + 5)
         request = urllib.request.Request(url, method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as answer:
@@ -300,10 +300,16 @@ class Kubelet:
             time.sleep(0.05)
         return root
 
-    def terminate(self, name: str) -> int:
+    def sigterm(self, name: str) -> None:
         process = self.processes[name]
-        if process.poll() is None:
+        if name not in self.signalled and process.poll() is None:
+            self.signalled.add(name)
             process.send_signal(signal.SIGTERM)
+
+    def terminate(self, name: str) -> int:
+        """SIGTERM (once), then wait for the exit within the pod's grace period."""
+        self.sigterm(name)
+        process = self.processes[name]
         grace = self.spec.get("terminationGracePeriodSeconds", 30)
         try:
             return process.wait(timeout=min(grace, LOCAL_GRACE_LIMIT))
@@ -426,8 +432,18 @@ def test_native_sidecar_notebook_lifecycle(tmp_path: Path, s3: LocalS3) -> None:
         kubelet.cleanup()
 
 
-@pytest.mark.parametrize("client", ["curl", "urllib"])
-def test_legacy_notebook_lifecycle(tmp_path: Path, s3: LocalS3, client: str) -> None:
+@pytest.mark.parametrize(
+    "client,sigterm_during_prestop",
+    [("curl", False), ("urllib", False), ("curl", True)],
+    ids=["curl", "urllib", "sigterm-during-prestop"],
+)
+def test_legacy_notebook_lifecycle(
+    tmp_path: Path, s3: LocalS3, client: str, sigterm_during_prestop: bool
+) -> None:
+    """The legacy pod. Regular containers are signalled in parallel: the kubelet runs the
+    notebook's preStop while the sidecar (which has none) already has its SIGTERM. The
+    sequential cases check the preStop alone pushes everything; the last one sends the
+    sidecar's SIGTERM while the preStop's finalize is under way, as a real kubelet would."""
     _needs_daemon()
     manifest = find(MANIFESTS, "StatefulSet", "netvol-notebook-legacy")
     kubelet = _pod(manifest, f"{manifest.name}-0", tmp_path, s3)
@@ -455,12 +471,20 @@ def test_legacy_notebook_lifecycle(tmp_path: Path, s3: LocalS3, client: str) -> 
 
         # Stop: the notebook's preStop pushes and waits; only then is everything signalled.
         grace = kubelet.spec["terminationGracePeriodSeconds"]
-        kubelet.exec_hook(notebook, "preStop", timeout=min(grace, LOCAL_GRACE_LIMIT))
+        timeout = min(grace, LOCAL_GRACE_LIMIT)
+        if sigterm_during_prestop:
+            with ThreadPoolExecutor(1) as pool:
+                hook = pool.submit(kubelet.exec_hook, notebook, "preStop", timeout)
+                time.sleep(0.2)
+                kubelet.sigterm(sidecar["name"])
+                hook.result()
+        else:
+            kubelet.exec_hook(notebook, "preStop", timeout=timeout)
         stored = _bucket_files(s3, bucket, prefix)
         assert sorted(stored) == sorted(expected), kubelet.all_logs()
         assert all(stored[k] == expected[k] for k in expected), "content differs"
 
-        kubelet.processes["notebook"].send_signal(signal.SIGTERM)
+        kubelet.sigterm("notebook")
         code = kubelet.terminate(sidecar["name"])
         assert code == 0, f"sidecar exited {code}\n{kubelet.all_logs()}"
         assert kubelet.terminate("notebook") == 0
