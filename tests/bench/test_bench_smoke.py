@@ -1,0 +1,56 @@
+"""The peer benchmark on a few files, one run, sidecar + rclone: part of the default test run so
+the harness never rots. It checks the table's shape, not timings (timings stay out of tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = ("sidecar", "rclone")
+EXPECTED_GROUPS = [
+    (workload, direction)
+    for workload in ("LARGE", "SMALL", "NOOP", "SCALE-20")
+    for direction in ("pull", "push")
+]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [
+        *("--tools", ",".join(TOOLS), "--runs", "1", "--json", str(out)),
+        *("--large-files", "2", "--large-size", "3MiB", "--small-files", "12"),
+        *("--scale-counts", "20", "--timeout", "60"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.peer_bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+
+    table = json.loads(out.read_text())
+    rows = table["rows"]
+    assert [(r["workload"], r["direction"], r["tool"]) for r in rows] == [
+        (workload, direction, tool) for workload, direction in EXPECTED_GROUPS for tool in TOOLS
+    ]
+    for row in rows:
+        assert row["median_s"] > 0 and row["peak_rss_mib"] > 0, row
+        assert row["total_requests"] >= 1, row  # the counting pass saw this tool's traffic
+        assert not row["errors"], row
+    for row in rows:
+        if row["tool"] == "sidecar":
+            assert row["vs_best_peer"] > 0 and row["best_peer"] == "rclone", row
+    for row in rows:
+        if row["workload"] in ("LARGE", "SMALL"):
+            assert row["mb_per_s"] > 0, row
+            assert row["object_requests"] >= row["files"], row  # every file moved
+    header = done.stdout.splitlines()[0]
+    for column in ("workload", "median s", "MB/s", "RSS MiB", "requests", "vs best"):
+        assert column in header
+    assert table["machine"]["cpus"] >= 1
