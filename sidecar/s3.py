@@ -343,9 +343,15 @@ class ObjectStore:
                 method, self._host, path, query or {}, dict(headers or {}), datetime.now(UTC)
             )
             signed["Host"] = self._host
+            body: Any = data
+            if data is not None and len(data) > STREAM_SLICE:
+                # Fed in slices with drains between: asyncio copies whatever the socket does
+                # not take at once, so one 16 MiB write would cost another 16 MiB of RSS.
+                signed["Content-Length"] = str(len(data))
+                body = _slices(memoryview(data))
             try:
                 response = await self._http.request(
-                    method, yarl_url(url), headers=signed, data=data
+                    method, yarl_url(url), headers=signed, data=body
                 )
             except HTTP_TRANSIENT as exc:
                 if attempt + 1 == attempts:
@@ -599,6 +605,14 @@ def yarl_url(url: str) -> Any:
     from yarl import URL
 
     return URL(url, encoded=True)  # already encoded exactly as signed: no re-encoding
+
+
+STREAM_SLICE = 1024 * 1024
+
+
+async def _slices(view: memoryview) -> AsyncIterator[memoryview]:
+    for start in range(0, len(view), STREAM_SLICE):
+        yield view[start : start + STREAM_SLICE]
 
 
 async def _read_all(response: aiohttp.ClientResponse) -> bytes:

@@ -392,6 +392,8 @@ class Transfers:
                         for number, (offset, length) in enumerate(ranges, 1)
                     ]
                 )
+            except _ChangedDuringUpload:
+                return None  # aborted below; the caller tries again with the new version
             finally:
                 os.close(fd)
             if not self._unchanged(relpath, local):
@@ -423,9 +425,7 @@ class Transfers:
         async with self._part_buffers.borrow(length) as buffer:
             count = await self._in_thread(os.preadv, fd, [buffer], offset)
             if count != length:
-                raise TransferError(
-                    key[len(self.prefix) :], f"file shrank while uploading (part {number})"
-                )
+                raise _ChangedDuringUpload  # truncated under us: a rewrite is in progress
             etag = await self.store.upload_part(key, upload_id, number, buffer)
             self._count(length)
             return etag
@@ -459,6 +459,10 @@ class Transfers:
         except S3Error as exc:
             if not exc.not_found:
                 raise TransferError(action.path, exc.message) from None
+
+
+class _ChangedDuringUpload(Exception):
+    pass
 
 
 class BufferPool:
