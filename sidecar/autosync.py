@@ -159,7 +159,7 @@ class AutoSync:
         delay = min(MAX_RETRY_DELAY, self.debounce * 2**self.failures_in_row)
         self.note_changes(count)
         self.retry_at = self.clock() + delay
-        log.warning("auto-sync push failed; retrying in %.0fs", delay)
+        log.warning("auto-sync push failed; retrying in %.1fs", delay)
         return True
 
     async def _watch(self, stop: asyncio.Event) -> None:

@@ -106,14 +106,19 @@ def _flag(request: web.Request, name: str, default: bool) -> bool:
     )
 
 
+def _json(data: dict[str, Any], status: int = 200) -> web.Response:
+    # Indented, newline-terminated: the answers are read by people running curl.
+    return web.Response(
+        text=json.dumps(data, indent=2) + "\n", status=status, content_type="application/json"
+    )
+
+
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return _json({"error": message}, status=status)
 
 
 def _refused(exc: Refused) -> web.Response:
-    return web.json_response(
-        {"ok": False, "refused": exc.reason}, status=503 if exc.retry_later else 409
-    )
+    return _json({"ok": False, "refused": exc.reason}, status=503 if exc.retry_later else 409)
 
 
 def summary_body(result: SyncResult, ticket: Ticket) -> dict[str, Any]:
@@ -133,8 +138,7 @@ def _progress_line(coordinator: Coordinator, ticket: Ticket) -> str:
     run = ticket.run
     if run.progress is None:
         ahead = coordinator.running_operation()
-        after = f" for {ahead} to finish" if ahead else ""
-        return f"{run.job}: waiting{after}"
+        return f"{run.job}: " + (f"waiting for {ahead} to finish" if ahead else "starting")
     now = coordinator.clock()
     progress = run.progress
     fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 0.0
@@ -156,7 +160,7 @@ def _sync_handler(direction: Direction) -> Handler:
         except Refused as exc:
             return _refused(exc)
         if not wait:
-            return web.json_response(
+            return _json(
                 {
                     "accepted": True,
                     "operation": str(direction),
@@ -173,7 +177,7 @@ def _sync_handler(direction: Direction) -> Handler:
         except Refused as exc:
             return _refused(exc)
         body = summary_body(result, ticket)
-        return web.json_response(body, status=_summary_status(result))
+        return _json(body, status=_summary_status(result))
 
     return handle
 
@@ -189,11 +193,10 @@ async def _stream(
     await response.prepare(request)
     waiter = asyncio.ensure_future(ticket.result())
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
-            if done:
-                break
+        # A first line at once (so a terminal shows something), then one per interval.
+        while not waiter.done():
             await response.write((_progress_line(coordinator, ticket) + "\n").encode())
+            await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
     finally:
         if not waiter.done():
             waiter.cancel()  # the client left; the shielded sync goes on for the others
@@ -208,7 +211,7 @@ async def _stream(
 
 @_params(frozenset())
 async def status_handler(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATUS]())
+    return _json(request.app[STATUS]())
 
 
 def control_app(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import socket
 import subprocess
@@ -359,3 +361,89 @@ def test_cut_short_final_push_leaves_no_partial_object(
     assert "final push cancelled" in text or "final push never started" in text
     assert "not pushed" in text
     assert not huge.exists() or huge.stat().st_size == 400 << 20
+
+
+def test_client_draws_a_progress_bar_on_a_terminal(s3: LocalS3, start_daemon: StartDaemon) -> None:
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    big_file(daemon.local_dir / "weights.bin", 16 << 20)
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", "finalize", "--control-url", daemon.control],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        os.close(follower)
+        follower = -1
+        shown = _read_all(leader)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert done.returncode == 0, done.stderr
+    assert "\rfinalize: starting" in shown
+    assert "finalize: transferred 1 files" in shown.splitlines()[-1]
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other end is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_demo_quickstart(tmp_path: Path) -> None:
+    control = free_port()
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--port",
+            str(control),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        seen: list[str] = []
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            seen.append(line)
+            if "demo is ready" in line:
+                break
+        text = "".join(seen)
+        assert "demo is ready" in text, text
+        endpoint = re.search(r"on (http://127\.0\.0\.1:\d+), seeding", text)
+        assert endpoint is not None, text
+        volume = tmp_path / "volume"
+        assert (volume / "models" / "tiny-classifier" / "weights.bin").stat().st_size == 2 << 20
+        assert sorted(p.name for p in (volume / "datasets" / "iris-mini" / "train").iterdir()) == [
+            "part-000.csv",
+            "part-001.csv",
+        ]
+        status, body = http_json("POST", f"http://127.0.0.1:{control}/pull")
+        assert status == 200 and body["ok"], body
+        (volume / "notes.txt").write_text("my notes")
+        demo.send_signal(signal.SIGINT)  # what Ctrl-C does to the foreground process
+        rest = demo.communicate(timeout=60)[0]
+        assert demo.returncode == 0, text + rest
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert (tmp_path / "s3" / "demo" / "notes.txt").read_text() == "my notes"
+    with pytest.raises(OSError):
+        http("GET", endpoint.group(1) + "/", timeout=2)  # the S3 server is gone too

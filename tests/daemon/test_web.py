@@ -131,9 +131,11 @@ async def test_progress_streams_lines_then_the_summary(
     response = await control.post("/pull?progress=1")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
-    first = await response.content.readline()
-    assert b"pull transferring: 1/2 files" in first
-    assert first.startswith(b"[############------------]")
+    line = await response.content.readline()
+    assert line == b"pull: starting\n"
+    line = await response.content.readline()
+    assert b"pull transferring: 1/2 files" in line
+    assert line.startswith(b"[############------------]")
     engine.release()
     rest = (await response.content.read()).decode().splitlines()
     summary = json.loads(rest[-1])

@@ -1,0 +1,112 @@
+"""Auto-sync: which changes count, when a push is due, and the loop with a real watcher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from daemon_support import FakeEngine, failed
+from watchfiles import Change
+
+from sidecar.autosync import AutoSync, ChangeFilter
+from sidecar.core.model import Direction
+from sidecar.core.paths import temp_name
+from sidecar.daemon import Coordinator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_filter_ignores_checkpoints_caches_and_our_temp_files() -> None:
+    root = "/data/__pycache__/vol"  # the folder itself may sit under any name
+    keep = ChangeFilter(root)
+    assert keep(Change.added, f"{root}/a.txt")
+    assert keep(Change.modified, f"{root}/.git/index")  # users' repos are synced
+    assert not keep(Change.added, f"{root}/__pycache__/a.cpython-311.pyc")
+    assert not keep(Change.added, f"{root}/nb/.ipynb_checkpoints/x-checkpoint.ipynb")
+    assert not keep(Change.added, f"{root}/models/{temp_name()}")
+    assert keep(Change.added, f"{root}/models/.netvol-tmp.notours")
+    assert not keep(Change.modified, root)
+    assert not keep(Change.added, "/data/__pycache__/vol2/a.txt")
+
+
+def test_push_is_due_after_quiet_or_at_max_delay() -> None:
+    clock = Clock()
+    auto = AutoSync(Coordinator(FakeEngine()), Path("/x"), debounce=2, max_delay=5, clock=clock)
+    assert auto.due_at() is None
+    auto.note_changes(1)
+    assert auto.due_at() == 102
+    clock.now = 101
+    auto.note_changes(3)
+    assert auto.due_at() == 103  # quiet restarts with each change...
+    for _ in range(10):
+        clock.now += 1
+        auto.note_changes(1)
+    assert auto.due_at() == 105  # ...but never later than max_delay after the first one
+    status = auto.status()
+    assert status["pending_changes"] == 14
+    assert status["oldest_unpushed_change_seconds"] == 11
+    assert status["next_push_in_seconds"] == 0
+
+
+@pytest.fixture
+async def ready(engine: FakeEngine) -> AsyncIterator[Coordinator]:
+    engine.auto_release = True
+    async with Coordinator(engine) as coordinator:
+        await coordinator.submit(Direction.PULL).result()
+        yield coordinator
+
+
+async def wait_for_pushes(auto: AutoSync, count: int) -> None:
+    """Until `count` pushes have finished (polling: AutoSync has no event for this)."""
+    async with asyncio.timeout(10):
+        while auto.pushes < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_changes_are_pushed_once_they_settle(
+    tmp_path: Path, engine: FakeEngine, ready: Coordinator
+) -> None:
+    auto = AutoSync(ready, tmp_path, debounce=0.3, max_delay=5)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(auto.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # let the watcher start
+        (tmp_path / temp_name()).write_bytes(b"ours: never a reason to push")
+        (tmp_path / "__pycache__").mkdir()
+        (tmp_path / "__pycache__" / "m.pyc").write_bytes(b"cache")
+        await asyncio.sleep(0.8)
+        assert engine.calls == [(Direction.PULL, False)]
+        (tmp_path / "notes.txt").write_bytes(b"hello")
+        await wait_for_pushes(auto, 1)
+        assert auto.pushes == 1 and auto.last_push is not None and auto.last_push["ok"]
+        assert auto.pending_changes == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
+    assert auto.state == "stopped"
+
+
+async def test_failed_push_is_retried_with_backoff(
+    tmp_path: Path, engine: FakeEngine, ready: Coordinator
+) -> None:
+    engine.results = [failed(Direction.FINALIZE, fatal="503 SlowDown")]
+    auto = AutoSync(ready, tmp_path, debounce=0.1, max_delay=1)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(auto.run(stop))
+    try:
+        await asyncio.sleep(0.3)
+        (tmp_path / "a.txt").write_bytes(b"a")
+        await wait_for_pushes(auto, 2)
+        assert auto.failures_in_row == 0
+        assert [call[0] for call in engine.calls].count(Direction.FINALIZE) == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
