@@ -29,7 +29,7 @@ from sidecar.core.options import ServeConfig, SyncConfig
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
-from sidecar.daemon import Coordinator, Engine, Job, Refused
+from sidecar.daemon import Coordinator, Job, Refused
 from sidecar.metrics import Metrics
 from sidecar.web import control_app, default_readiness, probe_app
 
@@ -153,80 +153,85 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
     signals = Signals()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.fire, signum)
-    sync = config.sync
-    async with engine_factory(sync) as engine:
+    async with engine_factory(config.sync) as engine:
         metrics = Metrics(
-            volume=sync.volume,
+            volume=config.sync.volume,
             in_flight=lambda: engine.in_flight,
             retries=lambda: engine.retries_total,
         )
         async with Coordinator(engine, read_only=config.read_only, metrics=metrics) as coord:
             metrics.ready = lambda: coord.ready
             metrics.running = coord.running_operation
-            initial = InitialPull(coord)
-            autosync = (
-                AutoSync(
-                    coord, sync.local_dir, config.auto_sync_debounce, config.auto_sync_max_delay
-                )
-                if config.auto_sync
-                else None
+            return await Daemon(config, coord, metrics).run(signals)
+
+
+@dataclass
+class Daemon:
+    """The parts that live as long as the process, around one coordinator."""
+
+    config: ServeConfig
+    coord: Coordinator
+    metrics: Metrics
+    initial: InitialPull = field(init=False)
+    autosync: AutoSync | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.initial = InitialPull(self.coord)
+        self.autosync = None
+        if self.config.auto_sync:
+            self.autosync = AutoSync(
+                self.coord,
+                self.config.sync.local_dir,
+                self.config.auto_sync_debounce,
+                self.config.auto_sync_max_delay,
             )
 
-            def status() -> dict[str, Any]:
-                return {
-                    **coord.status(),
-                    "initial_pull": initial.status(),
-                    "auto_sync": autosync.status() if autosync else {"enabled": False},
-                    "remote": sync.remote_url,
-                    "local_dir": str(sync.local_dir),
-                    "volume": sync.volume,
-                }
+    def status(self) -> dict[str, Any]:
+        sync = self.config.sync
+        return {
+            **self.coord.status(),
+            "initial_pull": self.initial.status(),
+            "auto_sync": self.autosync.status() if self.autosync else {"enabled": False},
+            "remote": sync.remote_url,
+            "local_dir": str(sync.local_dir),
+            "volume": sync.volume,
+        }
 
-            base_readiness = default_readiness(coord)
+    def readiness(self) -> str | None:
+        reason = default_readiness(self.coord)()
+        retry = self.initial.status()["next_retry_in_seconds"]
+        return f"{reason}; retry in {retry}s" if reason and retry is not None else reason
 
-            def readiness() -> str | None:
-                reason = base_readiness()
-                retry = initial.status()["next_retry_in_seconds"]
-                return f"{reason}; retry in {retry}s" if reason and retry is not None else reason
-
-            probe_host, probe_port = split_addr(config.probe_addr)
-            watch = f"GET /status here or http://{_local(probe_host)}:{probe_port}/status"
-            runners = [
-                await start_listener(
-                    control_app(coord, status=status, watch_hint=watch),
-                    config.control_addr,
-                    "control API",
-                )
-            ]
-            try:
-                runners.append(
-                    await start_listener(
-                        probe_app(coord, metrics, status=status, readiness=readiness),
-                        config.probe_addr,
-                        "probes",
-                    )
-                )
-                log.info(
-                    "serving %s <-> %s%s%s",
-                    sync.remote_url,
-                    sync.local_dir,
-                    " (read-only)" if config.read_only else "",
-                    " (auto-sync)" if autosync else "",
-                )
-                stop_autosync = asyncio.Event()
-                tasks = [asyncio.create_task(initial.run(), name="initial-pull")]
-                if autosync is not None:
-                    tasks.append(asyncio.create_task(autosync.run(stop_autosync), name="autosync"))
-                await signals.first.wait()
-                stop_autosync.set()
-                code = await shutdown(coord, config, signals)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                return code
-            finally:
-                for runner in reversed(runners):
-                    await runner.cleanup()
+    async def run(self, signals: Signals) -> int:
+        config = self.config
+        probe_host, probe_port = split_addr(config.probe_addr)
+        watch = f"GET /status here or http://{_local(probe_host)}:{probe_port}/status"
+        control = control_app(self.coord, status=self.status, watch_hint=watch)
+        probes = probe_app(self.coord, self.metrics, status=self.status, readiness=self.readiness)
+        runners = [await start_listener(control, config.control_addr, "control API")]
+        try:
+            runners.append(await start_listener(probes, config.probe_addr, "probes"))
+            log.info(
+                "serving %s <-> %s%s%s",
+                config.sync.remote_url,
+                config.sync.local_dir,
+                " (read-only)" if config.read_only else "",
+                " (auto-sync)" if self.autosync else "",
+            )
+            stop_autosync = asyncio.Event()
+            tasks = [asyncio.create_task(self.initial.run(), name="initial-pull")]
+            if self.autosync is not None:
+                tasks.append(asyncio.create_task(self.autosync.run(stop_autosync)))
+            await signals.first.wait()
+            stop_autosync.set()
+            code = await shutdown(self.coord, config, signals)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return code
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
 
 
 def _local(host: str) -> str:
@@ -315,6 +320,3 @@ async def _bounded(awaitable: Any, seconds: float) -> Any:
     with contextlib.suppress(TimeoutError):
         return await asyncio.wait_for(awaitable, seconds)
     return None
-
-
-__all__ = ["Engine", "run_serve", "serve"]
