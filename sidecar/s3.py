@@ -140,7 +140,8 @@ def decode_listed_key(raw: str, url_encoded: bool) -> str:
     path rules then reject by name (botocore would silently turn them into U+FFFD)."""
     if not url_encoded:
         return raw
-    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+    # Form encoding, as botocore's unquote_plus: '+' is a space, a real '+' comes as %2B.
+    return unquote_to_bytes(raw.replace("+", " ")).decode("utf-8", "surrogateescape")
 
 
 def unquote_etag(etag: str) -> str:

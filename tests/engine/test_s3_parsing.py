@@ -1,0 +1,38 @@
+"""Parsing of S3 answers on the hot path (no server needed)."""
+
+from __future__ import annotations
+
+from sidecar.s3 import _http_error, _parse_listing, decode_listed_key
+
+
+def test_listed_keys_decode_like_botocore() -> None:
+    assert decode_listed_key("with+space%2Bplus%2520.txt", True) == "with space+plus%20.txt"
+    assert decode_listed_key("raw+key", False) == "raw+key"
+    assert decode_listed_key("bad%FFutf8", True) == "bad\udcffutf8"  # rejected later by name
+
+
+def test_listing_page_with_namespace_quotes_and_continuation() -> None:
+    body = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>p/</Prefix><EncodingType>url</EncodingType>
+  <IsTruncated>true</IsTruncated><NextContinuationToken>tok==</NextContinuationToken>
+  <Contents><Key>p/a+b.txt</Key><Size>3</Size><ETag>&quot;abc&quot;</ETag></Contents>
+  <Contents><Key>p/c</Key><Size>0</Size><ETag>def-2</ETag></Contents>
+</ListBucketResult>"""
+    page, token = _parse_listing(body)
+    assert [(o.key, o.size, o.etag) for o in page] == [("p/a b.txt", 3, "abc"), ("p/c", 0, "def-2")]
+    assert token == "tok=="
+
+
+def test_last_page_has_no_token() -> None:
+    body = b"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"
+    assert _parse_listing(body) == ([], None)
+
+
+def test_errors_name_the_key_and_mark_credentials_fatal() -> None:
+    body = b"<Error><Code>InvalidAccessKeyId</Code><Message>no such key id</Message></Error>"
+    error = _http_error("bucket", 403, body)
+    assert error.fatal and "AWS_ACCESS_KEY_ID" in error.message and error.key == "bucket"
+    head_404 = _http_error("p/x", 404, b"")
+    assert head_404.not_found and not head_404.fatal
+    assert _http_error("p/x", 412, b"").precondition_failed
