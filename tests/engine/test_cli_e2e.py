@@ -1,0 +1,1096 @@
+"""End-to-end: `python -m sidecar pull|finalize --once` as a real subprocess against a real
+`rclone serve s3` (and moto's server where rclone's filesystem backend cannot hold the input).
+
+What a user of the CLI sees: exit codes, one `error\tPATH: reason` line per failed file, the JSON
+summary (SIDECAR_SUMMARY_JSON=1), and the bytes on both sides. Covers the round trip around every
+size threshold, interoperability with aws cli, every bad input of DESIGN.md, resume after
+SIGKILL, the free-space check and symlinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from sidecar.locals3 import free_port
+
+if TYPE_CHECKING:
+    from tests.conftest import S3Server
+
+REPO = Path(__file__).resolve().parents[2]
+AWS = Path(sys.executable).parent / "aws"
+MiB = 1024**2
+PART = 5 * MiB
+SIZING = ("--part-size", "5MiB", "--multipart-threshold", "5MiB")
+TEMP_PREFIX = ".netvol-tmp."
+
+
+# ---- running the CLI -----------------------------------------------------------------------
+@dataclass(repr=False)
+class Run:
+    args: list[str]
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        lines = [line for line in self.out.splitlines() if line.startswith("{")]
+        assert lines, f"no JSON summary on stdout:\n{self}"
+        data: dict[str, Any] = json.loads(lines[-1])
+        return data
+
+    @property
+    def error_paths(self) -> list[str]:
+        return [e["path"] for e in self.summary["errors"]]
+
+    def error_for(self, needle: str) -> dict[str, str]:
+        """The JSON error whose path contains needle (fails if there is none)."""
+        for error in self.summary["errors"]:
+            if needle in error["path"]:
+                return error  # type: ignore[no-any-return]
+        raise AssertionError(f"no error naming {needle!r}:\n{self}")
+
+    def sidecar_lines(self) -> list[str]:
+        """The human lines of stderr (not the log records)."""
+        return [line for line in self.err.splitlines() if line.startswith(("sidecar:", "error\t"))]
+
+    def __repr__(self) -> str:
+        return (
+            f"$ {' '.join(self.args)}\nexit {self.code} after {self.seconds:.1f}s\n"
+            f"--- stdout\n{self.out}\n--- stderr\n{self.err}"
+        )
+
+
+def base_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIDECAR_"))}
+    env.update(server_env)
+    env.update(
+        {
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "SIDECAR_SUMMARY_JSON": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def sidecar_args(verb: str, remote: str, local: Path, state: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        verb,
+        "--once",
+        "--remote",
+        remote,
+        "--local-dir",
+        str(local),
+        "--state-dir",
+        str(state),
+        *extra,
+    ]
+
+
+def run_cli(
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 120,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Run:
+    started = time.monotonic()
+    proc = subprocess.run(
+        args,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+        stdin=subprocess.DEVNULL,
+    )
+    return Run(args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+@dataclass
+class Volume:
+    """A bucket + prefix on one server, and the CLI pointed at it."""
+
+    server: S3Server
+    bucket: str
+    work: Path
+    prefix: str = "pre"
+
+    @property
+    def remote(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(self.server.env(), **extra)
+
+    def run(
+        self,
+        verb: str,
+        local: Path,
+        state: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Run:
+        args = sidecar_args(verb, self.remote, local, state, *extra)
+        return run_cli(args, env or self.env(), timeout, preexec_fn)
+
+    def pull(self, local: Path, state: Path, *extra: str, **kw: Any) -> Run:
+        return self.run("pull", local, state, *extra, **kw)
+
+    def finalize(self, local: Path, state: Path, *extra: str, **kw: Any) -> Run:
+        return self.run("finalize", local, state, *extra, **kw)
+
+    # ---- the bucket side ----
+    def objects(self, prefix: str | None = None) -> dict[str, str]:
+        """key -> sha256 of the bytes, for every object under prefix (default: ours)."""
+        client = self.server.client()
+        wanted = self.prefix + "/" if prefix is None else prefix
+        out: dict[str, str] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=wanted
+        ):
+            for item in page.get("Contents", []):
+                body = client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
+                out[item["Key"]] = sha(body)
+        return out
+
+    def listing(self) -> dict[str, tuple[str, Any]]:
+        """key -> (ETag, LastModified) under our prefix."""
+        client = self.server.client()
+        page = client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/")
+        return {i["Key"]: (i["ETag"], i["LastModified"]) for i in page.get("Contents", [])}
+
+    def put(self, key: str, body: bytes) -> None:
+        self.server.client().put_object(Bucket=self.bucket, Key=key, Body=body)
+
+    @property
+    def data_dir(self) -> Path:
+        """rclone only: the folder holding our prefix's objects as files."""
+        assert self.server.local is not None, "only rclone has a data folder"
+        return self.server.local.root / self.bucket / self.prefix
+
+    def aws(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """aws cli against this server. rclone sometimes stalls an aws-cli UploadPart sent
+        with `Expect: 100-continue`; a short read timeout makes aws retry it quickly."""
+        env = self.env(
+            AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+            AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
+        )
+        env.pop("SIDECAR_SUMMARY_JSON")
+        command = [
+            str(AWS),
+            "--endpoint-url",
+            self.server.endpoint,
+            "--cli-read-timeout",
+            "2",
+            *args,
+        ]
+        proc = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.work
+        )
+        assert proc.returncode == 0, f"{command} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+
+@pytest.fixture
+def rvol(rclone_s3: S3Server, workdir: Path) -> Volume:
+    return Volume(rclone_s3, rclone_s3.new_bucket(), workdir)
+
+
+@pytest.fixture
+def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
+    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
+
+
+# ---- files ---------------------------------------------------------------------------------
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def data_of(size: int, seed: int | str) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, body in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relpath -> sha256 of every regular file under root (symlinks not followed)."""
+    out: dict[str, str] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                continue
+            out[path.relative_to(root).as_posix()] = sha(path.read_bytes())
+    return out
+
+
+def everything(root: Path) -> set[str]:
+    """Every entry (files, folders, links, temps) under root, as relative paths."""
+    out: set[str] = set()
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            out.add((Path(dirpath) / name).relative_to(root).as_posix())
+    return out
+
+
+def temps(root: Path) -> list[str]:
+    return sorted(p for p in everything(root) if p.rsplit("/", 1)[-1].startswith(TEMP_PREFIX))
+
+
+def keyed(files: dict[str, bytes], prefix: str = "pre/") -> dict[str, str]:
+    return {prefix + rel: sha(body) for rel, body in files.items()}
+
+
+def hashed(files: dict[str, bytes]) -> dict[str, str]:
+    return {rel: sha(body) for rel, body in files.items()}
+
+
+# ---- 1. round trip -------------------------------------------------------------------------
+SCRIPT = b"#!/bin/sh\necho hello from the volume\n"
+
+
+def threshold_tree() -> dict[str, bytes]:
+    return {
+        "empty.bin": b"",
+        "one.bin": b"\x01",
+        "part-minus-1.bin": data_of(PART - 1, 1),
+        "part.bin": data_of(PART, 2),
+        "part-plus-1.bin": data_of(PART + 1, 3),
+        "several-parts.bin": data_of(17 * MiB, 4),
+        "a/b/c/deep.txt": b"deep in the tree\n",
+        "a/b/sibling.txt": b"sibling\n",
+        "données/日本語_ファイル.txt": "unicode ✓\n".encode(),
+        "emoji-🙂/ünïcödé.md": b"# title\n",
+        "bin/run.sh": SCRIPT,
+    }
+
+
+def test_round_trip_sizes_mtime_exec_bit_then_noop(rvol: Volume) -> None:
+    files = threshold_tree()
+    src, dst = rvol.work / "A", rvol.work / "B"
+    write_tree(src, files)
+    mtimes: dict[str, int] = {}
+    for i, rel in enumerate(sorted(files)):
+        mtime = 1_700_000_000_123_456_789 + i * 1_000_003  # ns precision, distinct per file
+        os.utime(src / rel, ns=(mtime, mtime))
+        mtimes[rel] = mtime
+        (src / rel).chmod(0o755 if rel == "bin/run.sh" else 0o644)
+
+    up = rvol.finalize(src, rvol.work / "stateA", *SIZING)
+    assert up.code == 0, up
+    assert up.summary["files_transferred"] == len(files), up
+    assert up.summary["bytes_transferred"] == sum(map(len, files.values())), up
+    assert rvol.objects() == keyed(files)
+
+    down = rvol.pull(dst, rvol.work / "stateB", *SIZING)
+    assert down.code == 0, down
+    assert down.summary["files_transferred"] == len(files), down
+    assert tree(dst) == hashed(files)
+    assert temps(dst) == []
+    for rel in files:
+        st = os.stat(dst / rel)
+        assert st.st_mtime_ns == mtimes[rel], f"{rel}: mtime {st.st_mtime_ns} != {mtimes[rel]}"
+        assert bool(st.st_mode & stat.S_IXUSR) == (rel == "bin/run.sh"), f"{rel}: exec bit"
+    assert subprocess.run([dst / "bin/run.sh"], capture_output=True).stdout == (
+        b"hello from the volume\n"
+    )
+
+    again_up = rvol.finalize(src, rvol.work / "stateA", *SIZING)
+    assert again_up.code == 0, again_up
+    assert again_up.summary["files_transferred"] == 0, again_up
+    again_down = rvol.pull(dst, rvol.work / "stateB", *SIZING)
+    assert again_down.code == 0, again_down
+    assert again_down.summary["files_transferred"] == 0, again_down
+    assert again_down.summary["files_deleted"] == 0, again_down
+    # The pulled copy finalized back is a no-op too: it is the same content.
+    back = rvol.finalize(dst, rvol.work / "stateB", *SIZING)
+    assert back.code == 0, back
+    assert back.summary["files_transferred"] == 0, back
+
+
+NAMES_NEEDING_ESCAPES = {
+    "with space.txt": b"space\n",
+    "dir with spaces/a b c.txt": b"spaces in folder and name\n",
+    "plus+sign.txt": b"plus\n",
+    "both + and space.txt": b"both\n",
+    "percent%20not-a-space.txt": b"percent\n",
+    "ampersand&equals=.txt": b"query characters\n",
+    "tilde~and'quote.txt": b"quote\n",
+}
+
+
+def test_names_needing_url_escapes_round_trip(rvol: Volume) -> None:
+    """Listings use encoding-type=url, where S3 writes a space as '+': a key with a space,
+    a literal '+' or a literal '%20' must come back as itself."""
+    src, dst = rvol.work / "A", rvol.work / "B"
+    write_tree(src, NAMES_NEEDING_ESCAPES)
+    up = rvol.finalize(src, rvol.work / "stateA")
+    assert up.code == 0, up
+    assert rvol.objects() == keyed(NAMES_NEEDING_ESCAPES)
+
+    down = rvol.pull(dst, rvol.work / "stateB")
+    assert down.code == 0, down
+    assert tree(dst) == hashed(NAMES_NEEDING_ESCAPES)
+
+    again = rvol.finalize(src, rvol.work / "stateA")
+    assert again.code == 0, again
+    assert again.summary["files_transferred"] == 0, again
+    assert again.summary["files_deleted"] == 0, again
+    assert rvol.objects() == keyed(NAMES_NEEDING_ESCAPES)
+
+
+# ---- 2. interoperability with aws cli ------------------------------------------------------
+def test_pull_files_put_by_aws_cli(rvol: Volume) -> None:
+    files = {
+        "synced/small.txt": b"put by aws s3 sync\n",
+        "synced/nested/empty": b"",
+        "synced/aws-multipart.bin": data_of(9 * MiB, "aws-mp"),  # > aws's 8 MiB threshold
+        "unicode-é/файл.txt": b"unicode by aws\n",
+    }
+    single = data_of(3000, "single")
+    src = rvol.work / "aws-src"
+    write_tree(src, files)
+    rvol.aws("s3", "sync", "--no-progress", str(src), f"s3://{rvol.bucket}/pre/")
+    (rvol.work / "single.bin").write_bytes(single)
+    rvol.aws("s3", "cp", "--no-progress", str(rvol.work / "single.bin"), f"{rvol.remote}/one.bin")
+    expected = {**files, "one.bin": single}
+
+    dst = rvol.work / "pulled"
+    first = rvol.pull(dst, rvol.work / "state", *SIZING)
+    assert first.code == 0, first
+    assert first.summary["files_transferred"] == len(expected), first
+    assert tree(dst) == hashed(expected)
+
+    second = rvol.pull(dst, rvol.work / "state", *SIZING)
+    assert second.code == 0, second
+    assert second.summary["files_transferred"] == 0, second
+
+
+def test_aws_cli_reads_what_sidecar_finalized(rvol: Volume) -> None:
+    files = {
+        "zero": b"",
+        "tiny.txt": b"t",
+        "multipart.bin": data_of(12 * MiB + 7, "mp"),
+        "dir/sub/ünï.txt": b"x" * 100,
+        "bin/tool.sh": SCRIPT,
+    }
+    src = rvol.work / "src"
+    write_tree(src, files)
+    up = rvol.finalize(src, rvol.work / "state", *SIZING)
+    assert up.code == 0, up
+
+    out = rvol.work / "aws-out"
+    rvol.aws("s3", "cp", "--recursive", "--no-progress", f"{rvol.remote}/", str(out))
+    assert tree(out) == hashed(files)
+
+
+def test_object_overwritten_by_aws_is_downloaded_on_next_pull(rvol: Volume) -> None:
+    files = {
+        "same-size.txt": b"version-1\n",
+        "grows.txt": b"short\n",
+        "big.bin": data_of(9 * MiB, "v1"),
+        "untouched.txt": b"leave me\n",
+    }
+    src, dst = rvol.work / "A", rvol.work / "B"
+    write_tree(src, files)
+    assert rvol.finalize(src, rvol.work / "stateA", *SIZING).code == 0
+    first = rvol.pull(dst, rvol.work / "stateB", *SIZING)
+    assert first.code == 0, first
+
+    # Same sizes, other bytes: only the ETag can tell (big.bin goes up as aws multipart).
+    new = {
+        "same-size.txt": b"version-2\n",
+        "grows.txt": b"much longer now\n",
+        "big.bin": data_of(9 * MiB, "v2"),
+    }
+    stage = rvol.work / "stage"
+    write_tree(stage, new)
+    for rel in new:
+        rvol.aws("s3", "cp", "--no-progress", str(stage / rel), f"{rvol.remote}/{rel}")
+
+    second = rvol.pull(dst, rvol.work / "stateB", *SIZING)
+    assert second.code == 0, second
+    assert second.summary["files_transferred"] == len(new), second
+    assert tree(dst) == hashed({**files, **new})
+
+    third = rvol.pull(dst, rvol.work / "stateB", *SIZING)
+    assert third.code == 0, third
+    assert third.summary["files_transferred"] == 0, third
+
+
+def test_finalize_does_not_resend_content_aws_already_put(rvol: Volume) -> None:
+    files = {
+        "a.txt": b"same on both sides\n",
+        "d/b.bin": data_of(70_000, "b"),
+        "d/e/empty": b"",
+        "aws-multipart.bin": data_of(9 * MiB, "mp-equal"),
+    }
+    src = rvol.work / "local"
+    write_tree(src, files)
+    rvol.aws("s3", "sync", "--no-progress", str(src), f"{rvol.remote}/")
+    before = rvol.listing()
+    assert len(before) == len(files)
+
+    run = rvol.finalize(src, rvol.work / "fresh-state", *SIZING)  # no BASE
+    assert run.code == 0, run
+    assert run.summary["files_transferred"] == 0, run
+    assert run.summary["conflicts"] == [], run
+    assert rvol.listing() == before, "objects were re-uploaded"
+
+    # And BASE now knows them: a second finalize has nothing to do either.
+    again = rvol.finalize(src, rvol.work / "fresh-state", *SIZING)
+    assert again.code == 0, again
+    assert again.summary["files_transferred"] == 0, again
+
+
+# ---- 3. bad input --------------------------------------------------------------------------
+def test_keys_escaping_the_folder_are_rejected_by_name(mvol: Volume) -> None:
+    marker = f"netvol-escape-{os.getpid()}-{time.monotonic_ns()}"
+    escaping = [
+        "pre/../escape.txt",
+        "pre/a/../../b",
+        "pre//abs",
+        f"pre//tmp/{marker}",
+        f"pre/sub/../../../../../../../../tmp/{marker}",
+        "pre/./dot.txt",
+        "pre/sub/..",
+    ]
+    good = {"ok.txt": b"fine\n", "sub/fine.txt": b"fine too\n"}
+    for key in escaping:
+        mvol.put(key, b"must never land anywhere: " + key.encode())
+    for rel, body in good.items():
+        mvol.put("pre/" + rel, body)
+    assert set(mvol.objects()) == {*escaping, *keyed(good)}, "moto refused some keys"
+
+    # Deep enough that a '..' escape would land in folders we watch.
+    local = mvol.work / "outer" / "middle" / "local"
+    local.mkdir(parents=True)
+    state = mvol.work / "state"
+    outside_before = everything(mvol.work)
+
+    run = mvol.pull(local, state)
+    assert run.code == 1, run
+    for key in escaping:
+        assert key in run.error_paths, f"{key!r} not reported by name:\n{run}"
+        assert f"error\t{key}" in run.err, run
+    assert tree(local) == hashed(good), "the rest of the pull was not done"
+    assert temps(local) == []
+    outside_after = {
+        p for p in everything(mvol.work) if not p.startswith(("outer/middle/local/", "state"))
+    }
+    assert outside_after == outside_before, "something was written outside the folder"
+    assert not Path("/tmp", marker).exists()
+    assert not Path("/abs").exists()
+
+    # Nothing lost: a finalize from this folder deletes none of the keys it cannot represent.
+    fin = mvol.finalize(local, state)
+    assert fin.code == 1, fin
+    assert set(mvol.objects()) == {*escaping, *keyed(good)}
+
+
+def test_keys_clashing_as_file_and_folder(mvol: Volume) -> None:
+    bucket = {"pre/a": b"I am the file a\n", "pre/a/b": b"I am a/b\n", "pre/ok.txt": b"ok\n"}
+    for key, body in bucket.items():
+        mvol.put(key, body)
+    local, state = mvol.work / "local", mvol.work / "state"
+
+    run = mvol.pull(local, state)
+    assert run.code == 1, run
+    assert {"pre/a", "pre/a/b", "a", "a/b"} & set(run.error_paths), run
+    got = tree(local)
+    assert got.pop("ok.txt") == sha(b"ok\n"), "the rest of the pull was not done"
+    # At most one side of the clash landed, and then intact.
+    assert got in ({}, {"a": sha(bucket["pre/a"])}, {"a/b": sha(bucket["pre/a/b"])}), got
+
+    fin = mvol.finalize(local, state)
+    assert fin.code == 1, fin
+    assert mvol.objects() == {k: sha(v) for k, v in bucket.items()}, "a clashing key was lost"
+
+
+def test_names_too_long_for_the_filesystem(mvol: Volume) -> None:
+    too_long = [
+        "pre/" + "n" * 300,  # 300 bytes in one segment
+        "pre/dir/" + "é" * 200,  # 200 characters but 400 bytes
+        "pre/" + "/".join(["d" * 250] * 17) + "/f",  # every segment fits, the path does not
+    ]
+    good = {
+        "m" * 255: b"exactly NAME_MAX bytes\n",  # the boundary itself must work
+        "dir/ok.txt": b"ok\n",
+    }
+    for key in too_long:
+        mvol.put(key, b"long")
+    for rel, body in good.items():
+        mvol.put("pre/" + rel, body)
+    local, state = mvol.work / "local", mvol.work / "state"
+
+    run = mvol.pull(local, state)
+    assert run.code == 1, run
+    for key in too_long:
+        assert key in run.error_paths, f"{key[:40]!r}... not reported by name:\n{run}"
+    assert tree(local) == hashed(good)
+    assert temps(local) == []
+
+    fin = mvol.finalize(local, state)
+    assert set(mvol.objects()) >= set(too_long), f"a long key was deleted:\n{fin}"
+
+
+def test_invalid_utf8_key_is_reported_and_the_rest_pulled(rvol: Volume) -> None:
+    rvol.data_dir.mkdir(parents=True)
+    bad_name = os.fsencode(rvol.data_dir) + b"/bad-\xff\xfe-name.txt"
+    fd = os.open(bad_name, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"bytes under a non-UTF-8 name\n")
+    os.close(fd)
+    (rvol.data_dir / "ok.txt").write_bytes(b"ok\n")
+    listed = list(rvol.listing())
+    assert len(listed) == 2, listed  # rclone lists it (with U+FFFD replacement characters)
+    local, state = rvol.work / "local", rvol.work / "state"
+
+    run = rvol.pull(local, state)
+    assert run.code == 1, run
+    error = run.error_for("bad-")
+    assert "-name.txt" in error["path"], run
+    assert "UTF-8" in error["reason"], run
+    assert tree(local) == {"ok.txt": sha(b"ok\n")}
+    assert temps(local) == []
+
+    # Nothing lost: a finalize neither deletes nor replaces it.
+    fin = rvol.finalize(local, state)
+    assert fin.code == 1, fin
+    assert open(bad_name, "rb").read() == b"bytes under a non-UTF-8 name\n"  # noqa: SIM115
+
+
+def test_invalid_utf8_local_name_is_reported_and_the_rest_finalized(rvol: Volume) -> None:
+    local = rvol.work / "local"
+    local.mkdir()
+    (local / "ok.txt").write_bytes(b"ok\n")
+    fd = os.open(os.fsencode(local) + b"/latin1-caf\xe9.txt", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"latin-1 name\n")
+    os.close(fd)
+
+    run = rvol.finalize(local, rvol.work / "state")
+    assert run.code == 1, run
+    error = run.error_for("latin1-caf")
+    assert "UTF-8" in error["reason"], run
+    assert rvol.objects() == {"pre/ok.txt": sha(b"ok\n")}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+def _drop_file_permission_override() -> None:
+    """preexec_fn for a root child: without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH in the
+    bounding set, the exec'd program has them in no set, so file modes bind it like any user
+    (everything it needs is owned by root, so owner bits still let it run)."""
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def as_ordinary_user(workdir: Path) -> Callable[[], None] | None:
+    """A preexec_fn that makes the sidecar subject to file modes (None when not root)."""
+    if os.geteuid() != 0:
+        return None
+    probe = workdir / "probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    check = subprocess.run(
+        [sys.executable, "-c", f"open({str(probe)!r}).read()"],
+        preexec_fn=_drop_file_permission_override,
+        capture_output=True,
+    )
+    probe.unlink()
+    if check.returncode == 0:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: chmod 000 cannot bind")
+    return _drop_file_permission_override
+
+
+def test_unreadable_local_files_are_reported_and_nothing_lost(
+    rvol: Volume, as_ordinary_user: Callable[[], None] | None
+) -> None:
+    local, state = rvol.work / "local", rvol.work / "state"
+    v1 = {"ok.txt": b"ok v1\n", "secret.txt": b"secret v1\n", "locked/inner.txt": b"inner\n"}
+    write_tree(local, v1)
+    assert rvol.finalize(local, state).code == 0
+
+    # Changed files that cannot be read (and a folder that cannot be listed).
+    (local / "ok.txt").write_bytes(b"ok v2\n")
+    (local / "secret.txt").write_bytes(b"secret v2, unreadable\n")
+    (local / "new-unreadable.txt").write_bytes(b"never readable\n")
+    for name in ("secret.txt", "new-unreadable.txt", "locked"):
+        (local / name).chmod(0)
+    try:
+        run = rvol.finalize(local, state, preexec_fn=as_ordinary_user)
+    finally:
+        for name in ("secret.txt", "new-unreadable.txt", "locked"):
+            (local / name).chmod(0o755)
+    assert run.code == 1, run
+    for name in ("secret.txt", "new-unreadable.txt", "locked"):
+        assert name in " ".join(run.error_paths), f"{name} not reported by name:\n{run}"
+        assert name in run.err, run
+    assert run.summary["files_deleted"] == 0, run
+    # The readable change went up; the unreadable ones left the bucket's versions alone.
+    assert rvol.objects() == keyed(
+        {"ok.txt": b"ok v2\n", "secret.txt": b"secret v1\n", "locked/inner.txt": b"inner\n"}
+    )
+
+
+@pytest.mark.parametrize("which", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_wrong_credentials_fail_with_one_clear_line(rvol: Volume, which: str) -> None:
+    local = rvol.work / "local"
+    write_tree(local, {"mine.txt": b"keep me\n"})
+    rvol.put("pre/theirs.txt", b"theirs\n")
+    env = rvol.env(**{which: "wrong" + "0" * 16})
+    for verb in ("pull", "finalize"):
+        run = rvol.run(verb, local, rvol.work / "state", env=env)
+        assert run.code != 0, run
+        lines = [line for line in run.sidecar_lines() if line.startswith("sidecar:")]
+        assert len(lines) == 1, run
+        assert which in lines[0], f"the line does not point at {which}:\n{run}"
+        assert "Traceback" not in run.err, run
+        assert run.summary["fatal"], run
+    assert tree(local) == {"mine.txt": sha(b"keep me\n")}
+    assert rvol.objects() == {"pre/theirs.txt": sha(b"theirs\n")}
+
+
+def test_missing_bucket_is_named(rvol: Volume) -> None:
+    missing = f"no-such-bucket-{os.getpid()}"
+    local = rvol.work / "local"
+    write_tree(local, {"mine.txt": b"keep me\n"})
+    for verb in ("pull", "finalize"):
+        args = sidecar_args(verb, f"s3://{missing}/pre", local, rvol.work / "state")
+        run = run_cli(args, rvol.env())
+        assert run.code != 0, run
+        lines = [line for line in run.sidecar_lines() if line.startswith("sidecar:")]
+        assert len(lines) == 1 and missing in lines[0], run
+        assert "Traceback" not in run.err, run
+    assert tree(local) == {"mine.txt": sha(b"keep me\n")}
+    assert not (rvol.server.local.root / missing).exists(), "finalize created the bucket"  # type: ignore[union-attr]
+
+
+class HangingServer:
+    """A TCP server that accepts connections, reads whatever comes, and never answers."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="hanging-server", daemon=True)
+
+    def __enter__(self) -> HangingServer:
+        self._thread.start()
+        assert self._ready.wait(10), "hanging server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop = self._stop
+        assert stop is not None
+        self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _main(self) -> None:
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        handlers: set[asyncio.Task[None]] = set()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writers.append(writer)
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)  # type: ignore[arg-type]
+            try:
+                while await reader.read(65536):
+                    pass
+            except ConnectionError:
+                pass
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for writer in writers:
+            writer.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def test_unreachable_and_hanging_endpoints_fail_quickly_and_clearly(rvol: Volume) -> None:
+    """Both at once (they are the slow ones): a port nobody listens on, and a server that
+    accepts and never answers, with SIDECAR_REQUEST_TIMEOUT=1."""
+    local = rvol.work / "local"
+    write_tree(local, {"mine.txt": b"keep me\n"})
+    with HangingServer() as hanging:
+        endpoints = {
+            "unreachable": f"http://127.0.0.1:{free_port()}",
+            "hanging": f"http://127.0.0.1:{hanging.port}",
+        }
+        started = time.monotonic()
+        procs = {}
+        for name, endpoint in endpoints.items():
+            args = sidecar_args("pull", rvol.remote, local, rvol.work / f"state-{name}")
+            env = rvol.env(AWS_ENDPOINT_URL=endpoint, SIDECAR_REQUEST_TIMEOUT="1")
+            procs[name] = (
+                args,
+                subprocess.Popen(
+                    args,
+                    env=env,
+                    cwd=REPO,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                ),
+            )
+        runs: dict[str, Run] = {}
+        for name, (args, proc) in procs.items():
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"{name}: still running after 60 s:\n{out}\n{err}")
+            runs[name] = Run(args, proc.returncode, out, err, time.monotonic() - started)
+        assert hanging.connections >= 1
+
+    patterns = {
+        "unreachable": r"cannot reach|could not connect|connection refused",
+        "hanging": r"timed? ?out|did not answer",
+    }
+    for name, run in runs.items():
+        assert run.code != 0, run
+        lines = [line for line in run.sidecar_lines() if line.startswith("sidecar:")]
+        assert len(lines) == 1, run
+        assert re.search(patterns[name], lines[0], re.IGNORECASE), run
+        assert "Traceback" not in run.err, run
+        assert run.seconds < 30, f"{name}: took {run.seconds:.1f}s\n{run}"
+    assert tree(local) == {"mine.txt": sha(b"keep me\n")}
+
+
+def test_emptied_folder_finalize_deletes_nothing_until_forced(rvol: Volume) -> None:
+    files = {f"f{i}.txt": f"file {i}\n".encode() for i in range(4)} | {"d/g.txt": b"g\n"}
+    rvol.put("other/keep.txt", b"outside our prefix\n")
+    local, state = rvol.work / "local", rvol.work / "state"
+    write_tree(local, files)
+    assert rvol.finalize(local, state).code == 0
+
+    shutil.rmtree(local)  # the folder itself is gone: that is no reason to delete anything
+    gone = rvol.finalize(local, state)
+    assert gone.code == 1, gone
+    assert rvol.objects() == keyed(files)
+
+    local.mkdir()  # an empty folder: everything "deleted"
+    blocked = rvol.finalize(local, state)
+    assert blocked.code == 1, blocked
+    assert blocked.summary["files_deleted"] == 0, blocked
+    assert blocked.summary["deletes_blocked"], blocked
+    assert "--force-delete" in blocked.err, blocked
+    assert rvol.objects() == keyed(files)
+
+    forced = rvol.finalize(local, state, "--force-delete")
+    assert forced.code == 0, forced
+    assert forced.summary["files_deleted"] == len(files), forced
+    assert rvol.objects() == {}
+    assert rvol.objects("other/") == {"other/keep.txt": sha(b"outside our prefix\n")}
+
+
+def test_emptied_bucket_pull_deletes_nothing_until_forced(rvol: Volume) -> None:
+    files = {f"f{i}.txt": f"file {i}\n".encode() for i in range(4)}
+    local, state = rvol.work / "local", rvol.work / "state"
+    write_tree(local, files)
+    assert rvol.finalize(local, state).code == 0
+    client = rvol.server.client()
+    for key in list(rvol.objects()):
+        client.delete_object(Bucket=rvol.bucket, Key=key)
+
+    blocked = rvol.pull(local, state)
+    assert blocked.code == 1, blocked
+    assert blocked.summary["files_deleted"] == 0, blocked
+    assert "--force-delete" in blocked.err, blocked
+    assert tree(local) == hashed(files)
+
+    forced = rvol.pull(local, state, "--force-delete")
+    assert forced.code == 0, forced
+    assert forced.summary["files_deleted"] == len(files), forced
+    assert tree(local) == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "named"),
+    [
+        (["--concurrency=0"], {}, "--concurrency"),
+        (["--concurrency", "many"], {}, "--concurrency"),
+        ([], {"SIDECAR_CONCURRENCY": "-3"}, "SIDECAR_CONCURRENCY"),
+        (["--remote", "not-a-url"], {}, "--remote"),
+        (["--remote", "s3://"], {}, "--remote"),
+        (["--remote", "s3://bucket/a/../b"], {}, "--remote"),
+        (["--part-size", "lots"], {}, "--part-size"),
+        (["--max-delete-percent", "150"], {}, "--max-delete-percent"),
+        (["--log-level", "chatty"], {}, "--log-level"),
+        (["--state-dir", "{local}/.state"], {}, "--state-dir"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else None,
+)
+def test_bad_option_values_exit_2_naming_the_flag(
+    rvol: Volume, extra: list[str], env: dict[str, str], named: str
+) -> None:
+    local = rvol.work / "local"
+    args = sidecar_args("pull", rvol.remote, local, rvol.work / "state")
+    args += [a.replace("{local}", str(local)) for a in extra]
+    run = run_cli(args, rvol.env(**env))
+    assert run.code == 2, run
+    assert named in run.err, run
+    assert "Traceback" not in run.err, run
+    assert not local.exists(), "a rejected command touched the folder"
+
+
+# ---- 4. resume after SIGKILL ---------------------------------------------------------------
+def _start(args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
+        return subprocess.Popen(
+            args, env=env, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        )
+
+
+def _wait_until(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, logs: Path
+) -> None:
+    deadline = time.monotonic() + 60
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the sync ended (exit {proc.returncode}) before {what}; make it slower:\n"
+                + (logs / "stderr").read_text()
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.003)
+
+
+def _sigkill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_pull_resumes_after_sigkill_without_fetching_done_files_again(rvol: Volume) -> None:
+    rng = random.Random(7)
+    files = {f"small/f{i:03d}.bin": data_of(rng.randint(0, 4000), i) for i in range(300)}
+    files["big.bin"] = data_of(30 * MiB, "big")
+    src = rvol.work / "src"
+    write_tree(src, files)
+    assert rvol.finalize(src, rvol.work / "stateA", *SIZING).code == 0
+    expected = hashed(files)
+
+    dst, state = rvol.work / "dst", rvol.work / "stateB"
+    args = sidecar_args("pull", rvol.remote, dst, state, *SIZING, "--concurrency", "2")
+    proc = _start(args, rvol.env(), rvol.work / "logs")
+
+    def some_files_landed() -> bool:
+        try:
+            names = os.listdir(dst / "small")
+        except FileNotFoundError:
+            return False
+        return sum(not n.startswith(TEMP_PREFIX) for n in names) >= 10
+
+    _wait_until(proc, some_files_landed, "10 files landed", rvol.work / "logs")
+    _sigkill(proc)
+
+    # The notebook never sees half a file: whatever is in place is complete.
+    at_kill = {rel: digest for rel, digest in tree(dst).items() if TEMP_PREFIX not in rel}
+    assert 10 <= len(at_kill) < len(files)
+    for rel, digest in at_kill.items():
+        assert digest == expected[rel], f"{rel} is in place but not complete"
+
+    second = rvol.pull(dst, state, *SIZING)
+    assert second.code == 0, second
+    assert tree(dst) == expected
+    assert temps(dst) == []
+    assert 0 < second.summary["files_transferred"] <= len(files) - len(at_kill), (
+        f"{len(at_kill)} files were complete before the kill:\n{second}"
+    )
+
+    third = rvol.pull(dst, state, *SIZING)
+    assert third.code == 0, third
+    assert third.summary["files_transferred"] == 0, third
+
+
+def test_finalize_resumes_after_sigkill_and_leaves_no_multipart_upload(rvol: Volume) -> None:
+    files = {f"small/f{i:02d}.txt": f"small {i}\n".encode() for i in range(20)}
+    files["big.bin"] = data_of(40 * MiB, "big-up")
+    local, state = rvol.work / "local", rvol.work / "state"
+    write_tree(local, files)
+    client = rvol.server.client()
+
+    def open_uploads() -> list[dict[str, Any]]:
+        try:
+            response = client.list_multipart_uploads(Bucket=rvol.bucket)
+        except client.exceptions.NoSuchUpload:
+            return []  # rclone's answer for a bucket that never had an upload
+        uploads: list[dict[str, Any]] = response.get("Uploads", [])
+        return uploads
+
+    args = sidecar_args("finalize", rvol.remote, local, state, *SIZING, "--concurrency", "1")
+    proc = _start(args, rvol.env(), rvol.work / "logs")
+    _wait_until(proc, lambda: bool(open_uploads()), "a multipart upload began", rvol.work / "logs")
+    time.sleep(0.05)  # let the sidecar record the upload id before it dies
+    _sigkill(proc)
+    orphans = open_uploads()
+    assert orphans, "the upload completed before the kill; nothing to clean up was tested"
+    assert {u["Key"] for u in orphans} == {"pre/big.bin"}
+
+    second = rvol.finalize(local, state, *SIZING)
+    assert second.code == 0, second
+    assert open_uploads() == [], "the interrupted multipart upload was left behind"
+    assert rvol.objects() == keyed(files)
+
+    third = rvol.finalize(local, state, *SIZING)
+    assert third.code == 0, third
+    assert third.summary["files_transferred"] == 0, third
+
+
+# ---- 5. free space -------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(workdir: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs mounted for this test (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mountpoint = workdir / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_pull_that_cannot_fit_fails_at_once_touching_nothing(
+    rvol: Volume, small_disk: Path
+) -> None:
+    rvol.data_dir.mkdir(parents=True)
+    for i in range(3):  # 24 MiB for a 20 MiB disk; each one alone would fit
+        (rvol.data_dir / f"model-{i}.bin").write_bytes(data_of(8 * MiB, i))
+    local = small_disk / "local"
+    write_tree(local, {"notes.txt": b"mine\n"})
+    used_before = shutil.disk_usage(small_disk).used
+
+    run = rvol.pull(local, rvol.work / "state", *SIZING)
+    assert run.code == 1, run
+    assert run.seconds < 15, run
+    fatal = run.summary["fatal"] or ""
+    match = re.search(r"needs ([\d.]+ \w+), ([\d.]+ \w+) free", fatal)
+    assert match, run
+    assert match.group(1) == "24.0 MiB", run
+    lines = [line for line in run.sidecar_lines() if line.startswith("sidecar:")]
+    assert len(lines) == 1 and match.group(0) in lines[0], run
+    assert everything(local) == {"notes.txt"}, "the failed pull touched the folder"
+    assert shutil.disk_usage(small_disk).used == used_before
+
+    # What fits is pulled: the check counts only what this pull needs.
+    fits = rvol.pull(local, rvol.work / "state", *SIZING, "--exclude", "model-2.bin")
+    assert fits.code == 0, fits
+    assert set(tree(local)) == {"notes.txt", "model-0.bin", "model-1.bin"}
+
+
+# ---- 6. symlinks ---------------------------------------------------------------------------
+def test_local_symlinks_are_not_uploaded(rvol: Volume) -> None:
+    outside = rvol.work / "outside"
+    write_tree(outside, {"secret.txt": b"outside the volume\n", "dir/x.txt": b"x\n"})
+    local = rvol.work / "local"
+    write_tree(local, {"real.txt": b"real\n", "sub/real2.txt": b"real2\n"})
+    (local / "link-to-file").symlink_to(local / "real.txt")
+    (local / "sub" / "relative-link").symlink_to("../real.txt")
+    (local / "link-outside").symlink_to(outside / "secret.txt")
+    (local / "linked-dir").symlink_to(outside / "dir", target_is_directory=True)
+    (local / "dangling").symlink_to(rvol.work / "does-not-exist")
+
+    run = rvol.finalize(local, rvol.work / "state")
+    assert run.code == 0, run
+    assert rvol.objects() == keyed({"real.txt": b"real\n", "sub/real2.txt": b"real2\n"})
+
+    again = rvol.finalize(local, rvol.work / "state")
+    assert again.code == 0, again
+    assert again.summary["files_transferred"] == 0, again
+
+
+def test_pull_never_writes_through_a_local_symlink(rvol: Volume) -> None:
+    outside = rvol.work / "outside"
+    outside_files = {"existing.txt": b"outside, must not change\n", "target.txt": b"target\n"}
+    write_tree(outside, outside_files)
+    local = rvol.work / "local"
+    local.mkdir()
+    (local / "link").symlink_to(outside, target_is_directory=True)
+    (local / "filelink").symlink_to(outside / "target.txt")
+    remote = {
+        "link/x": b"would land outside\n",
+        "link/existing.txt": b"would overwrite outside\n",
+        "link/deeper/y": b"deeper\n",
+        "filelink": b"would overwrite the link's target\n",
+        "ok.txt": b"ok\n",
+    }
+    for rel, body in remote.items():
+        rvol.put("pre/" + rel, body)
+
+    run = rvol.pull(local, rvol.work / "state")
+    assert run.code == 1, run
+    for rel in ("link/x", "link/existing.txt", "link/deeper/y"):
+        assert rel in " ".join(run.error_paths), f"{rel} not reported by name:\n{run}"
+    assert tree(outside) == hashed(outside_files), "the pull wrote through a symlink"
+    assert (local / "ok.txt").read_bytes() == b"ok\n"
+    assert (local / "link").is_symlink(), "the user's symlink was replaced"
+    # The bucket keeps everything: no object is lost because the folder could not take it.
+    assert rvol.objects() == keyed(remote)
