@@ -240,11 +240,16 @@ def _local(host: str) -> str:
 
 async def shutdown(coord: Coordinator, config: ServeConfig, signals: Signals) -> int:
     if config.read_only or not coord.ready:
-        why = "read-only" if config.read_only else "the initial pull never succeeded"
-        coord.close(f"shutting down ({why})")
+        why = (
+            "read-only: nothing is pushed"
+            if config.read_only
+            else "the initial pull never succeeded: no final push, since a folder that was "
+            "never filled must not overwrite the bucket"
+        )
+        coord.close("shutting down")
         await _bounded(coord.idle(), CANCEL_GRACE)
         coord.closed = True
-        log.info("%s: nothing to push; exiting", why)
+        log.info("exiting; %s", why)
         return EXIT_OK
     coord.close("shutting down: the final push goes first", keep=Job(Direction.FINALIZE))
     ticket = coord.submit(

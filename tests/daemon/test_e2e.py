@@ -188,7 +188,7 @@ def test_control_api_refuses_non_loopback_peers(s3: LocalS3, start_daemon: Start
 def test_concurrent_requests_join_and_queue(
     s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    daemon = start_daemon(s3)
+    daemon = start_daemon(s3, "--concurrency", "2")  # a slower push: time to pile up requests
     daemon.wait_ready()
     for index in range(3):
         big_file(daemon.local_dir / f"big{index}.bin", 32 << 20)
@@ -447,3 +447,26 @@ def test_demo_quickstart(tmp_path: Path) -> None:
     assert (tmp_path / "s3" / "demo" / "notes.txt").read_text() == "my notes"
     with pytest.raises(OSError):
         http("GET", endpoint.group(1) + "/", timeout=2)  # the S3 server is gone too
+
+
+def test_taken_port_is_a_clear_startup_error(s3: LocalS3, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "sidecar", "serve",
+                "--remote", "s3://vol/",
+                "--local-dir", str(tmp_path / "local"),
+                "--state-dir", str(tmp_path / "state"),
+                "--control-addr", f"127.0.0.1:{port}",
+                "--probe-addr", f"127.0.0.1:{free_port()}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **s3.env()},
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} for the control API" in done.stderr
