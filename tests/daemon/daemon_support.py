@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -79,6 +80,17 @@ def http(
 def http_json(method: str, url: str, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
     status, text = http(method, url, timeout=timeout)
     return status, json.loads(text)
+
+
+def non_loopback_ipv4() -> str | None:
+    """An address of this machine that is not loopback, to play a peer outside the pod."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # picks a route; a UDP connect sends nothing
+            address = str(sock.getsockname()[0])
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
 
 
 def answers_ok(url: str) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import StartDaemon, http, http_json
+from daemon_support import StartDaemon, http, http_json, non_loopback_ipv4
 
 from sidecar.locals3 import LocalS3, free_port
 
@@ -162,18 +162,8 @@ def test_malformed_requests_get_4xx(s3: LocalS3, start_daemon: StartDaemon) -> N
     assert "finalize" not in daemon.status()["last_results"]
 
 
-def _non_loopback_ipv4() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("192.0.2.1", 9))  # picks a route; sends nothing
-            address = str(sock.getsockname()[0])
-    except OSError:
-        return None
-    return None if address.startswith("127.") else address
-
-
 def test_control_api_refuses_non_loopback_peers(s3: LocalS3, start_daemon: StartDaemon) -> None:
-    address = _non_loopback_ipv4()
+    address = non_loopback_ipv4()
     if address is None:
         pytest.skip("no non-loopback IPv4 address on this machine")
     daemon = start_daemon(s3, control_host="0.0.0.0")  # a misconfiguration, on purpose

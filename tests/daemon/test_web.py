@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from unittest import mock
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from daemon_support import FakeEngine, failed
+from daemon_support import FakeEngine, failed, non_loopback_ipv4
 
 from sidecar import web as sidecar_web
 from sidecar.core.model import Direction, FileError
@@ -251,20 +250,10 @@ async def test_non_loopback_peer_is_refused(coordinator: Coordinator) -> None:
     assert "10.1.2.3" in response.text  # type: ignore[attr-defined]
 
 
-def _non_loopback_ipv4() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
-            address = sock.getsockname()[0]
-    except OSError:
-        return None
-    return None if address.startswith("127.") else address
-
-
 async def test_control_bound_to_all_interfaces_still_refuses_remote_peers(
     coordinator: Coordinator, engine: FakeEngine
 ) -> None:
-    address = _non_loopback_ipv4()
+    address = non_loopback_ipv4()
     if address is None:
         pytest.skip("no non-loopback IPv4 address on this machine")
     server = TestServer(sidecar_web.control_app(coordinator), host="0.0.0.0")
