@@ -125,7 +125,7 @@ class AutoSync:
                     self._changed.clear()
                     await _until(stop, asyncio.wait_for(self._changed.wait(), delay))
                     continue
-                if not await self._push(stop):
+                if not await self._push():
                     break
         finally:
             self.state = "stopped"
@@ -133,7 +133,7 @@ class AutoSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
-    async def _push(self, stop: asyncio.Event) -> bool:
+    async def _push(self) -> bool:
         """One push of everything noted so far. False when the daemon will take no more."""
         count, self.pending_changes = self.pending_changes, 0
         self.first_change = self.last_change = None
@@ -150,13 +150,22 @@ class AutoSync:
             log.info("auto-sync push not started: %s", exc.reason)
             return not self.coordinator.closing
         self.pushes += 1
-        self.last_push = {"ok": result.ok, "changes": count, **_brief(result)}
+        self.last_push = {
+            "ok": result.ok,
+            "changes": count,
+            "files_transferred": result.files_transferred,
+            "files_deleted": result.files_deleted,
+            "seconds": round(result.seconds, 3),
+            "fatal": result.fatal,
+        }
         if result.ok:
             self.failures_in_row = 0
             return True
         # Keep the changes pending and back off; a later change does not shorten the wait.
         self.failures_in_row += 1
-        delay = min(MAX_RETRY_DELAY, self.debounce * 2**self.failures_in_row)
+        # At least a second: a zero debounce must not turn a failing push into a busy loop.
+        base = max(1.0, self.debounce)
+        delay = min(MAX_RETRY_DELAY, base * 2 ** (self.failures_in_row - 1))
         self.note_changes(count)
         self.retry_at = self.clock() + delay
         log.warning("auto-sync push failed; retrying in %.1fs", delay)
@@ -197,12 +206,3 @@ async def _until(stop: asyncio.Event, awaitable: Any) -> None:
         for finished in (task, stopper):
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await finished
-
-
-def _brief(result: Any) -> dict[str, Any]:
-    summary = result.as_dict()
-    return {
-        key: summary[key]
-        for key in ("files_transferred", "files_deleted", "seconds", "fatal")
-        if key in summary
-    }
