@@ -183,6 +183,16 @@ class Volume:
                 out[item["Key"]] = sha(body)
         return out
 
+    def keys(self) -> set[str]:
+        """Every key under our prefix, without reading the objects."""
+        client = self.server.client()
+        out: set[str] = set()
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/"
+        ):
+            out.update(item["Key"] for item in page.get("Contents", []))
+        return out
+
     def listing(self) -> dict[str, tuple[str, Any]]:
         """key -> (ETag, LastModified) under our prefix."""
         client = self.server.client()
@@ -374,6 +384,50 @@ def test_names_needing_url_escapes_round_trip(rvol: Volume) -> None:
     assert rvol.objects() == keyed(NAMES_NEEDING_ESCAPES)
 
 
+def test_listing_of_more_than_one_page(rvol: Volume) -> None:
+    """1,100 objects: the listing is paginated (1,000 a page); nothing past page one may be
+    missed on pull or taken for deleted on finalize."""
+    files = {f"many/f{i:04d}.txt": f"{i}\n".encode() for i in range(1100)}
+    write_tree(rvol.data_dir, files)  # straight into the server's folder: quick
+    dst, state = rvol.work / "dst", rvol.work / "state"
+
+    down = rvol.pull(dst, state)
+    assert down.code == 0, down
+    assert down.summary["files_transferred"] == len(files), down
+    assert tree(dst) == hashed(files)
+
+    (dst / "many" / "f1099.txt").write_bytes(b"changed on page two\n")
+    up = rvol.finalize(dst, state)
+    assert up.code == 0, up
+    assert up.summary["files_transferred"] == 1, up
+    assert up.summary["files_deleted"] == 0, up
+    assert rvol.keys() == set(keyed(files))
+
+    again = rvol.pull(dst, state)
+    assert again.code == 0, again
+    assert again.summary["files_transferred"] == 0, again
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(rvol: Volume) -> None:
+    rvol.put("pre/remote-only.txt", b"remote\n")
+    local, state = rvol.work / "local", rvol.work / "state"
+    write_tree(local, {"local-only.txt": b"local\n"})
+
+    pull = rvol.pull(local, state, "--dry-run")
+    assert pull.code == 0, pull
+    assert "download\tremote-only.txt" in pull.out, pull
+    assert tree(local) == {"local-only.txt": sha(b"local\n")}
+
+    fin = rvol.finalize(local, state, "--dry-run")
+    assert fin.code == 0, fin
+    assert "upload\tlocal-only.txt" in fin.out, fin
+    assert rvol.objects() == {"pre/remote-only.txt": sha(b"remote\n")}
+
+    fresh = rvol.work / "fresh"
+    assert rvol.pull(fresh, rvol.work / "state2", "--dry-run").code == 0
+    assert not fresh.exists(), "a dry run created the folder"
+
+
 # ---- 2. interoperability with aws cli ------------------------------------------------------
 def test_pull_files_put_by_aws_cli(rvol: Volume) -> None:
     files = {
@@ -440,8 +494,7 @@ def test_object_overwritten_by_aws_is_downloaded_on_next_pull(rvol: Volume) -> N
     }
     stage = rvol.work / "stage"
     write_tree(stage, new)
-    for rel in new:
-        rvol.aws("s3", "cp", "--no-progress", str(stage / rel), f"{rvol.remote}/{rel}")
+    rvol.aws("s3", "cp", "--recursive", "--no-progress", str(stage), f"{rvol.remote}/")
 
     second = rvol.pull(dst, rvol.work / "stateB", *SIZING)
     assert second.code == 0, second
@@ -705,20 +758,20 @@ def test_missing_bucket_is_named(rvol: Volume) -> None:
     assert not (rvol.server.local.root / missing).exists(), "finalize created the bucket"  # type: ignore[union-attr]
 
 
-class HangingServer:
-    """A TCP server that accepts connections, reads whatever comes, and never answers."""
+class LoopThreadServer:
+    """A server living on its own event loop in a daemon thread; `serve(stop)` runs until
+    stop is set. Use as a context manager; `port` is known once entered."""
 
     def __init__(self) -> None:
         self.port = 0
-        self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="hanging-server", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=type(self).__name__, daemon=True)
 
-    def __enter__(self) -> HangingServer:
+    def __enter__(self) -> Any:
         self._thread.start()
-        assert self._ready.wait(10), "hanging server did not start"
+        assert self._ready.wait(10), f"{type(self).__name__} did not start"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -729,11 +782,23 @@ class HangingServer:
         self._loop.close()
 
     def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
+        self._loop.run_until_complete(self._run())
 
-    async def _serve(self) -> None:
+    async def _run(self) -> None:
         self._stop = asyncio.Event()
-        handlers: set[asyncio.Task[None]] = set()
+        await self.serve(self._stop, self._ready)
+
+    async def serve(self, stop: asyncio.Event, ready: threading.Event) -> None:
+        raise NotImplementedError
+
+
+class HangingServer(LoopThreadServer):
+    """A TCP server that accepts connections, reads whatever comes, and never answers."""
+
+    connections = 0
+
+    async def serve(self, stop: asyncio.Event, ready: threading.Event) -> None:
+        handlers: set[asyncio.Task[Any]] = set()
         writers: list[asyncio.StreamWriter] = []
 
         async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -741,7 +806,7 @@ class HangingServer:
             writers.append(writer)
             task = asyncio.current_task()
             assert task is not None
-            handlers.add(task)  # type: ignore[arg-type]
+            handlers.add(task)
             try:
                 while await reader.read(65536):
                     pass
@@ -750,8 +815,8 @@ class HangingServer:
 
         server = await asyncio.start_server(hold, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        await self._stop.wait()
+        ready.set()
+        await stop.wait()
         server.close()
         for writer in writers:
             writer.close()
@@ -759,6 +824,109 @@ class HangingServer:
             task.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
+
+
+class FaultyS3(LoopThreadServer):
+    """A fake S3 endpoint (auth not checked) listing three objects under pre/: `ok.txt`
+    serves fine, `always-500.txt` answers 500 InternalError to every GET, `stalls.bin`
+    sends its headers and the first 64 KiB, then goes silent."""
+
+    BUCKET = "faulty"
+    OBJECTS = {"ok.txt": b"ok\n", "always-500.txt": b"never served", "stalls.bin": b"s" * MiB}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: dict[str, int] = {}
+
+    async def serve(self, stop: asyncio.Event, ready: threading.Event) -> None:
+        from aiohttp import web
+
+        release = asyncio.Event()
+
+        def etag(body: bytes) -> str:
+            return '"' + hashlib.md5(body).hexdigest() + '"'
+
+        async def listing(request: web.Request) -> web.Response:
+            contents = "".join(
+                f"<Contents><Key>pre/{name}</Key><Size>{len(body)}</Size>"
+                f"<ETag>{etag(body)}</ETag>"
+                "<LastModified>2026-01-01T00:00:00.000Z</LastModified></Contents>"
+                for name, body in self.OBJECTS.items()
+            )
+            xml = (
+                '<?xml version="1.0" encoding="UTF-8"?>'
+                '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Name>{self.BUCKET}</Name><Prefix>pre/</Prefix>"
+                f"<KeyCount>{len(self.OBJECTS)}</KeyCount><MaxKeys>1000</MaxKeys>"
+                f"<IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+            )
+            return web.Response(body=xml.encode(), content_type="application/xml")
+
+        async def obj(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["key"].removeprefix("pre/")
+            body = self.OBJECTS.get(name)
+            if body is None:
+                return web.Response(status=404)
+            headers = {"ETag": etag(body), "Content-Length": str(len(body))}
+            if request.method == "HEAD":
+                return web.Response(headers=headers)
+            self.gets[name] = self.gets.get(name, 0) + 1
+            if name == "always-500.txt":
+                error = b"<Error><Code>InternalError</Code><Message>boom</Message></Error>"
+                return web.Response(status=500, body=error, content_type="application/xml")
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            if name == "stalls.bin":
+                await response.write(body[: 64 * 1024])
+                await release.wait()  # silent until the test ends
+                return response
+            await response.write(body)
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_get(f"/{self.BUCKET}", listing)
+        app.router.add_get(f"/{self.BUCKET}/", listing)
+        app.router.add_route("*", f"/{self.BUCKET}/{{key:.+}}", obj)
+        runner = web.AppRunner(app, shutdown_timeout=1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        ready.set()
+        await stop.wait()
+        release.set()
+        await runner.cleanup()
+
+
+def test_server_errors_and_stalled_downloads_are_named_the_rest_pulled(workdir: Path) -> None:
+    """500 on every try, and a body that stops mid-way: each named, the rest pulled, no temp
+    file left, bounded time with SIDECAR_REQUEST_TIMEOUT=1."""
+    local = workdir / "local"
+    with FaultyS3() as server:
+        env = base_env(
+            {
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.port}",
+                "AWS_ACCESS_KEY_ID": "fake-key-0123456789",
+                "AWS_SECRET_ACCESS_KEY": "fake-secret-0123456789",
+                "AWS_REGION": "us-east-1",
+            },
+            SIDECAR_REQUEST_TIMEOUT="1",
+        )
+        args = sidecar_args("pull", f"s3://{FaultyS3.BUCKET}/pre", local, workdir / "state")
+        run = run_cli(args, env, timeout=90)
+        gets = dict(server.gets)
+    assert run.code == 1, run
+    assert run.seconds < 45, run
+    assert tree(local) == {"ok.txt": sha(b"ok\n")}, run
+    assert temps(local) == []
+    assert (
+        "500" in run.error_for("always-500.txt")["reason"]
+        or "InternalError" in (run.error_for("always-500.txt")["reason"])
+    ), run
+    assert run.error_for("stalls.bin"), run
+    assert gets.get("always-500.txt", 0) >= 2, f"a 500 was not retried: {gets}"
+    assert run.summary["retries"] >= 1, run
 
 
 def test_unreachable_and_hanging_endpoints_fail_quickly_and_clearly(rvol: Volume) -> None:
