@@ -610,6 +610,25 @@ def test_keys_clashing_as_file_and_folder(mvol: Volume) -> None:
     assert mvol.objects() == {k: sha(v) for k, v in bucket.items()}, "a clashing key was lost"
 
 
+def test_local_folder_against_remote_file_is_named_and_no_clash_created(rvol: Volume) -> None:
+    """The bucket has a file `x`, the folder has `x/y`: neither side may turn it into a
+    file/folder clash or lose a version."""
+    rvol.put("pre/x", b"remote file x\n")
+    local, state = rvol.work / "local", rvol.work / "state"
+    write_tree(local, {"x/y": b"local x/y\n", "z.txt": b"z\n"})
+
+    up = rvol.finalize(local, state)
+    assert up.code == 1, up
+    assert "x/y" in up.error_paths, up
+    assert rvol.keys() == {"pre/x", "pre/z.txt"}, "finalize created a file/folder clash"
+
+    down = rvol.pull(local, state)
+    assert down.code == 1, down
+    assert "x" in down.error_paths, down
+    assert tree(local) == hashed({"x/y": b"local x/y\n", "z.txt": b"z\n"})
+    assert rvol.objects() == keyed({"x": b"remote file x\n", "z.txt": b"z\n"})
+
+
 def test_names_too_long_for_the_filesystem(mvol: Volume) -> None:
     too_long = [
         "pre/" + "n" * 300,  # 300 bytes in one segment
