@@ -154,6 +154,7 @@ class ObjectInfo:
     size: int
     etag: str  # unquoted
     metadata: dict[str, str]
+    last_modified: str = ""  # listings only
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,6 +639,7 @@ def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
             int(item.findtext(f"{ns}Size") or 0),
             unquote_etag(item.findtext(f"{ns}ETag") or ""),
             {},
+            item.findtext(f"{ns}LastModified") or "",
         )
         for item in root.iter(f"{ns}Contents")
     ]

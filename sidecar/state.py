@@ -86,10 +86,7 @@ class StateStore:
                 raise ValueError(f"unknown state version {data.get('version')!r}")
             if data.get("remote") != self.remote_url or data.get("local_dir") != self.local_dir:
                 raise ValueError("state belongs to another remote/folder pair")
-            self.base = {
-                path: BaseEntry(size, digest, tuple(etags))
-                for path, (size, digest, etags) in data["base"].items()
-            }
+            self.base = {path: _base_entry(fields) for path, fields in data["base"].items()}
             self.hash_cache = {path: tuple(entry) for path, entry in data["hashes"].items()}  # type: ignore[misc]
             self.open_uploads = dict(data.get("open_uploads", {}))
             self.had_base = True
@@ -117,8 +114,7 @@ class StateStore:
     def _apply(self, record: list[Any]) -> None:
         op = record[0]
         if op == "set":
-            _, path, size, digest, etags = record
-            self.base[path] = BaseEntry(size, digest, tuple(etags))
+            self.base[record[1]] = _base_entry(record[2:])
         elif op == "del":
             self.base.pop(record[1], None)
         elif op == "hash":
@@ -143,7 +139,7 @@ class StateStore:
         self._journal.flush()
 
     def set_base(self, path: str, entry: BaseEntry) -> None:
-        self._record(["set", path, entry.size, entry.hash, list(entry.etags)])
+        self._record(["set", path, *_base_fields(entry)])
 
     def drop_base(self, path: str) -> None:
         if path in self.base:
@@ -176,7 +172,7 @@ class StateStore:
             "remote": self.remote_url,
             "local_dir": self.local_dir,
             "written": time.time(),
-            "base": {p: [e.size, e.hash, list(e.etags)] for p, e in self.base.items()},
+            "base": {p: _base_fields(e) for p, e in self.base.items()},
             "hashes": self.hash_cache,
             "open_uploads": self.open_uploads,
         }
@@ -200,3 +196,14 @@ class StateStore:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+
+def _base_fields(entry: BaseEntry) -> list[Any]:
+    return [entry.size, entry.hash, list(entry.etags), entry.executable, entry.last_modified]
+
+
+def _base_entry(fields: list[Any]) -> BaseEntry:
+    size, digest, etags, *rest = fields
+    executable = bool(rest[0]) if rest else False
+    last_modified = str(rest[1]) if len(rest) > 1 else ""
+    return BaseEntry(size, digest, tuple(etags), executable, last_modified)

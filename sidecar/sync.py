@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from sidecar.core.filters import SYNCIGNORE, PathFilter
@@ -30,13 +30,14 @@ from sidecar.core.model import (
 )
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import BadKey, key_to_relpath, parent_dirs
-from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
+from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
 from sidecar.hashing import md5_file
 from sidecar.s3 import (
     META_HASH,
+    META_MODE,
     ClientSettings,
     ObjectStore,
     S3Error,
@@ -274,7 +275,9 @@ class SyncEngine:
                         continue
                     if relpath is None or not path_filter.wants(relpath):
                         continue
-                    listing.objects[relpath] = RemoteObject(item.key, item.size, item.etag)
+                    listing.objects[relpath] = RemoteObject(
+                        item.key, item.size, item.etag, item.last_modified
+                    )
         except S3Error as exc:
             if exc.fatal or exc.not_found:
                 raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
@@ -310,15 +313,15 @@ class SyncEngine:
                 return
             digest = info.metadata.get(META_HASH)
             if digest:
-                remote[path] = RemoteObject(obj.key, obj.size, obj.etag, hash=digest)
+                remote[path] = replace(
+                    obj, hash=digest, executable=info.metadata.get(META_MODE) == "755"
+                )
             elif _PLAIN_MD5.match(obj.etag):
                 # A foreign single-part object: its ETag is the MD5 of its bytes.
                 md5 = await asyncio.get_running_loop().run_in_executor(
                     self._executor, md5_file, self.config.local_dir / path
                 )
-                remote[path] = RemoteObject(
-                    obj.key, obj.size, obj.etag, md5_matches_local=(md5 == obj.etag)
-                )
+                remote[path] = replace(obj, md5_matches_local=(md5 == obj.etag))
 
         remote = dict(remote)
         await asyncio.gather(*(resolve(p) for p in wanted))
@@ -327,14 +330,19 @@ class SyncEngine:
     def _remember_new_etags(
         self, remote: dict[str, RemoteObject], base: dict[str, BaseEntry]
     ) -> None:
-        """An object whose hash proves it unchanged but shows a new ETag: learn the ETag, so
-        the next sync needs no HEAD for it."""
+        """Learn how the server now shows an object that is unchanged by every test we can
+        make (hash proven by a HEAD, or ETag known): its ETag and LastModified go into BASE,
+        so the next sync decides from the listing alone, with no HEAD."""
         for path, obj in remote.items():
             entry = base.get(path)
-            if entry and obj.hash == entry.hash and obj.etag not in entry.etags:
-                updated = BaseEntry(entry.size, entry.hash, (*entry.etags, obj.etag)[-4:])
-                self.state.set_base(path, updated)
-                base[path] = updated
+            if entry is None or remote_change(obj, entry) is not Change.UNCHANGED:
+                continue
+            etags = entry.etags if obj.etag in entry.etags else (*entry.etags, obj.etag)[-4:]
+            if etags == entry.etags and obj.last_modified in ("", entry.last_modified):
+                continue
+            updated = replace(entry, etags=etags, last_modified=obj.last_modified)
+            self.state.set_base(path, updated)
+            base[path] = updated
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)
@@ -364,7 +372,13 @@ class SyncEngine:
                 assert action.local is not None and action.remote is not None
                 state.set_base(
                     action.path,
-                    BaseEntry(action.local.size, action.local.hash, (action.remote.etag,)),
+                    BaseEntry(
+                        action.local.size,
+                        action.local.hash,
+                        (action.remote.etag,),
+                        action.local.executable,
+                        action.remote.last_modified,
+                    ),
                 )
                 result.files_adopted += 1
             elif action.kind is ActionKind.FORGET:
@@ -401,8 +415,16 @@ class SyncEngine:
             try:
                 if action.kind is ActionKind.DOWNLOAD:
                     done = await transfers.download(action)
+                    assert action.remote is not None
                     state.set_base(
-                        action.path, BaseEntry(done.local.size, done.local.hash, (done.etag,))
+                        action.path,
+                        BaseEntry(
+                            done.local.size,
+                            done.local.hash,
+                            (done.etag,),
+                            done.local.executable,
+                            action.remote.last_modified,
+                        ),
                     )
                     state.set_hash(action.path, _cache_entry(done.local))
                     if done.equal_already:
@@ -421,7 +443,11 @@ class SyncEngine:
                     result.bytes_transferred += done.local.size
                 else:
                     up = await transfers.upload(action)
-                    state.set_base(action.path, BaseEntry(up.local.size, up.local.hash, up.etags))
+                    # LastModified of the new object is learnt from the next listing.
+                    state.set_base(
+                        action.path,
+                        BaseEntry(up.local.size, up.local.hash, up.etags, up.local.executable),
+                    )
                     state.set_hash(action.path, _cache_entry(up.local))
                     result.files_transferred += 1
                     result.bytes_transferred += up.local.size

@@ -25,7 +25,9 @@ class RemoteObject:
     key: str
     size: int
     etag: str  # unquoted
+    last_modified: str = ""  # as the listing shows it (compared as text, never parsed)
     hash: str | None = None  # from our metadata, when a HEAD/GET told us
+    executable: bool | None = None  # from our metadata, when a HEAD/GET told us
     md5_matches_local: bool | None = None  # set by the resolver for foreign single-part objects
 
 
@@ -36,6 +38,10 @@ class BaseEntry:
     size: int
     hash: str
     etags: tuple[str, ...]  # every ETag the server has shown for this content
+    executable: bool = False
+    # The listing's LastModified when known: rewriting the same bytes with another mode keeps
+    # the ETag (the MD5) but not this, so a mode-only change is still seen.
+    last_modified: str = ""
 
 
 class ActionKind(enum.StrEnum):

@@ -46,7 +46,8 @@ def local_change(local: LocalFile | None, base: BaseEntry | None) -> Change:
         return Change.ABSENT if base is None else Change.DELETED
     if base is None:
         return Change.ADDED
-    return Change.UNCHANGED if local.hash == base.hash else Change.MODIFIED
+    same = local.hash == base.hash and local.executable == base.executable
+    return Change.UNCHANGED if same else Change.MODIFIED
 
 
 def remote_change(remote: RemoteObject | None, base: BaseEntry | None) -> Change:
@@ -55,8 +56,10 @@ def remote_change(remote: RemoteObject | None, base: BaseEntry | None) -> Change
     if base is None:
         return Change.ADDED
     if remote.hash is not None:
-        return Change.UNCHANGED if remote.hash == base.hash else Change.MODIFIED
-    if remote.size == base.size and remote.etag in base.etags:
+        same_mode = remote.executable is None or remote.executable == base.executable
+        return Change.UNCHANGED if remote.hash == base.hash and same_mode else Change.MODIFIED
+    rewritten = bool(base.last_modified) and remote.last_modified not in ("", base.last_modified)
+    if remote.size == base.size and remote.etag in base.etags and not rewritten:
         return Change.UNCHANGED
     return Change.MODIFIED
 

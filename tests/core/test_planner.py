@@ -18,8 +18,8 @@ ADOPT, FORGET = ActionKind.ADOPT, ActionKind.FORGET
 BASE = BaseEntry(size=3, hash="h-base", etags=("e-base",))
 
 
-def lf(digest: str = "h-base", size: int = 3) -> LocalFile:
-    return LocalFile(size=size, mtime_ns=1, inode=1, executable=False, hash=digest)
+def lf(digest: str = "h-base", size: int = 3, executable: bool = False) -> LocalFile:
+    return LocalFile(size=size, mtime_ns=1, inode=1, executable=executable, hash=digest)
 
 
 def ro(etag: str = "e-base", size: int = 3, digest: str | None = None) -> RemoteObject:
@@ -70,6 +70,17 @@ TABLE = [
     # both modified to the same content: agreement
     (BASE, lf("h2", 4), ro("e2", 4, "h2"), PULL, ADOPT, None),
     (BASE, lf("h2", 4), ro("e2", 4, "h2"), FIN, ADOPT, None),
+    # a mode-only change (chmod +x) is a change on that side
+    (BASE, lf(executable=True), R_SAME, FIN, UP, None),
+    (BASE, lf(executable=True), R_SAME, PULL, None, None),
+    (
+        BASE,
+        L_SAME,
+        RemoteObject("p/f", 3, "e-base", hash="h-base", executable=True),
+        PULL,
+        DL,
+        None,
+    ),
     # remote shows a new ETag but its hash proves the content unchanged (rclone multipart)
     (BASE, L_SAME, ro("e-other", 3, "h-base"), PULL, None, None),
     (BASE, L_MOD, ro("e-other", 3, "h-base"), FIN, UP, None),
@@ -119,6 +130,16 @@ def test_foreign_single_part_md5_match_is_adoption() -> None:
     remote = RemoteObject("p/f", 3, "0" * 32, md5_matches_local=True)
     result = plan(FIN, {"f": lf("h1")}, {"f": remote}, {}, NOW)
     assert [a.kind for a in result.actions] == [ADOPT]
+
+
+def test_same_etag_rewritten_later_is_a_change_to_look_at() -> None:
+    """Same bytes re-uploaded (e.g. with another mode) keep the ETag, not LastModified."""
+    known = BaseEntry(3, "h-base", ("e-base",), last_modified="2026-01-01T00:00:00.000Z")
+    same = RemoteObject("p/f", 3, "e-base", "2026-01-01T00:00:00.000Z")
+    later = RemoteObject("p/f", 3, "e-base", "2026-02-01T00:00:00.000Z")
+    assert remote_change(same, known) is Change.UNCHANGED
+    assert remote_change(later, known) is Change.MODIFIED
+    assert remote_change(later, BASE) is Change.UNCHANGED  # BASE without a LastModified yet
 
 
 def test_remote_unchanged_needs_same_size_and_known_etag() -> None:
