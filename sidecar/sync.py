@@ -285,6 +285,8 @@ class SyncEngine:
         folders = {d for path in listing.objects for d in parent_dirs(path)}
         for path in sorted(folders & set(listing.objects)):
             obj = listing.objects.pop(path)
+            if obj.size == 0:
+                continue  # a folder marker (rclone lists 'dir/' markers as a 0-byte 'dir')
             listing.errors.append(
                 FileError(obj.key, "skipped: the key is both a file and a folder ('a' and 'a/...')")
             )

@@ -444,3 +444,17 @@ async def test_not_enough_space_fails_before_touching_anything(
     result = await sync(config(bucket, local, workdir / "s"), PULL)
     assert result.fatal and "needs 2.9 KiB, 1000 B free" in result.fatal
     assert tree(local) == {"mine.txt": b"mine"}
+
+
+async def test_empty_key_shadowing_a_folder_is_a_folder_marker(
+    moto: S3Server, workdir: Path
+) -> None:
+    """rclone lists a 'dir/' marker as a 0-byte 'dir': that is no file/folder clash."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="vol/d", Body=b"")
+    s3.put_object(Bucket=bucket, Key="vol/d/x.txt", Body=b"x")
+    local = workdir / "l"
+    result = await sync(config(bucket, local, workdir / "s"), PULL)
+    assert result.ok and not result.errors, result.as_dict()
+    assert tree(local) == {"d/x.txt": b"x"}
