@@ -32,6 +32,7 @@ class Measurement:
     max_rss_kib: int
     returncode: int
     output_tail: str
+    cpu_s: float = 0.0
     timed_out: bool = False
 
     @property
@@ -67,12 +68,12 @@ def run_measured(
 
 def _read_result(result_path: Path, log_path: Path, timed_out: bool) -> Measurement:
     try:
-        wall, rss, code = result_path.read_text().split()
+        wall, rss, code, cpu = result_path.read_text().split()
     except (OSError, ValueError):
         return Measurement(0.0, 0, -1, _tail(log_path) or "no result", timed_out=True)
     finally:
         result_path.unlink(missing_ok=True)
-    return Measurement(float(wall), int(rss), int(code), _tail(log_path), timed_out)
+    return Measurement(float(wall), int(rss), int(code), _tail(log_path), float(cpu), timed_out)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], flag: threading.Event) -> None:

@@ -22,8 +22,12 @@ Per workload and direction (pull = bucket -> local folder, push = local folder -
    right after; every destination is checked (file count and bytes) after every run.
 
 Wall time is measured around the whole process (start-up included: that is what a Job or a
-pod start waits for). Peak RSS: see measure.py. MB/s = data-set bytes (10^6) / median wall.
-"vs best" on the sidecar's row is its median / the best peer's median (< 1: sidecar faster).
+pod start waits for). "CPU s" is the tool's user + system time (median): on a shared 2-core
+machine it is far steadier than wall time, and it is what a per-request cost shows up in.
+Peak RSS: see measure.py. MB/s = data-set bytes (10^6) / median wall. "vs best" on the
+sidecar's row is its median wall / the best peer's (< 1: sidecar faster). The JSON also holds
+every run's wall, CPU, RSS and the 1-minute load average as the run started: other work on the
+machine shows up there.
 """
 
 from __future__ import annotations
@@ -96,10 +100,13 @@ class Row:
     files: int
     bytes: int  # data-set bytes a copy moves; 0 for re-sync rows
     walls: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # user + system of the tool
     rss_kib: list[int] = field(default_factory=list)
+    load_1min: list[float] = field(default_factory=list)  # machine load as each run started
     errors: list[str] = field(default_factory=list)
     requests: dict[str, int] | None = None
     median_s: float | None = None
+    median_cpu_s: float | None = None
     mb_per_s: float | None = None
     peak_rss_mib: float | None = None
     total_requests: int | None = None
@@ -310,6 +317,7 @@ class Bench:
         self, scenario: Scenario, tool: Tool, run: int, warm: dict[str, Job], row: Row
     ) -> None:
         job = self.job(scenario, tool, f"r{run}", warm)
+        load = os.getloadavg()[0]
         try:
             result = self.execute(tool, job, self.direct(), f"r{run}")
             problem = None if result.ok else f"exit {result.returncode}: {result.output_tail}"
@@ -321,10 +329,13 @@ class Bench:
             log(f"  {tool.name} run {run + 1}: FAILED: {problem[-500:]}")
             return
         row.walls.append(result.wall_s)
+        row.cpu_s.append(result.cpu_s)
         row.rss_kib.append(result.max_rss_kib)
+        row.load_1min.append(load)
         log(
             f"  {scenario.workload:>11} {scenario.direction} {tool.name:<8} run {run + 1}: "
-            f"{result.wall_s:7.2f} s  {result.max_rss_kib / 1024:6.0f} MiB"
+            f"{result.wall_s:7.2f} s  cpu {result.cpu_s:6.2f} s  "
+            f"{result.max_rss_kib / 1024:4.0f} MiB  (load {load:.1f})"
         )
 
     def execute(self, tool: Tool, job: Job, server: Server, tag: str) -> Measurement:
@@ -393,6 +404,7 @@ def summarise(rows: list[Row]) -> None:
     for row in rows:
         if row.walls:
             row.median_s = statistics.median(row.walls)
+            row.median_cpu_s = statistics.median(row.cpu_s)
             row.peak_rss_mib = max(row.rss_kib) / 1024
             if row.bytes:
                 row.mb_per_s = row.bytes / 1e6 / row.median_s
@@ -437,6 +449,7 @@ COLUMNS = (
     ("dir", 4),
     ("tool", 7),
     ("median s", 8),
+    ("CPU s", 6),
     ("MB/s", 7),
     ("RSS MiB", 7),
     ("requests", 8),
@@ -455,6 +468,7 @@ def format_table(rows: list[Row]) -> str:
             row.direction,
             row.tool,
             fmt(row.median_s, "{:.2f}", "FAIL" if row.errors else "-"),
+            fmt(row.median_cpu_s, "{:.2f}"),
             fmt(row.mb_per_s, "{:.0f}"),
             fmt(row.peak_rss_mib, "{:.0f}"),
             fmt(row.total_requests, "{:d}"),
