@@ -61,6 +61,11 @@ def run_measured(
         timer.start()
         try:
             proc.wait()
+        except BaseException:
+            # Ctrl-C reaches only our session, not the tool's: end it before unwinding.
+            _kill_group(proc, timed_out)
+            proc.wait()
+            raise
         finally:
             timer.cancel()
     return _read_result(result_path, log_path, timed_out.is_set())
