@@ -149,6 +149,10 @@ class CountingProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        # The loop holds tasks weakly and Python 3.11's start_server keeps no reference to the
+        # per-connection task: without this set, a connection idle in a client's pool can be
+        # garbage-collected mid-stream ("Task was destroyed but it is pending").
+        self._connections: set[asyncio.Task[None]] = set()
 
     @property
     def endpoint(self) -> str:
@@ -183,6 +187,10 @@ class CountingProxy:
             self._counts[operation] += 1
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
         try:
             upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
         except OSError:
