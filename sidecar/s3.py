@@ -230,6 +230,8 @@ class ObjectStore:
             ),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # S3 sets no cookies: skip the jar's work
+            read_bufsize=1 << 20,  # big bodies arrive in fewer, larger chunks
         )
         self._stack.push_async_callback(self._http.close)
         return self

