@@ -8,7 +8,7 @@ from typing import Protocol
 
 import xxhash
 
-CHUNK = 4 * 1024 * 1024
+CHUNK = 1024 * 1024  # per hashing thread; larger buffers only add RSS
 
 
 class _Hasher(Protocol):
