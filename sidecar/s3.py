@@ -361,7 +361,7 @@ class ObjectStore:
                 if attempt + 1 == attempts:
                     raise _error_from(name, exc) from exc
                 self.retries += 1
-                await _backoff(attempt)
+                await backoff(attempt)
                 continue
             if response.status < 300:
                 return response
@@ -372,7 +372,7 @@ class ObjectStore:
                 attempt + 1 < attempts
             ):
                 self.retries += 1
-                await _backoff(attempt)
+                await backoff(attempt)
                 continue
             raise error
         raise AssertionError("unreachable")
@@ -626,7 +626,7 @@ async def _read_all(response: aiohttp.ClientResponse) -> bytes:
         return b""
 
 
-async def _backoff(attempt: int) -> None:
+async def backoff(attempt: int) -> None:
     """Exponential backoff with full jitter (0.1 s, 0.2 s, 0.4 s ... capped at 5 s)."""
     await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
 

@@ -45,7 +45,7 @@ from sidecar.s3 import (
 )
 from sidecar.scan import ScanResult, scan
 from sidecar.state import StateError, StateStore, state_path_for
-from sidecar.transfer import Settings, TransferError, Transfers
+from sidecar.transfer import Settings, TransferError, Transfers, gather_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -483,11 +483,4 @@ async def _run_bounded(
         for item in iterator:
             await work(item)
 
-    tasks = [asyncio.ensure_future(worker()) for _ in range(min(workers, len(items)))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await gather_or_cancel([worker() for _ in range(min(workers, len(items)))])

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import stat as stat_mod
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from sidecar.core.parts import part_size_for, split_ranges
 from sidecar.core.paths import parent_dirs, temp_name
 from sidecar.core.progress import Progress
 from sidecar.hashing import content_hash_bytes, content_hash_file, new_content_hasher
-from sidecar.s3 import META_HASH, META_MODE, META_MTIME, ObjectStore, S3Error
+from sidecar.s3 import META_HASH, META_MODE, META_MTIME, ObjectStore, S3Error, backoff
 from sidecar.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -241,7 +240,7 @@ class Transfers:
                 os.lseek(fd, 0, os.SEEK_SET)
                 if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
                     raise TransferError(self._relpath_of(remote), exc.message) from None
-                await _backoff(attempt)
+                await backoff(attempt)
                 continue
             if written != remote.size:
                 # The object changed since the listing (a server that ignores If-Match).
@@ -279,9 +278,9 @@ class Transfers:
                     self._count(-written)
                     if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
                         raise TransferError(relpath, exc.message) from None
-                    await _backoff(attempt)
+                    await backoff(attempt)
 
-        await _gather_or_cancel([one(offset, length) for offset, length in ranges])
+        await gather_or_cancel([one(offset, length) for offset, length in ranges])
         return metadata
 
     def _relpath_of(self, remote: RemoteObject) -> str:
@@ -386,7 +385,7 @@ class Transfers:
             except OSError as exc:
                 raise TransferError(relpath, _os_reason("cannot read", exc)) from None
             try:
-                etags = await _gather_or_cancel(
+                etags = await gather_or_cancel(
                     [
                         self._upload_part(fd, key, upload_id, number, offset, length)
                         for number, (offset, length) in enumerate(ranges, 1)
@@ -513,11 +512,7 @@ def _os_reason(what: str, exc: OSError) -> str:
     return f"{what}: {exc.strerror or exc}"
 
 
-async def _backoff(attempt: int) -> None:
-    await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0))
-
-
-async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
     """Run all; on the first failure cancel the rest and wait for them before raising."""
     tasks = [asyncio.ensure_future(coro) for coro in coros]
     try:
