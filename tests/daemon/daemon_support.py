@@ -142,7 +142,8 @@ class Daemon:
         return http_json("GET", self.probe + "/status")[1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
+        """Send `sig` (0: none, just wait) and wait for the exit code."""
+        if sig and self.process.poll() is None:
             self.process.send_signal(sig)
         try:
             return self.process.wait(timeout=timeout)
