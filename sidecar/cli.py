@@ -16,7 +16,14 @@ import sys
 from collections.abc import Sequence
 
 from sidecar.core.model import Direction
-from sidecar.core.options import OPTIONS, OptionError, collect, serve_config, sync_config
+from sidecar.core.options import (
+    OPTIONS,
+    OptionError,
+    SyncConfig,
+    collect,
+    serve_config,
+    sync_config,
+)
 from sidecar.logs import setup_logging
 
 EXIT_OK = 0
@@ -97,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _run_once(direction: Direction, config: object, dry_run: bool) -> int:
+def _run_once(direction: Direction, config: SyncConfig, dry_run: bool) -> int:
     from sidecar.sync import SyncEngine
 
     async def run() -> int:
-        async with SyncEngine(config) as engine:  # type: ignore[arg-type]
+        async with SyncEngine(config) as engine:
             result = await engine.run(direction, dry_run=dry_run)
         if dry_run:
             for action in result.planned:

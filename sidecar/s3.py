@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from sidecar.core.sigv4 import Signer, canonical_query, uri_encode_path
 
@@ -41,6 +42,7 @@ FATAL_CODES = {
 }
 PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 NOT_IMPLEMENTED_CODES = {"NotImplemented", "501"}
+BOTOCORE_CONDITION_PARAMS = {"If-Match": "IfMatch", "If-None-Match": "IfNoneMatch"}
 STREAM_RETRY_CODES = {
     "ShortRead",
     "Timeout",
@@ -335,8 +337,6 @@ class ObjectStore:
         assert self._http is not None
         name = key if key is not None else self.bucket
         path = self._path_prefix + ("/" + key if key is not None else "/")
-        if not self._path_prefix and key is None:
-            path = "/"
         url = self._base_url + uri_encode_path(path)
         if query:
             url += "?" + canonical_query(query)
@@ -485,13 +485,30 @@ class ObjectStore:
 
     # ---- writing ---------------------------------------------------------------------
     def _conditions(self, if_match: str | None, if_none_match: bool) -> dict[str, str]:
+        """Conditional-write headers (HTTP names), none once the server said NotImplemented."""
         if not self.conditional_writes:
             return {}
         if if_match:
-            return {"IfMatch": f'"{if_match}"'}
+            return {"If-Match": f'"{if_match}"'}
         if if_none_match:
-            return {"IfNoneMatch": "*"}
+            return {"If-None-Match": "*"}
         return {}
+
+    async def _write_conditionally(
+        self,
+        if_match: str | None,
+        if_none_match: bool,
+        write: Callable[[dict[str, str]], Awaitable[T]],
+    ) -> T:
+        """write(conditions); a server without conditional writes gets plain writes for good."""
+        conditions = self._conditions(if_match, if_none_match)
+        try:
+            return await write(conditions)
+        except S3Error as exc:
+            if exc.code in NOT_IMPLEMENTED_CODES and conditions:
+                self.conditional_writes = False
+                return await write({})
+            raise
 
     async def _put_bytes(
         self,
@@ -519,31 +536,11 @@ class ObjectStore:
     ) -> str:
         headers = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
         headers["Content-Type"] = "application/octet-stream"
-        conditions = {
-            {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}[name]: value
-            for name, value in self._conditions(if_match, if_none_match).items()
-        }
-        try:
-            return await self._put_bytes(key, body, {**headers, **conditions}, None)
-        except S3Error as exc:
-            if exc.code in NOT_IMPLEMENTED_CODES and conditions:
-                # A server without conditional writes: fall back to plain writes for good.
-                self.conditional_writes = False
-                return await self._put_bytes(key, body, headers, None)
-            raise
 
-    async def _conditional(
-        self, key: str, method: str, if_match: str | None, if_none_match: bool, **params: Any
-    ) -> dict[str, Any]:
-        try:
-            return await self._call(
-                key, method, **params, **self._conditions(if_match, if_none_match)
-            )
-        except S3Error as exc:
-            if exc.code in NOT_IMPLEMENTED_CODES and (if_match or if_none_match):
-                self.conditional_writes = False
-                return await self._call(key, method, **params)
-            raise
+        async def write(conditions: dict[str, str]) -> str:
+            return await self._put_bytes(key, body, {**headers, **conditions}, None)
+
+        return await self._write_conditionally(if_match, if_none_match, write)
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
@@ -564,15 +561,19 @@ class ObjectStore:
         if_none_match: bool = False,
     ) -> str:
         parts = [{"ETag": f'"{etag}"', "PartNumber": n} for n, etag in enumerate(part_etags, 1)]
-        response = await self._conditional(
-            key,
-            "complete_multipart_upload",
-            if_match,
-            if_none_match,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-        )
+
+        async def write(conditions: dict[str, str]) -> dict[str, Any]:
+            params = {BOTOCORE_CONDITION_PARAMS[name]: value for name, value in conditions.items()}
+            return await self._call(
+                key,
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **params,
+            )
+
+        response = await self._write_conditionally(if_match, if_none_match, write)
         return unquote_etag(response.get("ETag", ""))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -605,9 +606,7 @@ def _signed_host(scheme: str, netloc: str) -> str:
     return netloc
 
 
-def yarl_url(url: str) -> Any:
-    from yarl import URL
-
+def yarl_url(url: str) -> URL:
     return URL(url, encoded=True)  # already encoded exactly as signed: no re-encoding
 
 

@@ -40,8 +40,6 @@ class ScanResult:
     errors: list[FileError] = field(default_factory=list)
     temps_removed: int = 0
     symlinks_skipped: int = 0
-    hashed_files: int = 0
-    hashed_bytes: int = 0
 
 
 def _walk(root: Path, path_filter: PathFilter, out: ScanResult) -> dict[str, _Stat]:
@@ -149,6 +147,4 @@ async def scan(
             continue
         st = stats[rel]
         out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, digest)
-        out.hashed_files += 1
-        out.hashed_bytes += st.size
     return out

@@ -46,7 +46,6 @@ class StateStore:
         self.base: dict[str, BaseEntry] = {}
         self.hash_cache: dict[str, HashCacheEntry] = {}
         self.open_uploads: dict[str, str] = {}  # upload id -> key
-        self.had_base = False  # False on first start or after the state was lost
         self._journal: IO[str] | None = None
         self._flushed_at = 0.0
         self._dirty = False
@@ -71,7 +70,6 @@ class StateStore:
             self._apply(record)
             replayed += 1
         if replayed:
-            self.had_base = True
             self._dirty = True
             log.info("resuming: replayed %d journal record(s) from an interrupted sync", replayed)
 
@@ -91,7 +89,6 @@ class StateStore:
             self.base = {path: _base_entry(fields) for path, fields in data["base"].items()}
             self.hash_cache = {path: tuple(entry) for path, entry in data["hashes"].items()}  # type: ignore[misc]
             self.open_uploads = dict(data.get("open_uploads", {}))
-            self.had_base = True
         except (ValueError, KeyError, TypeError) as exc:
             # A damaged BASE must never cause deletions: set it aside and start as if new.
             aside = self.snapshot_path.with_name(f"state.damaged-{int(time.time())}.json")
@@ -195,7 +192,6 @@ class StateStore:
         finally:
             os.close(dir_fd)
         self.journal_path.unlink(missing_ok=True)
-        self.had_base = True
         self._dirty = False
         return True
 

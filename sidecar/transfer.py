@@ -19,12 +19,13 @@ import stat as stat_mod
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.core.model import Action, FileError, LocalFile, RemoteObject
 from sidecar.core.parts import part_size_for, split_ranges
-from sidecar.core.paths import parent_dirs, temp_name
+from sidecar.core.paths import conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
 from sidecar.hashing import content_hash_bytes, content_hash_file, new_content_hasher
 from sidecar.s3 import META_HASH, META_MODE, META_MTIME, ObjectStore, S3Error, backoff
@@ -495,10 +496,6 @@ def _read_file(path: Path) -> bytes:
 
 
 def _fresh_conflict_name(relpath: str) -> str:
-    from datetime import UTC, datetime
-
-    from sidecar.core.paths import conflict_name
-
     return conflict_name(relpath, datetime.now(UTC))
 
 
