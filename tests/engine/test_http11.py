@@ -1,0 +1,335 @@
+"""sidecar.http11 against scripted loopback servers: framing, keep-alive, and every way a
+server can break an exchange (each must surface as a retryable OSError, never as data)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from sidecar.http11 import ConnectError, ConnectionPool, ProtocolError, _Connection
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
+
+
+class Server:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []  # (head, body)
+
+
+async def read_request(reader: asyncio.StreamReader, server: Server) -> bytes | None:
+    """One request (head + Content-Length body) off the wire; None when the client left."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    body = await reader.readexactly(length)
+    server.requests.append((head, body))
+    return head
+
+
+@asynccontextmanager
+async def scripted(handler: Handler) -> AsyncIterator[tuple[Server, ConnectionPool]]:
+    server = Server()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.connections += 1
+        try:
+            await handler(reader, writer, server)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    pool = ConnectionPool(
+        "http", "127.0.0.1", port, connect_timeout=2, read_timeout=0.5, max_idle=4
+    )
+    try:
+        yield server, pool
+    finally:
+        await pool.close()
+        listener.close()
+        await listener.wait_closed()
+
+
+def answer(status: int, body: bytes = b"", extra: str = "") -> bytes:
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def keep_answering(reader, writer, server, body: bytes = b"hello") -> None:
+    while await read_request(reader, server) is not None:
+        writer.write(answer(200, body, 'ETag: "abc"\r\nX-Amz-Meta-Mode: 420\r\n'))
+        await writer.drain()
+
+
+async def test_keep_alive_reuses_one_connection_and_reads_headers_lowercase() -> None:
+    async with scripted(keep_answering) as (server, pool):
+        for _ in range(5):
+            response = await pool.request("GET", "/b/k", {"Host": "h"})
+            assert response.status == 200
+            assert response.headers["etag"] == '"abc"'
+            assert response.headers["x-amz-meta-mode"] == "420"
+            assert await response.read_all() == b"hello"
+            response.release()
+        assert server.connections == 1
+        assert len(server.requests) == 5
+        assert server.requests[0][0].startswith(b"GET /b/k HTTP/1.1\r\nHost: h\r\n")
+
+
+async def test_put_body_arrives_whole_small_and_sliced_large() -> None:
+    async with scripted(keep_answering) as (server, pool):
+        small = os.urandom(1000)
+        large = os.urandom(5 * 1024 * 1024 + 7)
+        for body in (b"", small, memoryview(large)):
+            response = await pool.request("PUT", "/b/k", {"Host": "h"}, body)
+            response.release()
+        assert [len(b) for _, b in server.requests] == [0, 1000, len(large)]
+        assert server.requests[1][1] == small and server.requests[2][1] == large
+        assert b"Content-Length: 0\r\n" in server.requests[0][0]
+
+
+async def test_head_has_no_body_and_keeps_the_connection() -> None:
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n")
+
+    async with scripted(handler) as (server, pool):
+        for _ in range(3):
+            response = await pool.request("HEAD", "/b/k", {"Host": "h"})
+            assert response.headers["content-length"] == "999"
+            assert await response.read_all() == b""
+            response.release()
+        assert server.connections == 1
+
+
+async def test_large_body_streams_in_pieces() -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async with scripted(lambda r, w, s: keep_answering(r, w, s, payload)) as (server, pool):
+        response = await pool.request("GET", "/b/k", {"Host": "h"})
+        pieces = []
+        while data := await response.read(256 * 1024):
+            assert len(data) <= 256 * 1024
+            pieces.append(data)
+        response.release()
+        assert b"".join(pieces) == payload
+        response = await pool.request("GET", "/b/k", {"Host": "h"})  # connection reused
+        assert await response.read_all() == payload
+        response.release()
+        assert server.connections == 1
+
+
+async def test_chunked_body_with_extensions_and_trailers() -> None:
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+            )
+
+    async with scripted(handler) as (server, pool):
+        for _ in range(2):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == b"hello world"
+            response.release()
+        assert server.connections == 1
+
+
+async def test_body_until_close_for_http10_answers() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nall of it")
+
+    async with scripted(handler) as (server, pool):
+        for _ in range(2):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == b"all of it"
+            response.release()
+        assert server.connections == 2  # not kept alive
+
+
+async def test_connection_close_is_honoured() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(answer(200, b"x", "Connection: close\r\n"))
+
+    async with scripted(handler) as (server, pool):
+        for _ in range(2):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == b"x"
+            response.release()
+        assert server.connections == 2
+
+
+async def test_a_kept_alive_connection_closed_by_the_server_is_replaced() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(answer(200, b"once"))
+        await writer.drain()
+        # ...then the server closes it, as idle timeouts do
+
+    async with scripted(handler) as (server, pool):
+        for _ in range(3):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == b"once"
+            response.release()
+            await asyncio.sleep(0.05)
+        assert server.connections == 3
+
+
+async def test_stale_connection_found_only_by_the_request_is_replaced_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's close lands after the pool's check (a race the check cannot win)."""
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(answer(200, b"once"))
+        await writer.drain()
+
+    monkeypatch.setattr(_Connection, "usable", lambda self, now: True)
+    async with scripted(handler) as (server, pool):
+        for _ in range(3):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == b"once"
+            response.release()
+            await asyncio.sleep(0.05)
+        assert server.connections == 3
+        assert len(server.requests) == 3
+
+
+async def test_closing_mid_body_is_a_protocol_error_naming_the_shortfall() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
+        await writer.drain()
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        with pytest.raises(ProtocolError, match="700000 bytes early"):
+            await response.read_all()
+        response.release()
+
+
+async def test_closing_a_small_body_short_fails_the_request() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(ProtocolError, match="95 bytes early"):
+            await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_closing_inside_a_chunk_is_a_protocol_error() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc")
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        with pytest.raises(ProtocolError, match="inside a chunk"):
+            await response.read_all()
+        response.release()
+
+
+async def test_a_silent_server_times_out() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        await asyncio.sleep(5)
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_a_body_that_stalls_times_out() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
+        await asyncio.sleep(5)
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        with pytest.raises(TimeoutError):
+            await response.read_all()
+        response.release()
+
+
+async def test_an_answer_that_is_not_http_is_a_protocol_error() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(ProtocolError, match=r"not an HTTP/1\.x answer"):
+            await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_a_fresh_connection_closed_without_answer_is_a_protocol_error() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(ProtocolError, match="without an answer"):
+            await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_informational_answers_are_skipped() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"made"))
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("PUT", "/", {"Host": "h"}, b"x")
+        assert response.status == 201
+        assert await response.read_all() == b"made"
+        response.release()
+
+
+async def test_releasing_an_unread_body_closes_the_connection() -> None:
+    big = b"y" * (1024 * 1024)
+
+    async with scripted(lambda r, w, s: keep_answering(r, w, s, big)) as (server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        await response.read(1000)
+        response.release()
+        response = await pool.request("GET", "/", {"Host": "h"})
+        assert await response.read_all() == big
+        response.release()
+        assert server.connections == 2
+
+
+async def test_refused_connection_is_a_connect_error_naming_the_address() -> None:
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    pool = ConnectionPool("http", "127.0.0.1", port, connect_timeout=2, read_timeout=1, max_idle=1)
+    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_bad_content_length_is_a_protocol_error() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n")
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(ProtocolError, match="bad Content-Length 'lots'"):
+            await pool.request("GET", "/", {"Host": "h"})
+
+
+def test_unsupported_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
+        ConnectionPool("ftp", "h", 21, connect_timeout=1, read_timeout=1, max_idle=1)
