@@ -14,7 +14,6 @@ import os
 import random
 import re
 import ssl
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,7 +117,6 @@ STATUS_CODES = {
 }
 _XML_CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 def _http_error(key: str, status: int, body: bytes) -> S3Error:
@@ -408,28 +406,46 @@ class ObjectStore:
 
     # ---- reading ---------------------------------------------------------------------
     async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
-        """Pages of the listing under prefix (metadata is never in listings)."""
-        token: str | None = None
-        while True:
-            query = {"list-type": "2", "prefix": prefix, "max-keys": "1000", "encoding-type": "url"}
-            if token:
-                query["continuation-token"] = token
-            async with self.slots:
-                self.in_flight += 1
+        """Pages of the listing under prefix (metadata is never in listings).
+
+        The next page is requested as soon as a page's continuation token is read, so the
+        server lists page N+1 while we parse page N.
+        """
+        name = prefix or "/"
+        fetch = asyncio.ensure_future(self._list_page(prefix, None))
+        try:
+            while True:
+                body = await fetch
                 try:
-                    response = await self._send("GET", None, query=query)
-                    try:
-                        body = await response.read_all()
-                    except HTTP_TRANSIENT as exc:
-                        raise _error_from(prefix or "/", exc) from exc
-                    finally:
-                        response.release()
+                    token = _listing_token(body)
+                    if token:
+                        fetch = asyncio.ensure_future(self._list_page(prefix, token))
+                    page = _listing_entries(body)
+                except ValueError as exc:
+                    raise S3Error(name, "BadListing", f"unreadable listing page: {exc}") from None
+                yield page
+                if not token:
+                    return
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+
+    async def _list_page(self, prefix: str, token: str | None) -> bytes:
+        query = {"list-type": "2", "prefix": prefix, "max-keys": "1000", "encoding-type": "url"}
+        if token:
+            query["continuation-token"] = token
+        async with self.slots:
+            self.in_flight += 1
+            try:
+                response = await self._send("GET", None, query=query)
+                try:
+                    return await response.read_all()
+                except HTTP_TRANSIENT as exc:
+                    raise _error_from(prefix or "/", exc) from exc
                 finally:
-                    self.in_flight -= 1
-            page, token = _parse_listing(body)
-            yield page
-            if not token:
-                return
+                    response.release()
+            finally:
+                self.in_flight -= 1
 
     async def head(self, key: str) -> ObjectInfo:
         async with self.slots:
@@ -631,20 +647,77 @@ async def backoff(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
 
 
-def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
-    root = ET.fromstring(body)
-    ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
-    url_encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
-    page = [
-        ObjectInfo(
-            decode_listed_key(item.findtext(f"{ns}Key") or "", url_encoded),
-            int(item.findtext(f"{ns}Size") or 0),
-            unquote_etag(item.findtext(f"{ns}ETag") or ""),
-            {},
-            item.findtext(f"{ns}LastModified") or "",
+# ListObjectsV2 answers are read with a few regular expressions rather than an XML tree:
+# ElementTree spent ~11 us per listed object (half of a no-op sync of 5,000 files); this
+# takes ~3. What a tree would have caught is checked instead: the root element, KeyCount
+# against the entries found, and a truncated page that names no continuation token.
+_LISTING_ROOT = re.compile(rb"<ListBucketResult[\s>]")
+_CONTENTS_FIELD = re.compile(rb"<(Key|Size|ETag|LastModified)>([^<]*)<|</Contents>")
+_ENTITY = re.compile(r"&(#[0-9]+|#x[0-9a-fA-F]+|amp|lt|gt|quot|apos);")
+_NAMED_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
+
+
+def _top_level(body: bytes, name: bytes) -> bytes | None:
+    """The text of the first <name> element outside the Contents entries (S3 puts these
+    before the entries, but servers differ: look at the end too)."""
+    pattern = re.compile(b"<" + name + b">([^<]*)</" + name + b">")
+    head = body.split(b"<Contents>", 1)[0]
+    found = pattern.search(head) or pattern.search(body.rsplit(b"</Contents>", 1)[-1])
+    return found.group(1) if found else None
+
+
+def _xml_text(raw: bytes) -> str:
+    text = raw.decode("utf-8", "surrogateescape")
+    return _ENTITY.sub(_entity, text) if "&" in text else text
+
+
+def _entity(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if name[0] != "#":
+        return _NAMED_ENTITIES[name]
+    return chr(int(name[2:], 16) if name[1] == "x" else int(name[1:]))
+
+
+def _listing_token(body: bytes) -> str | None:
+    """The continuation token of a truncated page; None on the last page."""
+    if not _LISTING_ROOT.search(body[:4096]):
+        raise ValueError(f"not a ListBucketResult: {body[:120]!r}")
+    truncated = (_top_level(body, b"IsTruncated") or b"").strip().lower() == b"true"
+    if not truncated:
+        return None
+    token = _top_level(body, b"NextContinuationToken")
+    if not token:
+        raise ValueError("a truncated page without a NextContinuationToken")
+    return _xml_text(token)
+
+
+def _listing_entries(body: bytes) -> list[ObjectInfo]:
+    url_encoded = (_top_level(body, b"EncodingType") or b"").strip().lower() == b"url"
+    page = []
+    fields: dict[bytes, bytes] = {}
+    first = body.find(b"<Contents>")
+    # One pass over the fields of every entry; each </Contents> closes one.
+    for match in _CONTENTS_FIELD.finditer(body, first if first >= 0 else len(body)):
+        name = match.group(1)
+        if name is not None:
+            fields[name] = match.group(2)
+            continue
+        page.append(
+            ObjectInfo(
+                decode_listed_key(_xml_text(fields.get(b"Key", b"")), url_encoded),
+                int(fields.get(b"Size") or 0),
+                unquote_etag(_xml_text(fields.get(b"ETag", b""))),
+                {},
+                fields.get(b"LastModified", b"").decode("ascii", "replace"),
+            )
         )
-        for item in root.iter(f"{ns}Contents")
-    ]
-    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
-    token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
-    return page, token or None
+        fields = {}
+    key_count = _top_level(body, b"KeyCount")
+    if key_count is not None and key_count.strip().isdigit() and int(key_count) != len(page):
+        raise ValueError(f"KeyCount says {int(key_count)} objects, the page lists {len(page)}")
+    return page
+
+
+def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
+    token = _listing_token(body)
+    return _listing_entries(body), token

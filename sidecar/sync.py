@@ -29,7 +29,7 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, key_to_relpath, parent_dirs
+from sidecar.core.paths import BadKey, folders_of, key_to_relpath
 from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
@@ -282,7 +282,7 @@ class SyncEngine:
             if exc.fatal or exc.not_found:
                 raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
             raise FatalSync(f"listing {self.config.remote_url} failed: {exc.message}") from None
-        folders = {d for path in listing.objects for d in parent_dirs(path)}
+        folders = folders_of(listing.objects)
         for path in sorted(folders & set(listing.objects)):
             obj = listing.objects.pop(path)
             if obj.size == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
@@ -44,6 +45,17 @@ def normalize_prefix(prefix: str) -> str:
 
 def check_relpath(relpath: str, what: str = "key") -> None:
     """Raise BadKey if relpath could not be a file path strictly inside the folder."""
+    if relpath.isascii() and 0 < len(relpath) <= MAX_NAME_BYTES and "\x00" not in relpath:
+        # The common case, decided with a few substring tests (a sync checks every key):
+        # short ASCII paths can only fail on empty, '.' or '..' segments.
+        framed = f"/{relpath}/"
+        if "//" not in framed and "/./" not in framed and "/../" not in framed:
+            return
+    check_relpath_fully(relpath, what)
+
+
+def check_relpath_fully(relpath: str, what: str = "key") -> None:
+    """check_relpath without its shortcut: every rule, one by one, with its own message."""
     if not relpath:
         raise BadKey(f"{what} is empty")
     if "\x00" in relpath:
@@ -95,6 +107,21 @@ def parent_dirs(relpath: str) -> list[str]:
     """'a/b/c' -> ['a', 'a/b']."""
     segments = relpath.split("/")[:-1]
     return ["/".join(segments[: i + 1]) for i in range(len(segments))]
+
+
+def folders_of(relpaths: Iterable[str]) -> set[str]:
+    """Every folder that holds one of relpaths, at any depth ({'a/b/c'} -> {'a', 'a/b'}).
+
+    Climbs from each file's own folder and stops at the first folder already seen: files
+    share folders, so this is about one set lookup per file.
+    """
+    folders: set[str] = set()
+    for relpath in relpaths:
+        folder = relpath.rpartition("/")[0]
+        while folder and folder not in folders:
+            folders.add(folder)
+            folder = folder.rpartition("/")[0]
+    return folders
 
 
 def conflict_name(relpath: str, when: datetime) -> str:

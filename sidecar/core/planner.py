@@ -22,7 +22,7 @@ from sidecar.core.model import (
     Plan,
     RemoteObject,
 )
-from sidecar.core.paths import conflict_name, parent_dirs
+from sidecar.core.paths import conflict_name, folders_of, parent_dirs
 
 
 class Change(enum.Enum):
@@ -217,11 +217,12 @@ def _drop_type_clashes(
         writes, deletes = ActionKind.UPLOAD, ActionKind.DELETE_REMOTE
         target = remote
         side = "bucket"
-    deleted = {a.path for a in out.actions if a.kind is deletes}
-    surviving = set(target) - deleted
     written = {a.path for a in out.actions if a.kind is writes}
-    final_files = surviving | written
-    final_dirs = {d for p in final_files for d in parent_dirs(p)}
+    if not written:
+        return  # nothing new is written: no new clash can arise
+    deleted = {a.path for a in out.actions if a.kind is deletes}
+    final_files = (set(target) - deleted) | written
+    final_dirs = folders_of(final_files)
     kept: list[Action] = []
     for action in out.actions:
         if action.kind is writes:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from sidecar.core.filters import PathFilter
+import pathspec
+
+from sidecar.core.filters import PathFilter, _matcher
 from sidecar.core.paths import temp_name
 
 
@@ -39,3 +41,75 @@ def test_includes_restrict_to_matching_paths() -> None:
     assert not f.wants("data/x.csv")
     f2 = PathFilter(include=["models/"], exclude=["*.tmp"])
     assert not f2.wants("models/x.tmp")
+
+
+PATTERNS = [
+    ".ipynb_checkpoints/",
+    "__pycache__/",
+    "*.tmp",
+    "/top.txt",
+    "dir/",
+    "a/**/b",
+    "**/logs",
+    "data/*.csv",
+    "*.py[cod]",
+    "# comment",
+    "",
+    "build",
+    "x?z",
+    "/root-only/",
+    "\\#literal",
+    "trailing\\ ",
+]
+PATHS = [
+    "top.txt",
+    "sub/top.txt",
+    "a.tmp",
+    "d/e/f.tmp",
+    "dir/x",
+    "x/dir/y",
+    "dirx/y",
+    "a/b",
+    "a/q/r/b",
+    "a/b/c",
+    "logs",
+    "p/logs/q",
+    "data/x.csv",
+    "data/sub/x.csv",
+    "m.pyc",
+    "m.py",
+    "build",
+    "build/out",
+    "xbuild",
+    "xyz",
+    "x/z",
+    "root-only/f",
+    "n/root-only/f",
+    "#literal",
+    "trailing ",
+    ".ipynb_checkpoints/n.ipynb",
+    "deep/__pycache__/m.pyc",
+    "dir/",
+    "q/dir/",
+    "build/",
+]
+
+
+def test_negation_free_matcher_agrees_with_pathspec_on_every_pattern_and_path() -> None:
+    for size in (1, 2, 3):
+        for start in range(len(PATTERNS) - size + 1):
+            spec = pathspec.GitIgnoreSpec.from_lines(PATTERNS[start : start + size])
+            fast = _matcher(spec)
+            for path in PATHS:
+                assert fast(path) == spec.match_file(path), (PATTERNS[start : start + size], path)
+    spec = pathspec.GitIgnoreSpec.from_lines(PATTERNS)
+    fast = _matcher(spec)
+    assert fast is not spec.match_file
+    assert [fast(p) for p in PATHS] == [spec.match_file(p) for p in PATHS]
+
+
+def test_negations_keep_pathspec_rules() -> None:
+    spec = pathspec.GitIgnoreSpec.from_lines(["*.tmp", "!keep.tmp"])
+    assert _matcher(spec) == spec.match_file
+    assert PathFilter(exclude=["*.tmp", "!keep.tmp"]).wants("keep.tmp")
+    assert not PathFilter(exclude=["*.tmp", "!keep.tmp"]).wants("drop.tmp")

@@ -7,8 +7,11 @@ import pytest
 from sidecar.core.paths import (
     BadKey,
     check_mount_folder,
+    check_relpath,
+    check_relpath_fully,
     check_volume_name,
     conflict_name,
+    folders_of,
     is_temp_name,
     key_to_relpath,
     normalize_prefix,
@@ -106,3 +109,32 @@ def test_valid_mount_folders(path: str) -> None:
 def test_invalid_mount_folders(path: str) -> None:
     with pytest.raises(ValueError, match="folder"):
         check_mount_folder(path)
+
+
+def _verdict(check: object, relpath: str) -> str | None:
+    try:
+        check(relpath)  # type: ignore[operator]
+    except BadKey as exc:
+        return str(exc)
+    return None
+
+
+def test_check_relpath_shortcut_agrees_with_every_rule_on_all_short_paths() -> None:
+    """Every path of up to 6 characters over the characters that matter, plus long ones."""
+    alphabet = ["a", ".", "/", "\x00", "é"]
+    paths = [""]
+    frontier = [""]
+    for _ in range(6):
+        frontier = [p + c for p in frontier for c in alphabet]
+        paths.extend(frontier)
+    paths += ["a" * 255, "a" * 256, "d/" + "a" * 255, "/".join(["a" * 200] * 21), "a/" * 127 + "b"]
+    for relpath in paths:
+        assert _verdict(check_relpath, relpath) == _verdict(check_relpath_fully, relpath), relpath
+
+
+def test_folders_of_is_every_parent_of_every_path() -> None:
+    paths = ["a/b/c.txt", "a/b/d.txt", "a/e.txt", "top.txt", "x/y/z/w.bin", "x/q.bin", "a/b"]
+    assert folders_of(paths) == {d for p in paths for d in parent_dirs(p)}
+    assert folders_of(paths) == {"a", "a/b", "x", "x/y", "x/y/z"}
+    assert folders_of([]) == set()
+    assert folders_of(["only.txt"]) == set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.s3 import _http_error, _parse_listing, decode_listed_key
 
 
@@ -27,6 +29,50 @@ def test_listing_page_with_namespace_quotes_and_continuation() -> None:
 def test_last_page_has_no_token() -> None:
     body = b"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"
     assert _parse_listing(body) == ([], None)
+
+
+def test_listing_page_as_rclone_and_other_servers_write_it() -> None:
+    """Numeric entities, any field order, no namespace, KeyCount, raw keys with entities."""
+    body = b"""<ListBucketResult><KeyCount>2</KeyCount><IsTruncated>false</IsTruncated>
+  <Contents><ETag>&#34;e1&#34;</ETag><Size>10</Size><Key>a&amp;b &lt;c&gt;.txt</Key>
+    <LastModified>2026-11-23T10:00:00.000Z</LastModified>
+    <Owner><ID>x</ID><DisplayName>y</DisplayName></Owner></Contents>
+  <Contents><Key>%C3%A9</Key><Size>1</Size><ETag>&#x22;e2&#x22;</ETag></Contents>
+</ListBucketResult>"""
+    page, token = _parse_listing(body)
+    assert token is None
+    assert [(o.key, o.size, o.etag, o.last_modified) for o in page] == [
+        ("a&b <c>.txt", 10, "e1", "2026-11-23T10:00:00.000Z"),
+        ("%C3%A9", 1, "e2", ""),  # no EncodingType: the server did not url-encode
+    ]
+
+
+def test_listing_token_may_follow_the_entries() -> None:
+    body = b"""<ListBucketResult><EncodingType>url</EncodingType>
+  <Contents><Key>%C3%A9</Key><Size>1</Size><ETag>e</ETag></Contents>
+  <IsTruncated>true</IsTruncated><NextContinuationToken>a&amp;b</NextContinuationToken>
+</ListBucketResult>"""
+    page, token = _parse_listing(body)
+    assert [o.key for o in page] == ["\u00e9"]
+    assert token == "a&b"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"<html>gateway says hello</html>", "not a ListBucketResult"),
+        (b"", "not a ListBucketResult"),
+        (b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>", "without a Next"),
+        (
+            b"<ListBucketResult><KeyCount>3</KeyCount><Contents><Key>a</Key></Contents>"
+            b"</ListBucketResult>",
+            "KeyCount says 3 objects, the page lists 1",
+        ),
+    ],
+)
+def test_damaged_listing_pages_are_refused_not_read_as_empty(body: bytes, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        _parse_listing(body)
 
 
 def test_errors_name_the_key_and_mark_credentials_fatal() -> None:
