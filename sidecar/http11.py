@@ -4,8 +4,13 @@ Why not aiohttp's client: profiled over 1,000 small GETs against `rclone serve s
 ClientSession spent ~260 us of CPU per request (timers, URL objects, multidicts, trace and
 cookie hooks), more than all the rest of the work a small-file sync does per file, and importing
 it costs a one-shot sync ~120 ms (it builds two SSL contexts at import). S3 answers are plain
-HTTP/1.1 (a status line, headers, a Content-Length or chunked body), which asyncio streams
-read well; this module is only that, plus a pool of kept-alive connections.
+HTTP/1.1 (a status line, headers, a Content-Length or chunked body); this module reads them
+with one asyncio.BufferedProtocol per connection, and a pool keeps connections alive.
+
+Why a buffered protocol rather than asyncio streams: a large body is received straight into
+the caller's buffer (Response.read_into), so a download costs one copy out of the kernel and
+one into the file. StreamReader copied every byte twice more on the way (profiled: 0.35 s of
+CPU per GiB, a fifth of a 1 GiB pull).
 
 Errors: every failure is an OSError a caller can retry (ConnectError when no connection could
 be made, ProtocolError when the server broke an exchange, TimeoutError when it went silent for
@@ -19,8 +24,9 @@ import ssl
 import time
 from collections.abc import Mapping
 
-BUFFER_LIMIT = 1 << 20  # per connection: the socket is paused beyond twice this
+STAGING_BYTES = 256 * 1024  # per connection: heads, small bodies, and what arrives unasked
 PREFETCH_BODY = 256 * 1024  # bodies up to this size are read with the head, in one go
+MAX_HEAD_BYTES = 1024 * 1024  # status line + headers; S3 heads are a few hundred bytes
 WRITE_SLICE = 1 << 20  # big request bodies are written in slices with drains between
 IDLE_SECONDS = 15.0  # kept-alive connections older than this are closed, not reused
 
@@ -33,34 +39,209 @@ class ProtocolError(ConnectionError):
     """The server broke the exchange: closed early or answered with something not HTTP/1.1."""
 
 
-class _Connection:
-    __slots__ = ("idle_since", "reader", "writer")
+class _StaleConnection(Exception):
+    """A reused connection turned out closed before any byte of the answer arrived."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+
+class _Connection(asyncio.BufferedProtocol):
+    """One TCP (or TLS) connection: bytes land in a staging buffer, or straight in the
+    buffer a read_into() caller is waiting on."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray(STAGING_BYTES)
+        self._view = memoryview(self._buffer)
+        self._start = 0  # unread staged bytes are _buffer[_start:_end]
+        self._end = 0
+        self._target: memoryview | None = None  # a read_into() caller's buffer
+        self._received = 0  # bytes landed in _target
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._eof = False
+        self._lost: BaseException | None = None
         self.idle_since = 0.0
 
+    # ---- asyncio's side --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._received :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buffer):  # room only at the front: move the rest there
+            unread = self._end - self._start
+            self._buffer[:unread] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, unread
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._received += nbytes
+            if self._received == len(self._target):
+                self._target = None  # full: anything more waits in the staging buffer
+        else:
+            self._end += nbytes
+            if self._end - self._start == len(self._buffer) and self.transport is not None:
+                self.transport.pause_reading()  # nobody reads: stop taking bytes in
+                self._read_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = exc or ConnectionResetError("the server closed the connection")
+        self._wake()
+        writer = self._write_waiter
+        if writer is not None and not writer.done():
+            writer.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        writer = self._write_waiter
+        if writer is not None and not writer.done():
+            writer.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- our side --------------------------------------------------------------------
     def usable(self, now: float) -> bool:
         return (
-            not self.reader.at_eof()
-            and not self.writer.transport.is_closing()
+            not self._eof
+            and self.transport is not None
+            and not self.transport.is_closing()
             and now - self.idle_since < IDLE_SECONDS
+            and self._start == self._end  # nothing unasked-for arrived while idle
         )
 
     def close(self) -> None:
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def received_nothing(self) -> bool:
+        return self._start == self._end
+
+    async def _more(self) -> None:
+        """Until more bytes arrive or the connection ends."""
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self._lost is not None or self.transport is None:
+            raise ConnectionResetError("the server closed the connection")
+        self.transport.write(data)
+        if self._write_paused:
+            waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._write_waiter = None
+            if self._lost is not None:
+                raise ConnectionResetError("the server closed the connection mid-request")
+
+    async def read_until(self, separator: bytes, limit: int) -> bytes:
+        """Staged bytes up to and including separator; b"" if the connection ended first
+        with nothing staged (the caller decides what that means)."""
+        searched = self._start
+        while True:
+            found = self._buffer.find(separator, searched, self._end)
+            if found >= 0:
+                end = found + len(separator)
+                line = bytes(self._view[self._start : end])
+                self._start = end
+                return line
+            if self._end - self._start >= limit:
+                raise ProtocolError(f"an answer line or head is longer than {limit} bytes")
+            if self._end - self._start == len(self._buffer):
+                self._grow()
+            if self._eof:
+                if self._start == self._end:
+                    return b""
+                raise ProtocolError("the server closed the connection mid-answer")
+            searched = max(self._start, self._end - len(separator) + 1)
+            offset = searched - self._start
+            await self._more()
+            searched = self._start + offset
+
+    def _grow(self) -> None:
+        """A head larger than the staging buffer (rare: S3 heads are small)."""
+        unread = bytes(self._view[self._start : self._end])
+        self._buffer = bytearray(len(self._buffer) * 2)
+        self._buffer[: len(unread)] = unread
+        self._view = memoryview(self._buffer)
+        self._start, self._end = 0, len(unread)
+
+    async def read_into(self, dest: memoryview) -> int:
+        """Up to len(dest) bytes into dest; 0 only when the connection ended."""
+        staged = self._end - self._start
+        if staged:
+            count = min(staged, len(dest))
+            dest[:count] = self._view[self._start : self._start + count]
+            self._start += count
+            if self._read_paused and self.transport is not None:
+                self._read_paused = False
+                self.transport.resume_reading()
+            return count
+        if self._eof or not len(dest):
+            return 0
+        self._target = dest
+        self._received = 0
+        try:
+            while self._received == 0 and not self._eof:
+                await self._more()
+        finally:
+            count = self._received
+            self._target = None
+        return count
+
+    async def read_exactly(self, count: int) -> bytes:
+        if self._end - self._start >= count:
+            data = bytes(self._view[self._start : self._start + count])
+            self._start += count
+            return data
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < count:
+            got = await self.read_into(view[filled:])
+            if not got:
+                raise ProtocolError(
+                    f"the server closed the connection {count - filled} bytes early"
+                )
+            filled += got
+        return bytes(buffer)
 
 
 class Response:
-    """Status, headers (lower-case names) and the body, read with read()/read_all().
-
-    release() hands the connection back to the pool when the body was read to its end, and
-    closes it otherwise; call it exactly once.
-    """
+    """Status, headers (lower-case names) and the body, read with read(), read_into() or
+    read_all(); `body` is the whole body already, when it was small enough to come with the
+    head. release() hands the connection back to the pool when the body was read to its end,
+    and closes it otherwise; call it once."""
 
     __slots__ = (
-        "_body",
         "_chunk_left",
         "_chunked",
         "_conn",
@@ -69,6 +250,7 @@ class Response:
         "_pool",
         "_remaining",
         "_until_eof",
+        "body",
         "headers",
         "reason",
         "status",
@@ -87,9 +269,9 @@ class Response:
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.body: bytes | None = None
         self._pool = pool
         self._conn: _Connection | None = conn
-        self._body: bytes | None = None
         self._remaining = 0
         self._chunked = False
         self._chunk_left = 0
@@ -98,6 +280,7 @@ class Response:
         self._done = False
         if not has_body:
             self._done = True
+            self.body = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._chunked = True
         elif "content-length" in headers:
@@ -107,7 +290,6 @@ class Response:
                 raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
             if self._remaining < 0:
                 raise ProtocolError(f"bad Content-Length {self._remaining}")
-            self._done = self._remaining == 0
         else:  # HTTP/1.0 style: the body ends when the server closes
             self._until_eof = True
             self._keep_alive = False
@@ -116,7 +298,7 @@ class Response:
         """Read a small Content-Length body now, so the connection is free at once."""
         fixed_length = not (self._done or self._chunked or self._until_eof)
         if fixed_length and self._remaining <= PREFETCH_BODY:
-            self._body = await _read_exactly(self._live().reader, self._remaining)
+            self.body = await self._live().read_exactly(self._remaining)
             self._remaining = 0
             self._done = True
 
@@ -125,55 +307,79 @@ class Response:
             raise ProtocolError("the response was already released")
         return self._conn
 
+    async def read_into(self, dest: memoryview) -> int:
+        """Up to len(dest) bytes of the body into dest; 0 at its end. Content-Length bodies
+        land there straight from the socket."""
+        if self.body is not None:
+            data, self.body = self.body, b""
+            if len(data) > len(dest):
+                raise ValueError("read_into: the buffer is smaller than the read-ahead body")
+            dest[: len(data)] = data
+            return len(data)
+        if self._done:
+            return 0
+        if self._chunked or self._until_eof:
+            data = await self.read(len(dest))
+            dest[: len(data)] = data
+            return len(data)
+        conn = self._live()
+        async with asyncio.timeout(self._pool.read_timeout):
+            count = await conn.read_into(dest[: min(len(dest), self._remaining)])
+        if not count:
+            raise ProtocolError(f"the server closed the connection {self._remaining} bytes early")
+        self._remaining -= count
+        self._done = self._remaining == 0
+        return count
+
     async def read(self, limit: int) -> bytes:
         """Up to `limit` bytes of the body (fewer if that is what arrived); b"" at its end."""
-        if self._body is not None:
-            data, self._body = self._body, None
+        if self.body is not None:
+            data, self.body = self.body, b""
             return data
         if self._done:
             return b""
+        if not (self._chunked or self._until_eof):
+            buffer = bytearray(min(limit, self._remaining))
+            count = await self.read_into(memoryview(buffer))
+            del buffer[count:]
+            return bytes(buffer)
         conn = self._live()
         async with asyncio.timeout(self._pool.read_timeout):
             if self._chunked:
-                return await self._read_chunk(conn.reader, limit)
-            if self._until_eof:
-                data = await conn.reader.read(limit)
-                self._done = not data
-                return data
-            data = await conn.reader.read(min(limit, self._remaining))
-        if not data:
-            raise ProtocolError(f"the server closed the connection {self._remaining} bytes early")
-        self._remaining -= len(data)
-        self._done = self._remaining == 0
-        return data
+                return await self._read_chunk(conn, limit)
+            buffer = bytearray(limit)
+            count = await conn.read_into(memoryview(buffer))
+            self._done = not count
+            return bytes(buffer[:count])
 
-    async def _read_chunk(self, reader: asyncio.StreamReader, limit: int) -> bytes:
+    async def _read_chunk(self, conn: _Connection, limit: int) -> bytes:
         if self._chunk_left == 0:
-            line = await _read_line(reader)
+            line = await _read_line(conn)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
             except ValueError:
                 raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
             if size == 0:
-                while await _read_line(reader) != b"\r\n":  # trailers, then the blank line
+                while await _read_line(conn) != b"\r\n":  # trailers, then the blank line
                     pass
                 self._done = True
                 return b""
             self._chunk_left = size
-        data = await reader.read(min(limit, self._chunk_left))
-        if not data:
+        buffer = bytearray(min(limit, self._chunk_left))
+        count = await conn.read_into(memoryview(buffer))
+        if not count:
             raise ProtocolError("the server closed the connection inside a chunk")
-        self._chunk_left -= len(data)
-        if self._chunk_left == 0 and await _read_exactly(reader, 2) != b"\r\n":
+        self._chunk_left -= count
+        if self._chunk_left == 0 and await conn.read_exactly(2) != b"\r\n":
             raise ProtocolError("a chunk did not end with CRLF")
-        return data
+        return bytes(buffer[:count])
 
     async def read_all(self) -> bytes:
-        if self._body is not None and self._done:
-            data, self._body = self._body, None
+        if self.body is not None:
+            data, self.body = self.body, b""
             return data
         pieces = []
-        while data := await self.read(BUFFER_LIMIT):
+        while data := await self.read(STAGING_BYTES):
             pieces.append(data)
         return b"".join(pieces)
 
@@ -216,13 +422,14 @@ class ConnectionPool:
         self._closed = False
 
     async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(
+                _transport, conn = await loop.create_connection(
+                    _Connection,
                     self.host,
                     self.port,
                     ssl=self._ssl,
-                    limit=BUFFER_LIMIT,
                     server_hostname=self.host if self._ssl else None,
                 )
         except TimeoutError:
@@ -233,7 +440,7 @@ class ConnectionPool:
         except OSError as exc:
             cause = exc.strerror or str(exc) or type(exc).__name__
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {cause}") from None
-        return _Connection(reader, writer)
+        return conn
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -290,32 +497,30 @@ class ConnectionPool:
     async def _exchange(
         self, conn: _Connection, method: str, head: bytes, body: bytes | memoryview | None
     ) -> Response:
-        writer = conn.writer
         async with asyncio.timeout(self.read_timeout) as deadline:
             try:
                 if body is None or len(body) <= PREFETCH_BODY:
-                    writer.write(head + bytes(body) if body else head)
+                    await conn.write(head + bytes(body) if body else head)
                 else:
-                    writer.write(head)
+                    await conn.write(head)
                     view = memoryview(body)
+                    loop = asyncio.get_running_loop()
                     for start in range(0, len(view), WRITE_SLICE):
                         # asyncio copies what the socket does not take at once: slices
                         # bound that copy (one 16 MiB write would cost 16 MiB more RSS).
-                        writer.write(view[start : start + WRITE_SLICE])
-                        await writer.drain()
-                        deadline.reschedule(asyncio.get_running_loop().time() + self.read_timeout)
-                head = await conn.reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if not exc.partial:
-                    raise _StaleConnection from None
-                raise ProtocolError("the server closed the connection mid-answer") from None
+                        await conn.write(view[start : start + WRITE_SLICE])
+                        deadline.reschedule(loop.time() + self.read_timeout)
+                raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
             except (ConnectionResetError, BrokenPipeError):
-                raise _StaleConnection from None
-            except asyncio.LimitOverrunError:
-                raise ProtocolError("the answer's head is too long") from None
-            status, reason, version, headers = _parse_head(head)
+                if conn.received_nothing:
+                    raise _StaleConnection from None
+                raise
+            if not raw:
+                raise _StaleConnection
+            status, reason, version, headers = _parse_head(raw)
             while 100 <= status < 200:  # 1xx: the real answer follows
-                status, reason, version, headers = _parse_head(await _read_head(conn.reader))
+                raw = await _read_head(conn)
+                status, reason, version, headers = _parse_head(raw)
             connection = headers.get("connection", "").lower()
             if version == "HTTP/1.1":
                 keep_alive = connection != "close"
@@ -335,36 +540,18 @@ class ConnectionPool:
         self._idle.clear()
 
 
-class _StaleConnection(Exception):
-    """A reused connection turned out closed before any byte of the answer arrived."""
+async def _read_line(conn: _Connection) -> bytes:
+    line = await conn.read_until(b"\r\n", MAX_HEAD_BYTES)
+    if not line:
+        raise ProtocolError("the server closed the connection mid-answer")
+    return line
 
 
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        return await reader.readuntil(b"\r\n")
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("the server closed the connection mid-answer") from None
-    except asyncio.LimitOverrunError:
-        raise ProtocolError("an answer line is too long") from None
-
-
-async def _read_head(reader: asyncio.StreamReader) -> bytes:
-    """Status line and headers, up to and including the blank line."""
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("the server closed the connection inside the headers") from None
-    except asyncio.LimitOverrunError:
-        raise ProtocolError("the answer's head is too long") from None
-
-
-async def _read_exactly(reader: asyncio.StreamReader, count: int) -> bytes:
-    try:
-        return await reader.readexactly(count)
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError(
-            f"the server closed the connection {count - len(exc.partial)} bytes early"
-        ) from None
+async def _read_head(conn: _Connection) -> bytes:
+    head = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
+    if not head:
+        raise ProtocolError("the server closed the connection inside the headers")
+    return head
 
 
 def _parse_head(head: bytes) -> tuple[int, str, str, dict[str, str]]:

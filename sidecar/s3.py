@@ -26,6 +26,8 @@ from sidecar.http11 import ConnectError, ConnectionPool, Response
 T = TypeVar("T")
 
 USER_AGENT = "netvol-sidecar"
+# Per body stream; a recv fills at most this much at once, and only touched pages count.
+READ_BUFFER_BYTES = 256 * 1024
 
 # User-metadata names (x-amz-meta-*) we store with every object we write.
 META_HASH = "xxh3-128"
@@ -214,6 +216,7 @@ class ObjectStore:
         self._region = "us-east-1"
         self._signer: Signer | None = None
         self._pool: ConnectionPool | None = None
+        self._read_buffers: list[bytearray] = []  # reused by get_range, one per stream
         self._host = ""
         self._path_prefix = ""
 
@@ -468,13 +471,14 @@ class ObjectStore:
         offset: int,
         length: int,
         etag: str | None,
-        sink: Callable[[int, bytes], Awaitable[None] | None],
-        chunk: int = 1024 * 1024,
+        sink: Callable[[int, bytes | memoryview], Awaitable[None] | None],
     ) -> dict[str, str]:
         """Stream bytes [offset, offset+length) to sink(offset, data); returns the metadata.
 
         length < 0 means the whole object. Pinned to `etag` with If-Match so the parts of
         one download never mix two versions. The slot is held while the body streams.
+        `data` is only valid during the sink call (it is a view of a reused buffer): the
+        body goes from the socket into that buffer and from there to the sink, uncopied.
         """
         headers: dict[str, str] = {}
         if length >= 0 and (offset or length):
@@ -486,19 +490,31 @@ class ObjectStore:
             try:
                 response = await self._send("GET", key, headers=headers)
                 position = offset
+                buffer: bytearray | None = None
                 try:
-                    while True:
-                        data = await response.read(chunk)
-                        if not data:
-                            break
-                        maybe = sink(position, data)
+                    if response.body is not None:  # small: it came with the head
+                        maybe = sink(position, response.body)
                         if maybe is not None:
                             await maybe
-                        position += len(data)
+                        position += len(response.body)
+                    else:
+                        buffer = (
+                            self._read_buffers.pop()
+                            if self._read_buffers
+                            else bytearray(READ_BUFFER_BYTES)
+                        )
+                        view = memoryview(buffer)
+                        while count := await response.read_into(view):
+                            maybe = sink(position, view[:count])
+                            if maybe is not None:
+                                await maybe
+                            position += count
                 except HTTP_TRANSIENT as exc:
                     raise _error_from(key, exc) from exc
                 finally:
                     response.release()
+                    if buffer is not None and len(self._read_buffers) < self.settings.concurrency:
+                        self._read_buffers.append(buffer)
                 if length >= 0 and position - offset != length:
                     raise S3Error(
                         key, "ShortRead", f"expected {length} bytes, got {position - offset}"

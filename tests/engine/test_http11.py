@@ -333,3 +333,59 @@ async def test_bad_content_length_is_a_protocol_error() -> None:
 def test_unsupported_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         ConnectionPool("ftp", "h", 21, connect_timeout=1, read_timeout=1, max_idle=1)
+
+
+async def test_read_into_takes_a_large_body_straight_into_the_callers_buffer() -> None:
+    payload = os.urandom(5 * 1024 * 1024 + 3)
+
+    async with scripted(lambda r, w, s: keep_answering(r, w, s, payload)) as (server, pool):
+        for _ in range(2):
+            response = await pool.request("GET", "/b/k", {"Host": "h"})
+            assert response.body is None  # too big to come with the head
+            buffer = bytearray(100_000)
+            view = memoryview(buffer)
+            received = bytearray()
+            while count := await response.read_into(view):
+                received += view[:count]
+            response.release()
+            assert received == payload
+        assert server.connections == 1
+
+
+async def test_a_body_nobody_reads_for_a_while_pauses_the_socket_and_arrives_whole() -> None:
+    payload = os.urandom(4 * 1024 * 1024)
+
+    async with scripted(lambda r, w, s: keep_answering(r, w, s, payload)) as (_server, pool):
+        response = await pool.request("GET", "/b/k", {"Host": "h"})
+        await asyncio.sleep(0.2)  # the staging buffer fills; reading must pause, not grow
+        conn = response._conn
+        assert conn is not None and len(conn._buffer) == 256 * 1024
+        assert await response.read_all() == payload
+        response.release()
+
+
+async def test_heads_larger_than_the_staging_buffer_are_read() -> None:
+    filler = "".join(f"X-Amz-Meta-F{i}: {'v' * 200}\r\n" for i in range(2000))  # ~420 KiB
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(answer(200, b"ok", filler))
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        assert response.headers["x-amz-meta-f1999"] == "v" * 200
+        assert await response.read_all() == b"ok"
+        response.release()
+
+
+async def test_an_endless_head_is_refused() -> None:
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(40):
+            writer.write(b"X-Pad: " + b"p" * 65536 + b"\r\n")
+            await writer.drain()
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(ProtocolError, match="longer than"):
+            await pool.request("GET", "/", {"Host": "h"})
