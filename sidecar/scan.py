@@ -1,4 +1,5 @@
-"""Local scan: walk the folder, stat every file, hash only what changed since last time.
+"""Local scan: walk the folder, stat every file; hashes come from the cache of the last scan,
+and hash_files() computes the rest, only for the paths whose decision needs one.
 
 Symlinks are never followed and never synced (documented in README); special files are
 skipped; stale temp files of an interrupted run are removed.
@@ -12,11 +13,11 @@ import os
 import stat as stat_mod
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sidecar.core.filters import PathFilter
-from sidecar.core.model import FileError, LocalFile
+from sidecar.core.model import UNHASHED, FileError, LocalFile
 from sidecar.core.paths import BadKey, check_relpath, is_temp_name
 from sidecar.hashing import content_hash_file
 
@@ -36,7 +37,7 @@ class _Stat:
 
 @dataclass(slots=True)
 class ScanResult:
-    files: dict[str, LocalFile] = field(default_factory=dict)
+    files: dict[str, LocalFile] = field(default_factory=dict)  # hash may be UNHASHED
     errors: list[FileError] = field(default_factory=list)
     temps_removed: int = 0
     symlinks_skipped: int = 0
@@ -122,29 +123,39 @@ async def scan(
     hash_cache: Mapping[str, tuple[int, int, int, str]],
     executor: ThreadPoolExecutor,
 ) -> ScanResult:
-    """Scan root; hash_cache maps path -> (size, mtime_ns, inode, hash) from the last scan."""
+    """Scan root; hash_cache maps path -> (size, mtime_ns, inode, hash) from the last scan.
+
+    A file whose stat matches its cache entry gets the cached hash, any other UNHASHED.
+    """
     out = ScanResult()
     loop = asyncio.get_running_loop()
     stats = await loop.run_in_executor(executor, _walk, root, path_filter, out)
-    to_hash: list[str] = []
     for rel, st in stats.items():
         cached = hash_cache.get(rel)
-        if cached is not None and cached[:3] == (st.size, st.mtime_ns, st.inode):
-            out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, cached[3])
-        else:
-            to_hash.append(rel)
+        known = cached is not None and cached[:3] == (st.size, st.mtime_ns, st.inode)
+        digest = cached[3] if known and cached is not None else UNHASHED
+        out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, digest)
+    return out
+
+
+async def hash_files(
+    root: Path, scanned: ScanResult, rels: list[str], executor: ThreadPoolExecutor
+) -> None:
+    """Fill in the hashes of scanned.files[rel] for rels; unreadable files become errors
+    (and leave scanned.files)."""
+    loop = asyncio.get_running_loop()
+    files = scanned.files
     # Big files first so a pool of workers finishes together; small ones go in batches, as
     # one executor hand-off per 16 KiB file cost more than hashing it (0.58 s for 5,000).
-    to_hash.sort(key=lambda rel: -stats[rel].size)
-    batches = _batches(to_hash, [stats[rel].size for rel in to_hash])
+    to_hash = sorted(rels, key=lambda rel: -files[rel].size)
+    batches = _batches(to_hash, [files[rel].size for rel in to_hash])
     results = await asyncio.gather(
         *(loop.run_in_executor(executor, _hash_batch, root, batch) for batch in batches)
     )
     digests = [digest for batch in results for digest in batch]
     for rel, digest in zip(to_hash, digests, strict=True):
         if isinstance(digest, FileError):
-            out.errors.append(digest)
+            scanned.errors.append(digest)
+            del files[rel]
             continue
-        st = stats[rel]
-        out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, digest)
-    return out
+        files[rel] = replace(files[rel], hash=digest)

@@ -18,12 +18,12 @@ import os
 import stat as stat_mod
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sidecar.core.model import Action, FileError, LocalFile, RemoteObject
+from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
 from sidecar.core.parts import part_size_for, split_ranges
 from sidecar.core.paths import conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
@@ -325,21 +325,32 @@ class Transfers:
         )
 
     async def _current(self, relpath: str, planned: LocalFile) -> LocalFile:
-        """The file as it is now: re-hashed if it changed since the scan."""
+        """The file as it is now: `planned` if its stat did not change since the scan, else
+        the new stat. A multipart upload also needs the hash first (it goes in the metadata
+        at the start); a whole-object upload hashes the bytes it sends instead."""
         path = self.root / relpath
         try:
             st = os.stat(path)
         except OSError as exc:
             raise TransferError(relpath, _os_reason("cannot read", exc)) from None
         if _stat_key(st) == _local_key(planned):
-            return planned
+            local = planned
+        else:
+            local = LocalFile(
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ino,
+                bool(st.st_mode & stat_mod.S_IXUSR),
+                UNHASHED,
+            )
+        if local.size < self.settings.multipart_threshold or local.hash:
+            return local
         try:
             digest = str(await self._in_thread(content_hash_file, path))
         except OSError as exc:
             raise TransferError(relpath, _os_reason("cannot read", exc)) from None
-        return LocalFile(
-            st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR), digest
-        )
+        # Hashed after the stat: a change during hashing shows as a new stat before Complete.
+        return replace(local, hash=digest)
 
     def _unchanged(self, relpath: str, local: LocalFile) -> bool:
         try:

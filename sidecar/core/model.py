@@ -11,6 +11,10 @@ class Direction(enum.StrEnum):
     FINALIZE = "finalize"  # local folder -> bucket
 
 
+# LocalFile.hash of a file seen but not hashed: not needed for a decision (see sync.py).
+UNHASHED = ""
+
+
 @dataclass(frozen=True, slots=True)
 class LocalFile:
     size: int

@@ -467,3 +467,53 @@ async def test_empty_key_shadowing_a_folder_is_a_folder_marker(
     result = await sync(config(bucket, local, workdir / "s"), PULL)
     assert result.ok and not result.errors, result.as_dict()
     assert tree(local) == {"d/x.txt": b"x"}
+
+
+async def test_new_files_are_read_once_and_hashed_only_where_a_decision_needs_it(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first finalize hashes the bytes it sends, not the files beforehand; files that meet
+    an object or a BASE entry are hashed before planning; big files before their upload."""
+    import sidecar.scan
+    import sidecar.transfer
+
+    hashed: list[str] = []
+    original = sidecar.scan.content_hash_file
+
+    def counting(path: Any) -> str:
+        hashed.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(sidecar.scan, "content_hash_file", counting)
+    monkeypatch.setattr(sidecar.transfer, "content_hash_file", counting)
+    bucket = moto.new_bucket()
+    a, b = workdir / "a", workdir / "b"
+    for i in range(20):
+        write(a / f"small{i}.txt", f"content {i}".encode())
+    write(a / "big.bin", os.urandom(6 * MiB))
+
+    first = await sync(config(bucket, a, workdir / "sa"), FIN)
+    assert first.ok and first.files_transferred == 21, first.as_dict()
+    assert hashed == ["big.bin"]  # the multipart upload needs it up front; nothing else
+
+    hashed.clear()
+    again = await sync(config(bucket, a, workdir / "sa"), FIN)
+    assert again.ok and again.files_transferred == 0 and hashed == []  # all cached by the upload
+
+    # Another folder with the same files and no BASE: each meets an object, so each is hashed
+    # to learn it is already there (adopted, not sent).
+    for path in a.iterdir():
+        write(b / path.name, path.read_bytes())
+    hashed.clear()
+    adopt = await sync(config(bucket, b, workdir / "sb"), FIN)
+    assert adopt.ok and adopt.files_transferred == 0, adopt.as_dict()
+    assert sorted(hashed) == sorted(p.name for p in a.iterdir())
+
+    # A file changed since the last sync has a BASE entry: hashed before planning.
+    write(a / "small3.txt", b"changed")
+    hashed.clear()
+    changed = await sync(config(bucket, a, workdir / "sa"), FIN)
+    assert changed.ok and changed.files_transferred == 1 and hashed == ["small3.txt"]
+
+    pulled = await sync(config(bucket, workdir / "c", workdir / "sc"), PULL)
+    assert pulled.ok and tree(workdir / "c") == tree(a)  # the metadata hashes were right
