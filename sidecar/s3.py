@@ -216,6 +216,7 @@ class ObjectStore:
         self._region = "us-east-1"
         self._signer: Signer | None = None
         self._pool: ConnectionPool | None = None
+        self._env_credentials: tuple[str, str, str | None] | None = None
         self._read_buffers: list[bytearray] = []  # reused by get_range, one per stream
         self._host = ""
         self._path_prefix = ""
@@ -224,6 +225,9 @@ class ObjectStore:
         self._region = (
             os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:  # a process's environment does not change: read it once
+            self._env_credentials = (key, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         scheme, host, port = self._configure_urls(endpoint_from_env(), self._region)
         self._pool = ConnectionPool(
             scheme,
@@ -276,9 +280,8 @@ class ObjectStore:
         return self._session
 
     async def _frozen_credentials(self) -> tuple[str, str, str | None]:
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:  # the common case in a pod: keys from a Secret, as env
-            return key, secret, os.environ.get("AWS_SESSION_TOKEN") or None
+        if self._env_credentials is not None:  # the common case in a pod: a Secret, as env
+            return self._env_credentials
         if self._credentials is None:
             # Files, profiles, IRSA, instance roles: botocore's provider chain, refreshed
             # by botocore when the credentials expire.

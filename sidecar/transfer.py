@@ -76,9 +76,22 @@ def _local_key(local: LocalFile) -> tuple[int, int, int]:
     return (local.size, local.mtime_ns, local.inode)
 
 
-def _mode_for(executable: bool) -> int:
-    umask = os.umask(0)
+def _current_umask() -> int:
+    """The process umask, read without setting it where Linux allows (os.umask sets it,
+    and a file another thread creates meanwhile would get mode 0o666)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
     os.umask(umask)
+    return umask
+
+
+def _mode_for(executable: bool, umask: int) -> int:
     return (0o777 if executable else 0o666) & ~umask
 
 
@@ -103,6 +116,8 @@ class Transfers:
     ) -> None:
         self.store = store
         self.root = root
+        self._root = str(root)
+        self._umask = _current_umask()
         self.prefix = prefix
         self.settings = settings
         self.state = state
@@ -113,6 +128,10 @@ class Transfers:
         self._dirs_ok: set[str] = set()
 
     # ---- helpers ---------------------------------------------------------------------
+    def _abs(self, relpath: str) -> str:
+        # Plain strings: a pathlib join per file cost more than the syscalls it feeds.
+        return f"{self._root}/{relpath}"
+
     def _count(self, nbytes: int) -> None:
         if self.progress is not None:
             self.progress.add_bytes(nbytes)
@@ -125,7 +144,7 @@ class Transfers:
         for reldir in parent_dirs(relpath):
             if reldir in self._dirs_ok:
                 continue
-            path = self.root / reldir
+            path = self._abs(reldir)
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -150,8 +169,8 @@ class Transfers:
         assert remote is not None
         relpath = action.path
         self._ensure_parent(relpath)
-        dest = self.root / relpath
-        tmp = dest.parent / temp_name()
+        dest = self._abs(relpath)
+        tmp = f"{os.path.dirname(dest)}/{temp_name()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -172,7 +191,7 @@ class Transfers:
                     f"content hash mismatch after download (got {digest}, object says "
                     f"{expected}); the local file was left untouched",
                 )
-            mode = _mode_for(metadata.get(META_MODE) == "755")
+            mode = _mode_for(metadata.get(META_MODE) == "755", self._umask)
             os.fchmod(fd, mode)
         except BaseException:
             os.close(fd)
@@ -188,7 +207,7 @@ class Transfers:
             raise
 
     def _place(
-        self, action: Action, tmp: Path, dest: Path, digest: str, metadata: dict[str, str]
+        self, action: Action, tmp: str, dest: str, digest: str, metadata: dict[str, str]
     ) -> Downloaded:
         remote = action.remote
         assert remote is not None
@@ -212,7 +231,7 @@ class Transfers:
                 # A local version is in the way (a conflict, or written during this pull):
                 # keep it beside the new one, never overwrite it.
                 conflict_copy = action.conflict_copy or _fresh_conflict_name(action.path)
-                os.rename(dest, self.root / conflict_copy)
+                os.rename(dest, self._abs(conflict_copy))
         os.rename(tmp, dest)
         st = os.lstat(dest)
         local = LocalFile(
@@ -328,7 +347,7 @@ class Transfers:
         """The file as it is now: `planned` if its stat did not change since the scan, else
         the new stat. A multipart upload also needs the hash first (it goes in the metadata
         at the start); a whole-object upload hashes the bytes it sends instead."""
-        path = self.root / relpath
+        path = self._abs(relpath)
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -354,14 +373,14 @@ class Transfers:
 
     def _unchanged(self, relpath: str, local: LocalFile) -> bool:
         try:
-            return _stat_key(os.stat(self.root / relpath)) == _local_key(local)
+            return _stat_key(os.stat(self._abs(relpath))) == _local_key(local)
         except OSError:
             return False
 
     async def _put_whole(
         self, relpath: str, key: str, local: LocalFile, if_match: str | None
     ) -> Uploaded | None:
-        path = self.root / relpath
+        path = self._abs(relpath)
         try:
             if local.size <= INLINE_READ_LIMIT:
                 data = _read_file(path)
@@ -385,7 +404,7 @@ class Transfers:
     async def _put_parts(
         self, relpath: str, key: str, local: LocalFile, if_match: str | None
     ) -> Uploaded | None:
-        path = self.root / relpath
+        path = self._abs(relpath)
         part_size = part_size_for(local.size, self.settings.part_size)
         ranges = split_ranges(local.size, part_size)
         upload_id = await self.store.create_multipart(key, metadata_for(local))
@@ -440,7 +459,7 @@ class Transfers:
     # ---- deletes ---------------------------------------------------------------------
     def delete_local(self, action: Action) -> bool:
         """Delete the local file if it is still the version the plan saw. False if it moved."""
-        path = self.root / action.path
+        path = self._abs(action.path)
         planned = action.local
         try:
             st = os.lstat(path)
@@ -454,7 +473,7 @@ class Transfers:
             raise TransferError(action.path, _os_reason("cannot delete", exc)) from None
         for reldir in reversed(parent_dirs(action.path)):
             try:
-                os.rmdir(self.root / reldir)  # empty folders go with their last file
+                os.rmdir(self._abs(reldir))  # empty folders go with their last file
             except OSError:
                 break
             self._dirs_ok.discard(reldir)
@@ -497,7 +516,7 @@ class BufferPool:
                     self._free.append(buffer)
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: str) -> bytes:
     with open(path, "rb", buffering=0) as handle:
         return handle.read()
 

@@ -517,3 +517,14 @@ async def test_new_files_are_read_once_and_hashed_only_where_a_decision_needs_it
 
     pulled = await sync(config(bucket, workdir / "c", workdir / "sc"), PULL)
     assert pulled.ok and tree(workdir / "c") == tree(a)  # the metadata hashes were right
+
+
+def test_umask_is_read_without_being_changed() -> None:
+    from sidecar.transfer import _current_umask
+
+    previous = os.umask(0o027)
+    try:
+        assert _current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was: nothing set it meanwhile
+    finally:
+        os.umask(previous)

@@ -389,3 +389,39 @@ async def test_an_endless_head_is_refused() -> None:
     async with scripted(handler) as (_server, pool):
         with pytest.raises(ProtocolError, match="longer than"):
             await pool.request("GET", "/", {"Host": "h"})
+
+
+async def test_a_slow_but_steady_body_does_not_time_out() -> None:
+    """The read timeout is for silence, not for the whole answer (0.5 s here; 2 s in all)."""
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):
+            await asyncio.sleep(0.2)
+            writer.write(b"x")
+            await writer.drain()
+
+    async with scripted(handler) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        assert await response.read_all() == b"x" * 10
+        response.release()
+
+
+async def test_an_upload_the_server_stops_reading_times_out() -> None:
+    async def handler(reader, writer, server):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(5)  # never reads the body
+
+    async with scripted(handler) as (_server, pool):
+        with pytest.raises(TimeoutError):
+            await pool.request("PUT", "/", {"Host": "h"}, os.urandom(64 * 1024 * 1024))
+
+
+async def test_the_watchdog_runs_only_while_requests_are_in_flight() -> None:
+    async with scripted(keep_answering) as (_server, pool):
+        response = await pool.request("GET", "/", {"Host": "h"})
+        response.release()
+        assert pool._tick is not None  # ends at its next tick: nothing is in flight
+        await asyncio.sleep(0.2)
+        assert pool._tick is None and not pool._busy
