@@ -136,7 +136,7 @@ class StateStore:
         # (page cache), which is the failure resume is for; a record lost in the last 50 ms
         # only costs a re-check (equal content is adopted, never re-sent). The snapshot at
         # commit is fsynced.
-        self._journal.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._journal.write(_encode_record(record) + "\n")
         now = time.monotonic()
         if now - self._flushed_at >= JOURNAL_FLUSH_SECONDS:
             self._journal.flush()
@@ -199,6 +199,11 @@ class StateStore:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+
+# One encoder for every journal line: json.dumps with any option builds a new one per call
+# (a third of the journal's cost at two records per file).
+_encode_record = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _base_fields(entry: BaseEntry) -> list[Any]:
