@@ -35,7 +35,14 @@ _now = time.monotonic  # the clock of asyncio's default loop, without a loop loo
 
 
 class ConnectError(ConnectionError):
-    """No connection could be made (refused, unresolvable, TLS failure, connect timeout)."""
+    """No connection could be made (refused, unresolvable, TLS failure, connect timeout).
+
+    `permanent`: trying again cannot help (the server's certificate is not trusted).
+    """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class ProtocolError(ConnectionError):
@@ -470,6 +477,13 @@ class ConnectionPool:
             raise ConnectError(
                 f"cannot connect to {self.host}:{self.port}: "
                 f"no answer within {self.connect_timeout:g}s"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"cannot connect to {self.host}:{self.port}: {exc.verify_message or exc}; "
+                "the server's certificate is not trusted (a private CA? point AWS_CA_BUNDLE "
+                "at its PEM file)",
+                permanent=True,
             ) from None
         except OSError as exc:
             cause = exc.strerror or str(exc) or type(exc).__name__

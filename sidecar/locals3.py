@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -51,14 +52,19 @@ def aws_env(endpoint: str, access_key: str, secret_key: str) -> dict[str, str]:
 
 
 def wait_for_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Until something answers HTTP at url (any status), or raise with the reason."""
+    """Until something answers HTTP at url (any status), or raise with the reason.
+
+    An https URL is probed without checking the certificate: this only asks whether our own
+    child on loopback is up; clients check the certificate for real.
+    """
     deadline = time.monotonic() + timeout
     last_error = "no answer"
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise LocalS3Error(f"server exited with code {process.returncode} before answering")
         try:
-            with urllib.request.urlopen(url, timeout=1):
+            with urllib.request.urlopen(url, timeout=1, context=context):
                 return
         except urllib.error.HTTPError:
             return  # an HTTP error status is an answer: the server is up
@@ -78,10 +84,11 @@ class LocalS3:
     port: int = 0
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path] | None = None  # (certificate chain, key) PEM files: serve https
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return aws_env(self.endpoint, self.access_key, self.secret_key)
@@ -103,6 +110,7 @@ class LocalS3:
                 f"127.0.0.1:{self.port}",
                 "--auth-key",
                 f"{self.access_key},{self.secret_key}",
+                *(("--cert", str(self.tls[0]), "--key", str(self.tls[1])) if self.tls else ()),
                 *extra_args,
                 str(self.root),
             ]

@@ -370,7 +370,7 @@ class ObjectStore:
             try:
                 response = await self._pool.request(method, target, signed, data)
             except HTTP_TRANSIENT as exc:
-                if attempt + 1 == attempts:
+                if attempt + 1 == attempts or getattr(exc, "permanent", False):
                     raise _error_from(name, exc) from exc
                 self.retries += 1
                 await backoff(attempt)
