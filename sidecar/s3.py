@@ -526,6 +526,46 @@ class ObjectStore:
             finally:
                 self.in_flight -= 1
 
+    async def get_range_into(
+        self,
+        key: str,
+        offset: int,
+        view: memoryview,
+        etag: str | None,
+        received: Callable[[int], None],
+    ) -> dict[str, str]:
+        """Bytes [offset, offset+len(view)) of the object, received straight into view;
+        returns the metadata. Pinned to `etag` with If-Match; received(n) as bytes arrive."""
+        length = len(view)
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if etag:
+            headers["If-Match"] = f'"{etag}"'
+        filled = 0
+        async with self.slots:
+            self.in_flight += 1
+            try:
+                response = await self._send("GET", key, headers=headers)
+                try:
+                    while filled < length:
+                        count = await response.read_into(view[filled:])
+                        if not count:
+                            break
+                        filled += count
+                        received(count)
+                    if await response.read_into(memoryview(bytearray(1))):
+                        filled += 1  # more than asked for: reported below
+                except HTTP_TRANSIENT as exc:
+                    received(-filled)
+                    raise _error_from(key, exc) from exc
+                finally:
+                    response.release()
+            finally:
+                self.in_flight -= 1
+        if filled != length:
+            received(-filled)
+            raise S3Error(key, "ShortRead", f"expected {length} bytes, got {filled}")
+        return _metadata(response.headers)
+
     # ---- writing ---------------------------------------------------------------------
     def _conditions(self, if_match: str | None, if_none_match: bool) -> dict[str, str]:
         """Conditional-write headers (HTTP names), none once the server said NotImplemented."""

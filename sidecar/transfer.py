@@ -51,7 +51,9 @@ class TransferError(Exception):
 class Settings:
     part_size: int
     multipart_threshold: int
-    upload_memory_budget: int = 64 * 1024**2
+    # Part buffers, uploads and downloads alike: budget // part_size parts in flight. Measured
+    # on LARGE pull: 4 x 16 MiB streams beat 16 x 4 MiB (1.12-1.18 s vs 1.48-1.61 s).
+    part_memory_budget: int = 64 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class Transfers:
         self.state = state
         self.executor = executor
         self.progress = progress
-        max_parts = max(2, settings.upload_memory_budget // max(settings.part_size, 1))
+        max_parts = max(2, settings.part_memory_budget // max(settings.part_size, 1))
         self._part_buffers = BufferPool(settings.part_size, max_parts)
         self._dirs_ok: set[str] = set()
 
@@ -178,8 +180,7 @@ class Transfers:
         try:
             try:
                 if remote.size >= self.settings.multipart_threshold:
-                    metadata = await self._get_parallel(fd, remote)
-                    digest = str(await self._in_thread(content_hash_file, tmp))
+                    metadata, digest = await self._get_parallel(fd, remote)
                 else:
                     metadata, digest = await self._get_whole(fd, remote)
             except OSError as exc:
@@ -271,37 +272,58 @@ class Transfers:
             return metadata, hasher.hexdigest()
         raise AssertionError("unreachable")
 
-    async def _get_parallel(self, fd: int, remote: RemoteObject) -> dict[str, str]:
+    async def _get_parallel(self, fd: int, remote: RemoteObject) -> tuple[dict[str, str], str]:
+        """Ranges in parallel, each received straight into a buffer, written with one pwrite
+        and hashed in order from memory: the file is never read back (re-reading 1 GiB to
+        hash it cost ~0.18 s of CPU, an eighth of the pull).
+
+        Workers take ranges in order and borrow buffers in that order (the pool is FIFO);
+        a range keeps its buffer until the ranges before it are hashed, which always ends
+        because each of those already holds a buffer.
+        """
         relpath = self._relpath_of(remote)
         key = self.prefix + relpath
         os.ftruncate(fd, remote.size)
-        ranges = split_ranges(remote.size, part_size_for(remote.size, self.settings.part_size))
+        ranges = split_ranges(remote.size, self.settings.part_size)
+        pool = self._part_buffers
         metadata: dict[str, str] = {}
+        hasher = new_content_hasher()
+        next_range = 0  # the next range a worker takes
+        next_hash = 0  # the next range to hash
+        waiting: dict[int, asyncio.Event] = {}
 
-        async def one(offset: int, length: int) -> None:
+        async def fetch(offset: int, view: memoryview) -> dict[str, str]:
             for attempt in range(STREAM_ATTEMPTS):
-                written = 0
-
-                def sink(position: int, data: bytes) -> None:
-                    nonlocal written
-                    os.pwrite(fd, data, position)
-                    written += len(data)
-                    self._count(len(data))
-
                 try:
-                    meta = await self.store.get_range(
-                        key, offset, length, remote.etag or None, sink
+                    return await self.store.get_range_into(
+                        key, offset, view, remote.etag or None, self._count
                     )
-                    metadata.update(meta)
-                    return
                 except S3Error as exc:
-                    self._count(-written)
                     if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
                         raise TransferError(relpath, exc.message) from None
                     await backoff(attempt)
+            raise AssertionError("unreachable")
 
-        await gather_or_cancel([one(offset, length) for offset, length in ranges])
-        return metadata
+        async def worker() -> None:
+            nonlocal next_range, next_hash
+            while next_range < len(ranges):
+                index = next_range
+                next_range += 1
+                offset, length = ranges[index]
+                async with pool.borrow(length) as view:
+                    metadata.update(await fetch(offset, view))
+                    os.pwrite(fd, view, offset)
+                    if index != next_hash:
+                        waiting[index] = asyncio.Event()
+                        await waiting[index].wait()
+                    hasher.update(view)
+                    next_hash += 1
+                    if next_hash in waiting:
+                        waiting.pop(next_hash).set()
+
+        workers = min(len(ranges), self.store.settings.concurrency)
+        await gather_or_cancel([worker() for _ in range(workers)])
+        return metadata, hasher.hexdigest()
 
     def _relpath_of(self, remote: RemoteObject) -> str:
         return remote.key[len(self.prefix) :]
@@ -492,7 +514,8 @@ class _ChangedDuringUpload(Exception):
 
 
 class BufferPool:
-    """Reusable part buffers: memory for uploads is `count` x `size`, whatever the data.
+    """Reusable part buffers: memory for part transfers (multipart uploads and ranged
+    downloads) is `count` x `size`, whatever the data. Borrowers are served in order.
 
     Fresh 16 MiB bytes objects per part, freed from worker threads, pile up in glibc's
     per-thread arenas (RSS 258 MiB for a 1 GiB push); reused buffers do not.
