@@ -28,9 +28,17 @@ class PathFilter:
         self._exclude = _matcher(pathspec.GitIgnoreSpec.from_lines(excludes))
         includes = list(include)
         self._include = _matcher(pathspec.GitIgnoreSpec.from_lines(includes)) if includes else None
+        # A sync asks about most paths three times (scan, listing, BASE): answer once.
+        self._verdicts: dict[str, bool] = {}
 
     def wants(self, relpath: str) -> bool:
         """True if the file at relpath takes part in the sync."""
+        verdict = self._verdicts.get(relpath)
+        if verdict is None:
+            verdict = self._verdicts[relpath] = self._decide(relpath)
+        return verdict
+
+    def _decide(self, relpath: str) -> bool:
         if is_temp_name(relpath.rsplit("/", 1)[-1]):
             return False
         if self._exclude(relpath):
