@@ -26,13 +26,13 @@ from typing import Any
 
 from watchfiles import Change, awatch
 
+from sidecar.core.filters import DEFAULT_EXCLUDED_DIRS
 from sidecar.core.model import Direction
 from sidecar.core.paths import is_temp_name
 from sidecar.daemon import Coordinator, Refused
 
 log = logging.getLogger("sidecar.autosync")
 
-IGNORED_DIRS = frozenset({".ipynb_checkpoints", "__pycache__"})
 MAX_RETRY_DELAY = 60.0
 
 
@@ -48,7 +48,7 @@ class ChangeFilter:
         if relative == "." or relative.startswith(".." + os.sep):
             return False
         parts = relative.split(os.sep)
-        if any(part in IGNORED_DIRS for part in parts):
+        if not DEFAULT_EXCLUDED_DIRS.isdisjoint(parts):
             return False
         return not is_temp_name(parts[-1])
 

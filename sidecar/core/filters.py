@@ -1,19 +1,27 @@
 """Which paths the sync sees. Excluded paths are invisible on every side: never sent, never
 fetched, never deleted.
 
-Patterns use gitignore semantics (pathspec): `dir/` matches a folder and everything under
-it, `*.tmp` matches at any depth, `/top.txt` only at the root, `!keep.tmp` re-includes.
+Always excluded: folders named in DEFAULT_EXCLUDED_DIRS, at any depth, and our temp files.
+User patterns use gitignore semantics (pathspec): `dir/` matches a folder and everything
+under it, `*.tmp` matches at any depth, `/top.txt` only at the root, `!keep.tmp`
+re-includes (never from inside an excluded folder, as in git).
+
+pathspec is imported only when there are user patterns: its import is ~12-20 ms of a
+~0.3 s one-shot no-op sync, and the defaults need only a look at folder names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from sidecar.core.paths import is_temp_name
 
-DEFAULT_EXCLUDES: tuple[str, ...] = (".ipynb_checkpoints/", "__pycache__/")
+if TYPE_CHECKING:
+    import pathspec
+
+# Notebook and interpreter caches: never data. (gitignore: `.ipynb_checkpoints/`, ...)
+DEFAULT_EXCLUDED_DIRS = frozenset({".ipynb_checkpoints", "__pycache__"})
 SYNCIGNORE = ".syncignore"
 
 
@@ -24,10 +32,8 @@ class PathFilter:
         exclude: Iterable[str] = (),
         syncignore_text: str = "",
     ) -> None:
-        excludes = [*DEFAULT_EXCLUDES, *exclude, *syncignore_text.splitlines()]
-        self._exclude = _matcher(pathspec.GitIgnoreSpec.from_lines(excludes))
-        includes = list(include)
-        self._include = _matcher(pathspec.GitIgnoreSpec.from_lines(includes)) if includes else None
+        self._exclude = _spec_matcher([*exclude, *syncignore_text.splitlines()])
+        self._include = _spec_matcher(list(include))
         # A sync asks about most paths three times (scan, listing, BASE): answer once.
         self._verdicts: dict[str, bool] = {}
 
@@ -39,15 +45,32 @@ class PathFilter:
         return verdict
 
     def _decide(self, relpath: str) -> bool:
-        if is_temp_name(relpath.rsplit("/", 1)[-1]):
+        folder, _, name = relpath.rpartition("/")
+        if is_temp_name(name) or in_excluded_dir(folder):
             return False
-        if self._exclude(relpath):
+        if self._exclude is not None and self._exclude(relpath):
             return False
         return self._include is None or self._include(relpath)
 
     def wants_dir(self, reldir: str) -> bool:
         """False if nothing under reldir can take part (lets the scan prune whole trees)."""
-        return not self._exclude(reldir + "/")
+        if in_excluded_dir(reldir):
+            return False
+        return self._exclude is None or not self._exclude(reldir + "/")
+
+
+def in_excluded_dir(reldir: str) -> bool:
+    """Whether the folder reldir ('' = the top) is, or is inside, a default-excluded one."""
+    return bool(reldir) and not DEFAULT_EXCLUDED_DIRS.isdisjoint(reldir.split("/"))
+
+
+def _spec_matcher(lines: list[str]) -> Callable[[str], bool] | None:
+    """A matcher for gitignore lines; None when they hold no pattern at all."""
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+        return None
+    import pathspec
+
+    return _matcher(pathspec.GitIgnoreSpec.from_lines(lines))
 
 
 def _matcher(spec: pathspec.GitIgnoreSpec) -> Callable[[str], bool]:

@@ -113,3 +113,19 @@ def test_negations_keep_pathspec_rules() -> None:
     assert _matcher(spec) == spec.match_file
     assert PathFilter(exclude=["*.tmp", "!keep.tmp"]).wants("keep.tmp")
     assert not PathFilter(exclude=["*.tmp", "!keep.tmp"]).wants("drop.tmp")
+
+
+def test_default_exclusions_need_no_pattern_library() -> None:
+    """Without user patterns the defaults are decided by folder names alone."""
+    plain = PathFilter()
+    assert plain._exclude is None and plain._include is None
+    assert not plain.wants("a/__pycache__/m.pyc")
+    assert not plain.wants(".ipynb_checkpoints/n-checkpoint.ipynb")
+    assert plain.wants("__pycache__")  # a file of that name is data
+    assert plain.wants("notes/__pycache__x/y")
+    assert not plain.wants_dir("deep/er/__pycache__")
+    assert plain.wants_dir("deep/er")
+    assert PathFilter(exclude=["# only a comment", ""])._exclude is None
+    # Defaults hold whatever the user's patterns say (git cannot re-include from inside
+    # an excluded folder either).
+    assert not PathFilter(exclude=["!__pycache__/keep.pyc"]).wants("__pycache__/keep.pyc")
