@@ -528,3 +528,29 @@ def test_umask_is_read_without_being_changed() -> None:
         assert os.umask(0o027) == 0o027  # still what it was: nothing set it meanwhile
     finally:
         os.umask(previous)
+
+
+async def test_part_buffers_are_handed_out_in_the_order_asked() -> None:
+    """Ranged downloads hold a buffer until the ranges before them are hashed; that always
+    ends only because the pool serves borrowers first come, first served (no barging)."""
+    from sidecar.transfer import BufferPool
+
+    pool = BufferPool(16, 1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def borrower(name: str, hold: asyncio.Event | None = None) -> None:
+        async with pool.borrow(16):
+            order.append(name)
+            if hold is not None:
+                await hold.wait()
+
+    first = asyncio.create_task(borrower("first", release))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(borrower(f"queued{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.sleep(0)  # "first" gives its buffer back...
+    late = asyncio.create_task(borrower("late"))  # ...and a newcomer asks at once
+    await asyncio.gather(first, *queued, late)
+    assert order == ["first", "queued0", "queued1", "queued2", "late"]
