@@ -196,10 +196,10 @@ class ObjectStore:
 
     Per-object hot operations (list, HEAD, GET, PUT, UploadPart) go over sidecar.http11's
     kept-alive connections, signed by sidecar.core.sigv4: botocore spends ~1.7 ms of CPU per
-    request and aiohttp's client ~0.26 ms, which caps a 2-core pod at a few hundred small files
-    per second. Credentials still come from botocore's
-    provider chain (env, files, IRSA...), and the rare multi-step operations (create/complete/
-    abort multipart, copy, delete) still go through aiobotocore.
+    request and aiohttp's client ~0.26 ms, which caps a 2-core pod at a few hundred small
+    files per second. Credentials still come from botocore's provider chain (env, files,
+    IRSA...), and the rare multi-step operations (create/complete/abort multipart, copy,
+    delete) still go through aiobotocore.
     """
 
     def __init__(self, bucket: str, settings: ClientSettings) -> None:
@@ -563,6 +563,10 @@ class ObjectStore:
                 self.in_flight -= 1
         if filled != length:
             received(-filled)
+            if filled > length:
+                raise S3Error(
+                    key, "RangeIgnored", f"asked for {length} bytes, the server sent more"
+                )
             raise S3Error(key, "ShortRead", f"expected {length} bytes, got {filled}")
         return _metadata(response.headers)
 

@@ -249,7 +249,7 @@ class Transfers:
             def sink(_offset: int, data: bytes, hasher: Any = hasher) -> None:
                 nonlocal written
                 hasher.update(data)
-                os.write(fd, data)
+                _pwrite_all(fd, data, written)
                 written += len(data)
                 self._count(len(data))
 
@@ -312,7 +312,7 @@ class Transfers:
                 offset, length = ranges[index]
                 async with pool.borrow(length) as view:
                     metadata.update(await fetch(offset, view))
-                    os.pwrite(fd, view, offset)
+                    _pwrite_all(fd, view, offset)
                     if index != next_hash:
                         waiting[index] = asyncio.Event()
                         await waiting[index].wait()
@@ -537,6 +537,16 @@ class BufferPool:
             finally:
                 if len(buffer) == self.size:
                     self._free.append(buffer)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """All of data at offset. pwrite may write less (a signal, the disk filling up) and a
+    hash taken from memory would not see the hole; the next call raises the real error."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _read_file(path: str) -> bytes:

@@ -554,3 +554,22 @@ async def test_part_buffers_are_handed_out_in_the_order_asked() -> None:
     late = asyncio.create_task(borrower("late"))  # ...and a newcomer asks at once
     await asyncio.gather(first, *queued, late)
     assert order == ["first", "queued0", "queued1", "queued2", "late"]
+
+
+def test_short_writes_are_completed_not_left_as_holes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwrite may write less than asked; downloads hash from memory, so the file must get
+    every byte (or the error)."""
+    import sidecar.transfer
+
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(
+        sidecar.transfer.os, "pwrite", lambda fd, data, offset: real_pwrite(fd, data[:3], offset)
+    )
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        sidecar.transfer._pwrite_all(fd, b"0123456789", 5)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"0123456789"
