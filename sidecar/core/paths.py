@@ -6,8 +6,8 @@ Containment is decided on path segments, never on string prefixes.
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
@@ -27,7 +27,8 @@ class BadKey(ValueError):
 
 def temp_name() -> str:
     """A fresh temp-file basename; one recognisable pattern for every temp file we create."""
-    return TEMP_PREFIX + secrets.token_hex(8)
+    # os.urandom is what secrets.token_hex reads; importing secrets cost ~5 ms per process.
+    return TEMP_PREFIX + os.urandom(8).hex()
 
 
 def is_temp_name(basename: str) -> bool:
