@@ -209,6 +209,7 @@ class ObjectStore:
         self.in_flight = 0
         self.retries = 0
         self.conditional_writes = True  # until the server says NotImplemented
+        self.metadata_rewrites = True  # until a rewrite proves invisible in listings
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._credentials: Any = None
@@ -682,6 +683,30 @@ class ObjectStore:
             params["CopySourceIfMatch"] = f'"{source_etag}"'
         response = await self._call(dest_key, "copy_object", **params)
         return unquote_etag(response.get("CopyObjectResult", {}).get("ETag", ""))
+
+    async def rewrite_metadata(self, key: str, etag: str, metadata: dict[str, str]) -> str | None:
+        """Replace the object's metadata without sending its content (a copy onto itself,
+        pinned to `etag`). Returns the new ETag, or None when the server did not report a
+        new ETag and LastModified: other replicas compare listings, and would not notice
+        (rclone serve s3 keeps both as they were). After one None, no more rewrites."""
+        if not self.metadata_rewrites:
+            return None
+        response = await self._call(
+            key,
+            "copy_object",
+            Key=key,
+            CopySource={"Bucket": self.bucket, "Key": key},
+            CopySourceIfMatch=f'"{etag}"',
+            MetadataDirective="REPLACE",
+            Metadata=metadata,
+            ContentType="application/octet-stream",  # REPLACE would reset it otherwise
+        )
+        result = response.get("CopyObjectResult", {})
+        new_etag = unquote_etag(result.get("ETag", ""))
+        if not new_etag or not result.get("LastModified"):
+            self.metadata_rewrites = False
+            return None
+        return new_etag
 
 
 def _signed_host(scheme: str, netloc: str) -> str:

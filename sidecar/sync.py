@@ -211,9 +211,7 @@ class SyncEngine:
         result.deletes_blocked = the_plan.deletes_blocked
         if dry_run:
             result.planned = list(the_plan.actions)
-            result.files_transferred = sum(
-                1 for a in the_plan.actions if a.kind in (ActionKind.DOWNLOAD, ActionKind.UPLOAD)
-            )
+            result.files_transferred = sum(1 for a in the_plan.actions if a.kind in TRANSFER_KINDS)
             result.bytes_transferred = sum(_action_bytes(a) for a in the_plan.actions)
             return
         if direction is Direction.PULL:
@@ -383,7 +381,7 @@ class SyncEngine:
         result: SyncResult,
     ) -> None:
         state = self.state
-        moving = [a for a in actions if a.kind in (ActionKind.DOWNLOAD, ActionKind.UPLOAD)]
+        moving = [a for a in actions if a.kind in REQUEST_KINDS]
         progress.files_total = len(moving)
         progress.bytes_total = sum(_action_bytes(a) for a in moving)
 
@@ -403,6 +401,25 @@ class SyncEngine:
                 result.files_adopted += 1
             elif action.kind is ActionKind.FORGET:
                 state.drop_base(action.path)
+            elif action.kind is ActionKind.SET_MODE_LOCAL:
+                assert action.local is not None and action.remote is not None
+                try:
+                    if not transfers.set_mode_local(action):
+                        continue  # written to since the scan: the next pull sees it again
+                except TransferError as exc:
+                    result.errors.append(exc.error)
+                    continue
+                state.set_base(
+                    action.path,
+                    BaseEntry(
+                        action.local.size,
+                        action.local.hash,
+                        (action.remote.etag,),
+                        bool(action.remote.executable),
+                        action.remote.last_modified,
+                    ),
+                )
+                result.files_transferred += 1  # the mode came over; no bytes had to
 
         # Deletions first: a folder the bucket replaced by a file (or back) must be gone
         # before the new version can land.
@@ -462,7 +479,11 @@ class SyncEngine:
                     result.files_transferred += 1
                     result.bytes_transferred += done.local.size
                 else:
-                    up = await transfers.upload(action)
+                    up = await (
+                        transfers.set_mode_remote(action)
+                        if action.kind is ActionKind.SET_MODE_REMOTE
+                        else transfers.upload(action)
+                    )
                     # LastModified of the new object is learnt from the next listing.
                     state.set_base(
                         action.path,
@@ -470,7 +491,7 @@ class SyncEngine:
                     )
                     state.set_hash(action.path, _cache_entry(up.local))
                     result.files_transferred += 1
-                    result.bytes_transferred += up.local.size
+                    result.bytes_transferred += up.local.size if up.content_sent else 0
             except TransferError as exc:
                 result.errors.append(exc.error)
             finally:
@@ -481,6 +502,18 @@ class SyncEngine:
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:
     return (local.size, local.mtime_ns, local.inode, local.hash)
+
+
+# Actions that carry a change across (files_transferred), and those that send requests.
+TRANSFER_KINDS = frozenset(
+    {
+        ActionKind.DOWNLOAD,
+        ActionKind.UPLOAD,
+        ActionKind.SET_MODE_LOCAL,
+        ActionKind.SET_MODE_REMOTE,
+    }
+)
+REQUEST_KINDS = frozenset({ActionKind.DOWNLOAD, ActionKind.UPLOAD, ActionKind.SET_MODE_REMOTE})
 
 
 def _action_bytes(action: Action) -> int:

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STREAM_ATTEMPTS = 4
+CHANGED_IN_BUCKET = (
+    "the object changed in the bucket during this finalize (precondition failed); nothing "
+    "was overwritten: run pull, then finalize again"
+)
 CHANGE_ATTEMPTS = 3
 INLINE_READ_LIMIT = 256 * 1024  # smaller files are read on the loop; a thread hop costs more
 
@@ -68,6 +72,7 @@ class Downloaded:
 class Uploaded:
     local: LocalFile
     etags: tuple[str, ...]
+    content_sent: bool = True  # False: only the metadata was rewritten
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -352,11 +357,7 @@ class Transfers:
                     result = await self._put_parts(relpath, key, local, if_match)
             except S3Error as exc:
                 if exc.precondition_failed:
-                    raise TransferError(
-                        relpath,
-                        "the object changed in the bucket during this finalize (precondition "
-                        "failed); nothing was overwritten: run pull, then finalize again",
-                    ) from None
+                    raise TransferError(relpath, CHANGED_IN_BUCKET) from None
                 raise TransferError(relpath, exc.message) from None
             if result is not None:
                 return result
@@ -477,6 +478,42 @@ class Transfers:
             etag = await self.store.upload_part(key, upload_id, number, buffer)
             self._count(length)
             return etag
+
+    # ---- mode-only changes ------------------------------------------------------------
+    def set_mode_local(self, action: Action) -> bool:
+        """chmod the local file to the object's mode, if it is still the version the plan
+        saw (False if it changed: a later pull sees it again)."""
+        planned, remote = action.local, action.remote
+        assert planned is not None and remote is not None and remote.executable is not None
+        path = self._abs(action.path)
+        try:
+            st = os.lstat(path)
+            if _stat_key(st) != _local_key(planned) or not stat_mod.S_ISREG(st.st_mode):
+                return False
+            os.chmod(path, _mode_for(remote.executable, self._umask))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise TransferError(action.path, _os_reason("cannot change the mode", exc)) from None
+        return True
+
+    async def set_mode_remote(self, action: Action) -> Uploaded:
+        """Give the object the local file's mode by rewriting its metadata in place (pinned
+        to the ETag the plan saw): no content is sent. A server that refuses, or whose
+        rewrite other replicas could not see in a listing, gets a normal upload."""
+        local, remote = action.local, action.remote
+        assert local is not None and remote is not None
+        key = self.prefix + action.path
+        if self._unchanged(action.path, local):
+            try:
+                etag = await self.store.rewrite_metadata(key, remote.etag, metadata_for(local))
+                if etag is not None:
+                    return Uploaded(local, (etag,), content_sent=False)
+            except S3Error as exc:
+                if exc.precondition_failed:
+                    raise TransferError(action.path, CHANGED_IN_BUCKET) from None
+                log.info("%s: metadata rewrite refused (%s); uploading instead", key, exc.code)
+        return await self.upload(action)
 
     # ---- deletes ---------------------------------------------------------------------
     def delete_local(self, action: Action) -> bool:

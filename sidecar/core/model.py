@@ -55,6 +55,9 @@ class ActionKind(enum.StrEnum):
     DELETE_REMOTE = "delete-remote"
     ADOPT = "adopt"  # both sides already equal: record it in BASE, move nothing
     FORGET = "forget"  # both sides gone: drop the BASE entry
+    # Only the executable bit changed, the content is BASE's: never re-send equal bytes.
+    SET_MODE_LOCAL = "set-mode-local"  # pull: chmod the local file
+    SET_MODE_REMOTE = "set-mode-remote"  # finalize: rewrite the object's metadata in place
 
 
 @dataclass(frozen=True, slots=True)

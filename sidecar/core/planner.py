@@ -140,6 +140,8 @@ def _plan_path(
             out.skipped += 1  # a remote change is pull's business
         elif rc is Change.DELETED:
             act(ActionKind.DELETE_LOCAL)
+        elif ro is not None and be is not None and ro.hash == be.hash:
+            act(ActionKind.SET_MODE_LOCAL)  # same bytes, new mode: chmod, no download
         else:
             act(ActionKind.DOWNLOAD)
         return
@@ -148,6 +150,8 @@ def _plan_path(
             out.skipped += 1  # a local change is finalize's business
         elif lc is Change.DELETED:
             act(ActionKind.DELETE_REMOTE)
+        elif lf is not None and be is not None and lf.hash == be.hash:
+            act(ActionKind.SET_MODE_REMOTE)  # same bytes, new mode: metadata, no upload
         else:
             act(ActionKind.UPLOAD)
         return

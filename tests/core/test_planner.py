@@ -14,6 +14,7 @@ PULL, FIN = Direction.PULL, Direction.FINALIZE
 DL, UP = ActionKind.DOWNLOAD, ActionKind.UPLOAD
 DEL_L, DEL_R = ActionKind.DELETE_LOCAL, ActionKind.DELETE_REMOTE
 ADOPT, FORGET = ActionKind.ADOPT, ActionKind.FORGET
+SET_MODE_L, SET_MODE_R = ActionKind.SET_MODE_LOCAL, ActionKind.SET_MODE_REMOTE
 
 BASE = BaseEntry(size=3, hash="h-base", etags=("e-base",))
 
@@ -24,6 +25,11 @@ def lf(digest: str = "h-base", size: int = 3, executable: bool = False) -> Local
 
 def ro(etag: str = "e-base", size: int = 3, digest: str | None = None) -> RemoteObject:
     return RemoteObject(key="p/f", size=size, etag=etag, hash=digest)
+
+
+def ro_x(etag: str) -> RemoteObject:
+    """BASE's content (its hash, from a HEAD), now executable."""
+    return RemoteObject(key="p/f", size=3, etag=etag, hash="h-base", executable=True)
 
 
 # Sides relative to BASE (None = absent on that side).
@@ -70,17 +76,19 @@ TABLE = [
     # both modified to the same content: agreement
     (BASE, lf("h2", 4), ro("e2", 4, "h2"), PULL, ADOPT, None),
     (BASE, lf("h2", 4), ro("e2", 4, "h2"), FIN, ADOPT, None),
-    # a mode-only change (chmod +x) is a change on that side
-    (BASE, lf(executable=True), R_SAME, FIN, UP, None),
+    # a mode-only change (chmod +x) is a change on that side, carried without the bytes
+    (BASE, lf(executable=True), R_SAME, FIN, SET_MODE_R, None),
     (BASE, lf(executable=True), R_SAME, PULL, None, None),
-    (
-        BASE,
-        L_SAME,
-        RemoteObject("p/f", 3, "e-base", hash="h-base", executable=True),
-        PULL,
-        DL,
-        None,
-    ),
+    (BASE, L_SAME, ro_x("e-base"), PULL, SET_MODE_L, None),
+    (BASE, L_SAME, ro_x("e-base"), FIN, None, None),
+    # ...also when the rewrite gave the object a new ETag (a copy in place)
+    (BASE, L_SAME, ro_x("e-new"), PULL, SET_MODE_L, None),
+    # mode and content changed: the content goes
+    (BASE, lf("h-local", 4, executable=True), R_SAME, FIN, UP, None),
+    (BASE, L_SAME, RemoteObject("p/f", 5, "e-new", hash="h-new", executable=True), PULL, DL, None),
+    # the new mode on both sides: agreement
+    (BASE, lf(executable=True), ro_x("e-new"), PULL, ADOPT, None),
+    (BASE, lf(executable=True), ro_x("e-new"), FIN, ADOPT, None),
     # remote shows a new ETag but its hash proves the content unchanged (rclone multipart)
     (BASE, L_SAME, ro("e-other", 3, "h-base"), PULL, None, None),
     (BASE, L_MOD, ro("e-other", 3, "h-base"), FIN, UP, None),

@@ -573,3 +573,49 @@ def test_short_writes_are_completed_not_left_as_holes(
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"0123456789"
+
+
+async def test_a_mode_only_change_sends_no_content(
+    server: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    """chmod +x after a sync: finalize rewrites the object's metadata, and a replica with
+    BASE chmods its copy, neither moving the bytes. rclone serve s3 keeps ETag and
+    LastModified on such a rewrite (replicas could not see it), so there it is uploaded."""
+    bucket = server.new_bucket()
+    a, b = workdir / "a", workdir / "b"
+    script = write(a / "tool.sh", b"#!/bin/sh\necho hi\n")
+    write(a / "big.bin", os.urandom(6 * MiB))  # multipart-sized: the rewrite does not care
+    assert (await sync(config(bucket, a, workdir / "sa"), FIN)).ok
+    assert (await sync(config(bucket, b, workdir / "sb"), PULL)).ok
+
+    # Listings show LastModified to the second (moto, AWS): a rewrite of the same bytes
+    # within the second of the upload is invisible to replicas whatever is sent.
+    await asyncio.sleep(1.1)
+    script.chmod(0o755)
+    (a / "big.bin").chmod(0o755)
+    request_counter.clear()
+    pushed = await sync(config(bucket, a, workdir / "sa"), FIN)
+    assert pushed.ok and pushed.files_transferred == 2, pushed.as_dict()
+    if server.kind == "moto":
+        assert pushed.bytes_transferred == 0
+        assert request_counter["copy_object"] == 2
+        assert not {"put_object", "upload_part"} & set(request_counter), request_counter
+    else:
+        assert pushed.bytes_transferred == 6 * MiB + script.stat().st_size
+
+    request_counter.clear()
+    pulled = await sync(config(bucket, b, workdir / "sb"), PULL)
+    assert pulled.ok and pulled.files_transferred == 2, pulled.as_dict()
+    for name in ("tool.sh", "big.bin"):
+        assert os.access(b / name, os.X_OK), name
+    assert tree(b) == tree(a)
+    if server.kind == "moto":
+        assert pulled.bytes_transferred == 0 and request_counter["get_object"] == 0
+
+    fresh = await sync(config(bucket, workdir / "c", workdir / "sc"), PULL)
+    assert fresh.ok and os.access(workdir / "c" / "tool.sh", os.X_OK)
+    request_counter.clear()
+    again = await sync(config(bucket, b, workdir / "sb"), PULL)
+    assert (
+        again.ok and again.files_transferred == 0 and set(request_counter) == {"list_objects_v2"}
+    ), request_counter
