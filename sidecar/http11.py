@@ -23,6 +23,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 STAGING_BYTES = 256 * 1024  # per connection: heads, small bodies, and what arrives unasked
 PREFETCH_BODY = 256 * 1024  # bodies up to this size are read with the head, in one go
@@ -47,6 +48,20 @@ class ConnectError(ConnectionError):
 
 class ProtocolError(ConnectionError):
     """The server broke the exchange: closed early or answered with something not HTTP/1.1."""
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy: https targets are tunnelled with CONNECT, http ones are sent to it
+    in absolute form. `authorization` is a Proxy-Authorization header value, if any."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class _StaleConnection(Exception):
@@ -446,6 +461,7 @@ class ConnectionPool:
         read_timeout: float,
         max_idle: int,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme {scheme!r} (http or https)")
@@ -457,6 +473,11 @@ class ConnectionPool:
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self._ssl = ssl_context if scheme == "https" else None
+        self.proxy = proxy
+        # Plain http through a proxy: absolute-form targets, and the proxy's credentials on
+        # every request. https goes through a CONNECT tunnel and needs neither.
+        self._forwarded = proxy is not None and self._ssl is None
+        self._target_prefix = f"http://{host}:{port}" if self._forwarded else ""
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._tick: asyncio.TimerHandle | None = None
@@ -464,18 +485,27 @@ class ConnectionPool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        proxy = self.proxy
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _transport, conn = await loop.create_connection(
-                    _Connection,
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl else None,
-                )
+                if proxy is None:
+                    _transport, conn = await loop.create_connection(
+                        _Connection,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl else None,
+                    )
+                else:
+                    _transport, conn = await loop.create_connection(
+                        _Connection, proxy.host, proxy.port
+                    )
+                    if self._ssl is not None:
+                        await self._tunnel(conn, proxy)
         except TimeoutError:
+            via = f" through the proxy {proxy.name}" if proxy else ""
             raise ConnectError(
-                f"cannot connect to {self.host}:{self.port}: "
+                f"cannot connect to {self.host}:{self.port}{via}: "
                 f"no answer within {self.connect_timeout:g}s"
             ) from None
         except ssl.SSLCertVerificationError as exc:
@@ -486,9 +516,34 @@ class ConnectionPool:
                 permanent=True,
             ) from None
         except OSError as exc:
+            if isinstance(exc, ConnectError):
+                raise
             cause = exc.strerror or str(exc) or type(exc).__name__
-            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {cause}") from None
+            via = f" through the proxy {proxy.name}" if proxy else ""
+            raise ConnectError(f"cannot connect to {self.host}:{self.port}{via}: {cause}") from None
         return conn
+
+    async def _tunnel(self, conn: _Connection, proxy: Proxy) -> None:
+        """CONNECT through the proxy, then TLS with the server over the tunnel."""
+        authority = f"{self.host}:{self.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        await conn.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
+        if not head:
+            raise ConnectError(f"the proxy {proxy.name} closed the connection on CONNECT")
+        status, reason, _version, _headers = _parse_head(head)
+        if status != 200:
+            conn.close()
+            raise ConnectError(
+                f"the proxy {proxy.name} refused the tunnel to {authority}: {status} {reason}",
+                permanent=status in (403, 407),
+            )
+        assert conn.transport is not None and self._ssl is not None
+        conn.transport = await asyncio.get_running_loop().start_tls(  # type: ignore[assignment]
+            conn.transport, conn, self._ssl, server_hostname=self.host
+        )
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -539,8 +594,10 @@ class ConnectionPool:
         """
         if self._closed:
             raise ProtocolError("the connection pool is closed")
-        lines = [f"{method} {target} HTTP/1.1"]
+        lines = [f"{method} {self._target_prefix}{target} HTTP/1.1"]
         lines.extend(f"{name}: {value}" for name, value in headers.items())
+        if self._forwarded and self.proxy is not None and self.proxy.authorization:
+            lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
