@@ -673,8 +673,15 @@ class ObjectStore:
             if exc.code not in ("NoSuchUpload", "404"):
                 raise
 
-    async def delete(self, key: str) -> None:
-        await self._call(key, "delete_object", Key=key)
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        """Delete the key; with if_match, only while it still holds that version (a writer
+        racing in between gets a 412, and its object stays)."""
+
+        async def write(conditions: dict[str, str]) -> None:
+            params = {BOTOCORE_CONDITION_PARAMS[name]: value for name, value in conditions.items()}
+            await self._call(key, "delete_object", Key=key, **params)
+
+        await self._write_conditionally(if_match, False, write)
 
     async def copy(self, source_key: str, dest_key: str, source_etag: str | None) -> str:
         params: dict[str, Any] = {

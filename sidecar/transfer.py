@@ -539,9 +539,17 @@ class Transfers:
         return True
 
     async def delete_remote(self, action: Action) -> None:
+        """Delete the object if it is still the version the plan saw (If-Match)."""
+        etag = action.remote.etag if action.remote is not None else None
         try:
-            await self.store.delete(self.prefix + action.path)
+            await self.store.delete(self.prefix + action.path, if_match=etag or None)
         except S3Error as exc:
+            if exc.precondition_failed:
+                raise TransferError(
+                    action.path,
+                    "the object changed in the bucket during this finalize (precondition "
+                    "failed); it was not deleted: run pull to see the new version",
+                ) from None
             if not exc.not_found:
                 raise TransferError(action.path, exc.message) from None
 

@@ -206,6 +206,41 @@ async def test_conflicts_keep_both_versions(moto: S3Server, workdir: Path) -> No
     assert conflict.copy is not None and (local / conflict.copy).read_bytes() == b"mine again"
 
 
+async def test_a_delete_never_takes_a_version_written_after_the_listing(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local file is gone, so finalize deletes the object, but another writer replaced
+    it after our listing: If-Match on the listed ETag keeps the new version."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "gone.txt", b"v1")
+    write(local / "stays.txt", b"keep")
+    assert (await sync(cfg, FIN)).ok
+    (local / "gone.txt").unlink()
+    original = Transfers.delete_remote
+
+    async def racing_delete(self: Transfers, action: Any) -> Any:
+        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
+        return await original(self, action)
+
+    monkeypatch.setattr(Transfers, "delete_remote", racing_delete)
+    result = await sync(cfg, FIN)
+    assert not result.ok and result.files_deleted == 0
+    [error] = result.errors
+    assert (
+        error.path == "gone.txt"
+        and "precondition" in error.reason
+        and "not deleted" in (error.reason)
+    )
+    assert s3.get_object(Bucket=bucket, Key="vol/gone.txt")["Body"].read() == b"racer"
+
+    monkeypatch.setattr(Transfers, "delete_remote", original)
+    pulled = await sync(cfg, PULL)  # the new version comes back, as the error says
+    assert pulled.ok and (local / "gone.txt").read_bytes() == b"racer"
+
+
 async def test_concurrent_writer_is_not_silently_overwritten(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
