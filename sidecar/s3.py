@@ -219,7 +219,7 @@ class ObjectStore:
         self._signer: Signer | None = None
         self._pool: ConnectionPool | None = None
         self._env_credentials: tuple[str, str, str | None] | None = None
-        self._read_buffers: list[bytearray] = []  # reused by get_range, one per stream
+        self._read_buffers: list[bytearray] = []  # reused by get_object, one per stream
         self._host = ""
         self._path_prefix = ""
 
@@ -471,38 +471,25 @@ class ObjectStore:
             _metadata(response.headers),
         )
 
-    async def get_range(
-        self,
-        key: str,
-        offset: int,
-        length: int,
-        etag: str | None,
-        sink: Callable[[int, bytes | memoryview], Awaitable[None] | None],
+    async def get_object(
+        self, key: str, etag: str | None, sink: Callable[[bytes | memoryview], None]
     ) -> dict[str, str]:
-        """Stream bytes [offset, offset+length) to sink(offset, data); returns the metadata.
+        """Stream the whole object to sink(data); returns the metadata.
 
-        length < 0 means the whole object. Pinned to `etag` with If-Match so the parts of
-        one download never mix two versions. The slot is held while the body streams.
-        `data` is only valid during the sink call (it is a view of a reused buffer): the
-        body goes from the socket into that buffer and from there to the sink, uncopied.
+        Pinned to `etag` with If-Match. The slot is held while the body streams. `data` is
+        only valid during the sink call (a view of a reused buffer): the body goes from the
+        socket into that buffer and from there to the sink, uncopied. Ranges of large
+        objects go through get_range_into instead.
         """
-        headers: dict[str, str] = {}
-        if length >= 0 and (offset or length):
-            headers["Range"] = f"bytes={offset}-{offset + length - 1}"
-        if etag:
-            headers["If-Match"] = f'"{etag}"'
+        headers = {"If-Match": f'"{etag}"'} if etag else {}
         async with self.slots:
             self.in_flight += 1
             try:
                 response = await self._send("GET", key, headers=headers)
-                position = offset
                 buffer: bytearray | None = None
                 try:
                     if response.body is not None:  # small: it came with the head
-                        maybe = sink(position, response.body)
-                        if maybe is not None:
-                            await maybe
-                        position += len(response.body)
+                        sink(response.body)
                     else:
                         buffer = (
                             self._read_buffers.pop()
@@ -511,20 +498,13 @@ class ObjectStore:
                         )
                         view = memoryview(buffer)
                         while count := await response.read_into(view):
-                            maybe = sink(position, view[:count])
-                            if maybe is not None:
-                                await maybe
-                            position += count
+                            sink(view[:count])
                 except HTTP_TRANSIENT as exc:
                     raise _error_from(key, exc) from exc
                 finally:
                     response.release()
                     if buffer is not None and len(self._read_buffers) < self.settings.concurrency:
                         self._read_buffers.append(buffer)
-                if length >= 0 and position - offset != length:
-                    raise S3Error(
-                        key, "ShortRead", f"expected {length} bytes, got {position - offset}"
-                    )
                 return _metadata(response.headers)
             finally:
                 self.in_flight -= 1

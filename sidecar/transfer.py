@@ -251,7 +251,7 @@ class Transfers:
             hasher = new_content_hasher()
             written = 0
 
-            def sink(_offset: int, data: bytes, hasher: Any = hasher) -> None:
+            def sink(data: bytes | memoryview, hasher: Any = hasher) -> None:
                 nonlocal written
                 hasher.update(data)
                 _pwrite_all(fd, data, written)
@@ -259,11 +259,10 @@ class Transfers:
                 self._count(len(data))
 
             try:
-                metadata = await self.store.get_range(key, 0, -1, remote.etag or None, sink)
+                metadata = await self.store.get_object(key, remote.etag or None, sink)
             except S3Error as exc:
                 self._count(-written)
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)  # the next attempt writes from offset 0 again
                 if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
                     raise TransferError(self._relpath_of(remote), exc.message) from None
                 await backoff(attempt)
