@@ -132,8 +132,10 @@ async def scan(
     stats = await loop.run_in_executor(executor, _walk, root, path_filter, out)
     for rel, st in stats.items():
         cached = hash_cache.get(rel)
-        known = cached is not None and cached[:3] == (st.size, st.mtime_ns, st.inode)
-        digest = cached[3] if known and cached is not None else UNHASHED
+        if cached is not None and cached[:3] == (st.size, st.mtime_ns, st.inode):
+            digest = cached[3]
+        else:
+            digest = UNHASHED
         out.files[rel] = LocalFile(st.size, st.mtime_ns, st.inode, st.executable, digest)
     return out
 

@@ -385,40 +385,36 @@ class SyncEngine:
         progress.files_total = len(moving)
         progress.bytes_total = sum(_action_bytes(a) for a in moving)
 
+        def agreed(action: Action, executable: bool) -> None:
+            """Both sides now hold the same bytes with this mode: that is the new BASE."""
+            assert action.local is not None and action.remote is not None
+            state.set_base(
+                action.path,
+                BaseEntry(
+                    action.local.size,
+                    action.local.hash,
+                    (action.remote.etag,),
+                    executable,
+                    action.remote.last_modified,
+                ),
+            )
+
         for action in actions:
             if action.kind is ActionKind.ADOPT:
-                assert action.local is not None and action.remote is not None
-                state.set_base(
-                    action.path,
-                    BaseEntry(
-                        action.local.size,
-                        action.local.hash,
-                        (action.remote.etag,),
-                        action.local.executable,
-                        action.remote.last_modified,
-                    ),
-                )
+                assert action.local is not None
+                agreed(action, action.local.executable)
                 result.files_adopted += 1
             elif action.kind is ActionKind.FORGET:
                 state.drop_base(action.path)
             elif action.kind is ActionKind.SET_MODE_LOCAL:
-                assert action.local is not None and action.remote is not None
+                assert action.remote is not None
                 try:
                     if not transfers.set_mode_local(action):
                         continue  # written to since the scan: the next pull sees it again
                 except TransferError as exc:
                     result.errors.append(exc.error)
                     continue
-                state.set_base(
-                    action.path,
-                    BaseEntry(
-                        action.local.size,
-                        action.local.hash,
-                        (action.remote.etag,),
-                        bool(action.remote.executable),
-                        action.remote.last_modified,
-                    ),
-                )
+                agreed(action, bool(action.remote.executable))
                 result.files_transferred += 1  # the mode came over; no bytes had to
 
         # Deletions first: a folder the bucket replaced by a file (or back) must be gone
