@@ -117,3 +117,21 @@ def workdir(tmp_path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     else:
         yield tmp_path  # type: ignore[misc]
+
+
+def sidecar_args(verb: str, remote: str, local: Path, state: Path, *extra: str) -> list[str]:
+    """argv of a one-shot `sidecar VERB --once` run by this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        verb,
+        "--once",
+        "--remote",
+        remote,
+        "--local-dir",
+        str(local),
+        "--state-dir",
+        str(state),
+        *extra,
+    ]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sidecar.locals3 import free_port
+from tests.conftest import sidecar_args
 
 if TYPE_CHECKING:
     from tests.conftest import S3Server
@@ -94,23 +95,6 @@ def base_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def sidecar_args(verb: str, remote: str, local: Path, state: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sidecar",
-        verb,
-        "--once",
-        "--remote",
-        remote,
-        "--local-dir",
-        str(local),
-        "--state-dir",
-        str(state),
-        *extra,
-    ]
 
 
 def run_cli(

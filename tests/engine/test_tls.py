@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import trustme
 
 from sidecar.locals3 import LocalS3, environ_with
+from tests.conftest import sidecar_args
 
 MiB = 1024 * 1024
 
@@ -40,23 +40,16 @@ def sidecar(
     verb: str, local: Path, state: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
+        sidecar_args(
             verb,
-            "--once",
-            "--remote",
             "s3://vol/data",
-            "--local-dir",
-            str(local),
-            "--state-dir",
-            str(state),
+            local,
+            state,
             "--part-size",
             "5MiB",
             "--multipart-threshold",
             "5MiB",
-        ],
+        ),
         env=environ_with(env),
         capture_output=True,
         text=True,
