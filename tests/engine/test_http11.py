@@ -66,6 +66,27 @@ def answer(status: int, body: bytes = b"", extra: str = "") -> bytes:
     return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
+def answering_once(raw: bytes) -> Handler:
+    """A server that reads one request, sends `raw` as it is, and closes the connection."""
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
+def answering_always(raw: bytes) -> Handler:
+    """A server that sends `raw` as it is to every request on a kept-alive connection."""
+
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            writer.write(raw)
+
+    return handler
+
+
 async def keep_answering(reader, writer, server, body: bytes = b"hello") -> None:
     while await read_request(reader, server) is not None:
         writer.write(answer(200, body, 'ETag: "abc"\r\nX-Amz-Meta-Mode: 420\r\n'))
@@ -99,9 +120,7 @@ async def test_put_body_arrives_whole_small_and_sliced_large() -> None:
 
 
 async def test_head_has_no_body_and_keeps_the_connection() -> None:
-    async def handler(reader, writer, server):
-        while await read_request(reader, server) is not None:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n")
+    handler = answering_always(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n")
 
     async with scripted(handler) as (server, pool):
         for _ in range(3):
@@ -130,12 +149,10 @@ async def test_large_body_streams_in_pieces() -> None:
 
 
 async def test_chunked_body_with_extensions_and_trailers() -> None:
-    async def handler(reader, writer, server):
-        while await read_request(reader, server) is not None:
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
-            )
+    handler = answering_always(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
 
     async with scripted(handler) as (server, pool):
         for _ in range(2):
@@ -146,9 +163,7 @@ async def test_chunked_body_with_extensions_and_trailers() -> None:
 
 
 async def test_body_until_close_for_http10_answers() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.0 200 OK\r\n\r\nall of it")
+    handler = answering_once(b"HTTP/1.0 200 OK\r\n\r\nall of it")
 
     async with scripted(handler) as (server, pool):
         for _ in range(2):
@@ -159,9 +174,7 @@ async def test_body_until_close_for_http10_answers() -> None:
 
 
 async def test_connection_close_is_honoured() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(answer(200, b"x", "Connection: close\r\n"))
+    handler = answering_once(answer(200, b"x", "Connection: close\r\n"))
 
     async with scripted(handler) as (server, pool):
         for _ in range(2):
@@ -172,11 +185,8 @@ async def test_connection_close_is_honoured() -> None:
 
 
 async def test_a_kept_alive_connection_closed_by_the_server_is_replaced() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(answer(200, b"once"))
-        await writer.drain()
-        # ...then the server closes it, as idle timeouts do
+    # One answer per connection, then the server closes it, as idle timeouts do.
+    handler = answering_once(answer(200, b"once"))
 
     async with scripted(handler) as (server, pool):
         for _ in range(3):
@@ -192,11 +202,7 @@ async def test_stale_connection_found_only_by_the_request_is_replaced_once(
 ) -> None:
     """The server's close lands after the pool's check (a race the check cannot win)."""
 
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(answer(200, b"once"))
-        await writer.drain()
-
+    handler = answering_once(answer(200, b"once"))
     monkeypatch.setattr(_Connection, "usable", lambda self, now: True)
     async with scripted(handler) as (server, pool):
         for _ in range(3):
@@ -209,10 +215,7 @@ async def test_stale_connection_found_only_by_the_request_is_replaced_once(
 
 
 async def test_closing_mid_body_is_a_protocol_error_naming_the_shortfall() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
-        await writer.drain()
+    handler = answering_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
 
     async with scripted(handler) as (_server, pool):
         response = await pool.request("GET", "/", {"Host": "h"})
@@ -222,9 +225,7 @@ async def test_closing_mid_body_is_a_protocol_error_naming_the_shortfall() -> No
 
 
 async def test_closing_a_small_body_short_fails_the_request() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+    handler = answering_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
 
     async with scripted(handler) as (_server, pool):
         with pytest.raises(ProtocolError, match="95 bytes early"):
@@ -232,9 +233,7 @@ async def test_closing_a_small_body_short_fails_the_request() -> None:
 
 
 async def test_closing_inside_a_chunk_is_a_protocol_error() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc")
+    handler = answering_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc")
 
     async with scripted(handler) as (_server, pool):
         response = await pool.request("GET", "/", {"Host": "h"})
@@ -267,9 +266,7 @@ async def test_a_body_that_stalls_times_out() -> None:
 
 
 async def test_an_answer_that_is_not_http_is_a_protocol_error() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+    handler = answering_once(b"SSH-2.0-OpenSSH\r\n\r\n")
 
     async with scripted(handler) as (_server, pool):
         with pytest.raises(ProtocolError, match=r"not an HTTP/1\.x answer"):
@@ -286,9 +283,7 @@ async def test_a_fresh_connection_closed_without_answer_is_a_protocol_error() ->
 
 
 async def test_informational_answers_are_skipped() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"made"))
+    handler = answering_once(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"made"))
 
     async with scripted(handler) as (_server, pool):
         response = await pool.request("PUT", "/", {"Host": "h"}, b"x")
@@ -321,9 +316,7 @@ async def test_refused_connection_is_a_connect_error_naming_the_address() -> Non
 
 
 async def test_bad_content_length_is_a_protocol_error() -> None:
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n")
+    handler = answering_once(b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n")
 
     async with scripted(handler) as (_server, pool):
         with pytest.raises(ProtocolError, match="bad Content-Length 'lots'"):
@@ -367,9 +360,7 @@ async def test_a_body_nobody_reads_for_a_while_pauses_the_socket_and_arrives_who
 async def test_heads_larger_than_the_staging_buffer_are_read() -> None:
     filler = "".join(f"X-Amz-Meta-F{i}: {'v' * 200}\r\n" for i in range(2000))  # ~420 KiB
 
-    async def handler(reader, writer, server):
-        await read_request(reader, server)
-        writer.write(answer(200, b"ok", filler))
+    handler = answering_once(answer(200, b"ok", filler))
 
     async with scripted(handler) as (_server, pool):
         response = await pool.request("GET", "/", {"Host": "h"})
