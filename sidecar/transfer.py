@@ -430,7 +430,7 @@ class Transfers:
         part_size = part_size_for(local.size, self.settings.part_size)
         ranges = split_ranges(local.size, part_size)
         upload_id = await self.store.create_multipart(key, metadata_for(local))
-        self.state.upload_started(upload_id, key)
+        await self.state.upload_started(upload_id, key)
         completed = False
         try:
             try:

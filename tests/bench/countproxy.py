@@ -11,6 +11,10 @@ they are and only *reads* the client->server stream, following HTTP/1.1 framing
 It costs time (every byte is copied through Python), so the benchmark never times through it:
 each tool gets one extra, untimed counting run through the proxy, and the timed runs go
 straight to the server.
+
+Crash tests use it as a gate too: requests of the operations in `hold` are counted when they
+arrive but not passed on until `release()`, which pins a client at a known point (e.g. its
+first UploadPart sent, never answered) for as long as the test needs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
 from sidecar.locals3 import free_port
@@ -141,8 +145,10 @@ class RequestParser:
 class CountingProxy:
     """127.0.0.1:<port> -> upstream, on an event loop in a thread of its own."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, hold: Iterable[str] = ()) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.hold = frozenset(hold)  # operations held back until release()
+        self._released = asyncio.Event()
         self.port = 0
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -170,8 +176,20 @@ class CountingProxy:
     def stop(self) -> None:
         if self._server is not None:
             self._loop.call_soon_threadsafe(self._server.close)
+        if self.hold:
+            # Held connections end once their (gone) client's EOF can pass: let them.
+            asyncio.run_coroutine_threadsafe(self._drain(), self._loop).result(timeout=15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+    def release(self) -> None:
+        """Pass held requests on, and every later one."""
+        self._loop.call_soon_threadsafe(self._released.set)
+
+    async def _drain(self) -> None:
+        self._released.set()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=10)
 
     def reset(self) -> None:
         with self._lock:
@@ -196,8 +214,19 @@ class CountingProxy:
         except OSError:
             client_w.close()
             return
-        parser = RequestParser(self._count)
-        to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed))
+        holding = False
+
+        def on_request(method: str, target: str, headers: dict[str, str]) -> None:
+            nonlocal holding
+            self._count(method, target, headers)
+            holding = holding or s3_operation(method, target, headers) in self.hold
+
+        async def gate() -> None:
+            if holding:
+                await self._released.wait()
+
+        parser = RequestParser(on_request)
+        to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed, gate))
         to_client = asyncio.create_task(_pump(upstream_r, client_w, None))
         await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
         with contextlib.suppress(Exception):
@@ -211,11 +240,14 @@ async def _pump(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     observe: Callable[[bytes], None] | None,
+    gate: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     try:
         while data := await reader.read(_READ_SIZE):
             if observe is not None:
                 observe(data)
+            if gate is not None:
+                await gate()  # after observe: the chunk holding a held request waits too
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
