@@ -7,17 +7,20 @@ directly and by the daemon for every /pull and /finalize.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
-from sidecar.core.filters import SYNCIGNORE, PathFilter
+from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
     UNHASHED,
     Action,
@@ -167,7 +170,9 @@ class SyncEngine:
         if not dry_run:
             await self._abort_leftover_uploads(store)
 
-        path_filter = PathFilter(config.include, config.exclude, self._read_syncignore())
+        syncignore_text, syncignore_errors, syncignore_unusable = await self._read_syncignore()
+        result.errors.extend(syncignore_errors)
+        path_filter = PathFilter(config.include, config.exclude, syncignore_text)
         progress.phase = "scanning"
         scanned, listing = await asyncio.gather(
             self._scan(path_filter), self._list(store, path_filter)
@@ -197,10 +202,12 @@ class SyncEngine:
         self._remember_new_etags(remote, base)
 
         progress.phase = "planning"
-        input_errors = scanned.errors + listing.errors
+        # Without the patterns of an unusable .syncignore, paths it hid are visible: never
+        # delete on that view.
+        input_errors = syncignore_unusable + scanned.errors + listing.errors
         policy = DeletePolicy(
             allowed=not input_errors,
-            why_not="the scan or listing had errors (see errors)",
+            why_not="the scan, listing or .syncignore had errors (see errors)",
             max_fraction=config.max_delete_fraction,
             force=config.force_delete,
         )
@@ -245,13 +252,20 @@ class SyncEngine:
             except OSError as exc:
                 raise FatalSync(f"cannot create local folder {local_dir}: {exc}") from None
 
-    def _read_syncignore(self) -> str:
+    async def _read_syncignore(self) -> tuple[str, list[FileError], list[FileError]]:
+        """The usable patterns of the folder's .syncignore; the lines skipped (errors); and
+        why the whole file is unusable, if it is (an input error: the sync goes on without
+        it and deletes nothing). Read in a thread: no file can stall the event loop."""
+        loop = asyncio.get_running_loop()
         try:
-            return (self.config.local_dir / SYNCIGNORE).read_text()
-        except FileNotFoundError:
-            return ""
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FatalSync(f"cannot read {SYNCIGNORE}: {exc}") from None
+            data = await loop.run_in_executor(
+                self._executor, read_syncignore, self.config.local_dir
+            )
+        except _UnusableSyncignore as exc:
+            why = f"not used: {exc}; synced without its patterns, nothing deleted"
+            return "", [], [FileError(SYNCIGNORE, why)]
+        text, problems = parse_syncignore(data)
+        return text, [FileError(SYNCIGNORE, problem) for problem in problems], []
 
     async def _abort_leftover_uploads(self, store: ObjectStore) -> None:
         """Multipart uploads a killed run started and never ended: abort, never orphan."""
@@ -498,6 +512,58 @@ class SyncEngine:
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:
     return (local.size, local.mtime_ns, local.inode, local.hash)
+
+
+class _UnusableSyncignore(Exception):
+    pass
+
+
+def read_syncignore(folder: Path) -> bytes:
+    """The bytes of folder/.syncignore (b"" when there is none), read only from a regular
+    file of at most SYNCIGNORE_MAX_BYTES that is no symlink: a FIFO would block, a link to
+    /dev/zero would never end, and a link out of the folder would read (and quote in errors)
+    a file the user does not own here."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat refuses it next).
+        fd = os.open(
+            folder / SYNCIGNORE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _UnusableSyncignore(
+                "it is a symbolic link, which is never followed (make it a regular file)"
+            ) from None
+        raise _UnusableSyncignore(f"cannot open it: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _UnusableSyncignore(f"it is a {_file_kind(st.st_mode)}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        # Bounded by the cap, not by st_size: the file may grow while we read.
+        while chunk := os.read(fd, SYNCIGNORE_MAX_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > SYNCIGNORE_MAX_BYTES:
+                raise _UnusableSyncignore(f"it is larger than {format_bytes(SYNCIGNORE_MAX_BYTES)}")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise _UnusableSyncignore(f"cannot read it: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_IFDIR: "folder",
+        stat.S_IFIFO: "FIFO (named pipe)",
+        stat.S_IFCHR: "character device",
+        stat.S_IFBLK: "block device",
+        stat.S_IFSOCK: "socket",
+    }
+    return kinds.get(stat.S_IFMT(mode), "special file")
 
 
 # Actions that carry a change across (files_transferred), and those that send requests.

@@ -8,12 +8,17 @@ re-includes (never from inside an excluded folder, as in git).
 
 pathspec is imported only when there are user patterns: its import is ~12-20 ms of a
 ~0.3 s one-shot no-op sync, and the defaults need only a look at folder names.
+
+A pattern git would refuse (a line that is just `\\`) or a `.syncignore` line that is not UTF-8
+is skipped and reported by line number (`parse_syncignore`); bad --include/--exclude globs are
+refused when options are read (`pattern_problem`). A filter never raises on a pattern.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.core.paths import is_temp_name
 
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
 # Notebook and interpreter caches: never data. (gitignore: `.ipynb_checkpoints/`, ...)
 DEFAULT_EXCLUDED_DIRS = frozenset({".ipynb_checkpoints", "__pycache__"})
 SYNCIGNORE = ".syncignore"
+SYNCIGNORE_MAX_BYTES = 1024 * 1024  # a gitignore is a few hundred bytes; this is no gitignore
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class PathFilter:
@@ -64,13 +71,59 @@ def in_excluded_dir(reldir: str) -> bool:
     return bool(reldir) and not DEFAULT_EXCLUDED_DIRS.isdisjoint(reldir.split("/"))
 
 
+def parse_syncignore(data: bytes) -> tuple[str, list[str]]:
+    """The usable lines of a .syncignore's bytes, and one message per line skipped
+    ("line 3: ..."): not UTF-8, or not a pattern git would accept."""
+    usable: list[str] = []
+    problems: list[str] = []
+    for number, raw in enumerate(data.removeprefix(_UTF8_BOM).splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"line {number}: not valid UTF-8; skipped")
+            continue
+        problem = pattern_problem(line)
+        if problem is not None:
+            problems.append(f"line {number}: {problem}; skipped")
+            continue
+        usable.append(line)
+    return "\n".join(usable), problems
+
+
+def pattern_problem(line: str) -> str | None:
+    """Why git would refuse this pattern line, or None when it is fine (or blank/comment)."""
+    if not _is_pattern(line):
+        return None
+    try:
+        _compile(line)
+    except ValueError as exc:
+        return f"not a valid pattern ({exc})"
+    return None
+
+
+def _is_pattern(line: str) -> bool:
+    return bool(line.strip()) and not line.lstrip().startswith("#")
+
+
+def _compile(line: str) -> Any:
+    from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+
+    return GitIgnoreSpecPattern(line)
+
+
 def _spec_matcher(lines: list[str]) -> Callable[[str], bool] | None:
-    """A matcher for gitignore lines; None when they hold no pattern at all."""
-    if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+    """A matcher for gitignore lines; None when they hold no pattern at all. Lines git would
+    refuse are left out (reported where they were read)."""
+    if not any(_is_pattern(line) for line in lines):
         return None
     import pathspec
 
-    return _matcher(pathspec.GitIgnoreSpec.from_lines(lines))
+    patterns = []
+    for line in lines:
+        if line:
+            with contextlib.suppress(ValueError):
+                patterns.append(_compile(line))
+    return _matcher(pathspec.GitIgnoreSpec(patterns))
 
 
 def _matcher(spec: pathspec.GitIgnoreSpec) -> Callable[[str], bool]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.core.filters import pattern_problem
 from sidecar.core.paths import (
     BadKey,
     check_mount_folder,
@@ -76,7 +77,12 @@ def _addr(text: str) -> str:
 
 
 def _globs(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    globs = [part.strip() for part in text.split(",") if part.strip()]
+    for glob in globs:
+        problem = pattern_problem(glob)
+        if problem is not None:
+            raise ValueError(f"{glob!r}: {problem}")
+    return globs
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pathspec
 
-from sidecar.core.filters import PathFilter, _matcher
+from sidecar.core.filters import PathFilter, _matcher, parse_syncignore, pattern_problem
 from sidecar.core.paths import temp_name
 
 
@@ -129,3 +129,22 @@ def test_default_exclusions_need_no_pattern_library() -> None:
     # Defaults hold whatever the user's patterns say (git cannot re-include from inside
     # an excluded folder either).
     assert not PathFilter(exclude=["!__pycache__/keep.pyc"]).wants("__pycache__/keep.pyc")
+
+
+def test_syncignore_lines_git_refuses_or_not_utf8_are_skipped_by_number() -> None:
+    data = b"\xef\xbb\xbfscratch/\r\n\\\n# comment\n\xff\xfe.bin\nlogs/\n"
+    text, problems = parse_syncignore(data)
+    assert len(problems) == 2
+    assert problems[0].startswith("line 2: not a valid pattern") and "skipped" in problems[0]
+    assert problems[1] == "line 4: not valid UTF-8; skipped"
+    f = PathFilter(syncignore_text=text)
+    assert not f.wants("scratch/x")  # the byte-order mark is not part of the first pattern
+    assert not f.wants("a/logs/run.log")
+    assert f.wants("keep.bin")
+
+
+def test_a_filter_never_raises_on_a_pattern_git_refuses() -> None:
+    assert pattern_problem("\\") is not None
+    assert pattern_problem("*.tmp") is None and pattern_problem("# \\") is None
+    f = PathFilter(exclude=["\\", "*.tmp"], syncignore_text="\\\nscratch/")
+    assert not f.wants("a.tmp") and not f.wants("scratch/x") and f.wants("b.txt")

@@ -100,3 +100,10 @@ def test_serve_config_checks_auto_sync_windows() -> None:
     )
     with pytest.raises(OptionError, match="max-delay"):
         serve_config(values, {})
+
+
+def test_globs_git_would_refuse_are_bad_options_naming_the_flag() -> None:
+    with pytest.raises(OptionError, match=r"--exclude \(SIDECAR_EXCLUDE\).*not a valid pattern"):
+        collect({"exclude": ["*.tmp", "\\"]}, {}, "sync")
+    with pytest.raises(OptionError, match=r"--include \(SIDECAR_INCLUDE\) from SIDECAR_INCLUDE"):
+        collect({}, {"SIDECAR_INCLUDE": "models/,\\"}, "sync")

@@ -22,7 +22,7 @@ import pytest
 from sidecar.core.model import BaseEntry
 from sidecar.state import StateStore
 from tests.bench.countproxy import CountingProxy
-from tests.conftest import sidecar_args
+from tests.conftest import S3Server, sidecar_args
 from tests.engine.test_cli_e2e import (
     SIZING,
     Volume,
@@ -31,12 +31,16 @@ from tests.engine.test_cli_e2e import (
     _wait_until,
     data_of,
     keyed,
-    mvol,  # noqa: F401 - fixture
     write_tree,
 )
 
 MiB = 1024**2
 ENTRY = BaseEntry(3, "0" * 32, ("e" * 32,), False, "")
+
+
+@pytest.fixture
+def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
+    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
 
 
 def journal_records(state_dir: Path) -> list[list[Any]]:
@@ -96,7 +100,7 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> No
 
 
 def test_kill_during_multipart_uploads_loses_no_record_and_leaves_no_orphan(
-    mvol: Volume,  # noqa: F811 - the fixture
+    mvol: Volume,
 ) -> None:
     """60 small uploads done and two multipart uploads whose parts are held by the proxy:
     kill -9, and the journal on disk holds all 62 records; the next run aborts both uploads,
