@@ -1,10 +1,12 @@
 """The coordinator: one sync at a time between HTTP requests, auto-sync and the lifecycle.
 
-- A request for the operation already running joins it and gets the same result.
-- Any other request waits its turn in a FIFO queue; waiting requests for the same operation
-  (and dry-run flag) share one run, so a burst of triggers costs one sync, not a backlog.
+- A request for the operation already running joins it only while that run has not begun
+  to scan the folder and list the bucket (phase "starting"): a run that already looked
+  cannot answer for a file saved before the request arrived. Otherwise the request queues.
+- Waiting requests queue in FIFO order; those for the same operation (and dry-run flag)
+  share one later run, so a burst of triggers costs one sync, not a backlog.
 - `join_running=False` (auto-sync, the shutdown push) never joins a run that is already
-  under way: that run scanned the folder before the caller's changes were made.
+  under way, whatever its phase.
 - It remembers the current progress, the last result per operation, the last error and
   readiness (a non-dry-run pull has succeeded once). Read-only daemons refuse finalize.
 
@@ -30,6 +32,9 @@ from sidecar.metrics import Metrics, outcome
 log = logging.getLogger("sidecar.daemon")
 
 MAX_LOGGED_ERRORS = 50
+# The phase of a run before the engine starts scanning (the engine sets "scanning" right
+# before it reads the folder and lists the bucket); a request may join a run only then.
+NOT_YET_SCANNED = "starting"
 
 
 class Engine(Protocol):
@@ -71,6 +76,11 @@ class Run:
     progress: Progress | None = None
     requesters: int = 1
     task: asyncio.Task[SyncResult] | None = None
+
+    @property
+    def unscanned(self) -> bool:
+        """True until the engine starts looking at the folder and the bucket."""
+        return self.progress is None or self.progress.phase == NOT_YET_SCANNED
 
     async def result(self) -> SyncResult:
         # shield: a caller that goes away (client disconnect) must not cancel a sync others
@@ -155,7 +165,7 @@ class Coordinator:
         if direction is Direction.FINALIZE and not dry_run and not self._pull_may_make_ready():
             raise Refused(self._not_ready_reason(), retry_later=True)
         current = self.current
-        if join_running and current is not None and current.job == job:
+        if join_running and current is not None and current.job == job and current.unscanned:
             current.requesters += 1
             return Ticket(current, "joined")
         for run in self.pending:
@@ -269,7 +279,9 @@ class Coordinator:
             self._finish(run, None, error=Refused(self._not_ready_reason(), retry_later=True))
             return
         run.started_at = self.clock()
-        run.progress = Progress(operation=str(job.direction), started=run.started_at)
+        run.progress = Progress(
+            operation=str(job.direction), started=run.started_at, phase=NOT_YET_SCANNED
+        )
         run.task = asyncio.create_task(
             self.engine.run(job.direction, dry_run=job.dry_run, progress=run.progress),
             name=f"sync-{job.direction}",

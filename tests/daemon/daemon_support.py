@@ -23,7 +23,11 @@ from sidecar.core.result import SyncResult
 
 @dataclass
 class FakeEngine:
-    """Each run blocks until the test releases it, then returns the scripted result."""
+    """Each run blocks until the test releases it, then returns the scripted result.
+
+    A run "scans" (moves its progress past "starting") at once, or only once `before_scan`
+    is set when a test gives one.
+    """
 
     in_flight: int = 0
     retries_total: int = 0
@@ -32,6 +36,7 @@ class FakeEngine:
     results: list[SyncResult | BaseException] = field(default_factory=list)
     auto_release: bool = False
     called: asyncio.Condition = field(default_factory=asyncio.Condition)
+    before_scan: asyncio.Event | None = None
 
     async def run(
         self, direction: Direction, *, dry_run: bool = False, progress: Progress | None = None
@@ -41,6 +46,8 @@ class FakeEngine:
         self.gates.append(gate)
         async with self.called:
             self.called.notify_all()
+        if self.before_scan is not None:
+            await self.before_scan.wait()
         if progress is not None:
             progress.phase = "transferring"
             progress.files_total, progress.bytes_total = 2, 2048

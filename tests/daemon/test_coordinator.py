@@ -26,16 +26,44 @@ async def ready_coordinator(engine: FakeEngine, **kwargs: object) -> Coordinator
     return coordinator
 
 
-async def test_request_for_the_running_operation_joins_it(engine: FakeEngine) -> None:
+async def test_request_joins_a_run_that_has_not_scanned_yet(engine: FakeEngine) -> None:
+    engine.before_scan = asyncio.Event()
     async with Coordinator(engine) as coordinator:
         first = coordinator.submit(PULL)
         await engine.wait_calls(1)
+        assert coordinator.current is not None and coordinator.current.unscanned
         second = coordinator.submit(PULL)
         assert (first.state, second.state) == ("started", "joined")
+        engine.before_scan.set()
         engine.release()
         one, two = await asyncio.gather(first.result(), second.result())
         assert one is two
         assert engine.calls == [(PULL, False)]
+
+
+async def test_request_after_the_scan_queues_and_later_requests_share_that_run(
+    engine: FakeEngine,
+) -> None:
+    """A finalize that already scanned cannot answer for a file saved before the request."""
+    coordinator = await ready_coordinator(engine)
+    try:
+        running = coordinator.submit(FINALIZE)
+        await engine.wait_calls(2)
+        assert coordinator.status()["current"]["phase"] == "transferring"
+        late = [coordinator.submit(FINALIZE) for _ in range(3)]
+        assert [ticket.state for ticket in late] == ["queued"] * 3
+        assert all(ticket.run is late[0].run is not running.run for ticket in late)
+        assert late[0].run.requesters == 3
+        engine.release()
+        await running.result()
+        await engine.wait_calls(3)
+        engine.release()
+        results = await asyncio.gather(*(ticket.result() for ticket in late))
+        assert all(result is results[0] for result in results)
+        assert results[0] is not await running.result()
+        assert engine.calls == [(PULL, False), (FINALIZE, False), (FINALIZE, False)]
+    finally:
+        await coordinator.__aexit__(None, None, None)
 
 
 async def test_other_operation_waits_its_turn(engine: FakeEngine) -> None:

@@ -175,7 +175,7 @@ def test_control_api_refuses_non_loopback_peers(s3: LocalS3, start_daemon: Start
     assert http_json("POST", daemon.control + "/finalize")[0] == 200
 
 
-def test_concurrent_requests_join_and_queue(
+def test_concurrent_requests_queue_behind_a_run_that_already_scanned(
     s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     daemon = start_daemon(s3, "--concurrency", "2")  # a slower push: time to pile up requests
@@ -187,29 +187,35 @@ def test_concurrent_requests_join_and_queue(
     def post(name: str, path: str) -> None:
         answers[name] = http_json("POST", daemon.control + path, timeout=120)
 
+    def transferring() -> bool:
+        current = daemon.status()["current"]
+        return current is not None and current["phase"] == "transferring"
+
     first = threading.Thread(target=post, args=("first", "/finalize"))
     first.start()
-    daemon.wait_until(lambda: daemon.status()["current"] is not None, 20, "the finalize to start")
-    others = [
-        threading.Thread(target=post, args=(name, path))
-        for name, path in (("joiner", "/finalize"), ("pull", "/pull"), ("pull2", "/pull"))
-    ]
-    for thread in others:
+    daemon.wait_until(transferring, 30, "the finalize to start transferring")
+    # Saved before the second request: that request's 200 must mean this file is pushed,
+    # which the running finalize (it scanned before the file existed) cannot promise.
+    write(daemon.local_dir, "saved-late.txt", b"saved after the first finalize scanned")
+    second = threading.Thread(target=post, args=("second", "/finalize"))
+    second.start()
+    daemon.wait_until(lambda: "second" in answers or daemon.status()["queued"], 20, "queue")
+    pulls = [threading.Thread(target=post, args=(name, "/pull")) for name in ("pull", "pull2")]
+    for thread in pulls:
         thread.start()
-    daemon.wait_until(lambda: len(answers) == 4 or daemon.status()["queued"] != [], 20, "queue")
-    queued = daemon.status()["queued"]
-    for thread in [first, *others]:
+    for thread in [first, second, *pulls]:
         thread.join(120)
 
     assert {name: status for name, (status, _) in answers.items()} == dict.fromkeys(answers, 200)
-    assert answers["joiner"][1]["joined"] is True
-    assert answers["joiner"][1]["files_transferred"] == 3
-    assert queued == [] or [q["operation"] for q in queued] == ["pull"]
+    assert answers["first"][1]["files_transferred"] == 3
+    assert answers["second"][1]["joined"] is False
+    assert answers["second"][1]["files_transferred"] == 1
+    assert (daemon.bucket_dir / "saved-late.txt").read_bytes().startswith(b"saved after")
     assert answers["pull"][1]["joined"] is False
     results = daemon.status()["last_results"]
     assert results["pull"]["finished_at"] > results["finalize"]["finished_at"]
     _, text = http("GET", daemon.probe + "/metrics")
-    assert metric(text, 'sidecar_syncs_total{operation="finalize",outcome="success"}') == 1
+    assert metric(text, 'sidecar_syncs_total{operation="finalize",outcome="success"}') == 2
     # initial pull + one shared run for both queued pull requests
     assert metric(text, 'sidecar_syncs_total{operation="pull",outcome="noop"}') == 2
 
