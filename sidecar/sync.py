@@ -33,7 +33,7 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, folders_of, key_to_relpath
+from sidecar.core.paths import BadKey, folders_of, key_to_relpath, parent_dirs
 from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
@@ -312,14 +312,12 @@ class SyncEngine:
             if exc.fatal or exc.not_found:
                 raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
             raise FatalSync(f"listing {self.config.remote_url} failed: {exc.message}") from None
-        folders = folders_of(listing.objects)
-        for path in sorted(folders & set(listing.objects)):
-            obj = listing.objects.pop(path)
-            if obj.size == 0:
-                continue  # a folder marker (rclone lists 'dir/' markers as a 0-byte 'dir')
-            listing.errors.append(
-                FileError(obj.key, "skipped: the key is both a file and a folder ('a' and 'a/...')")
-            )
+        # rclone lists a 'dir/' marker as a 0-byte 'dir': a folder, not a file. A real file
+        # and folder of one name stay in the listing: hiding the file made every later sync
+        # see it as deleted; the planner reports the clash and decides each path as usual.
+        for path in folders_of(listing.objects) & set(listing.objects):
+            if listing.objects[path].size == 0:
+                del listing.objects[path]
         return listing
 
     async def _resolve_remote_hashes(
@@ -433,6 +431,7 @@ class SyncEngine:
 
         # Deletions first: a folder the bucket replaced by a file (or back) must be gone
         # before the new version can land.
+        kept_files: set[str] = set()  # deletes that did not happen: these stay files
         for action in actions:
             try:
                 if action.kind is ActionKind.DELETE_LOCAL:
@@ -440,6 +439,7 @@ class SyncEngine:
                         state.drop_base(action.path)
                         result.files_deleted += 1
                     else:
+                        kept_files.add(action.path)
                         result.conflicts.append(
                             Conflict(
                                 action.path,
@@ -452,7 +452,12 @@ class SyncEngine:
                     state.drop_base(action.path)
                     result.files_deleted += 1
             except TransferError as exc:
+                kept_files.add(action.path)
                 result.errors.append(exc.error)
+        if kept_files:
+            moving = _drop_below(moving, kept_files, result)
+            progress.files_total = len(moving)
+            progress.bytes_total = sum(_action_bytes(a) for a in moving)
 
         # Big files first: their parts spread over all slots while small files fill gaps.
         queue = sorted(moving, key=lambda a: -_action_bytes(a))
@@ -508,6 +513,20 @@ class SyncEngine:
                 progress.files_done += 1
 
         await _run_bounded(queue, do_one, self.config.concurrency)
+
+
+def _drop_below(actions: list[Action], files: set[str], result: SyncResult) -> list[Action]:
+    """Writes below a file whose planned delete failed: never a file and a folder at once."""
+    kept: list[Action] = []
+    for action in actions:
+        clash = next((d for d in parent_dirs(action.path) if d in files), None)
+        if clash is None:
+            kept.append(action)
+        else:
+            result.errors.append(
+                FileError(action.path, f"not sent: {clash!r} is still a file (its delete failed)")
+            )
+    return kept
 
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:

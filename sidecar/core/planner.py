@@ -104,8 +104,12 @@ def plan(
     result = Plan(direction)
     for path in sorted(set(local) | set(remote) | set(base)):
         _plan_path(result, direction, path, local.get(path), remote.get(path), base.get(path), now)
-    _drop_type_clashes(result, direction, local, remote)
-    _apply_delete_policy(result, direction, local, remote, deletes)
+    # The delete policy first: a file whose delete it withholds stays, and nothing may then be
+    # written below it (pushing 'd/x' while the delete of 'd' was withheld left both in the
+    # bucket for good).
+    withheld = _apply_delete_policy(result, direction, local, remote, deletes)
+    _drop_type_clashes(result, direction, local, remote, withheld)
+    _report_bucket_clashes(result, direction, remote)
     return result
 
 
@@ -206,43 +210,74 @@ def _plan_path(
     out.conflicts.append(Conflict(path, "modified-deleted", resolution))
 
 
+BUCKET_CLASH = (
+    "the bucket holds both a file and a folder with this name ('a' and 'a/...'); the file is "
+    "left as it is and nothing is written below it (README: File and folder clash)"
+)
+
+
 def _drop_type_clashes(
     out: Plan,
     direction: Direction,
     local: Mapping[str, LocalFile],
     remote: Mapping[str, RemoteObject],
+    withheld: set[str],
 ) -> None:
-    """A path that is a file on one side and a folder on the other cannot be written."""
-    if direction is Direction.PULL:
+    """A file cannot be written where a folder stays, nor below a file that stays."""
+    pull = direction is Direction.PULL
+    if pull:
         writes, deletes = ActionKind.DOWNLOAD, ActionKind.DELETE_LOCAL
-        target = local
-        side = "local"
+        target, side, verb = local, "in the local folder", "downloaded"
     else:
         writes, deletes = ActionKind.UPLOAD, ActionKind.DELETE_REMOTE
-        target = remote
-        side = "bucket"
+        target, side, verb = remote, "in the bucket", "uploaded"
     written = {a.path for a in out.actions if a.kind is writes}
     if not written:
         return  # nothing new is written: no new clash can arise
+    # Only a bucket holding 'd' and 'd/x' at once asks a pull to write both: the folder wins
+    # (the file stays in the bucket and is reported with the bucket's clashes).
+    source_clashes = written & folders_of(written)
+    written -= source_clashes
     deleted = {a.path for a in out.actions if a.kind is deletes}
     final_files = (set(target) - deleted) | written
     final_dirs = folders_of(final_files)
     kept: list[Action] = []
     for action in out.actions:
         if action.kind is writes:
+            if action.path in source_clashes:
+                continue
             if action.path in final_dirs:
                 out.errors.append(
-                    FileError(action.path, f"is a file here but a folder on the {side} side")
+                    FileError(action.path, f"not {verb}: this name is a folder {side}")
                 )
                 continue
             clash = next((d for d in parent_dirs(action.path) if d in final_files), None)
             if clash is not None:
+                why = " (its delete was withheld, see deletes_blocked)" if clash in withheld else ""
                 out.errors.append(
-                    FileError(action.path, f"needs folder {clash!r}, a file on the {side} side")
+                    FileError(action.path, f"not {verb}: {clash!r} stays a file {side}{why}")
                 )
                 continue
         kept.append(action)
     out.actions = kept
+
+
+def _report_bucket_clashes(
+    out: Plan, direction: Direction, remote: Mapping[str, RemoteObject]
+) -> None:
+    """Every key that is both a file and a folder once this plan is carried out, by name.
+
+    Such a clash hides nothing from the plan (both keys are in REMOTE), so it withholds no
+    delete: a finalize whose BASE knows the file and whose folder replaced it deletes the
+    file like any other, and that is the way out of a clash an older version left behind.
+    """
+    files: set[str] = set(remote)
+    if direction is Direction.FINALIZE:
+        files -= {a.path for a in out.of_kind(ActionKind.DELETE_REMOTE)}
+        files |= {a.path for a in out.of_kind(ActionKind.UPLOAD)}
+    for path in sorted(files & folders_of(files)):
+        obj = remote.get(path)
+        out.errors.append(FileError(obj.key if obj else path, BUCKET_CLASH))
 
 
 def _apply_delete_policy(
@@ -251,11 +286,12 @@ def _apply_delete_policy(
     local: Mapping[str, LocalFile],
     remote: Mapping[str, RemoteObject],
     policy: DeletePolicy,
-) -> None:
+) -> set[str]:
+    """Withhold every delete when the policy says so; the paths withheld."""
     kind = ActionKind.DELETE_LOCAL if direction is Direction.PULL else ActionKind.DELETE_REMOTE
     doomed = [a for a in out.actions if a.kind is kind]
     if not doomed:
-        return
+        return set()
     if not policy.allowed:
         out.deletes_blocked = f"{len(doomed)} deletion(s) withheld: {policy.why_not}"
     elif not policy.force:
@@ -268,5 +304,7 @@ def _apply_delete_policy(
                 "intended, rerun with --force-delete (SIDECAR_FORCE_DELETE=1) or raise "
                 "--max-delete-percent"
             )
-    if out.deletes_blocked:
-        out.actions = [a for a in out.actions if a.kind is not kind]
+    if not out.deletes_blocked:
+        return set()
+    out.actions = [a for a in out.actions if a.kind is not kind]
+    return {a.path for a in doomed}

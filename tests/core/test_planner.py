@@ -252,3 +252,107 @@ def test_all_four_local_states_times_four_remote_states_are_decided() -> None:
                 )
                 decided = len(result.actions) + result.skipped
                 assert decided == 1, (direction, lname, rname, result)
+
+
+# ---- a file replaced by a folder of the same name (and back), and clashes in the bucket ----
+FORCED = DeletePolicy(force=True)
+SCAN_ERRORS = DeletePolicy(allowed=False, why_not="the scan had errors")
+GUARD = DeletePolicy(max_fraction=0.0)  # the fraction guard, tripped by any delete
+L_NEW = lf("h-new", 7)
+
+
+def _side(paths: str, value: LocalFile | BaseEntry | str) -> dict[str, object]:
+    """'d d/x' -> {'d': value, 'd/x': value}; for REMOTE a str is the key prefix."""
+    if isinstance(value, str):
+        return {p: RemoteObject(value + p, 3, "e-base") for p in paths.split()}
+    return {p: value for p in paths.split()}
+
+
+# (direction, local, remote, base, policy) -> (actions as "kind path", error paths)
+TYPE_TABLE = [
+    # finalize: local file d became folder d/: the delete of d goes first, or nothing goes
+    (FIN, "d/x", "d", "d", FORCED, {"delete-remote d", "upload d/x"}, set()),
+    (FIN, "d/x", "d", "d", SCAN_ERRORS, set(), {"d/x"}),
+    (FIN, "d/x", "d", "d", GUARD, set(), {"d/x"}),
+    # finalize: local folder d/ became file d
+    (FIN, "d", "d/x", "d/x", FORCED, {"delete-remote d/x", "upload d"}, set()),
+    (FIN, "d", "d/x", "d/x", SCAN_ERRORS, set(), {"d"}),
+    (FIN, "d", "d/x", "d/x", GUARD, set(), {"d"}),
+    # pull: the bucket's file d became folder d/
+    (PULL, "d", "d/x", "d", FORCED, {"delete-local d", "download d/x"}, set()),
+    (PULL, "d", "d/x", "d", SCAN_ERRORS, set(), {"d/x"}),
+    (PULL, "d", "d/x", "d", GUARD, set(), {"d/x"}),
+    # pull: the bucket's folder d/ became file d
+    (PULL, "d/x", "d", "d/x", FORCED, {"delete-local d/x", "download d"}, set()),
+    (PULL, "d/x", "d", "d/x", SCAN_ERRORS, set(), {"d"}),
+    (PULL, "d/x", "d", "d/x", GUARD, set(), {"d"}),
+    # deeper: a file two levels up stays
+    (FIN, "d/e/x", "d", "d", SCAN_ERRORS, set(), {"d/e/x"}),
+    (PULL, "d", "d/e/x", "d", SCAN_ERRORS, set(), {"d/e/x"}),
+    # a clash already in the bucket: the replica whose folder replaced d deletes the file
+    (FIN, "d/x", "d d/x", "d d/x", FORCED, {"delete-remote d"}, set()),
+    (FIN, "d/x", "d d/x", "d d/x", GUARD, set(), {"vol/d"}),
+    (FIN, "d/x", "d d/x", "d d/x", SCAN_ERRORS, set(), {"vol/d"}),
+    (FIN, "d/x d/y", "d d/x", "d d/x", FORCED, {"delete-remote d", "upload d/y"}, set()),
+    (FIN, "d/x d/y", "d d/x", "d d/x", SCAN_ERRORS, set(), {"vol/d", "d/y"}),
+    # ...a replica that still has the file keeps it and names the clash
+    (FIN, "d", "d d/x", "d", FORCED, set(), {"vol/d"}),
+    (FIN, "d", "d d/x", "", FORCED, set(), {"vol/d", "d"}),  # equality unknown: an upload
+    (PULL, "d", "d d/x", "d", FORCED, set(), {"vol/d", "d/x"}),
+    (PULL, "d/x", "d d/x", "d d/x", FORCED, set(), {"vol/d"}),
+    # ...a fresh replica takes the folder (many files) and names the file
+    (PULL, "", "d d/x", "", FORCED, {"download d/x"}, {"vol/d"}),
+    (PULL, "", "d d/x d/y/z", "", FORCED, {"download d/x", "download d/y/z"}, {"vol/d"}),
+    (FIN, "", "d d/x", "", FORCED, set(), {"vol/d"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("direction", "local", "remote", "base", "policy", "actions", "errors"), TYPE_TABLE
+)
+def test_file_folder_table(
+    direction: Direction,
+    local: str,
+    remote: str,
+    base: str,
+    policy: DeletePolicy,
+    actions: set[str],
+    errors: set[str],
+) -> None:
+    result = plan(
+        direction,
+        _side(local, L_SAME),  # type: ignore[arg-type]
+        _side(remote, "vol/"),  # type: ignore[arg-type]
+        _side(base, BASE),  # type: ignore[arg-type]
+        NOW,
+        policy,
+    )
+    assert {f"{a.kind} {a.path}" for a in result.actions} == actions
+    assert {e.path for e in result.errors} == errors, result.errors
+
+
+def test_the_error_names_the_file_that_stays_and_why() -> None:
+    result = plan(FIN, {"d/x": L_SAME}, _side("d", "vol/"), {"d": BASE}, NOW, SCAN_ERRORS)  # type: ignore[arg-type]
+    (error,) = result.errors
+    assert error.reason == (
+        "not uploaded: 'd' stays a file in the bucket (its delete was withheld, see "
+        "deletes_blocked)"
+    )
+    assert result.deletes_blocked and "the scan had errors" in result.deletes_blocked
+
+
+def test_a_modified_file_meeting_a_bucket_folder_is_not_uploaded() -> None:
+    result = plan(FIN, {"d": L_NEW}, _side("d d/x", "vol/"), {"d": BASE}, NOW, FORCED)  # type: ignore[arg-type]
+    assert not result.actions
+    assert {(e.path, e.reason[:40]) for e in result.errors} == {
+        ("d", "not uploaded: this name is a folder in t"),
+        ("vol/d", "the bucket holds both a file and a folde"),
+    }
+
+
+def test_a_clash_withholds_no_other_delete() -> None:
+    remote = _side("d d/x k1 k2 k3", "vol/")
+    result = plan(FIN, _side("d k2 k3", L_SAME), remote, _side("d k1 k2 k3", BASE), NOW)  # type: ignore[arg-type]
+    assert [f"{a.kind} {a.path}" for a in result.actions] == ["delete-remote k1"]
+    assert result.deletes_blocked is None
+    assert [e.path for e in result.errors] == ["vol/d"]

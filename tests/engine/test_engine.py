@@ -654,3 +654,103 @@ async def test_a_mode_only_change_sends_no_content(
     assert (
         again.ok and again.files_transferred == 0 and set(request_counter) == {"list_objects_v2"}
     ), request_counter
+
+
+def keys(moto: S3Server, bucket: str) -> set[str]:
+    listed = moto.client().list_objects_v2(Bucket=bucket, Prefix="vol/")
+    return {item["Key"] for item in listed.get("Contents", [])}
+
+
+async def test_a_folder_replacing_a_file_waits_for_the_files_delete(
+    moto: S3Server, workdir: Path
+) -> None:
+    """`d` -> `d/x` pushed while the delete of `d` is withheld (here by a scan error: one
+    invalid-UTF-8 local name) used to leave `d` and `d/x` in the bucket for good, and every
+    later sync on every replica withheld all its deletes."""
+    bucket = moto.new_bucket()
+    mine, theirs = workdir / "a", workdir / "b"
+    cfg_a, cfg_b = config(bucket, mine, workdir / "sa"), config(bucket, theirs, workdir / "sb")
+    write(mine / "d", b"a file")
+    write(mine / "other.txt", b"other")
+    assert (await sync(cfg_a, FIN)).ok
+    assert (await sync(cfg_b, PULL)).ok
+
+    (mine / "d").unlink()
+    write(mine / "d" / "x", b"now a folder")
+    bad = write(mine / os.fsdecode(b"bad\xff"), b"a name that is no UTF-8")
+    held = await sync(cfg_a, FIN)
+    assert held.deletes_blocked, held.as_dict()
+    assert "d/x" in {e.path for e in held.errors}, held.as_dict()
+    assert keys(moto, bucket) == {"vol/d", "vol/other.txt"}, "a file and a folder named d"
+
+    # The scan error gone, the next finalize deletes the file and pushes the folder.
+    bad.unlink()
+    done = await sync(cfg_a, FIN)
+    assert done.ok, done.as_dict()
+    assert keys(moto, bucket) == {"vol/d/x", "vol/other.txt"}
+    pulled = await sync(cfg_b, PULL)
+    assert pulled.ok, pulled.as_dict()
+    assert tree(theirs) == {"d/x": b"now a folder", "other.txt": b"other"}
+
+
+async def test_a_file_and_folder_clash_in_the_bucket_withholds_no_delete_and_resolves(
+    moto: S3Server, workdir: Path
+) -> None:
+    """A clash left by an older version: reported by name on every replica, deletes elsewhere
+    still happen, and the replica whose folder replaced the file removes the file."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    mine, theirs = workdir / "a", workdir / "b"
+    cfg_a, cfg_b = config(bucket, mine, workdir / "sa"), config(bucket, theirs, workdir / "sb")
+    for name in ("d", "gone.txt", "k1", "k2", "k3"):
+        write(mine / name, name.encode())
+    assert (await sync(cfg_a, FIN)).ok
+    assert (await sync(cfg_b, PULL)).ok
+    # What an older version pushed: the folder that replaced `d`, beside `d`.
+    (mine / "d").unlink()
+    write(mine / "d" / "x", b"now a folder")
+    s3.put_object(Bucket=bucket, Key="vol/d/x", Body=b"now a folder")
+
+    # Another replica still has the file: it keeps it, names the clash, and its deletes go on.
+    (theirs / "k1").unlink()
+    b_fin = await sync(cfg_b, FIN)
+    assert "vol/d" in {e.path for e in b_fin.errors}, b_fin.as_dict()
+    assert b_fin.deletes_blocked is None and b_fin.files_deleted == 1, b_fin.as_dict()
+    s3.put_object(Bucket=bucket, Key="vol/gone.txt", Body=b"changed")
+    s3.delete_object(Bucket=bucket, Key="vol/k2")
+    b_pull = await sync(cfg_b, PULL)
+    assert b_pull.files_deleted == 1 and b_pull.deletes_blocked is None, b_pull.as_dict()
+    assert "vol/d" in {e.path for e in b_pull.errors}
+    assert (theirs / "d").read_bytes() == b"d" and not (theirs / "k2").exists()
+
+    # The replica that replaced the file by the folder deletes the file: clash resolved.
+    a_fin = await sync(cfg_a, FIN)
+    assert a_fin.ok, a_fin.as_dict()
+    assert keys(moto, bucket) == {"vol/d/x", "vol/gone.txt", "vol/k3"}
+    assert (await sync(cfg_b, PULL)).ok
+    assert tree(theirs) == {"d/x": b"now a folder", "gone.txt": b"changed", "k3": b"k3"}
+
+
+async def test_no_folder_is_pushed_below_a_file_whose_delete_failed(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan deletes `d` before pushing `d/x`, but another writer rewrites `d` after our
+    listing: the conditional delete fails, so `d/x` must not be pushed either."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s", force_delete=True)
+    write(local / "d", b"a file")
+    assert (await sync(cfg, FIN)).ok
+    (local / "d").unlink()
+    write(local / "d" / "x", b"now a folder")
+    original = Transfers.delete_remote
+
+    async def racing_delete(self: Transfers, action: Any) -> Any:
+        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
+        return await original(self, action)
+
+    monkeypatch.setattr(Transfers, "delete_remote", racing_delete)
+    result = await sync(cfg, FIN)
+    assert {e.path for e in result.errors} == {"d", "d/x"}, result.as_dict()
+    assert keys(moto, bucket) == {"vol/d"}, "a file and a folder named d"
