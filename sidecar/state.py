@@ -55,6 +55,9 @@ class StateStore:
         self.hash_cache: dict[str, HashCacheEntry] = {}
         self.open_uploads: dict[str, str] = {}  # upload id -> key
         self._journal: int | None = None  # fd, O_APPEND
+        # How state.json and the journal looked when we last loaded or wrote them: another
+        # process (a --once beside the daemon) may change them between two of our syncs.
+        self._on_disk: tuple[tuple[int, int, int] | None, ...] = ()
         self._journal_created = False  # by us: its folder entry is not yet fsynced
         self._dirty = False
 
@@ -68,6 +71,10 @@ class StateStore:
 
     # ---- loading -------------------------------------------------------------------------
     def load(self) -> None:
+        """Read (or re-read) the state from disk; what was in memory is dropped."""
+        self.close_journal()
+        self.base, self.hash_cache, self.open_uploads = {}, {}, {}
+        self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -80,6 +87,26 @@ class StateStore:
         if replayed:
             self._dirty = True
             log.info("resuming: replayed %d journal record(s) from an interrupted sync", replayed)
+        self.remember_disk()
+
+    def remember_disk(self) -> None:
+        """Note how the files look now (call while holding the state lock, after writing)."""
+        self._on_disk = self._disk_fingerprint()
+
+    def changed_on_disk(self) -> bool:
+        """Whether another process wrote the state since load() or remember_disk()."""
+        return self._disk_fingerprint() != self._on_disk
+
+    def _disk_fingerprint(self) -> tuple[tuple[int, int, int] | None, ...]:
+        keys: list[tuple[int, int, int] | None] = []
+        for path in (self.snapshot_path, self.journal_path):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                keys.append(None)
+            else:
+                keys.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(keys)
 
     def _load_snapshot(self) -> None:
         try:

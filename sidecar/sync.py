@@ -7,6 +7,7 @@ directly and by the daemon for every /pull and /finalize.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -14,7 +15,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
 from sidecar.hashing import md5_file
+from sidecar.lock import LockBusy, SyncLock
 from sidecar.s3 import (
     META_HASH,
     META_MODE,
@@ -141,7 +143,8 @@ class SyncEngine:
         result = SyncResult(direction, dry_run=dry_run)
         retries_at_start = self.retries_total
         try:
-            await self._run(direction, dry_run, progress, result)
+            async with self._exclusive(direction, dry_run):
+                await self._run(direction, dry_run, progress, result)
         except FatalSync as exc:
             result.fatal = str(exc)
         except S3Error as exc:
@@ -157,16 +160,42 @@ class SyncEngine:
         log.log(level, result.one_line(), extra={"summary": result.as_dict()})
         return result
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, direction: Direction, dry_run: bool) -> AsyncIterator[None]:
+        """The whole sync under the state lock and the folder lock (sidecar/lock.py), waiting
+        up to --lock-timeout for another sync to end. The state is (re)loaded under the lock:
+        another process may have synced since our last run (the daemon keeps BASE in memory)."""
+        config = self.config
+        lock = SyncLock(self.state.directory, config.local_dir, config.lock_timeout)
+        try:
+            await lock.acquire_state(str(direction))
+            if not self._state_loaded or self.state.changed_on_disk():
+                self.state.load()
+                self._state_loaded = True
+            self._prepare_local_dir(direction, dry_run)
+            if config.local_dir.is_dir():  # a dry-run pull may have no folder yet
+                await lock.acquire_folder()
+        except LockBusy as exc:
+            raise FatalSync(f"another sync is running: {exc}") from None
+        except OSError as exc:
+            lock.release()
+            raise FatalSync(f"cannot lock the state or folder: {exc}") from None
+        except BaseException:
+            lock.release()
+            raise
+        try:
+            yield
+        finally:
+            self.state.close_journal()
+            self.state.remember_disk()
+            lock.release()
+
     # ---- the steps -------------------------------------------------------------------
     async def _run(
         self, direction: Direction, dry_run: bool, progress: Progress, result: SyncResult
     ) -> None:
         config = self.config
-        if not self._state_loaded:
-            self.state.load()
-            self._state_loaded = True
         store = await self._get_store()
-        self._prepare_local_dir(direction, dry_run)
         if not dry_run:
             await self._abort_leftover_uploads(store)
 
@@ -248,7 +277,7 @@ class SyncEngine:
             raise FatalSync(f"local folder {local_dir} does not exist; nothing to finalize")
         if not dry_run:
             try:
-                local_dir.mkdir(parents=True)
+                local_dir.mkdir(parents=True, exist_ok=True)  # another sync may make it too
             except OSError as exc:
                 raise FatalSync(f"cannot create local folder {local_dir}: {exc}") from None
 

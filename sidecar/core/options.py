@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text.rstrip("s"))
-    if value < 0:
+    if not value >= 0:  # also refuses nan
         raise ValueError(f"must not be negative, got {text!r}")
     return value
 
@@ -154,6 +154,14 @@ OPTIONS: tuple[Option, ...] = (
         SYNC,
         is_switch=True,
     ),
+    Option(
+        "--lock-timeout",
+        "300",
+        _seconds,
+        "seconds to wait for another sync of the same state or folder to end (0: fail at "
+        "once, naming it; inf: wait as long as it takes)",
+        SYNC,
+    ),
     Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
     Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
     Option(
@@ -200,6 +208,7 @@ class SyncConfig:
     max_delete_fraction: float = 0.5
     force_delete: bool = False
     volume: str | None = None
+    lock_timeout: float = 300.0
 
     @property
     def remote_url(self) -> str:
@@ -295,6 +304,7 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         max_delete_fraction=(values.get("max_delete_percent") or 0.0) / 100,
         force_delete=bool(values.get("force_delete")),
         volume=values.get("volume"),
+        lock_timeout=values["lock_timeout"] if values.get("lock_timeout") is not None else 300.0,
     )
 
 

@@ -107,3 +107,15 @@ def test_globs_git_would_refuse_are_bad_options_naming_the_flag() -> None:
         collect({"exclude": ["*.tmp", "\\"]}, {}, "sync")
     with pytest.raises(OptionError, match=r"--include \(SIDECAR_INCLUDE\) from SIDECAR_INCLUDE"):
         collect({}, {"SIDECAR_INCLUDE": "models/,\\"}, "sync")
+
+
+def test_lock_timeout_defaults_to_five_minutes_and_takes_0_and_inf(tmp_path: Path) -> None:
+    base = {"remote": "s3://b/p", "local_dir": str(tmp_path / "d")}
+    values = {**collect({}, {}, "sync"), **base}
+    assert sync_config(values, {}).lock_timeout == 300.0
+    for text, seconds in (("0", 0.0), ("90s", 90.0), ("inf", float("inf"))):
+        values = {**collect({}, {"SIDECAR_LOCK_TIMEOUT": text}, "sync"), **base}
+        assert sync_config(values, {}).lock_timeout == seconds
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(OptionError, match=r"--lock-timeout \(SIDECAR_LOCK_TIMEOUT\)"):
+            collect({"lock_timeout": bad}, {}, "sync")
