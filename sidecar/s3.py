@@ -15,9 +15,10 @@ import os
 import random
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
@@ -68,6 +69,9 @@ class S3Error(Exception):
         self.code = code
         self.message = message
         self.fatal = fatal
+        # The answer came to a retry: an earlier attempt may have been applied by the server
+        # with its answer lost (a reset), so a 412 may be our own write.
+        self.retried = False
 
     @property
     def precondition_failed(self) -> bool:
@@ -95,7 +99,9 @@ def _error_from(key: str, exc: BaseException) -> S3Error:
         text = error.get("Message") or code
         if code in FATAL_CODES:
             return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {text})", fatal=True)
-        return S3Error(key, code, f"{code} (HTTP {status}): {text}")
+        failed = S3Error(key, code, f"{code} (HTTP {status}): {text}")
+        failed.retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+        return failed
     if isinstance(exc, NoCredentialsError):
         return S3Error(
             key, "NoCredentials", "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET", fatal=True
@@ -154,6 +160,23 @@ def unquote_etag(etag: str) -> str:
     return etag.strip().strip('"')
 
 
+def answer_seconds(headers: Mapping[str, str]) -> int:
+    """The server's clock when it answered (its Date header), in whole seconds since the
+    epoch; 0 when absent or unreadable."""
+    value = headers.get("date")
+    if not value:
+        return 0
+    try:
+        return int(parsedate_to_datetime(value).timestamp())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0
+
+
+# Server-side encryption that makes the ETag something other than the MD5 of the bytes
+# (SSE-S3, "AES256", keeps the MD5; SSE-KMS, DSSE-KMS and SSE-C do not).
+_OPAQUE_ETAG_ENCRYPTION = ("aws:kms", "aws:kms:dsse")
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     key: str
@@ -161,6 +184,20 @@ class ObjectInfo:
     etag: str  # unquoted
     metadata: dict[str, str]
     last_modified: str = ""  # listings only
+    # HEAD only: the object is encrypted so that its ETag is not the MD5 of its bytes
+    # (SSE-KMS, DSSE-KMS, SSE-C).
+    etag_is_opaque: bool = False
+    modified_seconds: int = 0  # HEAD only: Last-Modified, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What the answer to one of our writes said: the ETag, and the server's clock when it
+    answered (seconds since the epoch, 0 when unknown). A listing's LastModified later than
+    `at` is another writer's, even when that writer kept the ETag (a metadata rewrite)."""
+
+    etag: str
+    at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +426,7 @@ class ObjectStore:
                 self.retries += 1
                 await backoff(attempt)
                 continue
+            error.retried = attempt > 0
             raise error
         raise AssertionError("unreachable")
 
@@ -464,11 +502,18 @@ class ObjectStore:
                 response.release()
             finally:
                 self.in_flight -= 1
+        headers = response.headers
+        modified = headers.get("last-modified")
         return ObjectInfo(
             key,
-            int(response.headers.get("content-length", "0")),
-            unquote_etag(response.headers.get("etag", "")),
-            _metadata(response.headers),
+            int(headers.get("content-length", "0")),
+            unquote_etag(headers.get("etag", "")),
+            _metadata(headers),
+            etag_is_opaque=(
+                headers.get("x-amz-server-side-encryption", "").lower() in _OPAQUE_ETAG_ENCRYPTION
+                or "x-amz-server-side-encryption-customer-algorithm" in headers
+            ),
+            modified_seconds=answer_seconds({"date": modified}) if modified else 0,
         )
 
     async def get_object(
@@ -586,7 +631,7 @@ class ObjectStore:
         body: bytes | memoryview,
         headers: dict[str, str],
         query: dict[str, str] | None,
-    ) -> str:
+    ) -> Written:
         async with self.slots:
             self.in_flight += 1
             try:
@@ -594,7 +639,9 @@ class ObjectStore:
                 response.release()
             finally:
                 self.in_flight -= 1
-        return unquote_etag(response.headers.get("etag", ""))
+        return Written(
+            unquote_etag(response.headers.get("etag", "")), answer_seconds(response.headers)
+        )
 
     async def put(
         self,
@@ -603,14 +650,36 @@ class ObjectStore:
         metadata: dict[str, str],
         if_match: str | None = None,
         if_none_match: bool = False,
-    ) -> str:
+    ) -> Written:
         headers = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
         headers["Content-Type"] = "application/octet-stream"
 
-        async def write(conditions: dict[str, str]) -> str:
+        async def write(conditions: dict[str, str]) -> Written:
             return await self._put_bytes(key, body, {**headers, **conditions}, None)
 
-        return await self._write_conditionally(if_match, if_none_match, write)
+        try:
+            return await self._write_conditionally(if_match, if_none_match, write)
+        except S3Error as exc:
+            if exc.precondition_failed and exc.retried:
+                done = await self._landed_already(key, len(body), metadata)
+                if done is not None:
+                    return done
+            raise
+
+    async def _landed_already(
+        self, key: str, size: int, metadata: dict[str, str]
+    ) -> Written | None:
+        """After a retried conditional write failed: whether the object now holds exactly
+        what we sent (size and every metadata value, our content hash among them), i.e. an
+        earlier attempt was applied and only its answer was lost. One HEAD."""
+        try:
+            info = await self.head(key)
+        except S3Error:
+            return None
+        mine = info.size == size and all(info.metadata.get(n) == v for n, v in metadata.items())
+        if not mine:
+            return None
+        return Written(info.etag, info.modified_seconds)
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
@@ -620,7 +689,7 @@ class ObjectStore:
         self, key: str, upload_id: str, number: int, body: bytes | memoryview
     ) -> str:
         query = {"partNumber": str(number), "uploadId": upload_id}
-        return await self._put_bytes(key, body, {}, query)
+        return (await self._put_bytes(key, body, {}, query)).etag
 
     async def complete_multipart(
         self,
@@ -629,7 +698,11 @@ class ObjectStore:
         part_etags: list[str],
         if_match: str | None = None,
         if_none_match: bool = False,
-    ) -> str:
+        expected: tuple[int, dict[str, str]] | None = None,
+    ) -> Written:
+        """Complete the upload. `expected` (size, metadata) is what the object holds once
+        it is complete: a retried Complete whose first answer was lost (412, or NoSuchUpload
+        as the upload is gone) counts as done when the object holds exactly that."""
         parts = [{"ETag": f'"{etag}"', "PartNumber": n} for n, etag in enumerate(part_etags, 1)]
 
         async def write(conditions: dict[str, str]) -> dict[str, Any]:
@@ -643,8 +716,16 @@ class ObjectStore:
                 **params,
             )
 
-        response = await self._write_conditionally(if_match, if_none_match, write)
-        return unquote_etag(response.get("ETag", ""))
+        try:
+            response = await self._write_conditionally(if_match, if_none_match, write)
+        except S3Error as exc:
+            lost = exc.retried and (exc.precondition_failed or exc.code == "NoSuchUpload")
+            if lost and expected is not None:
+                done = await self._landed_already(key, *expected)
+                if done is not None:
+                    return done
+            raise
+        return Written(unquote_etag(response.get("ETag", "")), _botocore_date(response))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
@@ -673,11 +754,16 @@ class ObjectStore:
         response = await self._call(dest_key, "copy_object", **params)
         return unquote_etag(response.get("CopyObjectResult", {}).get("ETag", ""))
 
-    async def rewrite_metadata(self, key: str, etag: str, metadata: dict[str, str]) -> str | None:
+    async def rewrite_metadata(
+        self, key: str, etag: str, metadata: dict[str, str]
+    ) -> Written | None:
         """Replace the object's metadata without sending its content (a copy onto itself,
-        pinned to `etag`). Returns the new ETag, or None when the server did not report a
+        pinned to `etag`). Returns the copy's ETag, or None when the server did not report a
         new ETag and LastModified: other replicas compare listings, and would not notice
-        (rclone serve s3 keeps both as they were). After one None, no more rewrites."""
+        (rclone serve s3 keeps both as they were). After one None, no more rewrites.
+
+        The pin is only a request: moto ignores x-amz-copy-source-if-match, so the copy may
+        have relabelled another writer's bytes. The caller checks the returned ETag."""
         if not self.metadata_rewrites:
             return None
         response = await self._call(
@@ -695,7 +781,11 @@ class ObjectStore:
         if not new_etag or not result.get("LastModified"):
             self.metadata_rewrites = False
             return None
-        return new_etag
+        return Written(new_etag, _botocore_date(response))
+
+
+def _botocore_date(response: dict[str, Any]) -> int:
+    return answer_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
 
 def _signed_host(scheme: str, netloc: str) -> str:

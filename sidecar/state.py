@@ -280,11 +280,15 @@ _encode_record = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _base_fields(entry: BaseEntry) -> list[Any]:
-    return [entry.size, entry.hash, list(entry.etags), entry.executable, entry.last_modified]
+    fields = [entry.size, entry.hash, list(entry.etags), entry.executable, entry.last_modified]
+    if entry.written_at:
+        fields.append(entry.written_at)
+    return fields
 
 
 def _base_entry(fields: list[Any]) -> BaseEntry:
     size, digest, etags, *rest = fields
     executable = bool(rest[0]) if rest else False
     last_modified = str(rest[1]) if len(rest) > 1 else ""
-    return BaseEntry(size, digest, tuple(etags), executable, last_modified)
+    written_at = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else 0
+    return BaseEntry(size, digest, tuple(etags), executable, last_modified, written_at)

@@ -399,7 +399,12 @@ class SyncEngine:
             etags = entry.etags if obj.etag in entry.etags else (*entry.etags, obj.etag)[-4:]
             if etags == entry.etags and obj.last_modified in ("", entry.last_modified):
                 continue
-            updated = replace(entry, etags=etags, last_modified=obj.last_modified)
+            updated = replace(
+                entry,
+                etags=etags,
+                last_modified=obj.last_modified,
+                written_at=entry.written_at if not obj.last_modified else 0,
+            )
             self.state.set_base(path, updated)
             base[path] = updated
 
@@ -528,10 +533,17 @@ class SyncEngine:
                         if action.kind is ActionKind.SET_MODE_REMOTE
                         else transfers.upload(action)
                     )
-                    # LastModified of the new object is learnt from the next listing.
+                    # LastModified of the new object is learnt from the next listing; until
+                    # then the server's clock at the write tells a later rewrite from ours.
                     state.set_base(
                         action.path,
-                        BaseEntry(up.local.size, up.local.hash, up.etags, up.local.executable),
+                        BaseEntry(
+                            up.local.size,
+                            up.local.hash,
+                            up.etags,
+                            up.local.executable,
+                            written_at=up.written_at,
+                        ),
                     )
                     state.set_hash(action.path, _cache_entry(up.local))
                     result.files_transferred += 1

@@ -28,7 +28,15 @@ from sidecar.core.parts import part_size_for, split_ranges
 from sidecar.core.paths import conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
 from sidecar.hashing import content_hash_bytes, content_hash_file, new_content_hasher
-from sidecar.s3 import META_HASH, META_MODE, META_MTIME, ObjectStore, S3Error, backoff
+from sidecar.s3 import (
+    META_HASH,
+    META_MODE,
+    META_MTIME,
+    ObjectStore,
+    S3Error,
+    Written,
+    backoff,
+)
 from sidecar.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,11 @@ STREAM_ATTEMPTS = 4
 CHANGED_IN_BUCKET = (
     "the object changed in the bucket during this finalize (precondition failed); nothing "
     "was overwritten: run pull, then finalize again"
+)
+RELABELLED = (
+    "the object changed in the bucket during this finalize (the server ignored the copy's "
+    "precondition): its new bytes were kept and our hash and mode taken off them again; "
+    "run pull, then finalize again"
 )
 CHANGE_ATTEMPTS = 3
 INLINE_READ_LIMIT = 256 * 1024  # smaller files are read on the loop; a thread hop costs more
@@ -73,6 +86,7 @@ class Uploaded:
     local: LocalFile
     etags: tuple[str, ...]
     content_sent: bool = True  # False: only the metadata was rewritten
+    written_at: int = 0  # the server's clock when it answered (Written.at)
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -417,11 +431,11 @@ class Transfers:
         local = LocalFile(
             local.size, local.mtime_ns, local.inode, local.executable, content_hash_bytes(data)
         )
-        etag = await self.store.put(
+        written = await self.store.put(
             key, data, metadata_for(local), if_match=if_match, if_none_match=if_match is None
         )
         self._count(len(data))
-        return Uploaded(local, (etag,))
+        return Uploaded(local, (written.etag,), written_at=written.at)
 
     async def _put_parts(
         self, relpath: str, key: str, local: LocalFile, if_match: str | None
@@ -450,8 +464,13 @@ class Transfers:
                 os.close(fd)
             if not self._unchanged(relpath, local):
                 return None  # never complete an object that may mix two versions
-            etag = await self.store.complete_multipart(
-                key, upload_id, etags, if_match=if_match, if_none_match=if_match is None
+            written = await self.store.complete_multipart(
+                key,
+                upload_id,
+                etags,
+                if_match=if_match,
+                if_none_match=if_match is None,
+                expected=(local.size, metadata_for(local)),
             )
             completed = True
         finally:
@@ -465,7 +484,7 @@ class Transfers:
         # whole object at once (~0.45 s of its CPU per 256 MiB, inside the push). The next
         # sync meets the unknown ETag, proves the content by the hash in the metadata (one
         # HEAD, once) and remembers it (SyncEngine._remember_new_etags).
-        return Uploaded(local, (etag,))
+        return Uploaded(local, (written.etag,), written_at=written.at)
 
     async def _upload_part(
         self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int
@@ -499,20 +518,67 @@ class Transfers:
     async def set_mode_remote(self, action: Action) -> Uploaded:
         """Give the object the local file's mode by rewriting its metadata in place (pinned
         to the ETag the plan saw): no content is sent. A server that refuses, or whose
-        rewrite other replicas could not see in a listing, gets a normal upload."""
+        rewrite other replicas could not see in a listing, gets a normal upload.
+
+        The pin (x-amz-copy-source-if-match) is not honoured everywhere (moto ignores it),
+        so the copy's answer is checked: a metadata-only self-copy of a single-part object
+        keeps its ETag, the MD5 of the bytes, so the same ETag proves the same bytes. A
+        multipart ('-N') ETag becomes another on a copy (moto, AWS): then the bytes are read
+        back and hashed (a download instead of an upload). Not an upload: moto ignores
+        If-Match on CompleteMultipartUpload too, and would let it overwrite a racing
+        writer's version without a word."""
         local, remote = action.local, action.remote
         assert local is not None and remote is not None
         key = self.prefix + action.path
         if self._unchanged(action.path, local):
             try:
-                etag = await self.store.rewrite_metadata(key, remote.etag, metadata_for(local))
-                if etag is not None:
-                    return Uploaded(local, (etag,), content_sent=False)
+                written = await self.store.rewrite_metadata(key, remote.etag, metadata_for(local))
             except S3Error as exc:
                 if exc.precondition_failed:
                     raise TransferError(action.path, CHANGED_IN_BUCKET) from None
                 log.info("%s: metadata rewrite refused (%s); uploading instead", key, exc.code)
+            else:
+                if written is not None:
+                    if written.etag != remote.etag:
+                        await self._check_relabelled(action.path, key, local, written)
+                    return Uploaded(
+                        local, (written.etag,), content_sent=False, written_at=written.at
+                    )
         return await self.upload(action)
+
+    async def _check_relabelled(
+        self, relpath: str, key: str, local: LocalFile, written: Written
+    ) -> None:
+        """The copy answered with another ETag than the one it was pinned to: it may have
+        put our hash and mode on another writer's bytes. Read them back (pinned to the new
+        ETag): ours after all (a multipart object, a server whose copies change ETags) is
+        fine; anything else gets its label taken off again, so that no object claims a hash
+        it does not have, and the path is reported (the other writer's bytes stay, as with
+        any 412)."""
+        hasher = new_content_hasher()
+        try:
+            await self.store.get_object(key, written.etag, hasher.update)
+        except S3Error as exc:
+            if not exc.precondition_failed and not exc.not_found:
+                raise TransferError(
+                    relpath,
+                    f"the mode rewrite answered with another ETag and the object could not "
+                    f"be read back to check it ({exc.message})",
+                ) from None
+        else:
+            if hasher.hexdigest() == local.hash:
+                return
+        try:
+            await self.store.rewrite_metadata(key, written.etag, {})
+        except S3Error as exc:
+            if not exc.precondition_failed and not exc.not_found:
+                raise TransferError(
+                    relpath,
+                    "another writer replaced the object during the mode rewrite, and the "
+                    f"labels the rewrite put on its bytes could not be removed ({exc.message}); "
+                    "run pull, then finalize again",
+                ) from None
+        raise TransferError(relpath, RELABELLED)
 
     # ---- deletes ---------------------------------------------------------------------
     def delete_local(self, action: Action) -> bool:

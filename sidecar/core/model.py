@@ -46,6 +46,10 @@ class BaseEntry:
     # The listing's LastModified when known: rewriting the same bytes with another mode keeps
     # the ETag (the MD5) but not this, so a mode-only change is still seen.
     last_modified: str = ""
+    # After our own write, until a listing shows its LastModified: the server's clock when it
+    # answered the write (seconds since the epoch; 0 if unknown). A listed LastModified in a
+    # later second is another writer's, even one that kept the ETag.
+    written_at: int = 0
 
 
 class ActionKind(enum.StrEnum):

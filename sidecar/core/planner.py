@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sidecar.core.model import (
     Action,
@@ -58,10 +58,36 @@ def remote_change(remote: RemoteObject | None, base: BaseEntry | None) -> Change
     if remote.hash is not None:
         same_mode = remote.executable is None or remote.executable == base.executable
         return Change.UNCHANGED if remote.hash == base.hash and same_mode else Change.MODIFIED
-    rewritten = bool(base.last_modified) and remote.last_modified not in ("", base.last_modified)
-    if remote.size == base.size and remote.etag in base.etags and not rewritten:
+    if remote.size == base.size and remote.etag in base.etags and not _rewritten(remote, base):
         return Change.UNCHANGED
     return Change.MODIFIED
+
+
+def _rewritten(remote: RemoteObject, base: BaseEntry) -> bool:
+    """Whether the object was written again since BASE, though its ETag is the same (the
+    same bytes with other metadata: a mode change)."""
+    if base.last_modified:
+        return remote.last_modified not in ("", base.last_modified)
+    if base.written_at and remote.last_modified:
+        # BASE came from our own write; its LastModified is not known yet. Ours is at or
+        # before the server's answer to it (AWS dates a multipart object by its start):
+        # a later second is someone else's write. Same-second rewrites cannot be told
+        # apart (listings show LastModified to the second).
+        listed = listing_seconds(remote.last_modified)
+        return listed is not None and listed > base.written_at
+    return False
+
+
+def listing_seconds(last_modified: str) -> int | None:
+    """A listing's LastModified (ISO 8601, "2026-12-03T09:22:07.900Z") in whole seconds
+    since the epoch; None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(last_modified)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
 
 
 def same_content(local: LocalFile, remote: RemoteObject) -> bool | None:

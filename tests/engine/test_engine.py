@@ -57,44 +57,6 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def server(any_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
-    s3_env(any_s3)
-    return any_s3
-
-
-@pytest.fixture
-def moto(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
-    s3_env(moto_s3)
-    return moto_s3
-
-
-@pytest.fixture
-def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
-    counts: Counter[str] = Counter()
-    original_call = ObjectStore._call
-    original_send = ObjectStore._send
-
-    async def counting_call(self: ObjectStore, key: str, method: str, **params: Any) -> Any:
-        counts[method] += 1
-        return await original_call(self, key, method, **params)
-
-    async def counting_send(self: ObjectStore, method: str, key: str | None, **kwargs: Any) -> Any:
-        query = kwargs.get("query") or {}
-        if "list-type" in query:
-            counts["list_objects_v2"] += 1
-        elif "partNumber" in query:
-            counts["upload_part"] += 1
-        else:
-            counts[{"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}[method]] += 1
-        return await original_send(self, method, key, **kwargs)
-
-    monkeypatch.setattr(ObjectStore, "_call", counting_call)
-    monkeypatch.setattr(ObjectStore, "_send", counting_send)
-    return counts
-
-
 SIZES = {
     "empty": 0,
     "one": 1,

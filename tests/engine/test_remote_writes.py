@@ -1,0 +1,193 @@
+"""Our writes to the bucket say only what is true (issue 9, items 5, 13, 14, 16): a mode
+rewrite never labels another writer's bytes, a mode change made by another replica is seen,
+a write whose answer was lost is not reported as a conflict, and an ETag that is not an MD5
+is never compared with one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.hashing import content_hash_bytes
+from sidecar.http11 import ConnectionPool
+from sidecar.s3 import META_HASH, ObjectStore
+from sidecar.transfer import Transfers
+from tests.conftest import S3Server
+from tests.engine.test_engine import FIN, PULL, MiB, config, sync, tree, write
+
+
+@pytest.mark.parametrize("size", [100, 6 * MiB], ids=["single-part", "multipart"])
+async def test_a_mode_rewrite_racing_a_writer_never_relabels_its_bytes(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Item 5: moto ignores x-amz-copy-source-if-match, so the in-place copy that carries a
+    chmod would put our hash and mode on bytes another writer put there after our listing."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    script = write(local / "tool.sh", os.urandom(size))
+    assert (await sync(cfg, FIN)).ok
+    script.chmod(0o755)
+    racer = os.urandom(size)
+    original = Transfers.set_mode_remote
+
+    async def racing(self: Transfers, action: Any) -> Any:
+        # Another writer lands between our listing and our copy.
+        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=racer)
+        return await original(self, action)
+
+    monkeypatch.setattr(Transfers, "set_mode_remote", racing)
+    result = await sync(cfg, FIN)
+    assert not result.ok, result.as_dict()
+    failed = {e.path: e.reason for e in result.errors}
+    assert set(failed) == {"tool.sh"} and "changed in the bucket" in failed["tool.sh"]
+    assert s3.get_object(Bucket=bucket, Key="vol/tool.sh")["Body"].read() == racer
+    label = s3.head_object(Bucket=bucket, Key="vol/tool.sh")["Metadata"].get(META_HASH)
+    assert label in (None, content_hash_bytes(racer))  # never our hash on their bytes
+
+    monkeypatch.setattr(Transfers, "set_mode_remote", original)
+    fresh = await sync(config(bucket, workdir / "c", workdir / "sc"), PULL)
+    assert fresh.ok, fresh.as_dict()  # no hash mismatch: the object does not lie
+    assert (workdir / "c" / "tool.sh").read_bytes() == racer
+
+
+async def test_a_mode_rewrite_of_a_single_part_object_is_checked_not_resent(
+    moto: S3Server, workdir: Path
+) -> None:
+    """The check costs nothing when no one raced: the copy's ETag is the one it was pinned
+    to, and no byte moves."""
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    script = write(local / "tool.sh", b"#!/bin/sh\n")
+    assert (await sync(cfg, FIN)).ok
+    script.chmod(0o755)
+    pushed = await sync(cfg, FIN)
+    assert pushed.ok and pushed.files_transferred == 1 and pushed.bytes_transferred == 0
+    fresh = await sync(config(bucket, workdir / "c", workdir / "sc"), PULL)
+    assert fresh.ok and os.access(workdir / "c" / "tool.sh", os.X_OK)
+    assert tree(workdir / "c") == tree(local)
+
+
+async def _settle_a_second() -> None:
+    # Listings show LastModified to the second: a write in the same second as the one
+    # before cannot be told from it, whatever is recorded.
+    await asyncio.sleep(1.1)
+
+
+async def test_a_chmod_pushed_by_another_replica_reaches_the_uploader(
+    server: S3Server, workdir: Path
+) -> None:
+    """Item 13: A's BASE entry comes from its own upload (no LastModified known yet); B's
+    chmod keeps the ETag (same bytes), so only the time of the rewrite shows it."""
+    bucket = server.new_bucket()
+    a, b = workdir / "a", workdir / "b"
+    cfg_a = config(bucket, a, workdir / "sa")
+    cfg_b = config(bucket, b, workdir / "sb")
+    write(a / "tool.sh", b"#!/bin/sh\necho hi\n")
+    write(a / "big.bin", os.urandom(6 * MiB))
+    assert (await sync(cfg_a, FIN)).ok
+    assert (await sync(cfg_b, PULL)).ok
+    await _settle_a_second()
+    for name in ("tool.sh", "big.bin"):
+        (b / name).chmod(0o755)
+    pushed = await sync(cfg_b, FIN)
+    assert pushed.ok and pushed.files_transferred == 2, pushed.as_dict()
+
+    pulled = await sync(cfg_a, PULL)
+    assert pulled.ok and pulled.files_transferred == 2, pulled.as_dict()
+    for name in ("tool.sh", "big.bin"):
+        assert os.access(a / name, os.X_OK), name
+    assert tree(a) == tree(b)
+    again = await sync(cfg_a, PULL)
+    assert again.ok and again.files_transferred == 0, again.as_dict()
+
+
+async def test_our_own_write_is_not_taken_for_a_remote_change(
+    server: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    """What item 13 records must not make the uploader see its own write as news."""
+    bucket = server.new_bucket()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "tool.sh", b"#!/bin/sh\n")
+    write(local / "big.bin", os.urandom(6 * MiB))
+    assert (await sync(cfg, FIN)).ok
+    await _settle_a_second()
+    (local / "tool.sh").chmod(0o755)
+    assert (await sync(cfg, FIN)).ok  # a rewrite of our own, recorded as ours
+    await _settle_a_second()
+    request_counter.clear()
+    pulled = await sync(cfg, PULL)
+    assert pulled.ok and pulled.files_transferred == 0, pulled.as_dict()
+    assert "get_object" not in request_counter, request_counter
+
+
+async def test_a_write_whose_answer_was_lost_counts_as_done(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 14: the connection resets after the server applied a conditional PUT (or
+    CompleteMultipartUpload), before its answer arrives; the retry then meets our own
+    write (412, or NoSuchUpload for the finished upload). That is done, not a conflict."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "shared.txt", b"v1")
+    write(local / "big-old.bin", os.urandom(6 * MiB))
+    assert (await sync(cfg, FIN)).ok
+    write(local / "shared.txt", b"v2, sent once")  # If-Match on the ETag in BASE
+    write(local / "new.txt", b"new, sent once")  # If-None-Match: *
+    write(local / "big-old.bin", os.urandom(6 * MiB))  # Complete, If-Match
+    write(local / "big-new.bin", os.urandom(6 * MiB))  # Complete, If-None-Match: *
+    lost: list[str] = []
+    original_request = ConnectionPool.request
+
+    async def answer_lost_once(
+        self: ConnectionPool, method: str, target: str, headers: Any, body: Any = None
+    ) -> Any:
+        response = await original_request(self, method, target, headers, body)
+        if method == "PUT" and "partNumber" not in target and target not in lost:
+            lost.append(target)
+            await response.read_all()
+            response.release()
+            raise ConnectionResetError("reset by the test after the server applied the PUT")
+        return response
+
+    monkeypatch.setattr(ConnectionPool, "request", answer_lost_once)
+    original_client = ObjectStore._botocore_client
+    completes: list[str] = []
+
+    async def client_losing_answers(self: ObjectStore) -> Any:
+        client = await original_client(self)
+
+        def retry_once(attempts: int, request_dict: dict[str, Any], **_: Any) -> int | None:
+            # The server applied this Complete; drop its answer and send it again.
+            url = request_dict["url"]
+            if attempts == 1 and url not in completes:
+                completes.append(url)
+                return 0
+            return None
+
+        client.meta.events.register(
+            "needs-retry.s3.CompleteMultipartUpload", retry_once, unique_id="lose-answer"
+        )
+        return client
+
+    monkeypatch.setattr(ObjectStore, "_botocore_client", client_losing_answers)
+    result = await sync(cfg, FIN)
+    assert len(lost) == 2 and len(completes) == 2, (lost, completes)
+    assert result.ok and result.files_transferred == 4, result.as_dict()
+    for name in ("shared.txt", "new.txt", "big-old.bin", "big-new.bin"):
+        body = s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read()
+        assert body == (local / name).read_bytes(), name
+    monkeypatch.setattr(ConnectionPool, "request", original_request)
+    monkeypatch.setattr(ObjectStore, "_botocore_client", original_client)
+    again = await sync(cfg, FIN)  # BASE holds what the bucket holds: nothing to do
+    assert again.ok and again.files_transferred == 0, again.as_dict()
