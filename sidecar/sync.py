@@ -39,7 +39,7 @@ from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, 
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
-from sidecar.hashing import md5_file
+from sidecar.hashing import md5_file, new_content_hasher
 from sidecar.lock import LockBusy, SyncLock
 from sidecar.s3 import (
     META_HASH,
@@ -227,7 +227,9 @@ class SyncEngine:
                 if f.hash != UNHASHED
             }
         )
-        remote = await self._resolve_remote_hashes(store, scanned.files, listing.objects, base)
+        remote = await self._resolve_remote_hashes(
+            store, scanned.files, listing.objects, base, direction
+        )
         self._remember_new_etags(remote, base)
 
         progress.phase = "planning"
@@ -355,8 +357,15 @@ class SyncEngine:
         local: dict[str, LocalFile],
         remote: dict[str, RemoteObject],
         base: dict[str, BaseEntry],
+        direction: Direction,
     ) -> dict[str, RemoteObject]:
-        """HEAD only the objects whose content hash could change a decision."""
+        """HEAD only the objects whose content hash could change a decision.
+
+        An ETag is the MD5 of the bytes only for a single-part object stored without SSE-KMS
+        or SSE-C (the HEAD's encryption headers tell). Where it is not, equality is unknown:
+        a pull downloads and compares (the download decides, Transfers._place); a finalize
+        reads the object and hashes it here, as it would otherwise upload equal bytes over
+        the object and keep a needless conflict copy of it."""
         wanted = [
             p for p, obj in remote.items() if needs_remote_hash(local.get(p), obj, base.get(p))
         ]
@@ -375,12 +384,14 @@ class SyncEngine:
                 remote[path] = replace(
                     obj, hash=digest, executable=info.metadata.get(META_MODE) == "755"
                 )
-            elif _PLAIN_MD5.match(obj.etag):
+            elif _PLAIN_MD5.match(obj.etag) and not info.etag_is_opaque:
                 # A foreign single-part object: its ETag is the MD5 of its bytes.
                 md5 = await asyncio.get_running_loop().run_in_executor(
                     self._executor, md5_file, self.config.local_dir / path
                 )
                 remote[path] = replace(obj, md5_matches_local=(md5 == obj.etag))
+            elif direction is Direction.FINALIZE:
+                remote[path] = await _hash_by_download(store, obj)
 
         remote = dict(remote)
         await asyncio.gather(*(resolve(p) for p in wanted))
@@ -568,6 +579,27 @@ def _drop_below(actions: list[Action], files: set[str], result: SyncResult) -> l
                 FileError(action.path, f"not sent: {clash!r} is still a file (its delete failed)")
             )
     return kept
+
+
+async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObject:
+    """The object with the hash of its bytes, read (pinned to the listed ETag) and hashed
+    as they stream; as it was (content unknown) if it cannot be read."""
+    hasher = new_content_hasher()
+    size = 0
+
+    def sink(data: bytes | memoryview) -> None:
+        nonlocal size
+        hasher.update(data)
+        size += len(data)
+
+    try:
+        await store.get_object(obj.key, obj.etag or None, sink)
+    except S3Error as exc:
+        log.warning("%s: could not read it to compare (%s); content unknown", obj.key, exc)
+        return obj
+    if size != obj.size:
+        return obj  # another version than the listed one: leave it to the transfer's checks
+    return replace(obj, hash=hasher.hexdigest())
 
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:

@@ -191,3 +191,98 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
     monkeypatch.setattr(ObjectStore, "_botocore_client", original_client)
     again = await sync(cfg, FIN)  # BASE holds what the bucket holds: nothing to do
     assert again.ok and again.files_transferred == 0, again.as_dict()
+
+
+def _opaque_etags_on_the_wire(
+    monkeypatch: pytest.MonkeyPatch, key: str, real: str, opaque: str
+) -> None:
+    """moto stores SSE-KMS objects (and answers their HEADs with the encryption header) but
+    keeps the MD5 as their ETag; AWS does not. Rewrite the ETag of `key` in every answer the
+    client reads (listing, HEAD, GET) and back in the If-Match it sends, below the S3 layer."""
+    original = ConnectionPool.request
+    path = "/" + key
+
+    async def rewriting(
+        self: ConnectionPool, method: str, target: str, headers: Any, body: Any = None
+    ) -> Any:
+        headers = dict(headers)
+        if headers.get("If-Match") == f'"{opaque}"':
+            headers["If-Match"] = f'"{real}"'
+        response = await original(self, method, target, headers, body)
+        if "list-type=" in target:
+            listing = await response.read_all()
+            response.body = listing.replace(real.encode(), opaque.encode())
+        elif target.split("?")[0].endswith(path) and "etag" in response.headers:
+            response.headers["etag"] = f'"{opaque}"'
+        return response
+
+    monkeypatch.setattr(ConnectionPool, "request", rewriting)
+
+
+@pytest.mark.parametrize("direction", [PULL, FIN])
+async def test_an_encrypted_objects_etag_is_never_taken_for_an_md5(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, direction: Any
+) -> None:
+    """Item 16: an SSE-KMS object's ETag is not the MD5 of its bytes. A first sync (no
+    BASE) of a folder that already holds the same bytes must see them as equal: no
+    conflict, no conflict copy, nothing re-sent."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    data = os.urandom(1000)
+    answer = s3.put_object(
+        Bucket=bucket,
+        Key="vol/secret.bin",
+        Body=data,
+        ServerSideEncryption="aws:kms",
+        SSEKMSKeyId="alias/test",
+    )
+    real = answer["ETag"].strip('"')
+    head = s3.head_object(Bucket=bucket, Key="vol/secret.bin")
+    assert head["ServerSideEncryption"] == "aws:kms"  # from the server, not from the test
+    _opaque_etags_on_the_wire(monkeypatch, f"{bucket}/vol/secret.bin", real, "0" * 32)
+    local = workdir / "l"
+    write(local / "secret.bin", data)
+    cfg = config(bucket, local, workdir / "s")
+
+    result = await sync(cfg, direction)
+    assert result.ok and not result.conflicts, result.as_dict()
+    assert result.files_adopted == 1 and result.bytes_transferred == 0, result.as_dict()
+    assert tree(local) == {"secret.bin": data}
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="vol/")["Contents"]
+    assert [item["Key"] for item in listed] == ["vol/secret.bin"]
+    again = await sync(cfg, direction)
+    assert again.ok and again.files_transferred == 0 and again.files_adopted == 0
+
+
+async def test_a_first_finalize_over_an_equal_foreign_multipart_object_sends_nothing(
+    moto: S3Server, workdir: Path
+) -> None:
+    """The same unknown for a foreign multipart object ('-N' ETag, no hash metadata): the
+    finalize reads and hashes it instead of uploading equal bytes and copying it aside."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    data = os.urandom(6 * MiB)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="vol/model.bin")
+    parts = []
+    for number, start in enumerate((0, 5 * MiB), 1):
+        part = s3.upload_part(
+            Bucket=bucket,
+            Key="vol/model.bin",
+            UploadId=upload["UploadId"],
+            PartNumber=number,
+            Body=data[start : start + 5 * MiB],
+        )
+        parts.append({"ETag": part["ETag"], "PartNumber": number})
+    s3.complete_multipart_upload(
+        Bucket=bucket,
+        Key="vol/model.bin",
+        UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": parts},
+    )
+    local = workdir / "l"
+    write(local / "model.bin", data)
+    result = await sync(config(bucket, local, workdir / "s"), FIN)
+    assert result.ok and not result.conflicts, result.as_dict()
+    assert result.files_adopted == 1 and result.bytes_transferred == 0, result.as_dict()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="vol/")["Contents"]
+    assert [item["Key"] for item in listed] == ["vol/model.bin"]
