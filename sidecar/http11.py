@@ -14,7 +14,15 @@ CPU per GiB, a fifth of a 1 GiB pull).
 
 Errors: every failure is an OSError a caller can retry (ConnectError when no connection could
 be made, ProtocolError when the server broke an exchange, TimeoutError when it went silent for
-the read timeout), never a half-read response handed back as if complete.
+the read timeout or the request outlived its deadline), never a half-read response handed back
+as if complete.
+
+Deadlines: the read timeout alone lets a server that trickles a byte every few seconds hold a
+request forever. So every request must also end (head and body read, both ways) within
+`deadline_base + bytes / deadline_rate` of being sent, `bytes` being the request body plus the
+answer's body (its Content-Length, or what arrived when it has none). The rate is a floor far
+below a healthy link's share per stream (64 KiB/s by default: a 64 MiB part gets 17 min on top
+of the base), so only a server that barely moves is cut off.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ PREFETCH_BODY = 256 * 1024  # bodies up to this size are read with the head, in 
 MAX_HEAD_BYTES = 1024 * 1024  # status line + headers; S3 heads are a few hundred bytes
 WRITE_SLICE = 1 << 20  # big request bodies are written in slices with drains between
 IDLE_SECONDS = 15.0  # kept-alive connections older than this are closed, not reused
+DEADLINE_RATE = 64 * 1024  # bytes/s every request must average, beyond its base time
 
 
 _now = time.monotonic  # the clock of asyncio's default loop, without a loop lookup
@@ -86,9 +95,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._read_paused = False
         self._eof = False
         self._lost: BaseException | None = None
-        self._timed_out = 0.0  # the read timeout that expired, once it has
+        self._timed_out = ""  # why the waiting read or write was cut off, once it was
         self.last_activity = 0.0  # loop time of the last byte either way, or of a wait's start
         self.idle_since = 0.0
+        # The request in flight: when it must end by (before counting the answer's body),
+        # the answer's body size when announced, and the bytes received so far.
+        self.deadline = 0.0
+        self.expected_in = 0
+        self.received_in = 0
 
     # ---- asyncio's side --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,6 +122,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_activity = _now()
+        self.received_in += nbytes
         if self._target is not None:
             self._received += nbytes
             if self._received == len(self._target):
@@ -147,14 +162,32 @@ class _Connection(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def stalled(self, now: float, timeout: float) -> bool:
-        """Waiting on the server, with no byte either way for `timeout` seconds."""
-        waiting = self._waiter is not None or self._write_waiter is not None
-        return waiting and now - self.last_activity > timeout
+    def begin(self, now: float, allowed: float) -> None:
+        """A request goes out on this connection and must end within `allowed` seconds
+        (plus the answer's body at the deadline rate)."""
+        self.deadline = now + allowed
+        self.expected_in = 0
+        self.received_in = 0
 
-    def expire(self, timeout: float) -> None:
-        """The server went silent: the waiting read or write raises TimeoutError."""
-        self._timed_out = timeout
+    def why_stuck(self, now: float, timeout: float, rate: float) -> str:
+        """Why a request waiting on the server must be cut off now; "" while it may go on:
+        no byte either way for `timeout` seconds, or past its deadline."""
+        if self._waiter is None and self._write_waiter is None:
+            return ""  # not waiting on the server: our own side is busy
+        if now - self.last_activity > timeout:
+            return f"the server sent nothing for {timeout:g}s"
+        body = max(self.expected_in, self.received_in)
+        if now > self.deadline + body / rate:
+            return (
+                f"the request did not finish by its deadline (the server moved "
+                f"{self.received_in} bytes; {body / rate:.1f}s were allowed for the body on "
+                f"top of the base, at {rate / 1024:g} KiB/s)"
+            )
+        return ""
+
+    def expire(self, why: str) -> None:
+        """The server went silent or too slow: the waiting read or write raises TimeoutError."""
+        self._timed_out = why
         self._wake()
         writer = self._write_waiter
         if writer is not None and not writer.done():
@@ -163,7 +196,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _raise_if_timed_out(self) -> None:
         if self._timed_out:
-            raise TimeoutError(f"the server sent nothing for {self._timed_out:g}s")
+            raise TimeoutError(self._timed_out)
 
     # ---- our side --------------------------------------------------------------------
     def usable(self, now: float) -> bool:
@@ -446,9 +479,10 @@ class ConnectionPool:
     """Kept-alive connections to one host. Callers bound the concurrency (the S3 wrapper's
     semaphore); the pool keeps at most `max_idle` connections around between requests.
 
-    Read timeouts: one watchdog tick (every read_timeout/4, at most 1 s, only while requests
-    are in flight) expires connections that waited that long with no byte either way. A
-    timer per request and per read (asyncio.timeout) cost ~9% of a small-file sync's CPU.
+    Read timeouts and deadlines: one watchdog tick (every read_timeout/4, at most 1 s, only
+    while requests are in flight) expires connections that waited that long with no byte
+    either way, or whose request is past its deadline (module docstring). A timer per
+    request and per read (asyncio.timeout) cost ~9% of a small-file sync's CPU.
     """
 
     def __init__(
@@ -462,6 +496,8 @@ class ConnectionPool:
         max_idle: int,
         ssl_context: ssl.SSLContext | None = None,
         proxy: Proxy | None = None,
+        deadline_base: float | None = None,
+        deadline_rate: float = DEADLINE_RATE,
     ) -> None:
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme {scheme!r} (http or https)")
@@ -471,6 +507,10 @@ class ConnectionPool:
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        # A request's head may legitimately take a read timeout of server think time; the
+        # base leaves room for that twice over.
+        self.deadline_base = 2 * read_timeout if deadline_base is None else deadline_base
+        self.deadline_rate = deadline_rate
         self.max_idle = max_idle
         self._ssl = ssl_context if scheme == "https" else None
         self.proxy = proxy
@@ -575,8 +615,9 @@ class ConnectionPool:
         self._tick = None
         now = _now()
         for conn in list(self._busy):
-            if conn.stalled(now, self.read_timeout):
-                conn.expire(self.read_timeout)
+            why = conn.why_stuck(now, self.read_timeout, self.deadline_rate)
+            if why:
+                conn.expire(why)
         if self._busy and not self._closed:
             self._tick = asyncio.get_running_loop().call_later(interval, self._check, interval)
 
@@ -607,6 +648,8 @@ class ConnectionPool:
             if conn is None:
                 conn = await self._connect()
             self._busy.add(conn)
+            sent = len(body) if body is not None else 0
+            conn.begin(_now(), self.deadline_base + sent / self.deadline_rate)
             self._watch()
             try:
                 return await self._exchange(conn, method, head, body)
@@ -648,6 +691,8 @@ class ConnectionPool:
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
         has_body = method != "HEAD" and status not in (204, 304)
         response = Response(self, conn, status, reason, headers, keep_alive, has_body)
+        conn.expected_in = response._remaining  # the announced body (0: not announced)
+        conn.received_in = 0  # the body counts from here; the head was in the base
         await response._prefetch()
         if response._done:
             response.release()  # the whole answer is in memory: free the connection now

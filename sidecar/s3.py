@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from sidecar.core.sigv4 import Signer, canonical_query, uri_encode_path
-from sidecar.http11 import ConnectError, ConnectionPool, Proxy, Response
+from sidecar.http11 import DEADLINE_RATE, ConnectError, ConnectionPool, Proxy, Response
 
 T = TypeVar("T")
 
@@ -109,11 +109,13 @@ def _error_from(key: str, exc: BaseException) -> S3Error:
     if isinstance(exc, EndpointConnectionError | ConnectError):
         return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
     if isinstance(exc, asyncio.TimeoutError):
-        return S3Error(key, "Timeout", "the server did not answer in time")
+        why = f" ({exc})" if str(exc) else ""
+        return S3Error(key, "Timeout", f"the server did not answer in time{why}")
     return S3Error(key, type(exc).__name__, str(exc) or type(exc).__name__)
 
 
 HTTP_TRANSIENT = (OSError, asyncio.TimeoutError)  # http11 raises only these
+COPY_MAX_BYTES = 5 * 1024**3  # the most one CopyObject moves
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 RETRY_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 STATUS_CODES = {
@@ -204,8 +206,23 @@ class Written:
 class ClientSettings:
     concurrency: int
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 30.0  # of silence (SIDECAR_REQUEST_TIMEOUT)
     max_attempts: int = 5
+    # Every request ends within deadline_base + its bytes at deadline_rate (http11 docstring);
+    # the base defaults to twice the read timeout.
+    deadline_base: float | None = None
+    deadline_rate: float = DEADLINE_RATE
+
+    @property
+    def base_seconds(self) -> float:
+        return 2 * self.read_timeout if self.deadline_base is None else self.deadline_base
+
+    def call_deadline(self, expected_bytes: int) -> float:
+        """All of one aiobotocore call: every attempt its deadline, plus botocore's backoff
+        between them (standard mode: up to 1, 2, 4, ... 20 s)."""
+        per_attempt = self.base_seconds + expected_bytes / self.deadline_rate
+        backoffs = sum(min(20, 2**i) for i in range(self.max_attempts - 1))
+        return self.max_attempts * per_attempt + backoffs
 
 
 def endpoint_from_env() -> str | None:
@@ -277,6 +294,8 @@ class ObjectStore:
             max_idle=self.settings.concurrency,
             ssl_context=_ssl_context() if scheme == "https" else None,
             proxy=proxy_from_env(scheme, host),
+            deadline_base=self.settings.base_seconds,
+            deadline_rate=self.settings.deadline_rate,
         )
         self._stack.push_async_callback(self._pool.close)
         return self
@@ -431,16 +450,24 @@ class ObjectStore:
         raise AssertionError("unreachable")
 
     async def _call(self, key: str, method: str, **params: Any) -> dict[str, Any]:
-        """A request through aiobotocore (retried by botocore's standard mode)."""
+        """A request through aiobotocore (retried by botocore's standard mode).
+
+        aiohttp under aiobotocore has only connect and per-read timeouts (aiobotocore sets no
+        ClientTimeout total), so the whole call gets a deadline here. A server-side copy
+        moves up to 5 GiB (S3's CopyObject limit) without telling us its size: its deadline
+        allows for that.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = await self._botocore_client()
+        moved = COPY_MAX_BYTES if method == "copy_object" else 0
         async with self.slots:
             self.in_flight += 1
             try:
-                response: dict[str, Any] = await getattr(client, method)(
-                    Bucket=self.bucket, **params
-                )
+                async with asyncio.timeout(self.settings.call_deadline(moved)):
+                    response: dict[str, Any] = await getattr(client, method)(
+                        Bucket=self.bucket, **params
+                    )
             except ClientError as exc:
                 self.retries += exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
                 raise _error_from(key, exc) from exc

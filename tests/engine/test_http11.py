@@ -4,13 +4,20 @@ server can break an exchange (each must surface as a retryable OSError, never as
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sidecar.core.model import Direction
+from sidecar.core.options import SyncConfig
 from sidecar.http11 import ConnectError, ConnectionPool, ProtocolError, _Connection
+from sidecar.s3 import ClientSettings, ObjectStore, S3Error
+from sidecar.sync import SyncEngine
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -37,7 +44,8 @@ async def read_request(reader: asyncio.StreamReader, server: Server) -> bytes | 
 
 
 @asynccontextmanager
-async def scripted(handler: Handler) -> AsyncIterator[tuple[Server, ConnectionPool]]:
+async def serving(handler: Handler) -> AsyncIterator[tuple[Server, int]]:
+    """A loopback server running handler for each connection; yields it and its port."""
     server = Server()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,16 +58,26 @@ async def scripted(handler: Handler) -> AsyncIterator[tuple[Server, ConnectionPo
             writer.close()
 
     listener = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    pool = ConnectionPool(
-        "http", "127.0.0.1", port, connect_timeout=2, read_timeout=0.5, max_idle=4
-    )
     try:
-        yield server, pool
+        yield server, listener.sockets[0].getsockname()[1]
     finally:
-        await pool.close()
         listener.close()
         await listener.wait_closed()
+
+
+@asynccontextmanager
+async def scripted(
+    handler: Handler, **pool_options: Any
+) -> AsyncIterator[tuple[Server, ConnectionPool]]:
+    """serving(handler), and a pool to it (read timeout 0.5 s unless pool_options say)."""
+    options: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 0.5, "max_idle": 4}
+    options.update(pool_options)
+    async with serving(handler) as (server, port):
+        pool = ConnectionPool("http", "127.0.0.1", port, **options)
+        try:
+            yield server, pool
+        finally:
+            await pool.close()
 
 
 def answer(status: int, body: bytes = b"", extra: str = "") -> bytes:
@@ -72,6 +90,22 @@ def answering_once(raw: bytes) -> Handler:
     async def handler(reader, writer, server):
         await read_request(reader, server)
         writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
+def trickling(raw: bytes, at_once: int, interval: float) -> Handler:
+    """A server that reads one request, sends raw[:at_once], then one more byte of raw every
+    `interval` seconds: never silent for a read timeout, never done either."""
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(raw[:at_once])
+        for index in range(at_once, len(raw)):
+            await writer.drain()
+            await asyncio.sleep(interval)
+            writer.write(raw[index : index + 1])
         await writer.drain()
 
     return handler
@@ -393,7 +427,7 @@ async def test_a_slow_but_steady_body_does_not_time_out() -> None:
             writer.write(b"x")
             await writer.drain()
 
-    async with scripted(handler) as (_server, pool):
+    async with scripted(handler, deadline_base=30) as (_server, pool):
         response = await pool.request("GET", "/", {"Host": "h"})
         assert await response.read_all() == b"x" * 10
         response.release()
@@ -416,3 +450,183 @@ async def test_the_watchdog_runs_only_while_requests_are_in_flight() -> None:
         assert pool._tick is not None  # ends at its next tick: nothing is in flight
         await asyncio.sleep(0.2)
         assert pool._tick is None and not pool._busy
+
+
+# ---- deadlines: a server that trickles is cut off as surely as a silent one ----------
+TRICKLE = 0.5  # s between bytes: well inside the 2 s read timeout of these pools
+
+
+@pytest.mark.parametrize("size", [1000, 300 * 1024])  # read with the head; streamed
+async def test_a_trickling_body_fails_by_its_deadline(size: int) -> None:
+    raw = answer(200, b"x" * size)
+    head = raw.index(b"\r\n\r\n") + 4
+    options = {"read_timeout": 2, "deadline_base": 1, "deadline_rate": 1024 * 1024}
+    async with scripted(trickling(raw, head, TRICKLE), **options) as (_server, pool):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError, match="deadline"):
+            response = await pool.request("GET", "/b/k", {"Host": "h"})
+            try:
+                await response.read_all()
+            finally:
+                response.release()
+        # ~1.3 s at most (base + the body at 1 MiB/s); the trickle alone would take hours.
+        assert asyncio.get_running_loop().time() - started < 30
+        assert not pool._busy
+
+
+async def test_a_trickling_head_fails_by_its_deadline() -> None:
+    raw = answer(200, b"hello", 'ETag: "abc"\r\nX-Amz-Meta-Mode: 420\r\n')
+    async with scripted(trickling(raw, 5, TRICKLE), read_timeout=2, deadline_base=1) as (
+        _server,
+        pool,
+    ):
+        with pytest.raises(TimeoutError, match="deadline"):
+            await pool.request("GET", "/b/k", {"Host": "h"})
+
+
+async def test_a_large_body_on_a_slow_healthy_link_gets_time_for_its_size() -> None:
+    """2 MiB at ~1.3 MiB/s takes ~1.6 s: past the 0.5 s base, well within base + 2 MiB at the
+    256 KiB/s floor (8.5 s)."""
+    payload = os.urandom(2 * 1024 * 1024)
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\n\r\n".encode())
+        for start in range(0, len(payload), 128 * 1024):
+            await asyncio.sleep(0.1)
+            writer.write(payload[start : start + 128 * 1024])
+            await writer.drain()
+
+    options = {"read_timeout": 2, "deadline_base": 0.5, "deadline_rate": 256 * 1024}
+    async with scripted(handler, **options) as (_server, pool):
+        started = asyncio.get_running_loop().time()
+        response = await pool.request("GET", "/b/k", {"Host": "h"})
+        assert await response.read_all() == payload
+        response.release()
+        assert asyncio.get_running_loop().time() - started > 0.5  # the base alone was not enough
+
+
+# ---- the same through the S3 client and a whole pull ----------------------------------
+BUCKET = "bkt"
+OBJECTS = {"vol/ok.txt": b"fine\n", "vol/slow.bin": b"s" * 2000}
+
+
+def fake_s3(trickle_listing: bool = False, trickle_keys: frozenset[str] = frozenset()) -> Handler:
+    """Just enough S3 for a pull of OBJECTS; the listing or some GETs trickle their body."""
+
+    def listing() -> bytes:
+        entries = "".join(
+            f"<Contents><Key>{key}</Key><Size>{len(body)}</Size>"
+            f'<ETag>"{hashlib.md5(body).hexdigest()}"</ETag>'
+            "<LastModified>2026-01-01T00:00:00.000Z</LastModified></Contents>"
+            for key, body in OBJECTS.items()
+        )
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name>'
+            f"<KeyCount>{len(OBJECTS)}</KeyCount><IsTruncated>false</IsTruncated>{entries}"
+            "</ListBucketResult>"
+        ).encode()
+
+    async def handler(reader, writer, server):
+        while (head := await read_request(reader, server)) is not None:
+            target = head.split(b" ", 2)[1].decode()
+            key = target.split("?")[0].removeprefix(f"/{BUCKET}/")
+            if "list-type=2" in target:
+                raw, slow = answer(200, listing()), trickle_listing
+            elif key in OBJECTS:
+                etag = hashlib.md5(OBJECTS[key]).hexdigest()
+                raw, slow = answer(200, OBJECTS[key], f'ETag: "{etag}"\r\n'), key in trickle_keys
+            else:
+                raw, slow = answer(404, b"<Error><Code>NoSuchKey</Code></Error>"), False
+            if not slow:
+                writer.write(raw)
+                await writer.drain()
+                continue
+            writer.write(raw[: raw.index(b"\r\n\r\n") + 4])
+            for index in range(raw.index(b"\r\n\r\n") + 4, len(raw)):
+                await writer.drain()
+                await asyncio.sleep(TRICKLE)
+                writer.write(raw[index : index + 1])
+
+    return handler
+
+
+FAST_DEADLINES = ClientSettings(
+    concurrency=2, read_timeout=2, max_attempts=2, deadline_base=1, deadline_rate=1024 * 1024
+)
+
+
+@pytest.fixture
+def endpoint_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    def point_at(port: int) -> None:
+        for name, value in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "fake-key-0123456789",
+            "AWS_SECRET_ACCESS_KEY": "fake-secret-0123456789",
+            "AWS_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    return point_at
+
+
+async def test_trickled_listing_get_and_botocore_call_fail_by_name_and_are_retried(
+    endpoint_env: Callable[[int], None],
+) -> None:
+    async with serving(fake_s3(trickle_listing=True, trickle_keys=frozenset(OBJECTS))) as (
+        server,
+        port,
+    ):
+        endpoint_env(port)
+        started = asyncio.get_running_loop().time()
+        async with ObjectStore(BUCKET, FAST_DEADLINES) as store:
+            with pytest.raises(S3Error, match="deadline") as listed:
+                async for _page in store.list("vol/"):
+                    pass
+            assert listed.value.key == BUCKET and listed.value.code == "Timeout"
+            with pytest.raises(S3Error, match="deadline") as got:
+                await store.get_object("vol/slow.bin", None, lambda data: None)
+            assert got.value.key == "vol/slow.bin" and got.value.retryable_stream
+        assert server.connections == 4, "each was not tried twice (max_attempts)"
+        assert asyncio.get_running_loop().time() - started < 60
+
+    # aiobotocore's own client (delete, copy, multipart) has no total timeout: ours applies.
+    raw = answer(204, b"", "x-amz-request-id: 1\r\n")
+    async with serving(trickling(raw, 12, TRICKLE)) as (server, port):
+        endpoint_env(port)
+        async with ObjectStore(BUCKET, FAST_DEADLINES) as store:
+            with pytest.raises(S3Error) as deleted:
+                await store.delete("vol/ok.txt")
+        assert deleted.value.key == "vol/ok.txt" and deleted.value.code == "Timeout"
+
+
+@pytest.mark.parametrize("trickled", ["listing", "get"])
+async def test_a_pull_from_a_trickling_server_fails_by_name_in_bounded_time(
+    trickled: str, endpoint_env: Callable[[int], None], workdir: Path
+) -> None:
+    handler = (
+        fake_s3(trickle_listing=True)
+        if trickled == "listing"
+        else fake_s3(trickle_keys=frozenset({"vol/slow.bin"}))
+    )
+    local = workdir / "local"
+    config = SyncConfig(
+        bucket=BUCKET, prefix="vol/", local_dir=local, state_dir=workdir / "state", concurrency=2
+    )
+    async with serving(handler) as (_server, port):
+        endpoint_env(port)
+        async with SyncEngine(config, FAST_DEADLINES) as engine:
+            started = asyncio.get_running_loop().time()
+            result = await asyncio.wait_for(engine.run(Direction.PULL), 120)
+            took = asyncio.get_running_loop().time() - started
+    assert not result.ok and took < 120
+    if trickled == "listing":
+        assert result.fatal and "listing" in result.fatal and "deadline" in result.fatal
+    else:
+        assert [e.path for e in result.errors] == ["slow.bin"], result.as_dict()
+        assert "deadline" in result.errors[0].reason
+        assert (local / "ok.txt").read_bytes() == OBJECTS["vol/ok.txt"]
+        assert result.retries >= 1
