@@ -168,10 +168,17 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
         client = await original_client(self)
 
         def retry_once(attempts: int, request_dict: dict[str, Any], **_: Any) -> int | None:
-            # The server applied this Complete; drop its answer and send it again.
+            # The server applied this Complete; drop its answer and send it again. AWS
+            # answers such a retry with 412 (the ETag it was pinned to is gone: the object
+            # is now ours) or NoSuchUpload. moto would complete the finished upload again,
+            # conditions unchecked (and ignores If-Match there); for an upload it does not
+            # know it checks If-None-Match first. So the retry names an unknown upload with
+            # If-None-Match: *, and moto answers as AWS does: 412.
             url = request_dict["url"]
             if attempts == 1 and url not in completes:
                 completes.append(url)
+                request_dict["url"] = url.replace("uploadId=", "uploadId=gone-")
+                request_dict["headers"]["If-None-Match"] = "*"
                 return 0
             return None
 
@@ -181,9 +188,20 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
         return client
 
     monkeypatch.setattr(ObjectStore, "_botocore_client", client_losing_answers)
+    checked: list[str] = []
+    original_check = ObjectStore._landed_already
+
+    async def spy(self: ObjectStore, key: str, *args: Any) -> Any:
+        checked.append(key)
+        return await original_check(self, key, *args)
+
+    monkeypatch.setattr(ObjectStore, "_landed_already", spy)
     result = await sync(cfg, FIN)
     assert len(lost) == 2 and len(completes) == 2, (lost, completes)
-    assert result.ok and result.files_transferred == 4, result.as_dict()
+    assert result.ok and result.files_transferred == 4, result.errors
+    assert sorted(checked) == [
+        f"vol/{n}" for n in ("big-new.bin", "big-old.bin", "new.txt", "shared.txt")
+    ]
     for name in ("shared.txt", "new.txt", "big-old.bin", "big-new.bin"):
         body = s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read()
         assert body == (local / name).read_bytes(), name
