@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
@@ -125,13 +125,73 @@ def folders_of(relpaths: Iterable[str]) -> set[str]:
     return folders
 
 
-def conflict_name(relpath: str, when: datetime) -> str:
-    """'dir/model.pt' -> 'dir/model.conflict-20261123T091500Z.pt'."""
-    stamp = when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+# An extension longer than this is not kept whole in a conflict copy's name: it is part of
+# the name that gets shortened (a "name.<250 bytes>" file has no extension worth keeping).
+_MAX_KEPT_EXT_BYTES = 32
+
+
+def _utf8_len(text: str) -> int:
+    # surrogatepass: never raises, and never counts fewer bytes than the filesystem name has
+    # (a surrogateescape'd byte counts 3, not 1), so a cut based on it always fits.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut_to_bytes(text: str, limit: int) -> str:
+    """The longest prefix of text that is at most `limit` UTF-8 bytes: cut between
+    characters, never inside one."""
+    if _utf8_len(text) <= limit:
+        return text
+    used = 0
+    for index, char in enumerate(text):
+        used += _utf8_len(char)
+        if used > limit:
+            return text[:index]
+    return text
+
+
+def conflict_name(relpath: str, when: datetime, taken: Container[str] = ()) -> str:
+    """Where to keep the losing version of relpath: a name no file or object has.
+
+    'dir/model.pt' -> 'dir/model.conflict-20261123T091500.123Z.pt'; when that name is in
+    `taken` (files on either side, copies already chosen): '...091500.123Z-2.pt', '-3', ...
+    Milliseconds make two conflicts in one second distinct across replicas; the counter
+    makes them distinct within what this run knows. The result's last segment always fits
+    MAX_NAME_BYTES (the stem is shortened between characters, the extension kept when
+    short), and the whole path fits MAX_PATH_BYTES whenever relpath's folder leaves room
+    for the marker at all.
+    """
+    stamp = when.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
     head, sep, base = relpath.rpartition("/")
     dot = base.rfind(".")
     stem, ext = (base[:dot], base[dot:]) if dot > 0 else (base, "")
-    return f"{head}{sep}{stem}.conflict-{stamp}{ext}"
+    if _utf8_len(ext) > _MAX_KEPT_EXT_BYTES:
+        stem, ext = base, ""
+    folder_bytes = _utf8_len(head + sep)
+    counter = 1
+    while True:
+        marker = f".conflict-{stamp}" + (f"-{counter}" if counter > 1 else "")
+        room = MAX_NAME_BYTES - _utf8_len(marker + ext)
+        room = min(room, MAX_PATH_BYTES - folder_bytes - _utf8_len(marker + ext))
+        name = f"{head}{sep}{_cut_to_bytes(stem, max(room, 0))}{marker}{ext}"
+        if name not in taken:
+            return name
+        counter += 1
+
+
+class NamesInUse:
+    """Container of every relative path a conflict copy must not take: the files of the
+    local scan, the objects of the listing, and the copies already named in this run.
+    Looks the maps up instead of copying them (a volume may hold millions of names)."""
+
+    def __init__(self, *sides: Container[str]) -> None:
+        self._sides = sides
+        self._chosen: set[str] = set()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._chosen or any(name in side for side in self._sides)
+
+    def claim(self, name: str) -> None:
+        self._chosen.add(name)
 
 
 def check_volume_name(name: str) -> None:

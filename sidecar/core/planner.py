@@ -22,7 +22,7 @@ from sidecar.core.model import (
     Plan,
     RemoteObject,
 )
-from sidecar.core.paths import conflict_name, folders_of, parent_dirs
+from sidecar.core.paths import NamesInUse, conflict_name, folders_of, parent_dirs
 
 
 class Change(enum.Enum):
@@ -128,8 +128,11 @@ def plan(
 ) -> Plan:
     deletes = deletes or DeletePolicy()
     result = Plan(direction)
+    taken = NamesInUse(local, remote)  # a conflict copy never takes a name either side has
     for path in sorted(set(local) | set(remote) | set(base)):
-        _plan_path(result, direction, path, local.get(path), remote.get(path), base.get(path), now)
+        _plan_path(
+            result, direction, path, local.get(path), remote.get(path), base.get(path), now, taken
+        )
     # The delete policy first: a file whose delete it withholds stays, and nothing may then be
     # written below it (pushing 'd/x' while the delete of 'd' was withheld left both in the
     # bucket for good).
@@ -147,6 +150,7 @@ def _plan_path(
     ro: RemoteObject | None,
     be: BaseEntry | None,
     now: datetime,
+    taken: NamesInUse,
 ) -> None:
     lc = local_change(lf, be)
     rc = remote_change(ro, be)
@@ -205,7 +209,8 @@ def _plan_path(
             act(ActionKind.ADOPT)
             return
         kind = "both-added" if be is None else "both-modified"
-        copy = conflict_name(path, now)
+        copy = conflict_name(path, now, taken)
+        taken.claim(copy)
         if pull:
             # Remote takes the name; the local version is kept beside it. When equality is
             # unknown (foreign multipart object) the download itself decides.

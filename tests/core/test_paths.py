@@ -6,6 +6,7 @@ import pytest
 
 from sidecar.core.paths import (
     BadKey,
+    NamesInUse,
     check_mount_folder,
     check_relpath,
     check_relpath_fully,
@@ -75,11 +76,130 @@ def test_temp_names_have_one_recognisable_pattern() -> None:
 
 
 def test_conflict_names() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
+    assert conflict_name("a/model.pt", when) == "a/model.conflict-20260102T030405.678Z.pt"
+    assert conflict_name("Makefile", when) == "Makefile.conflict-20260102T030405.678Z"
+    assert conflict_name(".bashrc", when) == ".bashrc.conflict-20260102T030405.678Z"
+    assert conflict_name("x.tar.gz", when) == "x.tar.conflict-20260102T030405.678Z.gz"
+
+
+def test_two_conflicts_in_one_second_get_two_names() -> None:
+    """Regression (issue 9, item 1): second resolution gave both copies one name."""
+    first = conflict_name("d/nb.ipynb", datetime(2026, 1, 2, 3, 4, 5, 100_000, tzinfo=UTC))
+    second = conflict_name("d/nb.ipynb", datetime(2026, 1, 2, 3, 4, 5, 900_000, tzinfo=UTC))
+    assert first != second
+
+
+def test_a_conflict_name_never_takes_a_name_in_use() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert conflict_name("a/model.pt", when) == "a/model.conflict-20260102T030405Z.pt"
-    assert conflict_name("Makefile", when) == "Makefile.conflict-20260102T030405Z"
-    assert conflict_name(".bashrc", when) == ".bashrc.conflict-20260102T030405Z"
-    assert conflict_name("x.tar.gz", when) == "x.tar.conflict-20260102T030405Z.gz"
+    taken = NamesInUse({"d/m.conflict-20260102T030405.000Z.pt": 1}, set())
+    chosen = []
+    for _ in range(30):
+        name = conflict_name("d/m.pt", when, taken)
+        assert name not in taken
+        taken.claim(name)
+        chosen.append(name)
+    assert chosen[:2] == [
+        "d/m.conflict-20260102T030405.000Z-2.pt",
+        "d/m.conflict-20260102T030405.000Z-3.pt",
+    ]
+    assert len(set(chosen)) == 30
+
+
+# Characters of every UTF-8 width, for names cut at every possible byte position.
+_WIDE = {1: "a", 2: "\u00e9", 3: "\u6f22", 4: "\U0001f600"}
+
+
+def _names_of_every_length() -> list[str]:
+    names = []
+    for width, char in _WIDE.items():
+        for ext in ("", ".pt", ".\u00e9\u00e9", ".ipynb-checkpoint-x", "." + "e" * 40):
+            ext_bytes = len(ext.encode())
+            for total in range(1, 256):
+                stem_bytes = total - ext_bytes
+                if stem_bytes < 1:
+                    continue
+                # Pad with ASCII so every byte length is reached with wide characters in it.
+                stem = char * (stem_bytes // width) + "s" * (stem_bytes % width)
+                names.append(stem + ext)
+    return names
+
+
+@pytest.mark.parametrize(
+    "folder", ["", "d/", "\u00e9" * 100 + "/", "/".join(["f" * 200] * 19) + "/"]
+)
+def test_conflict_names_always_fit_and_keep_what_they_can(folder: str) -> None:
+    """Regression (issue 9, item 2): names of 230-255 bytes gave copies over 255 bytes.
+    Every name length 1-255, characters of each UTF-8 width, with and without extension,
+    with counters: the copy's name fits 255 bytes, its path 4095, never cuts a character,
+    keeps a short extension, and only shortens what does not fit."""
+    when = datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+    for base in _names_of_every_length():
+        relpath = folder + base
+        if len(relpath.encode()) > 4095:
+            continue
+        for counter in (1, 2, 12):
+            name = conflict_name(relpath, when, _CountersBelow(counter))
+            _check_copy_name(folder, base, name)
+            if counter > 1:
+                assert name.endswith(f"Z-{counter}" + _ext(name))
+
+
+def test_conflict_names_fit_with_large_counters() -> None:
+    when = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)
+    for base in ("\U0001f600" * 63 + "abc", "x" * 250 + ".pt", "\u00e9" * 127 + ".p"):
+        for counter in (99, 100, 10_000):
+            name = conflict_name(base, when, _CountersBelow(counter))
+            _check_copy_name("", base, name)
+            assert name.endswith(f"Z-{counter}" + _ext(name))
+
+
+class _CountersBelow:
+    """Every conflict name whose counter is below n is taken (no counter counts as 1)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __contains__(self, name: object) -> bool:
+        assert isinstance(name, str)
+        tail = _tail(name)
+        counter = int(tail.split("-")[1]) if "-" in tail else 1
+        return counter < self.n
+
+
+def _tail(name: str) -> str:
+    """'20261231T235959.999Z-3' of a conflict name, extension removed."""
+    after = name.rpartition("/")[2].split(".conflict-")[1]
+    return after[: len(after) - len(_ext(name))]
+
+
+def _check_copy_name(folder: str, base: str, name: str) -> None:
+    check_relpath_fully(name)  # valid UTF-8, names within 255 bytes, path within 4095
+    head, _, copy = name.rpartition("/")
+    assert (head + "/" if head else "") == folder
+    assert ".conflict-20261231T235959." in copy
+    stem = copy.split(".conflict-")[0]
+    original_stem = base[: base.rfind(".")] if _short_ext(base) else base
+    assert original_stem.startswith(stem)  # a prefix: cut between characters, never inside
+    if _short_ext(base):
+        assert copy.endswith(base[base.rfind(".") :])  # a short extension is kept whole
+    marker = len(f".conflict-{_tail(name)}{_ext(name)}".encode())
+    full = len(original_stem.encode()) + marker
+    if full <= 255 and len(folder.encode()) + full <= 4095:
+        assert stem == original_stem  # nothing cut where it fits
+    else:
+        assert len(stem.encode()) > min(255, 4095 - len(folder.encode())) - marker - 4
+
+
+def _short_ext(base: str) -> bool:
+    dot = base.rfind(".")
+    return dot > 0 and len(base[dot:].encode()) <= 32
+
+
+def _ext(name: str) -> str:
+    after = name.rpartition("/")[2].split(".conflict-")[1]  # '20261231T235959.999Z-3.pt'
+    dot = after.find(".", after.find("Z"))
+    return after[dot:] if dot >= 0 else ""
 
 
 def test_parent_dirs() -> None:

@@ -122,7 +122,7 @@ def test_conflict_keeps_a_copy_named_with_utc_timestamp() -> None:
     result = plan(PULL, {"d/model.pt": L_MOD}, {"d/model.pt": R_MOD}, {"d/model.pt": BASE}, NOW)
     (action,) = result.actions
     assert action.keep_conflict_copy
-    assert action.conflict_copy == "d/model.conflict-20261123T091500Z.pt"
+    assert action.conflict_copy == "d/model.conflict-20261123T091500.000Z.pt"
     assert result.conflicts[0].copy == action.conflict_copy
 
 
@@ -356,3 +356,31 @@ def test_a_clash_withholds_no_other_delete() -> None:
     assert [f"{a.kind} {a.path}" for a in result.actions] == ["delete-remote k1"]
     assert result.deletes_blocked is None
     assert [e.path for e in result.errors] == ["vol/d"]
+
+
+def test_conflict_copies_never_take_a_name_either_side_has() -> None:
+    """Regression (issue 9, item 1): a second conflict within the same second named its copy
+    like the first one's, which the pull then renamed over (or finalize copied onto)."""
+    earlier = "d/model.conflict-20261123T091500.000Z.pt"
+    for local_extra, remote_extra in (({earlier: L_MOD}, {}), ({}, {earlier: R_MOD})):
+        for direction in (PULL, FIN):
+            result = plan(
+                direction,
+                {"d/model.pt": L_MOD, **local_extra},
+                {"d/model.pt": R_MOD, **remote_extra},
+                {"d/model.pt": BASE},
+                NOW,
+            )
+            (action,) = [a for a in result.actions if a.path == "d/model.pt"]
+            assert action.conflict_copy == "d/model.conflict-20261123T091500.000Z-2.pt"
+
+
+def test_conflict_copies_of_one_plan_get_distinct_names() -> None:
+    # 'a.x.pt' and 'a.pt' name their copies from different stems, but a file named like
+    # another's copy must still not collide with the copy chosen for it.
+    paths = ["m.pt", "m.conflict-20261123T091500.000Z.pt"]
+    result = plan(
+        FIN, {p: L_MOD for p in paths}, {p: R_MOD for p in paths}, {p: BASE for p in paths}, NOW
+    )
+    copies = [a.conflict_copy for a in result.actions]
+    assert len(set(copies)) == 2 and not set(copies) & set(paths)
