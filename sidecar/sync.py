@@ -384,6 +384,8 @@ class SyncEngine:
                 remote[path] = replace(
                     obj, hash=digest, executable=info.metadata.get(META_MODE) == "755"
                 )
+            elif path not in local:
+                return  # asked for the mode and hash only (planner.needs_remote_hash)
             elif _PLAIN_MD5.match(obj.etag) and not info.etag_is_opaque:
                 # A foreign single-part object: its ETag is the MD5 of its bytes.
                 md5 = await asyncio.get_running_loop().run_in_executor(

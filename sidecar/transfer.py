@@ -552,19 +552,17 @@ class Transfers:
         """The copy answered with another ETag than the one it was pinned to: it may have
         put our hash and mode on another writer's bytes. Read them back (pinned to the new
         ETag): ours after all (a multipart object, a server whose copies change ETags) is
-        fine; anything else gets its label taken off again, so that no object claims a hash
-        it does not have, and the path is reported (the other writer's bytes stay, as with
-        any 412)."""
+        fine; anything else, or bytes that cannot be read, get the labels taken off again,
+        so that no object claims a hash it does not have, and the path is reported (the
+        other writer's bytes stay, as with any 412)."""
         hasher = new_content_hasher()
         try:
             await self.store.get_object(key, written.etag, hasher.update)
         except S3Error as exc:
-            if not exc.precondition_failed and not exc.not_found:
-                raise TransferError(
-                    relpath,
-                    f"the mode rewrite answered with another ETag and the object could not "
-                    f"be read back to check it ({exc.message})",
-                ) from None
+            if exc.precondition_failed or exc.not_found:
+                # Replaced or deleted again since: the relabelled version is gone already.
+                raise TransferError(relpath, CHANGED_IN_BUCKET) from None
+            log.warning("%s: cannot read back the rewritten object (%s)", key, exc.message)
         else:
             if hasher.hexdigest() == local.hash:
                 return
@@ -574,9 +572,9 @@ class Transfers:
             if not exc.precondition_failed and not exc.not_found:
                 raise TransferError(
                     relpath,
-                    "another writer replaced the object during the mode rewrite, and the "
-                    f"labels the rewrite put on its bytes could not be removed ({exc.message}); "
-                    "run pull, then finalize again",
+                    "the mode rewrite may have labelled another writer's bytes, and the "
+                    f"labels could not be taken off again ({exc.message}); run pull, then "
+                    "finalize again",
                 ) from None
         raise TransferError(relpath, RELABELLED)
 

@@ -107,8 +107,18 @@ def needs_remote_hash(
     Only paths where both sides changed (or there is no BASE) and sizes agree: a differing
     size already proves different content, and an unchanged ETag proves an unchanged object.
     """
-    if local is None or remote is None or remote.hash is not None:
+    if remote is None or remote.hash is not None:
         return False
+    if local is None:
+        # Same bytes as BASE by size and ETag, only written again: a mode change by another
+        # replica, or (after our own write, decided by the clock) a skewed server clock. Ask
+        # before a file deleted here is brought back as "modified in the bucket".
+        return (
+            base is not None
+            and remote.size == base.size
+            and remote.etag in base.etags
+            and remote_change(remote, base) is Change.MODIFIED
+        )
     if local.size != remote.size:
         return False
     if base is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.core.model import BaseEntry, RemoteObject
-from sidecar.core.planner import Change, listing_seconds, remote_change
+from sidecar.core.planner import Change, listing_seconds, needs_remote_hash, remote_change
 
 WRITTEN_AT = listing_seconds("2026-12-03T09:22:07Z")
 OURS = BaseEntry(3, "h", ("e",), written_at=WRITTEN_AT or 0)
@@ -37,3 +37,13 @@ def test_a_known_last_modified_still_decides_as_text() -> None:
 def test_listing_dates_in_other_spellings() -> None:
     assert listing_seconds("2026-12-03T09:22:07+00:00") == WRITTEN_AT
     assert listing_seconds("2026-12-03T09:22:07.123456Z") == WRITTEN_AT
+
+
+def test_a_rewrite_of_a_file_deleted_here_is_asked_about_before_it_comes_back() -> None:
+    later = RemoteObject("k", 3, "e", "2026-12-03T09:22:09.000Z")
+    assert needs_remote_hash(None, later, OURS)  # a HEAD tells skew from a real rewrite
+    assert not needs_remote_hash(None, RemoteObject("k", 3, "e", "2026-12-03T09:22:07Z"), OURS)
+    assert not needs_remote_hash(None, RemoteObject("k", 4, "f", "2026-12-03T09:22:09Z"), OURS)
+    # The HEAD showed our own hash and mode: clock skew, not a change.
+    ours = RemoteObject("k", 3, "e", "2026-12-03T09:22:09.000Z", hash="h", executable=False)
+    assert remote_change(ours, OURS) is Change.UNCHANGED

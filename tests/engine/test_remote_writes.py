@@ -304,3 +304,32 @@ async def test_a_first_finalize_over_an_equal_foreign_multipart_object_sends_not
     assert result.files_adopted == 1 and result.bytes_transferred == 0, result.as_dict()
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="vol/")["Contents"]
     assert [item["Key"] for item in listed] == ["vol/model.bin"]
+
+
+async def test_a_rewritten_object_deleted_here_is_asked_about_not_read(
+    moto: S3Server, workdir: Path, request_counter: Counter[str]
+) -> None:
+    """A same-bytes rewrite (here by another tool, no hash metadata) of a file deleted
+    locally: one HEAD to tell a real change, no local file to compare with, no crash; the
+    modification wins as always (modified-deleted)."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="vol/notes.txt", Body=b"notes")
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    assert (await sync(cfg, PULL)).ok
+    await _settle_a_second()
+    s3.copy_object(
+        Bucket=bucket,
+        Key="vol/notes.txt",
+        CopySource={"Bucket": bucket, "Key": "vol/notes.txt"},
+        MetadataDirective="REPLACE",
+        Metadata={"owner": "someone"},
+    )
+    (local / "notes.txt").unlink()
+    request_counter.clear()
+    pulled = await sync(cfg, PULL)
+    assert pulled.ok, pulled.as_dict()
+    assert [c.kind for c in pulled.conflicts] == ["modified-deleted"]
+    assert (local / "notes.txt").read_bytes() == b"notes"
+    assert request_counter["head_object"] == 1, request_counter
