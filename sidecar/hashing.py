@@ -41,5 +41,21 @@ def content_hash_file(path: str | os.PathLike[str]) -> str:
     return _hash_file(path, xxhash.xxh3_128())
 
 
+def content_hash_fd(fd: int) -> str:
+    """xxh3-128 hex of an open file's bytes, read with pread from offset 0 (the fd's own
+    offset is left alone). Blocking: call from a worker thread."""
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    offset = 0
+    while True:
+        count = os.preadv(fd, [buffer], offset)
+        if not count:
+            break
+        hasher.update(view[:count])
+        offset += count
+    return hasher.hexdigest()
+
+
 def md5_file(path: str | os.PathLike[str]) -> str:
     return _hash_file(path, hashlib.md5(usedforsecurity=False))

@@ -771,14 +771,43 @@ class ObjectStore:
 
         await self._write_conditionally(if_match, False, write)
 
-    async def copy(self, source_key: str, dest_key: str, source_etag: str | None) -> str:
+    async def copy(
+        self,
+        source_key: str,
+        dest_key: str,
+        source_etag: str | None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Server-side copy. With if_none_match the copy never replaces an object: AWS honours
+        `If-None-Match: *` on CopyObject (412), moto 5.2 and rclone ignore it, so the
+        destination is HEADed first (a 412-like S3Error when it exists). What is left on
+        those servers is the window between that HEAD and the copy."""
         params: dict[str, Any] = {
             "Key": dest_key,
             "CopySource": {"Bucket": self.bucket, "Key": source_key},
         }
         if source_etag:
             params["CopySourceIfMatch"] = f'"{source_etag}"'
-        response = await self._call(dest_key, "copy_object", **params)
+        if if_none_match:
+            try:
+                await self.head(dest_key)
+            except S3Error as exc:
+                if not exc.not_found:
+                    raise
+            else:
+                raise S3Error(dest_key, "PreconditionFailed", "the key already exists")
+
+        if if_none_match and self.conditional_writes:
+            try:
+                response = await self._call(dest_key, "copy_object", **params, IfNoneMatch="*")
+            except S3Error as exc:
+                # Not the server-wide switch _write_conditionally flips: a server may refuse
+                # the condition on a copy yet honour it on PUT.
+                if exc.code not in NOT_IMPLEMENTED_CODES:
+                    raise
+                response = await self._call(dest_key, "copy_object", **params)
+        else:
+            response = await self._call(dest_key, "copy_object", **params)
         return unquote_etag(response.get("CopyObjectResult", {}).get("ETag", ""))
 
     async def rewrite_metadata(

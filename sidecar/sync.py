@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
@@ -34,7 +35,7 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, folders_of, key_to_relpath, parent_dirs
+from sidecar.core.paths import BadKey, NamesInUse, folders_of, key_to_relpath, parent_dirs
 from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
@@ -264,8 +265,18 @@ class SyncEngine:
             self.state,
             self._executor,
             progress,
+            names_in_use=NamesInUse(
+                scanned.files, remote, {a.conflict_copy for a in the_plan.actions}
+            ),
         )
-        await self._execute(the_plan.actions, transfers, progress, result)
+        try:
+            await self._execute(the_plan.actions, transfers, progress, result)
+            await transfers.durable.flush()
+        except BaseException:
+            transfers.durable.flush_now()  # what is on disk gets its records, even now
+            raise
+        finally:
+            transfers.close()
         progress.phase = "committing"
         await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
 
@@ -483,7 +494,10 @@ class SyncEngine:
             try:
                 if action.kind is ActionKind.DELETE_LOCAL:
                     if transfers.delete_local(action):
-                        state.drop_base(action.path)
+                        # Dropped from BASE once the delete is on disk: a crash before that
+                        # must not leave a file that BASE says was deleted (it would be
+                        # pushed as new, or its absence pushed as a delete, wrongly).
+                        await transfers.durable.then(partial(state.drop_base, action.path))
                         result.files_deleted += 1
                     else:
                         kept_files.add(action.path)
@@ -515,17 +529,20 @@ class SyncEngine:
                 if action.kind is ActionKind.DOWNLOAD:
                     done = await transfers.download(action)
                     assert action.remote is not None
-                    state.set_base(
-                        action.path,
-                        BaseEntry(
-                            done.local.size,
-                            done.local.hash,
-                            (done.etag,),
-                            done.local.executable,
-                            action.remote.last_modified,
-                        ),
+                    entry = BaseEntry(
+                        done.local.size,
+                        done.local.hash,
+                        (done.etag,),
+                        done.local.executable,
+                        action.remote.last_modified,
                     )
-                    state.set_hash(action.path, _cache_entry(done.local))
+
+                    def record(path: str = action.path, local: LocalFile = done.local) -> None:
+                        state.set_base(path, entry)
+                        state.set_hash(path, _cache_entry(local))
+
+                    # BASE claims the file only once its bytes and its name are on disk.
+                    await transfers.durable.then(record)
                     if done.equal_already:
                         result.files_adopted += 1
                         return
@@ -538,6 +555,8 @@ class SyncEngine:
                                 done.conflict_copy,
                             )
                         )
+                    else:
+                        _copy_kept_at(result, action, done.conflict_copy)
                     result.files_transferred += 1
                     result.bytes_transferred += done.local.size
                 else:
@@ -559,6 +578,7 @@ class SyncEngine:
                         ),
                     )
                     state.set_hash(action.path, _cache_entry(up.local))
+                    _copy_kept_at(result, action, up.conflict_copy)
                     result.files_transferred += 1
                     result.bytes_transferred += up.local.size if up.content_sent else 0
             except TransferError as exc:
@@ -602,6 +622,15 @@ async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObje
     if size != obj.size:
         return obj  # another version than the listed one: leave it to the transfer's checks
     return replace(obj, hash=hasher.hexdigest())
+
+
+def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
+    """The planned conflict copy's name was taken meanwhile: report where it really is."""
+    if copy is None or copy == action.conflict_copy:
+        return
+    for index, conflict in enumerate(result.conflicts):
+        if conflict.path == action.path and conflict.copy == action.conflict_copy:
+            result.conflicts[index] = replace(conflict, copy=copy)
 
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:

@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Container, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -25,9 +25,22 @@ from typing import Any, TypeVar
 
 from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
 from sidecar.core.parts import part_size_for, split_ranges
-from sidecar.core.paths import conflict_name, parent_dirs, temp_name
+from sidecar.core.paths import NamesInUse, conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
-from sidecar.hashing import content_hash_bytes, content_hash_file, new_content_hasher
+from sidecar.folder import (
+    Durability,
+    Folder,
+    UnsafeFolder,
+    lstat_at,
+    rename_noreplace,
+    same_file,
+)
+from sidecar.hashing import (
+    content_hash_bytes,
+    content_hash_fd,
+    content_hash_file,
+    new_content_hasher,
+)
 from sidecar.s3 import (
     META_HASH,
     META_MODE,
@@ -54,6 +67,9 @@ RELABELLED = (
 )
 CHANGE_ATTEMPTS = 3
 INLINE_READ_LIMIT = 256 * 1024  # smaller files are read on the loop; a thread hop costs more
+PLACE_ATTEMPTS = 3  # a file the user keeps re-creating at the target while we place ours
+COPY_NAME_ATTEMPTS = 20  # conflict-copy names taken by someone else meanwhile
+FOLDER_MOVED = "its folder was moved or replaced during the download; the file was not placed"
 
 
 class TransferError(Exception):
@@ -87,6 +103,7 @@ class Uploaded:
     etags: tuple[str, ...]
     content_sent: bool = True  # False: only the metadata was rewritten
     written_at: int = 0  # the server's clock when it answered (Written.at)
+    conflict_copy: str | None = None  # where the bucket's version in the way was kept
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -134,10 +151,15 @@ class Transfers:
         state: StateStore,
         executor: ThreadPoolExecutor,
         progress: Progress | None = None,
+        names_in_use: Container[str] = (),
     ) -> None:
         self.store = store
         self.root = root
         self._root = str(root)
+        self.folder = Folder(self._root)
+        self.durable = Durability(executor)
+        # Relative paths a conflict copy must not take (the scan and the listing).
+        self.names_in_use = names_in_use
         self._umask = _current_umask()
         self.prefix = prefix
         self.settings = settings
@@ -146,7 +168,9 @@ class Transfers:
         self.progress = progress
         max_parts = max(2, settings.part_memory_budget // max(settings.part_size, 1))
         self._part_buffers = BufferPool(settings.part_size, max_parts)
-        self._dirs_ok: set[str] = set()
+
+    def close(self) -> None:
+        self.folder.close()
 
     # ---- helpers ---------------------------------------------------------------------
     def _abs(self, relpath: str) -> str:
@@ -160,104 +184,180 @@ class Transfers:
     async def _in_thread(self, fn: Callable[..., object], *args: object) -> object:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _ensure_parent(self, relpath: str) -> None:
-        """Create the parents of relpath inside root, never through a symlink or a file."""
-        for reldir in parent_dirs(relpath):
-            if reldir in self._dirs_ok:
-                continue
-            path = self._abs(reldir)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(path)
-                except FileExistsError:
-                    st = os.lstat(path)
-                else:
-                    self._dirs_ok.add(reldir)
-                    continue
-            if stat_mod.S_ISLNK(st.st_mode):
-                raise TransferError(
-                    relpath, f"folder {reldir!r} is a symlink; not writing through it"
-                )
-            if not stat_mod.S_ISDIR(st.st_mode):
-                raise TransferError(relpath, f"{reldir!r} is a file here, the bucket has a folder")
-            self._dirs_ok.add(reldir)
+    def _open_parent(self, relpath: str, create: bool) -> int:
+        """An fd of relpath's folder, reached from the root without following a symlink."""
+        try:
+            return self.folder.open_dir(relpath.rpartition("/")[0], create)
+        except UnsafeFolder as exc:
+            raise TransferError(relpath, str(exc)) from None
+
+    def _fresh_conflict_name(self, relpath: str, tried: Container[str] = ()) -> str:
+        taken = NamesInUse(self.names_in_use, tried)
+        return conflict_name(relpath, datetime.now(UTC), taken)
 
     # ---- download --------------------------------------------------------------------
     async def download(self, action: Action) -> Downloaded:
+        """Every step relative to the fd of the file's folder: a folder renamed or swapped
+        for a symlink meanwhile gives this file an error, never a write elsewhere."""
+        relpath = action.path
+        try:
+            dir_fd = self._open_parent(relpath, create=True)
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot create its folder", exc)) from None
+        try:
+            return await self._download_into(action, dir_fd)
+        except OSError as exc:
+            raise TransferError(relpath, _os_reason("cannot place the file", exc)) from None
+        finally:
+            os.close(dir_fd)
+
+    async def _download_into(self, action: Action, dir_fd: int) -> Downloaded:
         remote = action.remote
         assert remote is not None
         relpath = action.path
-        self._ensure_parent(relpath)
-        dest = self._abs(relpath)
-        tmp = f"{os.path.dirname(dest)}/{temp_name()}"
+        tmp = temp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dir_fd,
+            )
         except OSError as exc:
             raise TransferError(relpath, _os_reason("cannot create a temp file", exc)) from None
         try:
             try:
-                if remote.size >= self.settings.multipart_threshold:
-                    metadata, digest = await self._get_parallel(fd, remote)
-                else:
-                    metadata, digest = await self._get_whole(fd, remote)
-            except OSError as exc:
-                raise TransferError(relpath, _os_reason("cannot write", exc)) from None
-            expected = metadata.get(META_HASH)
-            if expected and expected != digest:
-                raise TransferError(
-                    relpath,
-                    f"content hash mismatch after download (got {digest}, object says "
-                    f"{expected}); the local file was left untouched",
-                )
-            mode = _mode_for(metadata.get(META_MODE) == "755", self._umask)
-            os.fchmod(fd, mode)
+                try:
+                    if remote.size >= self.settings.multipart_threshold:
+                        metadata, digest = await self._get_parallel(fd, remote)
+                    else:
+                        metadata, digest = await self._get_whole(fd, remote)
+                except OSError as exc:
+                    raise TransferError(relpath, _os_reason("cannot write", exc)) from None
+                expected = metadata.get(META_HASH)
+                if expected and expected != digest:
+                    raise TransferError(
+                        relpath,
+                        f"content hash mismatch after download (got {digest}, object says "
+                        f"{expected}); the local file was left untouched",
+                    )
+                os.fchmod(fd, _mode_for(metadata.get(META_MODE) == "755", self._umask))
+                mtime = metadata.get(META_MTIME)
+                if mtime and mtime.isdigit():
+                    os.utime(fd, ns=(int(mtime), int(mtime)))
+                # The bytes reach the disk before the name does (and so before BASE).
+                await self._in_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+            return await self._place(action, dir_fd, tmp, digest)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            return self._place(action, tmp, dest, digest, metadata)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
             raise
 
-    def _place(
-        self, action: Action, tmp: str, dest: str, digest: str, metadata: dict[str, str]
-    ) -> Downloaded:
+    async def _place(self, action: Action, dir_fd: int, tmp: str, digest: str) -> Downloaded:
+        """Rename the verified temp file to the target: never over a version nobody kept."""
         remote = action.remote
         assert remote is not None
-        mtime = metadata.get(META_MTIME)
-        if mtime and mtime.isdigit():
-            os.utime(tmp, ns=(int(mtime), int(mtime)))
-        try:
-            current: os.stat_result | None = os.lstat(dest)
-        except FileNotFoundError:
-            current = None
+        relpath = action.path
+        name = relpath.rpartition("/")[2]
+        self._check_still_there(relpath, dir_fd)
         planned = action.local
         conflict_copy: str | None = None
-        if current is not None:
+        for _attempt in range(PLACE_ATTEMPTS):
+            current = lstat_at(name, dir_fd)
+            if current is None:
+                try:
+                    rename_noreplace(tmp, name, dir_fd)
+                except FileExistsError:
+                    continue  # a file appeared meanwhile: look at it first
+                break
             if stat_mod.S_ISDIR(current.st_mode):
-                raise TransferError(action.path, "is a folder here, the bucket has a file")
+                raise TransferError(relpath, "is a folder here, the bucket has a file")
             changed_since_scan = planned is None or _stat_key(current) != _local_key(planned)
-            if action.keep_conflict_copy or changed_since_scan:
-                if not changed_since_scan and planned is not None and planned.hash == digest:
-                    os.unlink(tmp)  # equal after all: nothing to move, nothing to keep
-                    return Downloaded(planned, remote.etag, equal_already=True)
-                # A local version is in the way (a conflict, or written during this pull):
-                # keep it beside the new one, never overwrite it.
-                conflict_copy = action.conflict_copy or _fresh_conflict_name(action.path)
-                os.rename(dest, self._abs(conflict_copy))
-        os.rename(tmp, dest)
-        st = os.lstat(dest)
+            if not action.keep_conflict_copy and not changed_since_scan:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # BASE's version
+                break
+            equal = await self._equal_in_place(action, dir_fd, name, current, digest)
+            if equal is not None:
+                os.unlink(tmp, dir_fd=dir_fd)  # equal after all: nothing to move, nothing to keep
+                return Downloaded(equal, remote.etag, equal_already=True)
+            # A local version is in the way (a conflict, or written during this pull):
+            # keep it beside the new one, never overwrite it.
+            conflict_copy = self._keep_aside(action, dir_fd, name)
+            try:
+                rename_noreplace(tmp, name, dir_fd)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise TransferError(relpath, "kept being re-created while the download was placed")
+        self.durable.changed(dir_fd)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         local = LocalFile(
             st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR), digest
         )
         return Downloaded(local, remote.etag, conflict_copy=conflict_copy)
+
+    def _check_still_there(self, relpath: str, dir_fd: int) -> None:
+        """The temp file's folder must still be where relpath leads: a folder renamed (or
+        moved out of the volume) while the bytes came in gets no file."""
+        try:
+            here = self._open_parent(relpath, create=False)
+        except (OSError, TransferError):
+            raise TransferError(relpath, FOLDER_MOVED) from None
+        try:
+            if not same_file(os.fstat(here), os.fstat(dir_fd)):
+                raise TransferError(relpath, FOLDER_MOVED)
+        finally:
+            os.close(here)
+
+    async def _equal_in_place(
+        self, action: Action, dir_fd: int, name: str, current: os.stat_result, digest: str
+    ) -> LocalFile | None:
+        """The file in the way as a LocalFile if it already holds the downloaded bytes."""
+        planned = action.local
+        if planned is not None and _stat_key(current) == _local_key(planned):
+            return planned if planned.hash == digest else None
+        assert action.remote is not None
+        if not stat_mod.S_ISREG(current.st_mode) or current.st_size != action.remote.size:
+            return None
+        # Written during this pull (another pull of the same bucket, a copy by hand): equal
+        # bytes are not a conflict, so no copy is kept.
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            return None
+        try:
+            before = os.fstat(fd)
+            if not same_file(before, current):
+                return None
+            found = str(await self._in_thread(content_hash_fd, fd))
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if found != digest or _stat_key(after) != _stat_key(before):
+            return None
+        return LocalFile(
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ino,
+            bool(after.st_mode & stat_mod.S_IXUSR),
+            digest,
+        )
+
+    def _keep_aside(self, action: Action, dir_fd: int, name: str) -> str:
+        """Move the file in the way to a conflict-copy name nobody has; returns its relpath."""
+        copy = action.conflict_copy or self._fresh_conflict_name(action.path)
+        tried: set[str] = set()
+        for _attempt in range(COPY_NAME_ATTEMPTS):
+            try:
+                rename_noreplace(name, copy.rpartition("/")[2], dir_fd)
+                return copy
+            except FileExistsError:
+                tried.add(copy)
+                copy = self._fresh_conflict_name(action.path, tried)
+        raise TransferError(action.path, "found no free name for the conflict copy")
 
     async def _get_whole(self, fd: int, remote: RemoteObject) -> tuple[dict[str, str], str]:
         key = self.prefix + self._relpath_of(remote)
@@ -353,13 +453,9 @@ class Transfers:
         relpath = action.path
         key = self.prefix + relpath
         remote = action.remote
+        conflict_copy: str | None = None
         if action.keep_conflict_copy and remote is not None and action.conflict_copy:
-            try:
-                await self.store.copy(key, self.prefix + action.conflict_copy, remote.etag)
-            except S3Error as exc:
-                raise TransferError(
-                    relpath, f"could not keep the bucket's version as a copy: {exc.message}"
-                ) from None
+            conflict_copy = await self._copy_aside(action, remote)
         if_match = remote.etag if remote is not None else None
         for _attempt in range(CHANGE_ATTEMPTS):
             local = await self._current(relpath, local)
@@ -373,11 +469,41 @@ class Transfers:
                     raise TransferError(relpath, CHANGED_IN_BUCKET) from None
                 raise TransferError(relpath, exc.message) from None
             if result is not None:
-                return result
+                return replace(result, conflict_copy=conflict_copy) if conflict_copy else result
             log.info("%s changed while uploading; trying again", relpath)
         raise TransferError(
             relpath, f"kept changing while being uploaded ({CHANGE_ATTEMPTS} tries); not sent"
         )
+
+    async def _copy_aside(self, action: Action, remote: RemoteObject) -> str:
+        """Copy the bucket's version in the way to a conflict key no object has: the copy is
+        conditional (If-None-Match), and a taken name means the next one."""
+        assert action.conflict_copy is not None
+        copy, tried = action.conflict_copy, set[str]()
+        for _attempt in range(COPY_NAME_ATTEMPTS):
+            dest = self.prefix + copy
+            try:
+                await self.store.copy(remote.key, dest, remote.etag, if_none_match=True)
+                return copy
+            except S3Error as exc:
+                if not exc.precondition_failed or not await self._exists(dest):
+                    # The source changed (its If-Match failed), or another failure.
+                    raise TransferError(
+                        action.path,
+                        f"could not keep the bucket's version as a copy: {exc.message}",
+                    ) from None
+            tried.add(copy)
+            copy = self._fresh_conflict_name(action.path, tried)
+        raise TransferError(action.path, "found no free key for the conflict copy")
+
+    async def _exists(self, key: str) -> bool:
+        try:
+            await self.store.head(key)
+        except S3Error as exc:
+            if exc.not_found:
+                return False
+            raise TransferError(key, exc.message) from None
+        return True
 
     async def _current(self, relpath: str, planned: LocalFile) -> LocalFile:
         """The file as it is now: `planned` if its stat did not change since the scan, else
@@ -500,19 +626,36 @@ class Transfers:
     # ---- mode-only changes ------------------------------------------------------------
     def set_mode_local(self, action: Action) -> bool:
         """chmod the local file to the object's mode, if it is still the version the plan
-        saw (False if it changed: a later pull sees it again)."""
+        saw (False if it changed: a later pull sees it again). Through an fd opened without
+        following a symlink: a name swapped meanwhile is never chmodded through."""
         planned, remote = action.local, action.remote
         assert planned is not None and remote is not None and remote.executable is not None
-        path = self._abs(action.path)
         try:
-            st = os.lstat(path)
-            if _stat_key(st) != _local_key(planned) or not stat_mod.S_ISREG(st.st_mode):
-                return False
-            os.chmod(path, _mode_for(remote.executable, self._umask))
+            dir_fd = self._open_parent(action.path, create=False)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise TransferError(action.path, _os_reason("cannot change the mode", exc)) from None
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(action.path.rpartition("/")[2], flags, dir_fd=dir_fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False  # a symlink now: not the file the plan saw
+            raise TransferError(action.path, _os_reason("cannot change the mode", exc)) from None
+        finally:
+            os.close(dir_fd)
+        try:
+            st = os.fstat(fd)
+            if _stat_key(st) != _local_key(planned) or not stat_mod.S_ISREG(st.st_mode):
+                return False
+            os.fchmod(fd, _mode_for(remote.executable, self._umask))
+        except OSError as exc:
+            raise TransferError(action.path, _os_reason("cannot change the mode", exc)) from None
+        finally:
+            os.close(fd)
         return True
 
     async def set_mode_remote(self, action: Action) -> Uploaded:
@@ -580,26 +723,45 @@ class Transfers:
 
     # ---- deletes ---------------------------------------------------------------------
     def delete_local(self, action: Action) -> bool:
-        """Delete the local file if it is still the version the plan saw. False if it moved."""
-        path = self._abs(action.path)
+        """Delete the local file if it is still the version the plan saw. False if it moved.
+        Relative to its folder's fd: never through a folder swapped for a symlink."""
         planned = action.local
         try:
-            st = os.lstat(path)
+            dir_fd = self._open_parent(action.path, create=False)
         except FileNotFoundError:
-            return True
-        if planned is not None and _stat_key(st) != _local_key(planned):
-            return False  # written to since the scan: keep it, it is news
-        try:
-            os.unlink(path)
+            return True  # its folder is gone, and the file with it
         except OSError as exc:
             raise TransferError(action.path, _os_reason("cannot delete", exc)) from None
-        for reldir in reversed(parent_dirs(action.path)):
-            try:
-                os.rmdir(self._abs(reldir))  # empty folders go with their last file
-            except OSError:
-                break
-            self._dirs_ok.discard(reldir)
+        try:
+            name = action.path.rpartition("/")[2]
+            st = lstat_at(name, dir_fd)
+            if st is None:
+                return True
+            if planned is not None and _stat_key(st) != _local_key(planned):
+                return False  # written to since the scan: keep it, it is news
+            os.unlink(name, dir_fd=dir_fd)
+            self.durable.changed(dir_fd)
+        except OSError as exc:
+            raise TransferError(action.path, _os_reason("cannot delete", exc)) from None
+        finally:
+            os.close(dir_fd)
+        self._remove_empty_folders(action.path)
         return True
+
+    def _remove_empty_folders(self, relpath: str) -> None:
+        """Empty folders go with their last file (best effort: a folder in use stays)."""
+        for reldir in reversed(parent_dirs(relpath)):
+            try:
+                parent_fd = self._open_parent(reldir, create=False)
+            except (OSError, TransferError):
+                return
+            try:
+                os.rmdir(reldir.rpartition("/")[2], dir_fd=parent_fd)
+                self.durable.changed(parent_fd)
+            except OSError:
+                return
+            finally:
+                os.close(parent_fd)
 
     async def delete_remote(self, action: Action) -> None:
         """Delete the object if it is still the version the plan saw (If-Match)."""
@@ -660,10 +822,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def _read_file(path: str) -> bytes:
     with open(path, "rb", buffering=0) as handle:
         return handle.read()
-
-
-def _fresh_conflict_name(relpath: str) -> str:
-    return conflict_name(relpath, datetime.now(UTC))
 
 
 def _os_reason(what: str, exc: OSError) -> str:
