@@ -8,7 +8,11 @@
 - `join_running=False` (auto-sync, the shutdown push) never joins a run that is already
   under way, whatever its phase.
 - It remembers the current progress, the last result per operation, the last error and
-  readiness (a non-dry-run pull has succeeded once). Read-only daemons refuse finalize.
+  readiness. Read-only daemons refuse finalize.
+- Ready: a real (non-dry-run) pull has applied everything it safely could (`pull_verdict`).
+  A pull that ran through but left some paths out (bad keys, clashes, per-file errors) or
+  withheld its deletes makes the daemon ready but *degraded*, with the problems on record,
+  until a later pull comes back clean.
 
 No globals and no I/O of its own: the engine is anything with `run`, `in_flight` and
 `retries_total`, so the coordination rules are tested with a fake engine.
@@ -22,9 +26,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
-from sidecar.core.model import Direction
+from sidecar.core.model import Direction, FileError
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.metrics import Metrics, outcome
@@ -44,6 +49,33 @@ class Engine(Protocol):
     async def run(
         self, direction: Direction, *, dry_run: bool = False, progress: Progress | None = None
     ) -> SyncResult: ...
+
+
+class PullVerdict(StrEnum):
+    CLEAN = "clean"  # everything applied: ready
+    DEGRADED = "degraded"  # applied all it safely could; some paths left out: ready, degraded
+    RETRY = "retry"  # could not run, or problems that another attempt may clear: not ready
+
+
+def pull_verdict(result: SyncResult) -> PullVerdict:
+    """Whether a real pull "applied everything it safely could".
+
+    - A fatal error (server unreachable, credentials, bucket, disk, a cancel) means the pull
+      did not run through: retry.
+    - Per-path errors (a key that is not a valid path, a key that is both a file and a
+      folder, a name too long, a file that failed to transfer) or deletes the guard withheld
+      are DEGRADED once a pull that ran through moved nothing: what is left is what another
+      attempt will not change. A pull that still moved files is retried first, so errors of a
+      server that failed half-way (transport failures surface as per-file errors) get
+      another chance before they count as lasting.
+    """
+    if result.fatal is not None:
+        return PullVerdict.RETRY
+    if result.ok:
+        return PullVerdict.CLEAN
+    if result.files_transferred or result.files_deleted:
+        return PullVerdict.RETRY
+    return PullVerdict.DEGRADED
 
 
 class Refused(Exception):
@@ -115,6 +147,8 @@ class Coordinator:
     last_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_error: dict[str, Any] | None = None
     ready: bool = False
+    degraded: dict[str, Any] | None = None  # what the last pull that ran through left out
+    _degraded_errors: frozenset[FileError] = frozenset()
     closing: bool = False  # shutting down: only finalize is still taken
     closed: bool = False  # the shutdown push is over: nothing is taken
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -231,6 +265,8 @@ class Coordinator:
             }
         return {
             "ready": self.ready,
+            "degraded": self.degraded is not None,
+            "degraded_by": self.degraded,
             "read_only": self.read_only,
             "shutting_down": self.closing,
             "current": current,
@@ -337,12 +373,41 @@ class Coordinator:
                 }
             if self.metrics is not None:
                 self.metrics.record(result, finished)
-            if result.ok and run.job == Job(Direction.PULL) and not self.ready:
-                self.ready = True
-                self._ready_event.set()
             _log_details(run, result)
+            if run.job == Job(Direction.PULL):
+                self._note_pull(result, finished)
         if not run.future.done():
             run.future.set_result(result)
+
+    def _note_pull(self, result: SyncResult, finished: float) -> None:
+        verdict = pull_verdict(result)
+        if verdict is PullVerdict.RETRY:
+            return  # ready or not, nothing new is known about the folder
+        was_degraded = self.degraded is not None
+        self.degraded = None if verdict is PullVerdict.CLEAN else _degraded(result, finished)
+        self._degraded_errors = frozenset(result.errors if self.degraded else ())
+        if self.degraded is not None:
+            log.warning(
+                "%s: %s",
+                "ready, degraded" if not self.ready else "degraded",
+                self.degraded["message"],
+                extra={"degraded": self.degraded},
+            )
+        elif was_degraded:
+            log.info("no longer degraded: a pull applied everything")
+        if not self.ready:
+            self.ready = True
+            self._ready_event.set()
+
+    def only_known_problems(self, result: SyncResult) -> bool:
+        """True when a sync failed only on paths the daemon is already degraded by (bad keys
+        in the bucket): everything of its own was done."""
+        return (
+            result.fatal is None
+            and result.deletes_blocked is None
+            and bool(result.errors)
+            and self._degraded_errors.issuperset(result.errors)
+        )
 
     def _pull_may_make_ready(self) -> bool:
         return self.ready or any(
@@ -354,6 +419,22 @@ class Coordinator:
         if self.last_error is not None:
             reason += f" (last error: {self.last_error['message']})"
         return reason + "; pushing a folder that was never filled could overwrite newer data"
+
+
+def _degraded(result: SyncResult, finished: float) -> dict[str, Any]:
+    """The record of what a pull left out: for /status, the log and /readyz's text."""
+    parts = []
+    if result.errors:
+        parts.append(f"{len(result.errors)} path(s) skipped (first: {result.errors[0]})")
+    if result.deletes_blocked:
+        parts.append(result.deletes_blocked)
+    return {
+        "since": finished,
+        "message": "; ".join(parts) or "the pull reported problems",
+        "skipped_count": len(result.errors),
+        "skipped": [error.as_dict() for error in result.errors[:MAX_LOGGED_ERRORS]],
+        "deletes_withheld": result.deletes_blocked,
+    }
 
 
 def _cancelled_result(job: Job, reason: str) -> SyncResult:

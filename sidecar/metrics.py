@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.core.result import SyncResult
 
@@ -60,6 +61,7 @@ class Metrics:
     in_flight: Callable[[], int] = lambda: 0
     retries: Callable[[], int] = lambda: 0
     ready: Callable[[], bool] = lambda: False
+    degraded: Callable[[], dict[str, Any] | None] = lambda: None
     running: Callable[[], str | None] = lambda: None
     _counters: dict[str, dict[Labels, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
@@ -105,10 +107,29 @@ class Metrics:
             self.volume,
         )
         running = self.running()
+        degraded = self.degraded()
         live: tuple[tuple[str, str, str, float], ...] = (
             ("sidecar_retries_total", "counter", "S3 requests retried.", self.retries()),
             ("sidecar_in_flight_requests", "gauge", "S3 requests in flight.", self.in_flight()),
-            ("sidecar_ready", "gauge", "1 once the initial pull succeeded.", float(self.ready())),
+            ("sidecar_ready", "gauge", "1 once the initial pull is done.", float(self.ready())),
+            (
+                "sidecar_degraded",
+                "gauge",
+                "1 while the last pull that ran through left paths out or withheld deletes.",
+                float(degraded is not None),
+            ),
+            (
+                "sidecar_degraded_skipped_paths",
+                "gauge",
+                "Paths the last pull that ran through left out (bad keys, per-file errors).",
+                float(degraded["skipped_count"] if degraded else 0),
+            ),
+            (
+                "sidecar_degraded_deletes_withheld",
+                "gauge",
+                "1 while the last pull that ran through had its deletes withheld.",
+                float(bool(degraded and degraded["deletes_withheld"])),
+            ),
         )
         for name, kind, help_text, value in live:
             lines += _family(name, kind, help_text, [((), value)], self.volume)

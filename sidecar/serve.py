@@ -1,7 +1,9 @@
 """`sidecar serve`: wire engine, coordinator, the two listeners, auto-sync and the lifecycle.
 
-Start: both listeners, then the initial pull (retried with backoff until it succeeds; ready
-only after that). Stop on SIGTERM/SIGINT: a final finalize bounded by --shutdown-timeout; a
+Start: both listeners, then the initial pull: retried with backoff while it cannot run
+through (server down, credentials, ...); ready once it applied everything it safely could,
+degraded when that left some paths out (see `daemon.pull_verdict`).
+Stop on SIGTERM/SIGINT: a final finalize bounded by --shutdown-timeout; a
 second signal or the deadline cancels it (the engine never makes a half-written object
 current) and the log names what was not pushed.
 
@@ -79,7 +81,7 @@ class Signals:
 
 @dataclass
 class InitialPull:
-    """Pull until one succeeds; until then the daemon is not ready and says why."""
+    """Pull until one applies everything it safely can; until then not ready, saying why."""
 
     coordinator: Coordinator
     clock: Callable[[], float] = time.monotonic
@@ -110,22 +112,43 @@ class InitialPull:
             if self.coordinator.closing:
                 self.state = "abandoned"
                 return
+            if result.fatal is None:
+                # It ran through and still moved files: pull again soon to see whether the
+                # problems last (then they are reported, degraded) or were a passing fault.
+                delay = 1.0
+                why = f"{_problems(result)} while files were still arriving; pulling again"
+            else:
+                why = result.fatal
             # Jitter so many pods restarted together do not retry in lockstep.
             wait = delay * random.uniform(0.8, 1.2)
             self.state = "retrying"
             self.next_retry_at = self.clock() + wait
             log.error(
-                "initial pull failed (attempt %d): %s; retrying in %.0fs",
+                "initial pull %s (attempt %d): %s; retrying in %.0fs",
+                "failed" if result.fatal else "not settled",
                 self.attempts,
-                result.fatal or result.deletes_blocked or f"{len(result.errors)} file errors",
+                why,
                 wait,
                 extra={"attempt": self.attempts, "retry_in_seconds": round(wait, 1)},
             )
             await asyncio.sleep(wait)
-            delay = min(delay * 2, INITIAL_RETRY_MAX)
-        self.state = "done"
+            if result.fatal is not None:
+                delay = min(delay * 2, INITIAL_RETRY_MAX)
+        self.state = "done, degraded" if self.coordinator.degraded else "done"
         self.next_retry_at = None
-        log.info("initial pull done after %d attempt(s): ready", self.attempts)
+        if self.coordinator.degraded:
+            log.warning(
+                "initial pull done after %d attempt(s): ready, degraded: %s",
+                self.attempts,
+                self.coordinator.degraded["message"],
+            )
+        else:
+            log.info("initial pull done after %d attempt(s): ready", self.attempts)
+
+
+def _problems(result: SyncResult) -> str:
+    found = [f"{len(result.errors)} file error(s)"] if result.errors else []
+    return "; ".join([*found, *filter(None, [result.deletes_blocked])]) or "problems"
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -161,6 +184,7 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
         )
         async with Coordinator(engine, read_only=config.read_only, metrics=metrics) as coord:
             metrics.ready = lambda: coord.ready
+            metrics.degraded = lambda: coord.degraded
             metrics.running = coord.running_operation
             return await Daemon(config, coord, metrics).run(signals)
 
@@ -266,6 +290,13 @@ async def shutdown(coord: Coordinator, config: ServeConfig, signals: Signals) ->
         result = waiter.result()
         if result.ok:
             log.info("final push done: %s", result.one_line())
+            return EXIT_OK
+        if coord.only_known_problems(result):
+            # Bad keys in the bucket the daemon was already degraded by: nothing of ours failed.
+            log.warning(
+                "final push done; the bucket still has keys that were skipped: %s",
+                result.one_line(),
+            )
             return EXIT_OK
         log.error("final push failed: %s", result.one_line())
         return EXIT_PUSH_INCOMPLETE

@@ -177,6 +177,8 @@ def _sync_handler(direction: Direction) -> Handler:
         except Refused as exc:
             return _refused(exc)
         body = summary_body(result, ticket)
+        if direction is Direction.PULL:
+            body["degraded"] = coordinator.degraded is not None
         return _json(body, status=_summary_status(result))
 
     return handle
@@ -243,6 +245,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     reason = request.app[READINESS]()
     if reason is None:
+        degraded = request.app[COORDINATOR].degraded
+        if degraded is not None:
+            # Still 200: the notebook may start; what was left out is on /status and metrics.
+            return web.Response(text=f"ready, degraded: {degraded['message']}\n")
         return web.Response(text="ready\n")
     return web.Response(status=503, text=f"not ready: {reason}\n")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import Daemon, FakeEngine, StartDaemon, answers_ok
+from daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
 
 from sidecar.locals3 import LocalS3, environ_with, free_port
 
@@ -36,14 +36,18 @@ def s3(tmp_path: Path) -> Iterator[LocalS3]:
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
-    """start_daemon(s3, *extra_flags, env=..., control_host=...) -> a listening Daemon."""
+    """start_daemon(s3, *extra_flags, env=..., control_host=..., bucket=..., preexec_fn=...)
+    -> a listening Daemon. `s3` is the rclone `s3` fixture or a tests/conftest.py S3Server
+    (moto: keys no file system can hold; give its `bucket`)."""
     started: list[Daemon] = []
 
     def start(
-        s3: LocalS3,
+        s3: LocalS3 | S3Endpoint,
         *flags: str,
         env: dict[str, str] | None = None,
         control_host: str = "127.0.0.1",
+        bucket: str = BUCKET,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> Daemon:
         index = len(started)
         local_dir = tmp_path / f"local{index}"
@@ -52,7 +56,7 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         log_path = tmp_path / f"daemon{index}.log"
         command = [
             sys.executable, "-m", "sidecar", "serve",
-            "--remote", f"s3://{BUCKET}/",
+            "--remote", f"s3://{bucket}/",
             "--local-dir", str(local_dir),
             "--state-dir", str(tmp_path / f"state{index}"),
             "--control-addr", f"{control_host}:{control_port}",
@@ -67,13 +71,14 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=environ_with({**s3.env(), **(env or {})}),
+                preexec_fn=preexec_fn,
             )
         daemon = Daemon(
             process=process,
             control=f"http://127.0.0.1:{control_port}",
             probe=f"http://127.0.0.1:{probe_port}",
             local_dir=local_dir,
-            bucket_dir=s3.root / BUCKET,
+            bucket_dir=s3.root / bucket if isinstance(s3, LocalS3) else None,
             log_path=log_path,
         )
         started.append(daemon)

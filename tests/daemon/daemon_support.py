@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.core.model import Direction
 from sidecar.core.progress import Progress
@@ -107,6 +107,12 @@ def answers_ok(url: str) -> bool:
         return False
 
 
+class S3Endpoint(Protocol):
+    """What start_daemon needs of a server: tests/conftest.py's S3Server (moto) has it."""
+
+    def env(self) -> dict[str, str]: ...
+
+
 @dataclass
 class Daemon:
     """A `sidecar serve` subprocess and where to reach it."""
@@ -115,7 +121,7 @@ class Daemon:
     control: str
     probe: str
     local_dir: Path
-    bucket_dir: Path  # the rclone backing folder of the bucket: objects are files here
+    bucket_dir: Path | None  # the rclone backing folder of the bucket (objects are files here)
     log_path: Path
 
     def log(self) -> str:

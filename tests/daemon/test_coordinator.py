@@ -259,3 +259,60 @@ async def test_status_shows_progress_queue_results_and_errors(engine: FakeEngine
         assert status["current"] is None and status["queued"] == []
     finally:
         await coordinator.__aexit__(None, None, None)
+
+
+def bad_key(path: str) -> FileError:
+    return FileError(path, "skipped: key would escape the folder or has an empty segment")
+
+
+async def test_pull_that_applied_all_it_safely_could_makes_ready_but_degraded(
+    engine: FakeEngine,
+) -> None:
+    """Bad keys or withheld deletes must not keep the pod not-ready forever."""
+    engine.auto_release = True
+    engine.results = [
+        # Ran through but still moved files: the errors may be a server failing half-way.
+        SyncResult(PULL, files_transferred=5, errors=[bad_key("a//b")]),
+        # Nothing moved and the same problem: it is what another attempt will not change.
+        SyncResult(
+            PULL,
+            errors=[bad_key("a//b")],
+            deletes_blocked="would delete 8 of 10 local files (more than 50%)",
+        ),
+        SyncResult(PULL),
+    ]
+    metrics = Metrics()
+    async with Coordinator(engine, metrics=metrics) as coordinator:
+        metrics.degraded = lambda: coordinator.degraded
+        await coordinator.submit(PULL).result()
+        assert not coordinator.ready
+        await coordinator.submit(PULL).result()
+        assert coordinator.ready
+        status = coordinator.status()
+        assert status["degraded"] is True
+        assert status["degraded_by"]["skipped"] == [bad_key("a//b").as_dict()]
+        assert "would delete 8 of 10" in status["degraded_by"]["deletes_withheld"]
+        text = metrics.render()
+        assert "sidecar_degraded 1" in text
+        assert "sidecar_degraded_skipped_paths 1" in text
+        assert "sidecar_degraded_deletes_withheld 1" in text
+        assert (await coordinator.submit(FINALIZE).result()).ok, "finalize is taken when ready"
+        await coordinator.submit(PULL).result()
+        assert coordinator.ready and coordinator.status()["degraded"] is False
+        assert "sidecar_degraded 0" in metrics.render()
+
+
+async def test_fatal_pull_never_makes_ready_nor_clears_degraded(engine: FakeEngine) -> None:
+    engine.auto_release = True
+    engine.results = [
+        failed(fatal="cannot reach the S3 endpoint"),
+        SyncResult(PULL, errors=[bad_key("a//b")]),
+        failed(fatal="cannot reach the S3 endpoint"),
+    ]
+    async with Coordinator(engine) as coordinator:
+        await coordinator.submit(PULL).result()
+        assert not coordinator.ready and coordinator.degraded is None
+        await coordinator.submit(PULL).result()
+        assert coordinator.ready and coordinator.degraded is not None
+        await coordinator.submit(PULL).result()
+        assert coordinator.ready and coordinator.degraded is not None

@@ -255,6 +255,68 @@ def test_becomes_ready_when_the_server_comes_up(tmp_path: Path, start_daemon: St
         late.stop()
 
 
+def test_bad_keys_make_the_daemon_ready_degraded_and_it_still_pushes_at_sigterm(
+    moto_s3: Any, start_daemon: StartDaemon
+) -> None:
+    """Keys no folder can hold (moto stores them; no file system could) are reported, never a
+    reason to keep the notebook from starting, refuse /finalize or skip the final push."""
+    bucket = moto_s3.new_bucket()
+    client = moto_s3.client()
+    bad = {"a//b", "d", "n" * 300}
+    for key in [*bad, "ok.txt", "d/x"]:
+        client.put_object(Bucket=bucket, Key=key, Body=b"content of " + key.encode())
+    daemon = start_daemon(moto_s3, bucket=bucket)
+    daemon.wait_ready()
+    status, text = http("GET", daemon.probe + "/readyz")
+    assert status == 200 and text.startswith("ready, degraded: 3 path(s) skipped"), text
+    assert (daemon.local_dir / "ok.txt").read_bytes() == b"content of ok.txt"
+    assert (daemon.local_dir / "d" / "x").read_bytes() == b"content of d/x"
+    state = daemon.status()
+    assert state["ready"] is True and state["degraded"] is True
+    assert state["initial_pull"]["state"] == "done, degraded"
+    assert {e["path"] for e in state["degraded_by"]["skipped"]} == bad
+    _, metrics_text = http("GET", daemon.probe + "/metrics")
+    assert metric(metrics_text, "sidecar_ready") == 1
+    assert metric(metrics_text, "sidecar_degraded") == 1
+    assert metric(metrics_text, "sidecar_degraded_skipped_paths") == 3
+    assert any(r["message"].startswith("ready, degraded") for r in daemon.records())
+    answer = http_json("POST", daemon.control + "/pull")[1]
+    assert answer["degraded"] is True and len(answer["errors"]) == 3
+    write(daemon.local_dir, "results/new.txt", b"work done in the notebook")
+    status, body = http_json("POST", daemon.control + "/finalize")
+    assert "refused" not in body and body["files_transferred"] == 1, body
+    write(daemon.local_dir, "results/last.txt", b"saved just before the pod stops")
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+    pushed = client.get_object(Bucket=bucket, Key="results/last.txt")["Body"].read()
+    assert pushed == b"saved just before the pod stops"
+
+
+def test_withheld_initial_deletes_make_the_daemon_ready_degraded(
+    s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    seed(s3.root / "vol", {f"f{index}.txt": b"x" for index in range(10)})
+    first = start_daemon(s3)
+    first.wait_ready()
+    assert first.stop() == 0
+    for index in range(8):
+        (s3.root / "vol" / f"f{index}.txt").unlink()
+    # The same folder and BASE again: 8 of 10 files look deleted in the bucket, more than the
+    # guard lets a pull delete without --force-delete.
+    again = start_daemon(
+        s3, "--local-dir", str(first.local_dir), "--state-dir", str(tmp_path / "state0")
+    )
+    again.wait_ready()
+    state = again.status()
+    assert state["degraded"] is True
+    assert "would delete 8 of 10" in state["degraded_by"]["deletes_withheld"]
+    assert len(list(first.local_dir.iterdir())) == 10, "nothing deleted"
+    _, metrics_text = http("GET", again.probe + "/metrics")
+    assert metric(metrics_text, "sidecar_degraded_deletes_withheld") == 1
+    write(first.local_dir, "new.txt", b"pushed at shutdown")
+    assert again.stop() == 0, again.log()
+    assert (s3.root / "vol" / "new.txt").read_bytes() == b"pushed at shutdown"
+
+
 def test_sigterm_pushes_local_changes_then_exits_0(s3: LocalS3, start_daemon: StartDaemon) -> None:
     seed(s3.root / "vol", {"keep.txt": b"keep"})
     daemon = start_daemon(s3)

@@ -90,6 +90,7 @@ async def test_concurrent_requests_join_and_queue(
     engine.auto_release = True
     await make_ready(coordinator, engine)
     engine.auto_release = False
+    engine.before_scan = asyncio.Event()  # the second pull arrives before the first scans
     first = asyncio.ensure_future(control.post("/pull"))
     await engine.wait_calls(2)
     second = asyncio.ensure_future(control.post("/pull"))
@@ -97,6 +98,7 @@ async def test_concurrent_requests_join_and_queue(
     fourth = asyncio.ensure_future(control.post("/finalize"))
     await asyncio.sleep(0.1)
     assert len(engine.calls) == 2, "one sync at a time"
+    engine.before_scan.set()
     engine.release()
     await engine.wait_calls(3)
     engine.release()
