@@ -423,15 +423,16 @@ class Coordinator:
 
 def _degraded(result: SyncResult, finished: float) -> dict[str, Any]:
     """The record of what a pull left out: for /status, the log and /readyz's text."""
+    paths = {error.path for error in result.errors}  # one path may have several errors
     parts = []
     if result.errors:
-        parts.append(f"{len(result.errors)} path(s) skipped (first: {result.errors[0]})")
+        parts.append(f"{len(paths)} path(s) skipped (first: {result.errors[0]})")
     if result.deletes_blocked:
         parts.append(result.deletes_blocked)
     return {
         "since": finished,
         "message": "; ".join(parts) or "the pull reported problems",
-        "skipped_count": len(result.errors),
+        "skipped_count": len(paths),
         "skipped": [error.as_dict() for error in result.errors[:MAX_LOGGED_ERRORS]],
         "deletes_withheld": result.deletes_blocked,
     }
