@@ -7,9 +7,13 @@ engine's before/after check still makes every object one consistent version, and
 pushed again once it settles. So a pod killed without warning loses at most the last
 debounce (at most max_delay) seconds of work, plus the push in progress.
 
-The watcher starts with the daemon so no change slips between "ready" and "watching"; pushes
-wait for readiness (finalize is refused before the initial pull anyway). The daemon's own
-pulls also write into the folder and so cause one extra push, which is a cheap no-op.
+The watcher starts with the daemon when the folder exists, so no change slips between
+"ready" and "watching"; pushes wait for readiness (finalize is refused before the initial
+pull anyway). The daemon's own pulls also write into the folder and so cause one extra push,
+which is a cheap no-op. A folder that does not exist yet (the initial pull creates it) is
+waited for; a folder removed or replaced, or a watcher that fails or dies, is watched again.
+Whenever watching (re)starts after the daemon became ready, one push is scheduled for the
+changes nobody saw. /status and `sidecar_auto_sync_watching` say whether it is watching.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +39,8 @@ from sidecar.daemon import Coordinator, Refused
 log = logging.getLogger("sidecar.autosync")
 
 MAX_RETRY_DELAY = 60.0
+FOLDER_POLL = 1.0  # how often to look for a missing folder or a replaced one
+WATCH_RETRY = 5.0  # pause before watching again after the watcher failed
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,14 @@ class AutoSync:
     retry_at: float | None = None
     last_push: dict[str, Any] | None = None
     watcher_error: str | None = None
+    watcher_state: str = "not started"  # waiting for the folder, watching, restarting, stopped
+    watcher_restarts: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _watcher: asyncio.Task[None] | None = None
+
+    @property
+    def watching(self) -> bool:
+        return self.watcher_state == "watching"
 
     # -- pure-ish pieces, driven by tests with a fake clock -------------------------------
 
@@ -103,13 +117,16 @@ class AutoSync:
             "next_push_in_seconds": None if due is None else round(max(0.0, due - now), 3),
             "pushes": self.pushes,
             "last_push": self.last_push,
+            "watching": self.watching,
+            "watcher_state": self.watcher_state,
+            "watcher_restarts": self.watcher_restarts,
             "watcher_error": self.watcher_error,
         }
 
     # -- the loops ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        watcher = asyncio.create_task(self._watch(stop), name="auto-sync-watch")
+        self._start_watcher(stop)
         try:
             await _until(stop, self.coordinator.wait_ready())
             while not stop.is_set():
@@ -129,9 +146,12 @@ class AutoSync:
                     break
         finally:
             self.state = "stopped"
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            watcher, self._watcher = self._watcher, None  # no restart from here on
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            self.watcher_state = "stopped"
 
     async def _push(self) -> bool:
         """One push of everything noted so far. False when the daemon will take no more."""
@@ -171,26 +191,92 @@ class AutoSync:
         log.warning("auto-sync push failed; retrying in %.1fs", delay)
         return True
 
-    async def _watch(self, stop: asyncio.Event) -> None:
+    def _start_watcher(self, stop: asyncio.Event, delay: float = 0.0) -> None:
+        task = asyncio.create_task(self._watch(stop, delay), name="auto-sync-watch")
+        task.add_done_callback(lambda done: self._watcher_ended(done, stop))
+        self._watcher = task
+
+    def _watcher_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """A watcher that dies while the daemon runs (a bug, not a failure it handled) is
+        restarted: auto-sync must never go quiet without saying so."""
+        if task is not self._watcher or stop.is_set():
+            return
+        error = None if task.cancelled() else task.exception()
+        self.watcher_error = f"watcher died: {error!r}" if error else "watcher ended"
+        self.watcher_state = "restarting"
+        self.watcher_restarts += 1
+        log.error("auto-sync %s; restarting it in %gs", self.watcher_error, WATCH_RETRY)
+        self._start_watcher(stop, WATCH_RETRY)
+
+    async def _watch(self, stop: asyncio.Event, delay: float = 0.0) -> None:
+        if delay:
+            await _until(stop, asyncio.sleep(delay))
         force_polling: bool | None = None
+        waiting_logged = False
         while not stop.is_set():
+            identity = _identity(self.folder)
+            if identity is None:
+                # watchfiles would wait silently forever on a path that does not exist.
+                self.watcher_state = "waiting for the folder"
+                if not waiting_logged:
+                    log.warning(
+                        "auto-sync: %s does not exist (yet); watching starts once it does",
+                        self.folder,
+                    )
+                    waiting_logged = True
+                await _until(stop, asyncio.sleep(FOLDER_POLL))
+                continue
+            waiting_logged = False
+            replaced = asyncio.Event()
+            sentinel = asyncio.create_task(self._until_replaced(identity, stop, replaced))
             try:
+                self.watcher_state = "watching"
+                log.info("auto-sync watching %s", self.folder)
+                if self.coordinator.ready:
+                    self.note_changes(0)  # whatever changed while nothing watched
                 async for changes in awatch(
                     self.folder,
                     watch_filter=ChangeFilter(str(self.folder)),
                     debounce=200,
                     step=50,
-                    stop_event=stop,
+                    stop_event=replaced,
                     force_polling=force_polling,
                     ignore_permission_denied=True,
                 ):
                     self.note_changes(len(changes))
-                return
+                if not stop.is_set():
+                    log.warning(
+                        "auto-sync: %s was removed or replaced; watching again", self.folder
+                    )
+                    self.watcher_restarts += 1
             except Exception as exc:  # e.g. the inotify watch limit: fall back to polling
                 self.watcher_error = f"{type(exc).__name__}: {exc}"
+                self.watcher_state = "restarting"
+                self.watcher_restarts += 1
                 log.error("auto-sync watcher failed (%s); switching to polling", exc)
                 force_polling = True
-                await _until(stop, asyncio.sleep(5))
+                await _until(stop, asyncio.sleep(WATCH_RETRY))
+            finally:
+                sentinel.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sentinel
+
+    async def _until_replaced(
+        self, identity: tuple[int, int], stop: asyncio.Event, replaced: asyncio.Event
+    ) -> None:
+        """Set `replaced` when the daemon stops or the folder is no longer the one watched."""
+        while not stop.is_set() and _identity(self.folder) == identity:
+            await _until(stop, asyncio.sleep(FOLDER_POLL))
+        replaced.set()
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder, None when it is not a folder."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 async def _until(stop: asyncio.Event, awaitable: Any) -> None:

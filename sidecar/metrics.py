@@ -62,6 +62,7 @@ class Metrics:
     retries: Callable[[], int] = lambda: 0
     ready: Callable[[], bool] = lambda: False
     degraded: Callable[[], dict[str, Any] | None] = lambda: None
+    watching: Callable[[], bool | None] = lambda: None  # None: auto-sync is off
     running: Callable[[], str | None] = lambda: None
     _counters: dict[str, dict[Labels, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
@@ -133,6 +134,15 @@ class Metrics:
         )
         for name, kind, help_text, value in live:
             lines += _family(name, kind, help_text, [((), value)], self.volume)
+        watching = self.watching()
+        if watching is not None:
+            lines += _family(
+                "sidecar_auto_sync_watching",
+                "gauge",
+                "1 while auto-sync watches the folder (0: waiting for it, or restarting).",
+                [((), float(watching))],
+                self.volume,
+            )
         lines += _family(
             "sidecar_sync_running",
             "gauge",

@@ -203,12 +203,13 @@ class Daemon:
         self.initial = InitialPull(self.coord)
         self.autosync = None
         if self.config.auto_sync:
-            self.autosync = AutoSync(
+            autosync = self.autosync = AutoSync(
                 self.coord,
                 self.config.sync.local_dir,
                 self.config.auto_sync_debounce,
                 self.config.auto_sync_max_delay,
             )
+            self.metrics.watching = lambda: autosync.watching
 
     def status(self) -> dict[str, Any]:
         sync = self.config.sync

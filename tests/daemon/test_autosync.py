@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from daemon_support import FakeEngine, failed
 from watchfiles import Change
 
+from sidecar import autosync
 from sidecar.autosync import AutoSync, ChangeFilter
 from sidecar.core.model import Direction
 from sidecar.core.paths import temp_name
@@ -78,15 +79,16 @@ async def test_changes_are_pushed_once_they_settle(
     stop = asyncio.Event()
     loop = asyncio.create_task(auto.run(stop))
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
+        # Watching started after readiness: one catch-up push for what nobody saw.
+        await wait_for_pushes(auto, 1)
         (tmp_path / temp_name()).write_bytes(b"ours: never a reason to push")
         (tmp_path / "__pycache__").mkdir()
         (tmp_path / "__pycache__" / "m.pyc").write_bytes(b"cache")
         await asyncio.sleep(0.8)
-        assert engine.calls == [(Direction.PULL, False)]
+        assert engine.calls == [(Direction.PULL, False), (Direction.FINALIZE, False)]
         (tmp_path / "notes.txt").write_bytes(b"hello")
-        await wait_for_pushes(auto, 1)
-        assert auto.pushes == 1 and auto.last_push is not None and auto.last_push["ok"]
+        await wait_for_pushes(auto, 2)
+        assert auto.pushes == 2 and auto.last_push is not None and auto.last_push["ok"]
         assert auto.pending_changes == 0
     finally:
         stop.set()
@@ -110,3 +112,74 @@ async def test_failed_push_is_retried_with_backoff(
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
+
+
+async def test_folder_created_after_start_is_watched_and_pushed(
+    tmp_path: Path, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The initial pull creates the folder: auto-sync must not sit silently idle."""
+    monkeypatch.setattr(autosync, "FOLDER_POLL", 0.05, raising=False)
+    engine.auto_release = True
+    folder = tmp_path / "not-yet"
+    async with Coordinator(engine) as coordinator:
+        auto = AutoSync(coordinator, folder, debounce=0.1, max_delay=1)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(auto.run(stop))
+        try:
+            await asyncio.sleep(0.2)
+            waiting = auto.status()
+            folder.mkdir()  # what the initial pull does
+            await coordinator.submit(Direction.PULL).result()
+            await wait_for_pushes(auto, 1)  # the catch-up push: nobody watched before
+            (folder / "notes.txt").write_bytes(b"written once the notebook started")
+            await wait_for_pushes(auto, 2)
+            assert waiting["watching"] is False
+            assert waiting["watcher_state"] == "waiting for the folder"
+            assert auto.status()["watching"] is True
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, 5)
+        assert auto.status()["watching"] is False
+
+
+async def test_replaced_folder_and_dead_watcher_are_watched_again(
+    tmp_path: Path, engine: FakeEngine, ready: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(autosync, "FOLDER_POLL", 0.05, raising=False)
+    monkeypatch.setattr(autosync, "WATCH_RETRY", 0.05, raising=False)
+    folder = tmp_path / "vol"
+    folder.mkdir()
+    auto = AutoSync(ready, folder, debounce=0.1, max_delay=1)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(auto.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # let the watcher start
+        (folder / "first.txt").write_bytes(b"first")
+        await wait_for_pushes(auto, 1)
+        folder.rename(tmp_path / "old")
+        folder.mkdir()  # same path, another folder: the old watch sees nothing here
+        await asyncio.sleep(0.3)
+        pushes = auto.pushes
+        (folder / "a.txt").write_bytes(b"a")
+        await wait_for_pushes(auto, pushes + 1)
+        assert auto.watcher_restarts >= 1 and auto.watching
+        assert auto._watcher is not None
+        restarts = auto.watcher_restarts
+        auto._watcher.cancel()  # a watcher that dies for any reason is restarted
+        await wait_for(lambda: auto.watcher_restarts > restarts and auto.watching)
+        await asyncio.sleep(0.3)
+        pushes = auto.pushes
+        (folder / "b.txt").write_bytes(b"b")
+        await wait_for_pushes(auto, pushes + 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
+
+
+async def wait_for(check: Callable[[], bool], what: object = None) -> None:
+    try:
+        async with asyncio.timeout(10):
+            while not check():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out; {what}") from None

@@ -347,6 +347,25 @@ def test_read_only_refuses_finalize_and_pushes_nothing_at_exit(
     assert not (daemon.bucket_dir / "scratch.txt").exists()
 
 
+def test_auto_sync_watches_a_folder_the_initial_pull_creates(
+    s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    seed(s3.root / "vol", {"data/in.csv": b"a,b\n"})
+    folder = tmp_path / "created-by-the-pull" / "vol"
+    daemon = start_daemon(
+        s3, "--auto-sync", "--auto-sync-debounce", "0.3", "--local-dir", str(folder)
+    )
+    daemon.wait_ready()
+    write(folder, "work/notebook.ipynb", b'{"cells": []}')
+    pushed = s3.root / "vol" / "work" / "notebook.ipynb"
+    daemon.wait_until(pushed.exists, 30, "the auto-sync push")
+    assert pushed.read_bytes() == b'{"cells": []}'
+    assert daemon.status()["auto_sync"]["watching"] is True
+    _, text = http("GET", daemon.probe + "/metrics")
+    assert metric(text, "sidecar_auto_sync_watching") == 1
+    daemon.stop(signal.SIGKILL)
+
+
 def test_sigkill_with_auto_sync_loses_nothing_older_than_the_window(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
