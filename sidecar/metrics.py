@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.core.result import SyncResult
 
@@ -21,6 +21,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
 
 Labels = tuple[tuple[str, str], ...]
+
+
+class Listener(Protocol):
+    """What the metrics read of a listener's connection guard."""
+
+    name: str
+    shed_total: dict[str, int]
+
+    @property
+    def open_connections(self) -> int: ...
 
 
 def outcome(result: SyncResult) -> str:
@@ -63,6 +73,7 @@ class Metrics:
     ready: Callable[[], bool] = lambda: False
     degraded: Callable[[], dict[str, Any] | None] = lambda: None
     watching: Callable[[], bool | None] = lambda: None  # None: auto-sync is off
+    http: Callable[[], Iterable[Listener]] = lambda: ()
     running: Callable[[], str | None] = lambda: None
     _counters: dict[str, dict[Labels, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
@@ -143,6 +154,26 @@ class Metrics:
                 [((), float(watching))],
                 self.volume,
             )
+        listeners = list(self.http())
+        lines += _family(
+            "sidecar_http_connections",
+            "gauge",
+            "Client connections open, by listener.",
+            [((("listener", x.name),), float(x.open_connections)) for x in listeners],
+            self.volume,
+        )
+        lines += _family(
+            "sidecar_http_connections_closed_total",
+            "counter",
+            "Client connections the daemon closed: timeout (no whole request in time), "
+            "evicted or refused (at the cap), shutdown (idle at SIGTERM).",
+            [
+                ((("listener", x.name), ("reason", reason)), float(count))
+                for x in listeners
+                for reason, count in x.shed_total.items()
+            ],
+            self.volume,
+        )
         lines += _family(
             "sidecar_sync_running",
             "gauge",

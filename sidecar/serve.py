@@ -32,6 +32,7 @@ from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
 from sidecar.daemon import Coordinator, Job, Refused
+from sidecar.listeners import ConnectionGuard, GuardedSite, connection_cap
 from sidecar.metrics import Metrics
 from sidecar.web import control_app, default_readiness, probe_app
 
@@ -156,18 +157,31 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def start_listener(app: web.Application, addr: str, what: str) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def start_listener(
+    app: web.Application, addr: str, what: str, guard: ConnectionGuard
+) -> web.AppRunner:
+    app.middlewares.insert(0, guard.middleware)
+    # keepalive_timeout: aiohttp's own idle timer agrees with the guard's read deadline.
+    runner = web.AppRunner(
+        app, access_log=None, keepalive_timeout=guard.read_timeout, shutdown_timeout=5.0
+    )
     await runner.setup()
     host, port = split_addr(addr)
     try:
-        await web.TCPSite(runner, host, port, shutdown_timeout=5.0).start()
+        await GuardedSite(runner, host, port, guard).start()
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(
             f"cannot listen on {addr} for the {what}: {exc.strerror or exc}"
         ) from None
-    log.info("%s listening on %s", what, addr, extra={"listener": what, "addr": addr})
+    log.info(
+        "%s listening on %s (at most %d connections, %gs to send a request)",
+        what,
+        addr,
+        guard.limit,
+        guard.read_timeout,
+        extra={"listener": what, "addr": addr},
+    )
     return runner
 
 
@@ -233,9 +247,12 @@ class Daemon:
         watch = f"GET /status here or http://{_local(probe_host)}:{probe_port}/status"
         control = control_app(self.coord, status=self.status, watch_hint=watch)
         probes = probe_app(self.coord, self.metrics, status=self.status, readiness=self.readiness)
-        runners = [await start_listener(control, config.control_addr, "control API")]
+        cap = connection_cap(config.sync.concurrency)
+        guards = [ConnectionGuard("control API", cap), ConnectionGuard("probes", cap)]
+        self.metrics.http = lambda: guards
+        runners = [await start_listener(control, config.control_addr, "control API", guards[0])]
         try:
-            runners.append(await start_listener(probes, config.probe_addr, "probes"))
+            runners.append(await start_listener(probes, config.probe_addr, "probes", guards[1]))
             log.info(
                 "serving %s <-> %s%s%s",
                 config.sync.remote_url,
@@ -248,6 +265,10 @@ class Daemon:
             if self.autosync is not None:
                 tasks.append(asyncio.create_task(self.autosync.run(stop_autosync)))
             await signals.first.wait()
+            # Idle and half-sent connections go now, and few may come: the push needs fds.
+            shed = sum(guard.shed() for guard in guards)
+            if shed:
+                log.info("closed %d idle client connection(s) before the final push", shed)
             stop_autosync.set()
             code = await shutdown(self.coord, config, signals)
             for task in tasks:

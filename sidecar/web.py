@@ -28,6 +28,7 @@ from sidecar.metrics import Metrics
 
 # Requests carry everything in the query string; a body is tolerated (curl -d '') but small.
 MAX_BODY = 4096
+BODY_TIMEOUT = 10.0  # seconds to send that body; a client that trickles it is cut off
 PROGRESS_INTERVAL = 1.0
 BAR_WIDTH = 24
 
@@ -80,7 +81,11 @@ async def strict_requests(request: web.Request, handler: Handler) -> web.StreamR
         return _error(413, f"request body of {request.content_length} bytes; limit {MAX_BODY}")
     if request.body_exists:
         # Chunked bodies have no Content-Length: read() stops at client_max_size with a 413.
-        await request.read()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                await request.read()
+        except TimeoutError:
+            return _error(408, f"the request body did not arrive within {BODY_TIMEOUT:g}s")
     return await handler(request)
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -406,6 +407,78 @@ def test_auto_sync_pushes_under_constant_writes_within_max_delay(
     assert (daemon.bucket_dir / "first.txt").read_bytes() == b"1", "no push within max delay"
     auto = daemon.status()["auto_sync"]
     assert auto["enabled"] is True and auto["pushes"] >= 1
+
+
+def hold_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that never finish a request: half a request line or nothing."""
+    held: list[socket.socket] = []
+    for index in range(count):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            break  # the server stopped accepting: what the probes below must survive
+        held.append(sock)
+        if index % 2 == 0:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+    return held
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(0.01)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset
+
+
+def test_held_open_connections_never_starve_probes_nor_the_final_push(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    fd_limit = 256  # a small limit makes exhausting it cheap; more connections than fds
+    daemon = start_daemon(
+        s3,
+        "--concurrency",
+        "4",
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit)),
+    )
+    daemon.wait_ready()
+    port = int(daemon.probe.rsplit(":", 1)[1])
+
+    def probe_connections(what: str) -> float:
+        _, text = http("GET", daemon.probe + "/metrics", timeout=5)
+        if what == "open":
+            return metric(text, 'sidecar_http_connections{listener="probes"}')
+        closed = "sidecar_http_connections_closed_total"
+        return metric(text, f'{closed}{{listener="probes",reason="{what}"}}')
+
+    held = hold_connections(port, fd_limit + 100)
+    try:
+        assert len(held) == fd_limit + 100, "the daemon stopped accepting connections"
+        # A fresh probe gets in at once: the oldest connection that sent no whole request
+        # makes room for it.
+        assert http("GET", daemon.probe + "/healthz", timeout=5)[0] == 200
+        assert probe_connections("open") < fd_limit / 2
+        assert probe_connections("evicted") > 0
+        # The connections that never sent a whole request are closed by the read deadline.
+        daemon.wait_until(lambda: all(closed_by_server(s) for s in held[-20:]), 60, "deadline")
+        assert probe_connections("timeout") > 0
+    finally:
+        for sock in held:
+            sock.close()
+    # Again, then SIGTERM: the final push has the fds it needs.
+    held = hold_connections(port, fd_limit + 100)
+    try:
+        for index in range(40):
+            write(daemon.local_dir, f"out/{index}.txt", b"result %d" % index)
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+    finally:
+        for sock in held:
+            sock.close()
+    assert all(
+        (daemon.bucket_dir / f"out/{i}.txt").read_bytes() == b"result %d" % i for i in range(40)
+    )
 
 
 @pytest.mark.parametrize("how", ["deadline", "second-sigterm"])
