@@ -57,25 +57,33 @@ class PullVerdict(StrEnum):
     RETRY = "retry"  # could not run, or problems that another attempt may clear: not ready
 
 
-def pull_verdict(result: SyncResult) -> PullVerdict:
+def pull_verdict(result: SyncResult, before: frozenset[str] | None = None) -> PullVerdict:
     """Whether a real pull "applied everything it safely could".
 
     - A fatal error (server unreachable, credentials, bucket, disk, a cancel) means the pull
       did not run through: retry.
     - Per-path errors (a key that is not a valid path, a key that is both a file and a
       folder, a name too long, a file that failed to transfer) or deletes the guard withheld
-      are DEGRADED once a pull that ran through moved nothing: what is left is what another
-      attempt will not change. A pull that still moved files is retried first, so errors of a
-      server that failed half-way (transport failures surface as per-file errors) get
-      another chance before they count as lasting.
+      are DEGRADED once they are lasting: the pull that ran through moved nothing, or it
+      reported no problem that the previous pull that ran through (`before`, from
+      `problems`) had not reported too. Otherwise it is retried first, so errors of a server
+      that failed half-way (transport failures surface as per-file errors) get another
+      chance, while a bucket that keeps receiving new objects cannot hold readiness forever.
     """
     if result.fatal is not None:
         return PullVerdict.RETRY
     if result.ok:
         return PullVerdict.CLEAN
-    if result.files_transferred or result.files_deleted:
+    moved = result.files_transferred or result.files_deleted
+    if moved and (before is None or not problems(result) <= before):
         return PullVerdict.RETRY
     return PullVerdict.DEGRADED
+
+
+def problems(result: SyncResult) -> frozenset[str]:
+    """The paths a pull left out, plus a marker for withheld deletes."""
+    found = {error.path for error in result.errors}
+    return frozenset(found | ({"(deletes withheld)"} if result.deletes_blocked else set()))
 
 
 class Refused(Exception):
@@ -149,6 +157,7 @@ class Coordinator:
     ready: bool = False
     degraded: dict[str, Any] | None = None  # what the last pull that ran through left out
     _degraded_errors: frozenset[FileError] = frozenset()
+    _pull_problems: frozenset[str] | None = None  # of the last real pull that ran through
     closing: bool = False  # shutting down: only finalize is still taken
     closed: bool = False  # the shutdown push is over: nothing is taken
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -380,7 +389,9 @@ class Coordinator:
             run.future.set_result(result)
 
     def _note_pull(self, result: SyncResult, finished: float) -> None:
-        verdict = pull_verdict(result)
+        verdict = pull_verdict(result, self._pull_problems)
+        if result.fatal is None:
+            self._pull_problems = problems(result)
         if verdict is PullVerdict.RETRY:
             return  # ready or not, nothing new is known about the folder
         was_degraded = self.degraded is not None

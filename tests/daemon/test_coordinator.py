@@ -316,3 +316,19 @@ async def test_fatal_pull_never_makes_ready_nor_clears_degraded(engine: FakeEngi
         assert coordinator.ready and coordinator.degraded is not None
         await coordinator.submit(PULL).result()
         assert coordinator.ready and coordinator.degraded is not None
+
+
+async def test_same_problems_twice_are_lasting_even_while_new_files_keep_arriving(
+    engine: FakeEngine,
+) -> None:
+    """A bucket that receives objects all the time must not keep a bad key from counting."""
+    engine.auto_release = True
+    engine.results = [
+        SyncResult(PULL, files_transferred=5, errors=[bad_key("a//b")]),
+        SyncResult(PULL, files_transferred=1, errors=[bad_key("a//b")]),
+    ]
+    async with Coordinator(engine) as coordinator:
+        await coordinator.submit(PULL).result()
+        assert not coordinator.ready
+        await coordinator.submit(PULL).result()
+        assert coordinator.ready and coordinator.degraded is not None
