@@ -257,18 +257,10 @@ class SyncEngine:
             self._check_free_space(the_plan.of_kind(ActionKind.DOWNLOAD))
 
         progress.phase = "transferring"
-        transfers = Transfers(
-            store,
-            config.local_dir,
-            config.prefix,
-            Settings(config.part_size, config.multipart_threshold),
-            self.state,
-            self._executor,
-            progress,
-            names_in_use=NamesInUse(
-                scanned.files, remote, {a.conflict_copy for a in the_plan.actions}
-            ),
-        )
+        try:
+            transfers = self._transfers(store, progress, scanned.files, remote, the_plan.actions)
+        except OSError as exc:
+            raise FatalSync(f"cannot open local folder {config.local_dir}: {exc}") from None
         try:
             await self._execute(the_plan.actions, transfers, progress, result)
             await transfers.durable.flush()
@@ -279,6 +271,27 @@ class SyncEngine:
             transfers.close()
         progress.phase = "committing"
         await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+
+    def _transfers(
+        self,
+        store: ObjectStore,
+        progress: Progress,
+        local: dict[str, LocalFile],
+        remote: dict[str, RemoteObject],
+        actions: list[Action],
+    ) -> Transfers:
+        config = self.config
+        return Transfers(
+            store,
+            config.local_dir,
+            config.prefix,
+            Settings(config.part_size, config.multipart_threshold),
+            self.state,
+            self._executor,
+            progress,
+            # A conflict copy made during the transfers takes none of these names either.
+            names_in_use=NamesInUse(local, remote, {a.conflict_copy for a in actions}),
+        )
 
     def _prepare_local_dir(self, direction: Direction, dry_run: bool) -> None:
         local_dir = self.config.local_dir

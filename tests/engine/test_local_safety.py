@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sidecar import folder as folder_module
 from sidecar.core.model import Direction
 from sidecar.s3 import ObjectStore
 from sidecar.state import StateStore
@@ -412,3 +413,22 @@ async def test_downloads_are_on_disk_before_base_records_them(
         assert any(
             events[i] == ("fsync", (folder_ino, True)) for i in range(file_synced + 1, index)
         ), f"{path}: folder not fsynced between the file's fsync and its BASE record"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "link-unlink"])
+def test_rename_noreplace_never_replaces(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    if not native:  # the fallback, as on a filesystem without RENAME_NOREPLACE
+        monkeypatch.setattr(folder_module, "_renameat2", None)
+    write(workdir / "a", b"a")
+    write(workdir / "b", b"b")
+    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            folder_module.rename_noreplace("a", "b", dir_fd)
+        assert tree(workdir) == {"a": b"a", "b": b"b"}
+        folder_module.rename_noreplace("a", "c", dir_fd)
+        assert tree(workdir) == {"b": b"b", "c": b"a"}
+    finally:
+        os.close(dir_fd)
