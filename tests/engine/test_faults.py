@@ -1,0 +1,157 @@
+"""Syncs through a fault-injecting proxy (issue 9): 500s, 503 SlowDown, resets before and after
+the server applied the request, truncated bodies, stalls and trickles at 15% of requests.
+
+Real processes (`sidecar pull|finalize --once`) against moto's server through
+tests/engine/faultproxy.py (AWS_ENDPOINT_URL), with SIDECAR_REQUEST_TIMEOUT=1 so a stall costs a
+second. Replica A writes a mixed tree and finalizes it, B pulls it, both edit in rounds. Every
+run either succeeds or fails naming keys (exit 1, each error with its path and reason, or a
+fatal naming the remote; never a traceback, never a hang); a failed run is rerun (bounded)
+until it succeeds. No run may report a conflict (A and B never edit one file between syncs)
+nor "the object changed in the bucket" (nobody else writes). After every run, every file and
+object holds a version that existed; at the end both sides are equal by hash, read straight
+from the server (not through the proxy), each object's xxh3 metadata is the hash of its bytes,
+and a rerun moves nothing.
+
+The faults injected are printed by kind and operation (`pytest -s`). FAULT_SEED=<n> replays.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import S3Server
+from tests.engine.faultproxy import AFTER_APPLY, ALL_FAULTS, Fault, FaultProxy, Schedule
+from tests.engine.replicas import Replica, World
+from tests.engine.test_cli_e2e import Run, Volume, tree
+
+RATE = 0.15
+MAX_RUNS = 8  # reruns of one sync until it succeeds; each fault is transient
+RUN_TIMEOUT = 150  # a run still going after this is hung: a failure, not a slow machine
+SEED = int(os.environ.get("FAULT_SEED", "14"))
+CHANGED = "changed in the bucket"  # transfer.py's words for a precondition failure
+# A trickled part (5 MiB) is cut only by its deadline, 2 x SIDECAR_REQUEST_TIMEOUT + 5 MiB at
+# 64 KiB/s ~ 80 s: right, but too slow for the default run. There, parts are not trickled (small
+# requests are); the soak trickles everything.
+SMALL_ONLY = (Fault.TRICKLE,)
+# Known open defects, spared in the default run until fixed (the soak keeps them):
+# - a CreateMultipartUpload whose answer is lost: the retry creates a second upload and the
+#   first is never aborted (an orphan, billed until a lifecycle rule removes it);
+# - issue 9 item 14, a PutObject reset after the server applied it on a kept-alive connection:
+#   http11's pool resends it as a stale connection, invisibly to S3Error.retried, and the
+#   resend's 412 is reported as "changed in the bucket".
+SPARED = (
+    *((fault, "CreateMultipartUpload") for fault in AFTER_APPLY),
+    (Fault.RESET_AFTER, "PutObject"),
+)
+
+
+@pytest.fixture
+def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
+    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
+
+
+class Faulty(World):
+    """The fault scenario: every sync through the proxy, rerun until it succeeds."""
+
+    def __init__(self, vol: Volume, seed: int, proxy: FaultProxy) -> None:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint, "SIDECAR_REQUEST_TIMEOUT": "1"}
+        super().__init__(vol, seed, ("--concurrency", "8"), env)
+        self.proxy = proxy
+        self.outcomes: Counter[str] = Counter()  # "finalize ok", "pull failed", ...
+        self.step = ""
+
+    def where(self, what: str = "") -> str:
+        return f"FAULT_SEED={self.seed} {self.step}: {what}"
+
+    def complete(self, replica: Replica, verb: str) -> Run:
+        self.step = f"{replica.name} {verb}"
+        for _attempt in range(MAX_RUNS):
+            try:
+                run = replica.run(verb, timeout=RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    self.where(f"hung for {RUN_TIMEOUT}s; faults now: {self.proxy.active()}")
+                ) from None
+            self.check_run(run)
+            self.check_versions(f"{replica.name}'s folder", tree(replica.local))
+            self.check_versions("the bucket", self.bucket_tree())
+            self.outcomes[f"{verb} {'ok' if run.code == 0 else 'failed, named'}"] += 1
+            if run.code == 0:
+                return run
+        raise AssertionError(self.where(f"still failing after {MAX_RUNS} runs\n{run}"))
+
+    def check_run(self, run: Run) -> None:
+        """Finishes, or fails by name; never a crash, a conflict or a phantom writer."""
+        assert run.code in (0, 1), self.where(f"exit {run.code}\n{run}")
+        assert "Traceback" not in run.err, self.where(f"a traceback\n{run}")
+        summary = run.summary
+        assert summary["conflicts"] == [], self.where(f"self-conflict\n{run}")
+        for error in summary["errors"]:
+            assert error["path"] and error["reason"], self.where(f"an unnamed error\n{run}")
+            # Nobody else writes: a precondition failure is our own retried write (item 14).
+            assert CHANGED not in error["reason"], self.where(f"a phantom writer\n{run}")
+        if run.code == 1:
+            fatal = summary["fatal"] or ""
+            assert summary["errors"] or self.vol.bucket in fatal, self.where(
+                f"failed without naming a key or the remote\n{run}"
+            )
+
+    def check_equal(self, *replicas: Replica) -> None:
+        remote = self.bucket_tree()
+        for replica in replicas:
+            assert tree(replica.local) == remote, self.where(f"{replica.name} != the bucket")
+        self.check_hash_metadata()
+
+    def report(self, proxy: FaultProxy) -> str:
+        runs = ", ".join(f"{name}: {count}" for name, count in sorted(self.outcomes.items()))
+        return f"fault suite, FAULT_SEED={self.seed}\n{proxy.table()}\nruns: {runs}"
+
+
+def scenario(
+    vol: Volume,
+    seed: int,
+    rounds: int,
+    small_only: tuple[Fault, ...] = (),
+    spared: tuple[tuple[Fault, str], ...] = (),
+) -> None:
+    upstream = urlsplit(vol.server.endpoint)
+    assert upstream.hostname and upstream.port
+    schedule = Schedule(seed, RATE, ALL_FAULTS, small_only, spared)
+    with FaultProxy(upstream.hostname, upstream.port, schedule) as proxy:
+        world = Faulty(vol, seed, proxy)
+        try:
+            world.initial_tree(bigs=2, smalls=40)
+            world.complete(world.a, "finalize")
+            world.check_equal(world.a)
+            world.complete(world.b, "pull")
+            world.check_equal(world.a, world.b)
+            for _ in range(rounds):
+                world.a_edits()
+                world.complete(world.a, "finalize")
+                world.complete(world.b, "pull")
+                world.check_equal(world.a, world.b)
+                world.b_edits(sorted(tree(world.b.local)), 5)
+                world.complete(world.b, "finalize")
+                world.complete(world.a, "pull")
+                world.check_equal(world.a, world.b)
+            world.converge()
+        finally:
+            print("\n" + world.report(proxy))
+        injected = proxy.faults()
+    assert sum(injected.values()) >= 20, "too few faults to have tested anything"
+
+
+def test_syncs_through_faults_finish_or_fail_by_name(mvol: Volume) -> None:
+    scenario(mvol, SEED, rounds=2, small_only=SMALL_ONLY, spared=SPARED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(200, 204))
+def test_faults_soak(mvol: Volume, seed: int) -> None:
+    scenario(mvol, seed, rounds=6)
