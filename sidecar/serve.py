@@ -114,10 +114,10 @@ class InitialPull:
                 self.state = "abandoned"
                 return
             if result.fatal is None:
-                # It ran through and still moved files: pull again soon to see whether the
-                # problems last (then they are reported, degraded) or were a passing fault.
+                # It ran through, moved files and hit problems not seen before: pull again
+                # soon to see whether they last (then: ready, degraded) or were passing.
                 delay = 1.0
-                why = f"{_problems(result)} while files were still arriving; pulling again"
+                why = f"{_problems_line(result)} while files were still arriving"
             else:
                 why = result.fatal
             # Jitter so many pods restarted together do not retry in lockstep.
@@ -147,7 +147,7 @@ class InitialPull:
             log.info("initial pull done after %d attempt(s): ready", self.attempts)
 
 
-def _problems(result: SyncResult) -> str:
+def _problems_line(result: SyncResult) -> str:
     found = [f"{len(result.errors)} file error(s)"] if result.errors else []
     return "; ".join([*found, *filter(None, [result.deletes_blocked])]) or "problems"
 
