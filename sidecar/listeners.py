@@ -9,10 +9,9 @@ so the final push failed with EMFILE. Each listener therefore gets a `Connection
   fds the sync needs stay free. At the cap a new connection evicts the oldest one that is not
   running a handler (idle keep-alive, or still sending its request), so a fresh probe still
   gets in; only when every connection is running a handler is the new one closed at once.
-- A read deadline: a connection must deliver a whole request within `READ_TIMEOUT` of
-  connecting or of its previous answer, else it is closed. A running handler (a long
-  /finalize, a progress stream) is never cut; the body it reads has its own deadline
-  (`web.BODY_TIMEOUT`).
+- A read deadline: a connection must deliver a whole request, body included, within
+  `READ_TIMEOUT` of connecting or of its previous answer, else it is closed. A running
+  handler (a long /finalize, a progress stream) is never cut.
 - `shed()`: at shutdown, close every connection that is not running a handler and lower the
   cap, so the final push is never short of fds.
 """
@@ -97,6 +96,10 @@ class ConnectionGuard:
         connection = self._open.get(request.transport) if request.transport else None
         if connection is None:
             return await handler(request)
+        if request.body_exists:
+            # Still under the read deadline and evictable: a body sent slowly on purpose
+            # must not make the connection one that is never shed.
+            await request.read()
         connection.busy += 1
         self._disarm(connection)
         try:

@@ -318,3 +318,15 @@ async def test_metrics_exposition(
 
 async def test_probe_status_matches_control_status(probe: TestClient, control: TestClient) -> None:
     assert await (await probe.get("/status")).json() == await (await control.get("/status")).json()
+
+
+async def test_a_body_that_does_not_arrive_in_time_gets_408(
+    control: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sidecar_web, "BODY_TIMEOUT", 0.2)
+    assert control.port is not None
+    reader, writer = await asyncio.open_connection(control.host, control.port)
+    writer.write(b"POST /pull HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly a little")
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"HTTP/1.1 408 Request Timeout\r\n"
+    writer.close()
