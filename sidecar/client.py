@@ -149,6 +149,9 @@ def describe_status(status: dict[str, Any], now: float) -> str:
     if not status.get("ready") and initial:
         ready += f" (initial pull {initial.get('state')}, attempt {initial.get('attempts')})"
     lines.append(f"ready: {ready}" + ("  [read-only]" if status.get("read_only") else ""))
+    degraded = status.get("degraded_by")
+    if status.get("degraded") and degraded:
+        lines.append(f"degraded: {degraded['message']}")
     if status.get("shutting_down"):
         lines.append("shutting down")
     current = status.get("current")
@@ -163,8 +166,9 @@ def describe_status(status: dict[str, Any], now: float) -> str:
         lines.append(f"last error ({now - error['at']:.0f}s ago): {error['message']}")
     auto = status.get("auto_sync") or {}
     if auto.get("enabled"):
+        watching = "" if auto.get("watching", True) else f" (NOT watching: {auto['watcher_state']})"
         lines.append(
-            f"auto-sync: {auto['state']}, {auto['pending_changes']} unpushed change(s), "
-            f"{auto['pushes']} push(es)"
+            f"auto-sync: {auto['state']}{watching}, {auto['pending_changes']} unpushed "
+            f"change(s), {auto['pushes']} push(es)"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from daemon_support import FakeEngine, failed, non_loopback_ipv4
 
 from sidecar import web as sidecar_web
+from sidecar.client import describe_status
 from sidecar.core.model import Direction, FileError
 from sidecar.core.result import SyncResult
 from sidecar.daemon import Coordinator
@@ -330,3 +331,24 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408(
     async with asyncio.timeout(5):
         assert await reader.readline() == b"HTTP/1.1 408 Request Timeout\r\n"
     writer.close()
+
+
+def test_sidecar_status_shows_degraded_and_a_watcher_that_is_not_watching() -> None:
+    text = describe_status(
+        {
+            "ready": True,
+            "degraded": True,
+            "degraded_by": {"message": "1 path(s) skipped (first: a//b: skipped)"},
+            "auto_sync": {
+                "enabled": True,
+                "state": "idle",
+                "watching": False,
+                "watcher_state": "waiting for the folder",
+                "pending_changes": 0,
+                "pushes": 0,
+            },
+        },
+        now=0.0,
+    )
+    assert "degraded: 1 path(s) skipped (first: a//b: skipped)" in text
+    assert "auto-sync: idle (NOT watching: waiting for the folder)" in text
