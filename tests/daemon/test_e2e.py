@@ -315,6 +315,8 @@ def test_withheld_initial_deletes_make_the_daemon_ready_degraded(
     write(first.local_dir, "new.txt", b"pushed at shutdown")
     assert again.stop() == 0, again.log()
     assert (s3.root / "vol" / "new.txt").read_bytes() == b"pushed at shutdown"
+    # The push does not undo the bucket's deletes it was told about but did not apply.
+    assert not any((s3.root / "vol" / f"f{index}.txt").exists() for index in range(8))
 
 
 def test_sigterm_pushes_local_changes_then_exits_0(s3: LocalS3, start_daemon: StartDaemon) -> None:
