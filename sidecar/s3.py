@@ -709,8 +709,41 @@ class ObjectStore:
         return Written(info.etag, info.modified_seconds)
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
-        response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
-        return str(response["UploadId"])
+        """A new upload's id. An attempt whose answer was lost (reset, timeout, cut body) may
+        have created an upload we never learn the id of: after a retried or failed create,
+        the other uploads of this key are aborted (never orphaned)."""
+        try:
+            response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
+        except S3Error:
+            with contextlib.suppress(S3Error):  # else the next sync does it (StateStore.creating)
+                await self.abort_strays(key)
+            raise
+        upload_id = str(response["UploadId"])
+        if response.get("ResponseMetadata", {}).get("RetryAttempts"):
+            with contextlib.suppress(S3Error):
+                await self.abort_strays(key, keep=upload_id)
+        return upload_id
+
+    async def abort_strays(self, key: str, keep: str | None = None) -> list[str]:
+        """Abort the multipart uploads of exactly `key` but `keep`; returns their ids (one that
+        cannot be aborted is left as it was). Raises S3Error if they cannot be listed.
+
+        Not filtered by start time: servers differ (moto reports one fixed date for every
+        upload), and an upload of this key nobody completed is billed for nothing. Another
+        writer's upload of this very key in progress is aborted too: its Complete fails by
+        name and its next sync sends the file again; nothing is lost."""
+        listed = await self._call(key, "list_multipart_uploads", Prefix=key)
+        aborted = []
+        for upload in listed.get("Uploads", []):
+            upload_id = upload.get("UploadId")
+            if upload.get("Key") != key or not upload_id or upload_id == keep:
+                continue
+            try:
+                await self.abort_multipart(key, upload_id)
+            except S3Error:
+                continue
+            aborted.append(upload_id)
+        return aborted
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: bytes | memoryview

@@ -54,6 +54,9 @@ class StateStore:
         self.base: dict[str, BaseEntry] = {}
         self.hash_cache: dict[str, HashCacheEntry] = {}
         self.open_uploads: dict[str, str] = {}  # upload id -> key
+        # Keys whose multipart upload was asked for and whose id has not come back yet: if we
+        # die there, the server may hold an upload no record names.
+        self.creating: set[str] = set()
         self._journal: int | None = None  # fd, O_APPEND
         # How state.json and the journal looked when we last loaded or wrote them: another
         # process (a --once beside the daemon) may change them between two of our syncs.
@@ -74,6 +77,7 @@ class StateStore:
         """Read (or re-read) the state from disk; what was in memory is dropped."""
         self.close_journal()
         self.base, self.hash_cache, self.open_uploads = {}, {}, {}
+        self.creating = set()
         self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -124,6 +128,7 @@ class StateStore:
             self.base = {path: _base_entry(fields) for path, fields in data["base"].items()}
             self.hash_cache = {path: tuple(entry) for path, entry in data["hashes"].items()}  # type: ignore[misc]
             self.open_uploads = dict(data.get("open_uploads", {}))
+            self.creating = set(data.get("creating", []))
         except (ValueError, KeyError, TypeError) as exc:
             # A damaged BASE must never cause deletions: set it aside and start as if new.
             aside = self.snapshot_path.with_name(f"state.damaged-{int(time.time())}.json")
@@ -156,8 +161,13 @@ class StateStore:
             self.hash_cache[path] = (size, mtime_ns, inode, digest)
         elif op == "unhash":
             self.hash_cache.pop(record[1], None)
+        elif op == "mpu-create":
+            self.creating.add(record[1])
+        elif op == "mpu-create-end":
+            self.creating.discard(record[1])
         elif op == "mpu":
             self.open_uploads[record[1]] = record[2]
+            self.creating.discard(record[2])
         elif op == "mpu-end":
             self.open_uploads.pop(record[1], None)
 
@@ -225,6 +235,18 @@ class StateStore:
             self.hash_cache = entries
             self._dirty = True
 
+    async def upload_creating(self, key: str) -> None:
+        """Durable before CreateMultipartUpload is sent: the server may create the upload and
+        we die (or lose its answer) before its id is recorded; the next run then aborts the
+        uploads of this key (see SyncEngine._abort_leftover_uploads)."""
+        self._record(["mpu-create", key])
+        await self._sync_journal()
+
+    def upload_create_ended(self, key: str) -> None:
+        """The uploads a create of `key` may have left are aborted (or the id came back)."""
+        if key in self.creating:
+            self._record(["mpu-create-end", key])
+
     async def upload_started(self, upload_id: str, key: str) -> None:
         """Durable before the first part is sent: the record that lets a later run abort
         this upload if we die (an fsync per upload of at least --multipart-threshold bytes)."""
@@ -248,6 +270,7 @@ class StateStore:
             "base": {p: _base_fields(e) for p, e in self.base.items()},
             "hashes": self.hash_cache,
             "open_uploads": self.open_uploads,
+            "creating": sorted(self.creating),
         }
         tmp = self.snapshot_path.with_name(f"state.json.tmp-{os.getpid()}")
         with open(tmp, "w") as handle:

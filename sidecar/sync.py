@@ -334,6 +334,18 @@ class SyncEngine:
                 log.warning("could not abort leftover upload %s of %s: %s", upload_id, key, exc)
                 continue
             self.state.upload_ended(upload_id)
+        for key in sorted(self.state.creating):
+            # A create whose id never reached the journal (killed, or its answer lost).
+            try:
+                aborted = await store.abort_strays(key)
+            except S3Error as exc:
+                log.warning("could not look for uploads of %s left behind: %s", key, exc)
+                continue
+            for upload_id in aborted:
+                log.info(
+                    "aborted multipart upload %s of %s left by an interrupted run", upload_id, key
+                )
+            self.state.upload_create_ended(key)
 
     async def _scan(self, path_filter: PathFilter) -> ScanResult:
         if not self.config.local_dir.is_dir():

@@ -569,6 +569,7 @@ class Transfers:
         path = self._abs(relpath)
         part_size = part_size_for(local.size, self.settings.part_size)
         ranges = split_ranges(local.size, part_size)
+        await self.state.upload_creating(key)
         upload_id = await self.store.create_multipart(key, metadata_for(local))
         await self.state.upload_started(upload_id, key)
         completed = False
