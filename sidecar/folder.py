@@ -157,6 +157,11 @@ class Durability:
         self._records: list[Callable[[], None]] = []
         self._oldest = 0.0
         self._lock = asyncio.Lock()
+        # A batch is flushed within max_age even when no later record comes to push it out
+        # (a pull whose last small files landed while one big download goes on for minutes):
+        # a record held in memory is lost by kill -9 like an unwritten one.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_flush: asyncio.Task[None] | None = None
         # Batches whose fsync was still running when the sync was cancelled.
         self._owed: list[tuple[Future[bool], list[Callable[[], None]]]] = []
 
@@ -171,10 +176,25 @@ class Durability:
         """Run record once every folder changed so far is on disk (batched)."""
         if not self._records:
             self._oldest = time.monotonic()
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(
+                    self._max_age, self._flush_in_background
+                )
         self._records.append(record)
         full = len(self._records) >= self._max_records or len(self._folders) >= MAX_OPEN_FOLDERS
         if full or time.monotonic() - self._oldest >= self._max_age:
             await self.flush()
+
+    def _flush_in_background(self) -> None:
+        self._timer = None
+        if self._records and (self._timed_flush is None or self._timed_flush.done()):
+            self._timed_flush = asyncio.ensure_future(self._flush_logged())
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except Exception:  # the sync's own flush at its end runs what is still owed
+            log.exception("background flush of transfer records failed")
 
     async def flush(self) -> None:
         async with self._lock:
@@ -199,6 +219,9 @@ class Durability:
         _settle(_fsync_all(folders), records)
 
     def _take(self) -> tuple[list[int], list[Callable[[], None]]]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         folders, self._folders = list(self._folders.values()), {}
         records, self._records = self._records, []
         return folders, records

@@ -5,6 +5,8 @@ claims bytes that are not on disk."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -432,3 +434,41 @@ def test_rename_noreplace_never_replaces(
         assert tree(workdir) == {"b": b"b", "c": b"a"}
     finally:
         os.close(dir_fd)
+
+
+async def test_download_records_reach_the_journal_while_a_long_download_goes_on(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of BASE records is written within its max age even when no later record comes
+    (issue 9 item 3 on the pull side): kill -9 during a long download must not lose the
+    records of files placed seconds earlier."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    for index in range(20):
+        s3.put_object(Bucket=bucket, Key=f"vol/small/f{index}", Body=b"s" * (index + 1))
+    s3.put_object(Bucket=bucket, Key="vol/big", Body=os.urandom(6 * 1024 * 1024))
+    local, state_dir = workdir / "l", workdir / "s"
+    release = asyncio.Event()
+    real_get_range_into = ObjectStore.get_range_into
+
+    async def held_range(self: ObjectStore, *args: Any, **kwargs: Any) -> Any:
+        await release.wait()  # the big file's parts wait while the small files land
+        return await real_get_range_into(self, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "get_range_into", held_range)
+    cfg = config(bucket, local, state_dir)
+    running = asyncio.ensure_future(sync(cfg, PULL))
+    try:
+        for _ in range(200):
+            if len(list((local / "small").glob("f*"))) == 20:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # twice the batch's max age, and nothing else finishes
+        journals = list(state_dir.rglob("journal.jsonl"))
+        lines = journals[0].read_text().splitlines() if journals else []
+        recorded = {json.loads(line)[1] for line in lines if line.startswith('["set"')}
+        assert recorded >= {f"small/f{index}" for index in range(20)}, sorted(recorded)
+    finally:
+        release.set()
+        result = await running
+    assert result.ok, result.as_dict()
