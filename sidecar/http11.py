@@ -73,8 +73,37 @@ class Proxy:
         return f"{self.host}:{self.port}"
 
 
+class AnswerLost(ProtocolError):
+    """The connection ended after the whole request was sent, before any byte of the answer:
+    the server may have applied it. Raised instead of a silent resend for a request that is
+    not safe to apply twice (see ConnectionPool.request): the caller's retry is then a
+    visible one, and it can check what the server now holds."""
+
+
 class _StaleConnection(Exception):
-    """A reused connection turned out closed before any byte of the answer arrived."""
+    """A reused connection turned out closed before any byte of the answer arrived.
+    `sent`: the whole request had been handed over (the server may have applied it)."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__()
+        self.sent = sent
+
+
+# Resent transparently when the answer was lost: applying them twice is applying them once
+# (RFC 9110 9.2.2). A precondition (If-Match, If-None-Match) breaks that for PUT and DELETE:
+# the second answer would be about the first (412), so those are never resent blind.
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+_IDEMPOTENT_METHODS = frozenset({"PUT", "DELETE"})
+_PRECONDITIONS = frozenset({"if-match", "if-none-match", "if-unmodified-since"})
+
+
+def replayable(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request the server may already have applied can be sent again blind."""
+    if method in _SAFE_METHODS:
+        return True
+    if method not in _IDEMPOTENT_METHODS:
+        return False
+    return not any(name.lower() in _PRECONDITIONS for name in headers)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -631,7 +660,9 @@ class ConnectionPool:
         """Send one request (target: the encoded path and query) and read the answer's head.
 
         A kept-alive connection the server closed meanwhile is replaced once, transparently,
-        when nothing of the answer had arrived on it.
+        when nothing of the answer had arrived on it, and either the request had not been
+        sent whole (so it cannot have been applied) or it is replayable(). Otherwise the
+        server may have applied it: AnswerLost, for the caller to retry knowingly.
         """
         if self._closed:
             raise ProtocolError("the connection pool is closed")
@@ -653,11 +684,16 @@ class ConnectionPool:
             self._watch()
             try:
                 return await self._exchange(conn, method, head, body)
-            except _StaleConnection:
+            except _StaleConnection as stale:
                 self._drop(conn)
                 if not reused:
                     raise ProtocolError(
                         "the server closed the connection without an answer"
+                    ) from None
+                if stale.sent and not replayable(method, headers):
+                    raise AnswerLost(
+                        "the server closed a kept-alive connection after the whole request "
+                        "was sent, without an answer (it may have been applied)"
                     ) from None
             except BaseException:
                 self._drop(conn)
@@ -676,13 +712,19 @@ class ConnectionPool:
                     # asyncio copies what the socket does not take at once: slices bound
                     # that copy (one 16 MiB write would cost 16 MiB more RSS).
                     await conn.write(view[start : start + WRITE_SLICE])
+        except (ConnectionResetError, BrokenPipeError):
+            # Closed before we handed over the whole request: never applied.
+            if conn.received_nothing:
+                raise _StaleConnection(sent=False) from None
+            raise
+        try:
             raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
         except (ConnectionResetError, BrokenPipeError):
             if conn.received_nothing:
-                raise _StaleConnection from None
+                raise _StaleConnection(sent=True) from None
             raise
         if not raw:
-            raise _StaleConnection
+            raise _StaleConnection(sent=True)
         status, reason, version, headers = _parse_head(raw)
         while 100 <= status < 200:  # 1xx: the real answer follows
             raw = await _read_head(conn)

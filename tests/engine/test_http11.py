@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
-from sidecar.http11 import ConnectError, ConnectionPool, ProtocolError, _Connection
+from sidecar.http11 import AnswerLost, ConnectError, ConnectionPool, ProtocolError, _Connection
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error
 from sidecar.sync import SyncEngine
 
@@ -246,6 +246,54 @@ async def test_stale_connection_found_only_by_the_request_is_replaced_once(
             await asyncio.sleep(0.05)
         assert server.connections == 3
         assert len(server.requests) == 3
+
+
+def answering_then_dropping(raw: bytes) -> Handler:
+    """A server that answers the first request on a connection, reads the second whole,
+    and closes without a byte of answer (applied, then reset; or an idle close that raced)."""
+
+    async def handler(reader, writer, server):
+        await read_request(reader, server)
+        writer.write(raw)
+        await writer.drain()
+        await read_request(reader, server)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "blind"),
+    [
+        ("GET", {}, True),
+        ("HEAD", {}, True),
+        ("PUT", {}, True),
+        ("DELETE", {}, True),
+        ("PUT", {"If-None-Match": "*"}, False),
+        ("PUT", {"if-match": '"abc"'}, False),
+        ("DELETE", {"If-Match": '"abc"'}, False),
+        ("POST", {}, False),
+    ],
+)
+async def test_a_request_lost_after_it_was_sent_is_resent_blind_only_when_replayable(
+    method: str, headers: dict[str, str], blind: bool
+) -> None:
+    """Issue 9 item 14: a kept-alive connection closed after the whole request went out may
+    have had it applied. A conditional PUT resent silently would meet its own write (412)
+    and be told the object changed; such a loss must reach the caller, who checks."""
+    handler = answering_then_dropping(answer(200, b"first"))
+    async with scripted(handler) as (server, pool):
+        first = await pool.request("GET", "/", {"Host": "h"})
+        assert await first.read_all() == b"first"
+        first.release()
+        if blind:
+            again = await pool.request(method, "/k", {"Host": "h", **headers}, b"body")
+            assert again.status == 200
+            again.release()
+            assert server.connections == 2 and len(server.requests) == 3
+        else:
+            with pytest.raises(AnswerLost, match="may have been applied"):
+                await pool.request(method, "/k", {"Host": "h", **headers}, b"body")
+            assert server.connections == 1 and len(server.requests) == 2
 
 
 async def test_closing_mid_body_is_a_protocol_error_naming_the_shortfall() -> None:

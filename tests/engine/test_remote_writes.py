@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -18,6 +20,7 @@ from sidecar.http11 import ConnectionPool
 from sidecar.s3 import META_HASH, ObjectStore
 from sidecar.transfer import Transfers
 from tests.conftest import S3Server
+from tests.engine.faultproxy import Fault, FaultProxy, Request
 from tests.engine.test_engine import FIN, PULL, MiB, config, sync, tree, write
 
 
@@ -333,3 +336,52 @@ async def test_a_rewritten_object_deleted_here_is_asked_about_not_read(
     assert [c.kind for c in pulled.conflicts] == ["modified-deleted"]
     assert (local / "notes.txt").read_bytes() == b"notes"
     assert request_counter["head_object"] == 1, request_counter
+
+
+def _reset_after_first(operation: str) -> Callable[[Request], Fault]:
+    """RESET_AFTER on the first request of `operation` only: the server applies it, the
+    client never learns its answer."""
+    faulted: list[Request] = []
+
+    def choose(request: Request) -> Fault:
+        if request.operation == operation and not faulted:
+            faulted.append(request)
+            return Fault.RESET_AFTER
+        return Fault.NONE
+
+    return choose
+
+
+async def test_a_conditional_put_reset_on_a_reused_connection_is_checked_not_resent_blind(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 14 on the wire: the listing leaves a kept-alive connection, the PutObject
+    (If-None-Match: *) reuses it, the server applies it and the connection resets before any
+    byte of the answer. The pool used to take that for a stale connection and resend it
+    silently; the resend's 412 then came back as a first answer and the file was reported
+    "changed in the bucket". The resend must be a visible retry, so the object is checked."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    upstream = urlsplit(moto.endpoint)
+    assert upstream.hostname and upstream.port
+    checked: list[str] = []
+    original_check = ObjectStore._landed_already
+
+    async def spy(self: ObjectStore, key: str, *args: Any) -> Any:
+        checked.append(key)
+        return await original_check(self, key, *args)
+
+    monkeypatch.setattr(ObjectStore, "_landed_already", spy)
+    local = workdir / "l"
+    write(local / "x.txt", b"new, sent once\n")
+    with FaultProxy(upstream.hostname, upstream.port, _reset_after_first("PutObject")) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        result = await sync(config(bucket, local, workdir / "s"), FIN)
+        faults = proxy.faults()
+    assert faults == Counter({Fault.RESET_AFTER: 1}), faults
+    assert result.ok and result.files_transferred == 1, result.as_dict()
+    assert checked == ["vol/x.txt"]
+    assert s3.get_object(Bucket=bucket, Key="vol/x.txt")["Body"].read() == b"new, sent once\n"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+    again = await sync(config(bucket, local, workdir / "s"), FIN)
+    assert again.ok and again.files_transferred == 0, again.as_dict()
