@@ -75,6 +75,10 @@ class Metrics:
     watching: Callable[[], bool | None] = lambda: None  # None: auto-sync is off
     http: Callable[[], Iterable[Listener]] = lambda: ()
     running: Callable[[], str | None] = lambda: None
+    # (changes seen, age in seconds of the oldest one) not yet pushed; None: auto-sync is off.
+    unpushed: Callable[[], tuple[int, float] | None] = lambda: None
+    started_at: float | None = None  # wall-clock start of the daemon
+    time_to_ready: float | None = None  # seconds from start to ready; None until then
     _counters: dict[str, dict[Labels, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
@@ -118,6 +122,7 @@ class Metrics:
             self._last_success.items(),
             self.volume,
         )
+        lines += self._render_lifecycle()
         running = self.running()
         degraded = self.degraded()
         live: tuple[tuple[str, str, str, float], ...] = (
@@ -154,6 +159,23 @@ class Metrics:
                 [((), float(watching))],
                 self.volume,
             )
+        unpushed = self.unpushed()
+        if unpushed is not None:
+            lines += _family(
+                "sidecar_auto_sync_pending_changes",
+                "gauge",
+                "Changes auto-sync saw in the folder that no push has taken yet.",
+                [((), float(unpushed[0]))],
+                self.volume,
+            )
+            lines += _family(
+                "sidecar_auto_sync_oldest_unpushed_change_seconds",
+                "gauge",
+                "Age of the oldest change not yet pushed (0: nothing waits): the work a "
+                "pod killed now would lose.",
+                [((), unpushed[1])],
+                self.volume,
+            )
         listeners = list(self.http())
         lines += _family(
             "sidecar_http_connections",
@@ -182,6 +204,26 @@ class Metrics:
             self.volume,
         )
         return "\n".join(lines) + "\n"
+
+    def _render_lifecycle(self) -> list[str]:
+        lines: list[str] = []
+        if self.started_at is not None:
+            lines += _family(
+                "sidecar_start_time_seconds",
+                "gauge",
+                "Wall-clock time the daemon started.",
+                [((), self.started_at)],
+                self.volume,
+            )
+        if self.time_to_ready is not None:
+            lines += _family(
+                "sidecar_time_to_ready_seconds",
+                "gauge",
+                "Seconds from the daemon's start until it was ready (initial pull done).",
+                [((), self.time_to_ready)],
+                self.volume,
+            )
+        return lines
 
     def _render_durations(self) -> list[str]:
         name = "sidecar_sync_duration_seconds"

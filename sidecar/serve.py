@@ -186,6 +186,7 @@ async def start_listener(
 
 
 async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]) -> int:
+    started, started_wall = time.monotonic(), time.time()
     loop = asyncio.get_running_loop()
     signals = Signals()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,12 +196,13 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
             volume=config.sync.volume,
             in_flight=lambda: engine.in_flight,
             retries=lambda: engine.retries_total,
+            started_at=started_wall,
         )
         async with Coordinator(engine, read_only=config.read_only, metrics=metrics) as coord:
             metrics.ready = lambda: coord.ready
             metrics.degraded = lambda: coord.degraded
             metrics.running = coord.running_operation
-            return await Daemon(config, coord, metrics).run(signals)
+            return await Daemon(config, coord, metrics, started).run(signals)
 
 
 @dataclass
@@ -210,6 +212,7 @@ class Daemon:
     config: ServeConfig
     coord: Coordinator
     metrics: Metrics
+    started: float  # time.monotonic() at the start of `serve`, for time-to-ready
     initial: InitialPull = field(init=False)
     autosync: AutoSync | None = field(init=False)
 
@@ -224,6 +227,10 @@ class Daemon:
                 self.config.auto_sync_max_delay,
             )
             self.metrics.watching = lambda: autosync.watching
+            self.metrics.unpushed = lambda: (
+                autosync.pending_changes,
+                0.0 if autosync.first_change is None else autosync.clock() - autosync.first_change,
+            )
 
     def status(self) -> dict[str, Any]:
         sync = self.config.sync
@@ -261,7 +268,10 @@ class Daemon:
                 " (auto-sync)" if self.autosync else "",
             )
             stop_autosync = asyncio.Event()
-            tasks = [asyncio.create_task(self.initial.run(), name="initial-pull")]
+            tasks = [
+                asyncio.create_task(self.initial.run(), name="initial-pull"),
+                asyncio.create_task(self._time_ready(), name="time-to-ready"),
+            ]
             if self.autosync is not None:
                 tasks.append(asyncio.create_task(self.autosync.run(stop_autosync)))
             await signals.first.wait()
@@ -278,6 +288,10 @@ class Daemon:
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
+
+    async def _time_ready(self) -> None:
+        await self.coord.wait_ready()
+        self.metrics.time_to_ready = round(time.monotonic() - self.started, 3)
 
 
 def _local(host: str) -> str:

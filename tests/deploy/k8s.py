@@ -17,6 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
+MONITORING = K8S / "monitoring"
 DOCKERFILE = REPO / "container" / "Dockerfile"
 SIDECAR_IMAGE = "netvol-sidecar"
 
