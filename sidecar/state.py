@@ -57,6 +57,10 @@ class StateStore:
         # Keys whose multipart upload was asked for and whose id has not come back yet: if we
         # die there, the server may hold an upload no record names.
         self.creating: set[str] = set()
+        # Writes sent whose outcome is not recorded yet: path -> (size, hash, executable). A
+        # run killed after the server applied one but before its answer came leaves an object
+        # only this tells apart from another writer's (see SyncEngine._settle_pending_writes).
+        self.sending: dict[str, tuple[int, str, bool]] = {}
         self._journal: int | None = None  # fd, O_APPEND
         # How state.json and the journal looked when we last loaded or wrote them: another
         # process (a --once beside the daemon) may change them between two of our syncs.
@@ -77,7 +81,7 @@ class StateStore:
         """Read (or re-read) the state from disk; what was in memory is dropped."""
         self.close_journal()
         self.base, self.hash_cache, self.open_uploads = {}, {}, {}
-        self.creating = set()
+        self.creating, self.sending = set(), {}
         self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -129,12 +133,17 @@ class StateStore:
             self.hash_cache = {path: tuple(entry) for path, entry in data["hashes"].items()}  # type: ignore[misc]
             self.open_uploads = dict(data.get("open_uploads", {}))
             self.creating = set(data.get("creating", []))
+            self.sending = {
+                path: (int(size), str(digest), bool(executable))
+                for path, (size, digest, executable) in data.get("sending", {}).items()
+            }
         except (ValueError, KeyError, TypeError) as exc:
             # A damaged BASE must never cause deletions: set it aside and start as if new.
             aside = self.snapshot_path.with_name(f"state.damaged-{int(time.time())}.json")
             os.replace(self.snapshot_path, aside)
             log.error("state %s is unusable (%s); moved to %s", self.snapshot_path, exc, aside)
             self.base, self.hash_cache, self.open_uploads = {}, {}, {}
+            self.creating, self.sending = set(), {}
 
     def _journal_records(self) -> Iterator[list[Any]]:
         try:
@@ -154,8 +163,15 @@ class StateStore:
         op = record[0]
         if op == "set":
             self.base[record[1]] = _base_entry(record[2:])
+            self.sending.pop(record[1], None)
         elif op == "del":
             self.base.pop(record[1], None)
+            self.sending.pop(record[1], None)
+        elif op == "sending":
+            _, path, size, digest, executable = record
+            self.sending[path] = (size, digest, executable)
+        elif op == "sending-end":
+            self.sending.pop(record[1], None)
         elif op == "hash":
             _, path, size, mtime_ns, inode, digest = record
             self.hash_cache[path] = (size, mtime_ns, inode, digest)
@@ -235,6 +251,18 @@ class StateStore:
             self.hash_cache = entries
             self._dirty = True
 
+    def write_sending(self, path: str, size: int, digest: str, executable: bool) -> None:
+        """Before a write that creates or replaces an object is sent (PUT, Complete). Its
+        outcome (set_base, or write_settled) ends it. Reaching the OS is enough: kill -9 is
+        the failure this is for, and a lost answer before a node crash only costs the
+        conflict copy the record would have spared."""
+        self._record(["sending", path, size, digest, executable])
+
+    def write_settled(self, path: str) -> None:
+        """The write of `path` did not land (or another writer's version replaced it)."""
+        if path in self.sending:
+            self._record(["sending-end", path])
+
     async def upload_creating(self, key: str) -> None:
         """Durable before CreateMultipartUpload is sent: the server may create the upload and
         we die (or lose its answer) before its id is recorded; the next run then aborts the
@@ -271,6 +299,7 @@ class StateStore:
             "hashes": self.hash_cache,
             "open_uploads": self.open_uploads,
             "creating": sorted(self.creating),
+            "sending": {path: list(fields) for path, fields in self.sending.items()},
         }
         tmp = self.snapshot_path.with_name(f"state.json.tmp-{os.getpid()}")
         with open(tmp, "w") as handle:

@@ -207,6 +207,8 @@ class SyncEngine:
         scanned, listing = await asyncio.gather(
             self._scan(path_filter), self._list(store, path_filter)
         )
+        if self.state.sending:
+            await self._settle_pending_writes(store, listing.objects, path_filter)
         base = {p: e for p, e in self.state.base.items() if path_filter.wants(p)}
         # Hashes only where a decision needs one: a file with no BASE entry and no object at
         # its path is sent whatever it holds, and its upload hashes the bytes it sends (a
@@ -321,6 +323,42 @@ class SyncEngine:
             return "", [], [FileError(SYNCIGNORE, why)]
         text, problems = parse_syncignore(data)
         return text, [FileError(SYNCIGNORE, problem) for problem in problems], []
+
+    async def _settle_pending_writes(
+        self, store: ObjectStore, remote: dict[str, RemoteObject], path_filter: PathFilter
+    ) -> None:
+        """Writes a killed run sent without learning their outcome: where the object now
+        holds exactly what was sent (our hash and mode in its metadata), it is our own write
+        and becomes BASE, so an edit made since is not taken for a conflict with ourselves.
+        One HEAD per such write, only after an interrupted run."""
+        state = self.state
+
+        async def settle(path: str, size: int, digest: str, executable: bool) -> None:
+            obj = remote.get(path)
+            if obj is None or obj.size != size:
+                state.write_settled(path)  # it did not land, or was replaced since
+                return
+            try:
+                info = await store.head(obj.key)
+            except S3Error as exc:
+                log.warning("%s: HEAD failed (%s); will ask again next sync", obj.key, exc)
+                return
+            mode_ok = (info.metadata.get(META_MODE) == "755") == executable
+            if info.metadata.get(META_HASH) == digest and mode_ok:
+                log.info("%s: the write an interrupted run sent had landed; recorded", obj.key)
+                state.set_base(
+                    path, BaseEntry(size, digest, (obj.etag,), executable, obj.last_modified)
+                )
+            else:
+                state.write_settled(path)
+
+        await gather_or_cancel(
+            [
+                settle(path, *sent)
+                for path, sent in list(state.sending.items())
+                if path_filter.wants(path)
+            ]
+        )
 
     async def _abort_leftover_uploads(self, store: ObjectStore) -> None:
         """Multipart uploads a killed run started and never ended: abort, never orphan."""

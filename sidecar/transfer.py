@@ -557,6 +557,7 @@ class Transfers:
         local = LocalFile(
             local.size, local.mtime_ns, local.inode, local.executable, content_hash_bytes(data)
         )
+        self.state.write_sending(relpath, local.size, local.hash, local.executable)
         written = await self.store.put(
             key, data, metadata_for(local), if_match=if_match, if_none_match=if_match is None
         )
@@ -591,6 +592,7 @@ class Transfers:
                 os.close(fd)
             if not self._unchanged(relpath, local):
                 return None  # never complete an object that may mix two versions
+            self.state.write_sending(relpath, local.size, local.hash, local.executable)
             written = await self.store.complete_multipart(
                 key,
                 upload_id,

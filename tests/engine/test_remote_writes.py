@@ -385,3 +385,53 @@ async def test_a_conditional_put_reset_on_a_reused_connection_is_checked_not_res
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
     again = await sync(config(bucket, local, workdir / "s"), FIN)
     assert again.ok and again.files_transferred == 0, again.as_dict()
+
+
+@pytest.mark.parametrize("size", [100, 6 * MiB], ids=["single-part", "multipart"])
+@pytest.mark.parametrize("known", [True, False], ids=["replaced", "new"])
+async def test_a_write_applied_just_before_the_run_died_is_not_a_conflict_with_ourselves(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int, known: bool
+) -> None:
+    """The run dies after the server applied a write and before its answer came: the next
+    finalize, after the user edited the file again, must take the object for our own write
+    (it holds our hash), not keep it as a `.conflict-` copy (issue 9, kill -9 suite)."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    if known:
+        write(local / "a.bin", os.urandom(size))
+        assert (await sync(cfg, FIN)).ok
+    sent = os.urandom(size + 1)
+    write(local / "a.bin", sent)
+    applied = asyncio.Event()
+
+    def dying(real: Any) -> Any:
+        async def write_then_hang(self: ObjectStore, *args: Any, **kwargs: Any) -> Any:
+            await real(self, *args, **kwargs)
+            applied.set()
+            await asyncio.Event().wait()  # the answer never reaches us: we are killed
+
+        return write_then_hang
+
+    real_put, real_complete = ObjectStore.put, ObjectStore.complete_multipart
+    monkeypatch.setattr(ObjectStore, "put", dying(real_put))
+    monkeypatch.setattr(ObjectStore, "complete_multipart", dying(real_complete))
+    running = asyncio.ensure_future(sync(cfg, FIN))
+    await asyncio.wait_for(applied.wait(), 30)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    monkeypatch.setattr(ObjectStore, "put", real_put)
+    monkeypatch.setattr(ObjectStore, "complete_multipart", real_complete)
+    assert s3.get_object(Bucket=bucket, Key="vol/a.bin")["Body"].read() == sent
+
+    edited = os.urandom(size + 2)
+    write(local / "a.bin", edited)
+    result = await sync(cfg, FIN)
+    assert result.ok and not result.conflicts, result.as_dict()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["vol/a.bin"]
+    assert s3.get_object(Bucket=bucket, Key="vol/a.bin")["Body"].read() == edited
+    again = await sync(cfg, FIN)
+    assert again.ok and again.files_transferred == 0, again.as_dict()
