@@ -300,6 +300,10 @@ def _drop_type_clashes(
                 )
                 continue
         kept.append(action)
+    # A conflict whose write was dropped was not resolved: no copy was made, so none may be
+    # reported (the errors say why nothing moved).
+    dropped = {a.path for a in out.actions} - {a.path for a in kept}
+    out.conflicts = [c for c in out.conflicts if c.path not in dropped]
     out.actions = kept
 
 

@@ -384,3 +384,14 @@ def test_conflict_copies_of_one_plan_get_distinct_names() -> None:
     )
     copies = [a.conflict_copy for a in result.actions]
     assert len(set(copies)) == 2 and not set(copies) & set(paths)
+
+
+@pytest.mark.parametrize("direction", [PULL, FIN])
+def test_a_conflict_a_clash_leaves_unresolved_reports_no_copy(direction: Direction) -> None:
+    """Both sides changed 'd', and the bucket also holds 'd/x': the clash stops the write, so
+    no copy is made and none may be reported (found by tests/engine/test_model_based.py)."""
+    remote = {"d": ro("e-remote", 5), "d/x": ro("e1")}
+    result = plan(direction, {"d": lf("h-local", 4)}, remote, {}, NOW)
+    assert not [a for a in result.actions if a.path == "d"]
+    assert [c for c in result.conflicts if c.copy] == []
+    assert result.errors
