@@ -69,11 +69,11 @@ QUIET_SECONDS = 1.0  # the server is done with a dead process's requests once th
 # test_kill_after_the_server_created_an_upload_leaves_no_orphan. While True, the final orphan
 # check leaves out uploads the journal never recorded.
 CREATE_WINDOW_OPEN = False
-# PULL_RECORDS (open, item 3 regressed by item 4's batching in 26c69ac): a pull's BASE records
-# wait for a later record or the end of the sync (folder.Durability has no timer), so kill -9
-# during a long download loses records of files placed seconds earlier. While True, such files
-# are counted and left alone by A's edits instead of failing the run.
-PULL_RECORDS_OPEN = True
+# PULL_RECORDS (fixed in 2a564b7; item 3 regressed by item 4's batching in 26c69ac): a pull's
+# BASE records waited for a later record or the end of the sync, so kill -9 during a long
+# download lost records of files placed seconds earlier. While True, such files are counted
+# and left alone by A's edits instead of failing the run.
+PULL_RECORDS_OPEN = False
 # KNOWN_WINDOW (open): a kill after the server applied a write but before its answer reached
 # the sidecar leaves an object the journal cannot know about (no record is written before the
 # request). Rerun as it is, it is adopted (same bytes); but if the user edits that file first,
@@ -325,7 +325,7 @@ class Chaos(World):
         lines = [
             f"kill -9 suite, CHAOS_SEED={self.seed}: {len(self.kills)} runs; "
             f"{len(self.unrecorded)} upload(s) whose id never reached the journal (CREATE_WINDOW), "
-            f"{self.lost_pull_records} pull record(s) lost (PULL_RECORDS, open)"
+            f"{self.lost_pull_records} pull record(s) lost (PULL_RECORDS)"
         ]
         for (verb, trigger, killed), count in sorted(counts.items()):
             lines.append(f"  {verb:9} {trigger:10} {'killed' if killed else 'ended':7} {count:4}")
