@@ -1,4 +1,4 @@
-"""sidecar.http11 against scripted loopback servers: framing, keep-alive, and every way a
+"""sidecar.s3.http11 against scripted loopback servers: framing, keep-alive, and every way a
 server can break an exchange (each must surface as a retryable OSError, never as data)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
-from sidecar.http11 import AnswerLost, ConnectError, ConnectionPool, ProtocolError, _Connection
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error
+from sidecar.s3.http11 import AnswerLost, ConnectError, ConnectionPool, ProtocolError, _Connection
 from sidecar.sync import SyncEngine
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from sidecar.hashing import content_hash_bytes
-from sidecar.http11 import ConnectionPool
 from sidecar.s3 import META_HASH, ObjectStore
+from sidecar.s3.http11 import ConnectionPool
 from sidecar.transfer import Transfers
 from tests.conftest import S3Server
 from tests.engine.faultproxy import Fault, FaultProxy, Request

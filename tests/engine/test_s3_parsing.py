@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.s3 import _http_error, _parse_listing, decode_listed_key
+from sidecar.s3.store import _http_error, _parse_listing, decode_listed_key
 
 
 def test_listed_keys_decode_like_botocore() -> None:

@@ -11,7 +11,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from sidecar.core.sigv4 import Signer
+from sidecar.s3.sigv4 import Signer
 
 NOW = datetime(2026, 11, 23, 9, 15, 30, tzinfo=UTC)
 
@@ -47,7 +47,7 @@ def botocore_authorization(
 def test_signature_matches_botocore(
     method: str, path: str, query: dict[str, str], headers: dict[str, str], token: str | None
 ) -> None:
-    from sidecar.core.sigv4 import canonical_query, uri_encode_path
+    from sidecar.s3.sigv4 import canonical_query, uri_encode_path
 
     host = "127.0.0.1:9000"
     url = f"http://{host}{uri_encode_path(path)}"

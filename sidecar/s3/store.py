@@ -1,4 +1,4 @@
-"""The S3 client wrapper: the only module that imports aiobotocore.
+"""The object store: every S3 request the sidecar makes (the only module that imports aiobotocore).
 
 Every request goes through one semaphore (`--concurrency` slots shared by all files), is
 retried on throttling, 5xx, timeouts and resets (backoff + jitter), and fails as an S3Error
@@ -22,8 +22,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
-from sidecar.core.sigv4 import Signer, canonical_query, uri_encode_path
-from sidecar.http11 import DEADLINE_RATE, ConnectError, ConnectionPool, Proxy, Response
+from sidecar.s3.http11 import DEADLINE_RATE, ConnectError, ConnectionPool, Proxy, Response
+from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
 T = TypeVar("T")
 
@@ -249,8 +249,8 @@ def credentials_fingerprint() -> tuple[float, ...]:
 class ObjectStore:
     """One bucket. Use as an async context manager.
 
-    Per-object hot operations (list, HEAD, GET, PUT, UploadPart) go over sidecar.http11's
-    kept-alive connections, signed by sidecar.core.sigv4: botocore spends ~1.7 ms of CPU per
+    Per-object hot operations (list, HEAD, GET, PUT, UploadPart) go over sidecar.s3.http11's
+    kept-alive connections, signed by sidecar.s3.sigv4: botocore spends ~1.7 ms of CPU per
     request and aiohttp's client ~0.26 ms, which caps a 2-core pod at a few hundred small
     files per second. Credentials still come from botocore's provider chain (env, files,
     IRSA...), and the rare multi-step operations (create/complete/abort multipart, copy,
