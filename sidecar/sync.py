@@ -43,12 +43,11 @@ from sidecar.core.units import format_bytes
 from sidecar.hashing import md5_file, new_content_hasher
 from sidecar.lock import LockBusy, SyncLock
 from sidecar.s3 import (
-    META_HASH,
-    META_MODE,
     ClientSettings,
     ObjectStore,
     S3Error,
     credentials_fingerprint,
+    read_labels,
 )
 from sidecar.scan import ScanResult, hash_files, scan
 from sidecar.state import StateError, StateStore, state_path_for
@@ -343,8 +342,8 @@ class SyncEngine:
             except S3Error as exc:
                 log.warning("%s: HEAD failed (%s); will ask again next sync", obj.key, exc)
                 return
-            mode_ok = (info.metadata.get(META_MODE) == "755") == executable
-            if info.metadata.get(META_HASH) == digest and mode_ok:
+            labels = read_labels(info.metadata)
+            if labels.hash == digest and labels.executable == executable:
                 log.info("%s: the write an interrupted run sent had landed; recorded", obj.key)
                 state.set_base(
                     path, BaseEntry(size, digest, (obj.etag,), executable, obj.last_modified)
@@ -453,11 +452,10 @@ class SyncEngine:
             except S3Error as exc:
                 log.warning("%s: HEAD failed (%s); treating its content as unknown", obj.key, exc)
                 return
-            digest = info.metadata.get(META_HASH)
+            labels = read_labels(info.metadata)
+            digest = labels.hash
             if digest:
-                remote[path] = replace(
-                    obj, hash=digest, executable=info.metadata.get(META_MODE) == "755"
-                )
+                remote[path] = replace(obj, hash=digest, executable=labels.executable)
             elif path not in local:
                 return  # asked for the mode and hash only (planner.needs_remote_hash)
             elif _PLAIN_MD5.match(obj.etag) and not info.etag_is_opaque:

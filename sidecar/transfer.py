@@ -42,13 +42,12 @@ from sidecar.hashing import (
     new_content_hasher,
 )
 from sidecar.s3 import (
-    META_HASH,
-    META_MODE,
-    META_MTIME,
     ObjectStore,
     S3Error,
     Written,
     backoff,
+    labels_for,
+    read_labels,
 )
 from sidecar.state import StateStore
 
@@ -134,11 +133,7 @@ def _mode_for(executable: bool, umask: int) -> int:
 
 
 def metadata_for(local: LocalFile) -> dict[str, str]:
-    return {
-        META_HASH: local.hash,
-        META_MTIME: str(local.mtime_ns),
-        META_MODE: "755" if local.executable else "644",
-    }
+    return labels_for(local.hash, local.mtime_ns, local.executable)
 
 
 class Transfers:
@@ -234,17 +229,17 @@ class Transfers:
                         metadata, digest = await self._get_whole(fd, remote)
                 except OSError as exc:
                     raise TransferError(relpath, _os_reason("cannot write", exc)) from None
-                expected = metadata.get(META_HASH)
+                labels = read_labels(metadata)
+                expected = labels.hash
                 if expected and expected != digest:
                     raise TransferError(
                         relpath,
                         f"content hash mismatch after download (got {digest}, object says "
                         f"{expected}); the local file was left untouched",
                     )
-                os.fchmod(fd, _mode_for(metadata.get(META_MODE) == "755", self._umask))
-                mtime = metadata.get(META_MTIME)
-                if mtime and mtime.isdigit():
-                    os.utime(fd, ns=(int(mtime), int(mtime)))
+                os.fchmod(fd, _mode_for(labels.executable, self._umask))
+                if labels.mtime_ns is not None:
+                    os.utime(fd, ns=(labels.mtime_ns, labels.mtime_ns))
                 # The bytes reach the disk before the name does (and so before BASE).
                 await self._in_thread(os.fsync, fd)
             finally:

@@ -2,32 +2,37 @@
 
 The rest of the sidecar sees the bucket through this package's public face: ObjectStore
 (list, head, get, put, multipart, copy, delete), what it returns (ObjectInfo, Written), its
-one error type (S3Error), its settings, and the object-metadata names. The signer
-(`sigv4`), the HTTP/1.1 client (`http11`) and botocore/aiobotocore stay inside.
+one error type (S3Error), its settings, and the object-metadata format (labels_for,
+read_labels). Inside: the signer (sigv4), the HTTP/1.1 client (http11), endpoint and
+credentials (endpoint), errors and retries (errors), listing parsing (listing), and
+botocore/aiobotocore, imported lazily by the store alone.
 """
 
-from sidecar.s3.store import (
+from sidecar.s3.endpoint import credentials_fingerprint
+from sidecar.s3.errors import S3Error, backoff
+from sidecar.s3.metadata import (
     META_HASH,
     META_MODE,
     META_MTIME,
-    ClientSettings,
-    ObjectInfo,
-    ObjectStore,
-    S3Error,
-    Written,
-    backoff,
-    credentials_fingerprint,
+    Labels,
+    labels_for,
+    read_labels,
 )
+from sidecar.s3.objects import ObjectInfo, Written
+from sidecar.s3.store import ClientSettings, ObjectStore
 
 __all__ = [
     "META_HASH",
     "META_MODE",
     "META_MTIME",
     "ClientSettings",
+    "Labels",
     "ObjectInfo",
     "ObjectStore",
     "S3Error",
     "Written",
     "backoff",
     "credentials_fingerprint",
+    "labels_for",
+    "read_labels",
 ]

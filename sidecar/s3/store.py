@@ -9,20 +9,29 @@ environment never pays its ~0.3 s import.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
-import random
-import re
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import unquote, unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
-from sidecar.s3.http11 import DEADLINE_RATE, ConnectError, ConnectionPool, Proxy, Response
+from sidecar.s3 import metadata as meta
+from sidecar.s3.endpoint import endpoint_from_env, proxy_from_env, signed_host, ssl_context
+from sidecar.s3.errors import (
+    HTTP_TRANSIENT,
+    NOT_IMPLEMENTED_CODES,
+    RETRY_CODES,
+    RETRY_STATUSES,
+    S3Error,
+    backoff,
+    error_from,
+    http_error,
+)
+from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response
+from sidecar.s3.listing import listing_entries, listing_token
+from sidecar.s3.objects import ObjectInfo, Written, answer_seconds, unquote_etag
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
 T = TypeVar("T")
@@ -31,175 +40,12 @@ USER_AGENT = "netvol-sidecar"
 # Per body stream; a recv fills at most this much at once, and only touched pages count.
 READ_BUFFER_BYTES = 256 * 1024
 
-# User-metadata names (x-amz-meta-*) we store with every object we write.
-META_HASH = "xxh3-128"
-META_MTIME = "mtime-ns"
-META_MODE = "mode"
-
-FATAL_CODES = {
-    "InvalidAccessKeyId": "the access key is not known to the server (check AWS_ACCESS_KEY_ID)",
-    "SignatureDoesNotMatch": "the secret key is wrong (check AWS_SECRET_ACCESS_KEY)",
-    "AccessDenied": "access denied (check the keys' permissions on the bucket)",
-    "ExpiredToken": "the credentials have expired",
-    "InvalidToken": "the session token is invalid",
-    "NoSuchBucket": "the bucket does not exist",
-}
-PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-NOT_IMPLEMENTED_CODES = {"NotImplemented", "501"}
-BOTOCORE_CONDITION_PARAMS = {"If-Match": "IfMatch", "If-None-Match": "IfNoneMatch"}
-STREAM_RETRY_CODES = {
-    "ShortRead",
-    "Timeout",
-    "ResponseStreamingError",
-    "AioReadTimeoutError",
-    "ReadTimeoutError",
-    "ClientPayloadError",
-    "ServerDisconnectedError",
-    "ConnectionResetError",
-    "IncompleteReadError",
-    "ProtocolError",
-    "BrokenPipeError",
-}
-
-
-class S3Error(Exception):
-    def __init__(self, key: str, code: str, message: str, fatal: bool = False) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.code = code
-        self.message = message
-        self.fatal = fatal
-        # The answer came to a retry: an earlier attempt may have been applied by the server
-        # with its answer lost (a reset), so a 412 may be our own write.
-        self.retried = False
-
-    @property
-    def precondition_failed(self) -> bool:
-        return self.code in PRECONDITION_CODES
-
-    @property
-    def not_found(self) -> bool:
-        return self.code in ("NoSuchKey", "404", "NotFound")
-
-    @property
-    def retryable_stream(self) -> bool:
-        """A failure mid-body that botocore cannot retry for us (it only retries requests)."""
-        return self.code in STREAM_RETRY_CODES
-
-
-def _error_from(key: str, exc: BaseException) -> S3Error:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(
-            error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        )
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        text = error.get("Message") or code
-        if code in FATAL_CODES:
-            return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {text})", fatal=True)
-        failed = S3Error(key, code, f"{code} (HTTP {status}): {text}")
-        failed.retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
-        return failed
-    if isinstance(exc, NoCredentialsError):
-        return S3Error(
-            key, "NoCredentials", "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET", fatal=True
-        )
-    if isinstance(exc, EndpointConnectionError | ConnectError):
-        return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
-    if isinstance(exc, asyncio.TimeoutError):
-        why = f" ({exc})" if str(exc) else ""
-        return S3Error(key, "Timeout", f"the server did not answer in time{why}")
-    return S3Error(key, type(exc).__name__, str(exc) or type(exc).__name__)
-
-
-HTTP_TRANSIENT = (OSError, asyncio.TimeoutError)  # http11 raises only these
 COPY_MAX_BYTES = 5 * 1024**3  # the most one CopyObject moves
-RETRY_STATUSES = {429, 500, 502, 503, 504}
-RETRY_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
-STATUS_CODES = {
-    400: "BadRequest",
-    403: "AccessDenied",
-    404: "NotFound",
-    409: "ConditionalRequestConflict",
-    412: "PreconditionFailed",
-    501: "NotImplemented",
-}
-_XML_CODE = re.compile(rb"<Code>([^<]*)</Code>")
-_XML_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
-
-
-def _http_error(key: str, status: int, body: bytes) -> S3Error:
-    """An S3Error from an HTTP error answer (HEAD answers carry no body: use the status)."""
-    found = _XML_CODE.search(body)
-    code = found.group(1).decode() if found else STATUS_CODES.get(status, str(status))
-    found = _XML_MESSAGE.search(body)
-    message = found.group(1).decode(errors="replace") if found else code
-    if code in FATAL_CODES:
-        return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True)
-    return S3Error(key, code, f"{code} (HTTP {status}): {message}")
-
-
-def _metadata(headers: Any) -> dict[str, str]:
-    return {
-        name[11:].lower(): value
-        for name, value in headers.items()
-        if name[:11].lower() == "x-amz-meta-"
-    }
-
-
-def decode_listed_key(raw: str, url_encoded: bool) -> str:
-    """Keys listed with encoding-type=url; invalid UTF-8 survives as surrogates, which the
-    path rules then reject by name (botocore would silently turn them into U+FFFD)."""
-    if not url_encoded:
-        return raw
-    # Form encoding, as botocore's unquote_plus: '+' is a space, a real '+' comes as %2B.
-    return unquote_to_bytes(raw.replace("+", " ")).decode("utf-8", "surrogateescape")
-
-
-def unquote_etag(etag: str) -> str:
-    return etag.strip().strip('"')
-
-
-def answer_seconds(headers: Mapping[str, str]) -> int:
-    """The server's clock when it answered (its Date header), in whole seconds since the
-    epoch; 0 when absent or unreadable."""
-    value = headers.get("date")
-    if not value:
-        return 0
-    try:
-        return int(parsedate_to_datetime(value).timestamp())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return 0
-
+BOTOCORE_CONDITION_PARAMS = {"If-Match": "IfMatch", "If-None-Match": "IfNoneMatch"}
 
 # Server-side encryption that makes the ETag something other than the MD5 of the bytes
 # (SSE-S3, "AES256", keeps the MD5; SSE-KMS, DSSE-KMS and SSE-C do not).
 _OPAQUE_ETAG_ENCRYPTION = ("aws:kms", "aws:kms:dsse")
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str  # unquoted
-    metadata: dict[str, str]
-    last_modified: str = ""  # listings only
-    # HEAD only: the object is encrypted so that its ETag is not the MD5 of its bytes
-    # (SSE-KMS, DSSE-KMS, SSE-C).
-    etag_is_opaque: bool = False
-    modified_seconds: int = 0  # HEAD only: Last-Modified, seconds since the epoch
-
-
-@dataclass(frozen=True, slots=True)
-class Written:
-    """What the answer to one of our writes said: the ETag, and the server's clock when it
-    answered (seconds since the epoch, 0 when unknown). A listing's LastModified later than
-    `at` is another writer's, even when that writer kept the ETag (a metadata rewrite)."""
-
-    etag: str
-    at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,27 +69,6 @@ class ClientSettings:
         per_attempt = self.base_seconds + expected_bytes / self.deadline_rate
         backoffs = sum(min(20, 2**i) for i in range(self.max_attempts - 1))
         return self.max_attempts * per_attempt + backoffs
-
-
-def endpoint_from_env() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def credentials_fingerprint() -> tuple[float, ...]:
-    """mtimes of the files botocore reads keys from: a change means the Secret rotated."""
-    stamps: list[float] = []
-    for variable in (
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "AWS_CONFIG_FILE",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ):
-        path = os.environ.get(variable)
-        if path:
-            try:
-                stamps.append(os.stat(path).st_mtime)
-            except OSError:
-                stamps.append(-1.0)
-    return tuple(stamps)
 
 
 class ObjectStore:
@@ -292,7 +117,7 @@ class ObjectStore:
             connect_timeout=self.settings.connect_timeout,
             read_timeout=self.settings.read_timeout,
             max_idle=self.settings.concurrency,
-            ssl_context=_ssl_context() if scheme == "https" else None,
+            ssl_context=ssl_context() if scheme == "https" else None,
             proxy=proxy_from_env(scheme, host),
             deadline_base=self.settings.base_seconds,
             deadline_rate=self.settings.deadline_rate,
@@ -377,7 +202,7 @@ class ObjectStore:
                     f"the endpoint {endpoint!r} has a bad port",
                     fatal=True,
                 ) from None
-            self._host = _signed_host(scheme, parts.netloc)
+            self._host = signed_host(scheme, parts.netloc)
             self._path_prefix = f"/{self.bucket}"
             return scheme, parts.hostname, port
         host = f"{self.bucket}.s3.{region}.amazonaws.com"
@@ -430,7 +255,7 @@ class ObjectStore:
                 response = await self._pool.request(method, target, signed, data)
             except HTTP_TRANSIENT as exc:
                 if attempt + 1 == attempts or getattr(exc, "permanent", False):
-                    raise _error_from(name, exc) from exc
+                    raise error_from(name, exc) from exc
                 self.retries += 1
                 await backoff(attempt)
                 continue
@@ -438,7 +263,7 @@ class ObjectStore:
                 return response
             body = await _read_all(response)
             response.release()
-            error = _http_error(name, response.status, body)
+            error = http_error(name, response.status, body)
             if (response.status in RETRY_STATUSES or error.code in RETRY_CODES) and (
                 attempt + 1 < attempts
             ):
@@ -470,9 +295,9 @@ class ObjectStore:
                     )
             except ClientError as exc:
                 self.retries += exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-                raise _error_from(key, exc) from exc
+                raise error_from(key, exc) from exc
             except (BotoCoreError, *HTTP_TRANSIENT) as exc:
-                raise _error_from(key, exc) from exc
+                raise error_from(key, exc) from exc
             finally:
                 self.in_flight -= 1
         self.retries += response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
@@ -491,10 +316,10 @@ class ObjectStore:
             while True:
                 body = await fetch
                 try:
-                    token = _listing_token(body)
+                    token = listing_token(body)
                     if token:
                         fetch = asyncio.ensure_future(self._list_page(prefix, token))
-                    page = _listing_entries(body)
+                    page = listing_entries(body)
                 except ValueError as exc:
                     raise S3Error(name, "BadListing", f"unreadable listing page: {exc}") from None
                 yield page
@@ -515,7 +340,7 @@ class ObjectStore:
                 try:
                     return await response.read_all()
                 except HTTP_TRANSIENT as exc:
-                    raise _error_from(prefix or "/", exc) from exc
+                    raise error_from(prefix or "/", exc) from exc
                 finally:
                     response.release()
             finally:
@@ -535,7 +360,7 @@ class ObjectStore:
             key,
             int(headers.get("content-length", "0")),
             unquote_etag(headers.get("etag", "")),
-            _metadata(headers),
+            meta.from_headers(headers),
             etag_is_opaque=(
                 headers.get("x-amz-server-side-encryption", "").lower() in _OPAQUE_ETAG_ENCRYPTION
                 or "x-amz-server-side-encryption-customer-algorithm" in headers
@@ -572,12 +397,12 @@ class ObjectStore:
                         while count := await response.read_into(view):
                             sink(view[:count])
                 except HTTP_TRANSIENT as exc:
-                    raise _error_from(key, exc) from exc
+                    raise error_from(key, exc) from exc
                 finally:
                     response.release()
                     if buffer is not None and len(self._read_buffers) < self.settings.concurrency:
                         self._read_buffers.append(buffer)
-                return _metadata(response.headers)
+                return meta.from_headers(response.headers)
             finally:
                 self.in_flight -= 1
 
@@ -611,7 +436,7 @@ class ObjectStore:
                         filled += 1  # more than asked for: reported below
                 except HTTP_TRANSIENT as exc:
                     received(-filled)
-                    raise _error_from(key, exc) from exc
+                    raise error_from(key, exc) from exc
                 finally:
                     response.release()
             finally:
@@ -623,7 +448,7 @@ class ObjectStore:
                     key, "RangeIgnored", f"asked for {length} bytes, the server sent more"
                 )
             raise S3Error(key, "ShortRead", f"expected {length} bytes, got {filled}")
-        return _metadata(response.headers)
+        return meta.from_headers(response.headers)
 
     # ---- writing ---------------------------------------------------------------------
     def _conditions(self, if_match: str | None, if_none_match: bool) -> dict[str, str]:
@@ -678,7 +503,7 @@ class ObjectStore:
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> Written:
-        headers = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
+        headers = meta.to_headers(metadata)
         headers["Content-Type"] = "application/octet-stream"
 
         async def write(conditions: dict[str, str]) -> Written:
@@ -877,130 +702,8 @@ def _botocore_date(response: dict[str, Any]) -> int:
     return answer_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
 
 
-def _signed_host(scheme: str, netloc: str) -> str:
-    """The Host header as the HTTP client sends it: default ports are left out."""
-    if (scheme == "http" and netloc.endswith(":80")) or (
-        scheme == "https" and netloc.endswith(":443")
-    ):
-        return netloc.rsplit(":", 1)[0]
-    return netloc
-
-
-def proxy_from_env(scheme: str, host: str) -> Proxy | None:
-    """The proxy for scheme://host from HTTP(S)_PROXY and NO_PROXY, as botocore (and curl)
-    read them, so every request of a sync takes the same way out of the pod."""
-    if not any(name.lower() in ("http_proxy", "https_proxy") for name in os.environ):
-        return None  # the common case: no proxy, and no urllib.request import (~10 ms)
-    from urllib.request import getproxies_environment, proxy_bypass_environment
-
-    proxies = getproxies_environment()
-    url = proxies.get(scheme)
-    if not url or proxy_bypass_environment(host, proxies):
-        return None
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname:
-        raise S3Error(
-            host,
-            "BadProxy",
-            f"the {scheme.upper()}_PROXY {url!r} is not an http:// proxy URL "
-            "(TLS to the proxy itself is not supported)",
-            fatal=True,
-        )
-    authorization = None
-    if parts.username is not None:
-        user, password = unquote(parts.username), unquote(parts.password or "")
-        authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-    return Proxy(parts.hostname, parts.port or 80, authorization)
-
-
-def _ssl_context() -> ssl.SSLContext:
-    """Verified TLS with the system's CAs, or AWS_CA_BUNDLE's as botocore would use."""
-    return ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
-
-
 async def _read_all(response: Response) -> bytes:
     try:
         return await response.read_all()
     except HTTP_TRANSIENT:
         return b""
-
-
-async def backoff(attempt: int) -> None:
-    """Exponential backoff with full jitter (0.1 s, 0.2 s, 0.4 s ... capped at 5 s)."""
-    await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
-
-
-# ListObjectsV2 answers are read with a few regular expressions rather than an XML tree:
-# ElementTree spent ~11 us per listed object (half of a no-op sync of 5,000 files); this
-# takes ~3. What a tree would have caught is checked instead: the root element, KeyCount
-# against the entries found, and a truncated page that names no continuation token.
-_LISTING_ROOT = re.compile(rb"<ListBucketResult[\s>]")
-_CONTENTS_FIELD = re.compile(rb"<(Key|Size|ETag|LastModified)>([^<]*)<|</Contents>")
-_ENTITY = re.compile(r"&(#[0-9]+|#x[0-9a-fA-F]+|amp|lt|gt|quot|apos);")
-_NAMED_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
-
-
-def _top_level(body: bytes, name: bytes) -> bytes | None:
-    """The text of the first <name> element outside the Contents entries (S3 puts these
-    before the entries, but servers differ: look at the end too)."""
-    pattern = re.compile(b"<" + name + b">([^<]*)</" + name + b">")
-    head = body.split(b"<Contents>", 1)[0]
-    found = pattern.search(head) or pattern.search(body.rsplit(b"</Contents>", 1)[-1])
-    return found.group(1) if found else None
-
-
-def _xml_text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "surrogateescape")
-    return _ENTITY.sub(_entity, text) if "&" in text else text
-
-
-def _entity(match: re.Match[str]) -> str:
-    name = match.group(1)
-    if name[0] != "#":
-        return _NAMED_ENTITIES[name]
-    return chr(int(name[2:], 16) if name[1] == "x" else int(name[1:]))
-
-
-def _listing_token(body: bytes) -> str | None:
-    """The continuation token of a truncated page; None on the last page."""
-    if not _LISTING_ROOT.search(body[:4096]):
-        raise ValueError(f"not a ListBucketResult: {body[:120]!r}")
-    truncated = (_top_level(body, b"IsTruncated") or b"").strip().lower() == b"true"
-    if not truncated:
-        return None
-    token = _top_level(body, b"NextContinuationToken")
-    if not token:
-        raise ValueError("a truncated page without a NextContinuationToken")
-    return _xml_text(token)
-
-
-def _listing_entries(body: bytes) -> list[ObjectInfo]:
-    url_encoded = (_top_level(body, b"EncodingType") or b"").strip().lower() == b"url"
-    page = []
-    fields: dict[bytes, bytes] = {}
-    first = body.find(b"<Contents>")
-    # One pass over the fields of every entry; each </Contents> closes one.
-    for match in _CONTENTS_FIELD.finditer(body, first if first >= 0 else len(body)):
-        name = match.group(1)
-        if name is not None:
-            fields[name] = match.group(2)
-            continue
-        page.append(
-            ObjectInfo(
-                decode_listed_key(_xml_text(fields.get(b"Key", b"")), url_encoded),
-                int(fields.get(b"Size") or 0),
-                unquote_etag(_xml_text(fields.get(b"ETag", b""))),
-                {},
-                fields.get(b"LastModified", b"").decode("ascii", "replace"),
-            )
-        )
-        fields = {}
-    key_count = _top_level(body, b"KeyCount")
-    if key_count is not None and key_count.strip().isdigit() and int(key_count) != len(page):
-        raise ValueError(f"KeyCount says {int(key_count)} objects, the page lists {len(page)}")
-    return page
-
-
-def _parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
-    token = _listing_token(body)
-    return _listing_entries(body), token

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.s3.store import _http_error, _parse_listing, decode_listed_key
+from sidecar.s3.errors import http_error
+from sidecar.s3.listing import decode_listed_key, parse_listing
+from sidecar.s3.metadata import Labels, from_headers, labels_for, read_labels, to_headers
 
 
 def test_listed_keys_decode_like_botocore() -> None:
@@ -21,14 +23,14 @@ def test_listing_page_with_namespace_quotes_and_continuation() -> None:
   <Contents><Key>p/a+b.txt</Key><Size>3</Size><ETag>&quot;abc&quot;</ETag></Contents>
   <Contents><Key>p/c</Key><Size>0</Size><ETag>def-2</ETag></Contents>
 </ListBucketResult>"""
-    page, token = _parse_listing(body)
+    page, token = parse_listing(body)
     assert [(o.key, o.size, o.etag) for o in page] == [("p/a b.txt", 3, "abc"), ("p/c", 0, "def-2")]
     assert token == "tok=="
 
 
 def test_last_page_has_no_token() -> None:
     body = b"<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"
-    assert _parse_listing(body) == ([], None)
+    assert parse_listing(body) == ([], None)
 
 
 def test_listing_page_as_rclone_and_other_servers_write_it() -> None:
@@ -39,7 +41,7 @@ def test_listing_page_as_rclone_and_other_servers_write_it() -> None:
     <Owner><ID>x</ID><DisplayName>y</DisplayName></Owner></Contents>
   <Contents><Key>%C3%A9</Key><Size>1</Size><ETag>&#x22;e2&#x22;</ETag></Contents>
 </ListBucketResult>"""
-    page, token = _parse_listing(body)
+    page, token = parse_listing(body)
     assert token is None
     assert [(o.key, o.size, o.etag, o.last_modified) for o in page] == [
         ("a&b <c>.txt", 10, "e1", "2026-11-23T10:00:00.000Z"),
@@ -52,7 +54,7 @@ def test_listing_token_may_follow_the_entries() -> None:
   <Contents><Key>%C3%A9</Key><Size>1</Size><ETag>e</ETag></Contents>
   <IsTruncated>true</IsTruncated><NextContinuationToken>a&amp;b</NextContinuationToken>
 </ListBucketResult>"""
-    page, token = _parse_listing(body)
+    page, token = parse_listing(body)
     assert [o.key for o in page] == ["\u00e9"]
     assert token == "a&b"
 
@@ -72,13 +74,27 @@ def test_listing_token_may_follow_the_entries() -> None:
 )
 def test_damaged_listing_pages_are_refused_not_read_as_empty(body: bytes, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        _parse_listing(body)
+        parse_listing(body)
 
 
 def test_errors_name_the_key_and_mark_credentials_fatal() -> None:
     body = b"<Error><Code>InvalidAccessKeyId</Code><Message>no such key id</Message></Error>"
-    error = _http_error("bucket", 403, body)
+    error = http_error("bucket", 403, body)
     assert error.fatal and "AWS_ACCESS_KEY_ID" in error.message and error.key == "bucket"
-    head_404 = _http_error("p/x", 404, b"")
+    head_404 = http_error("p/x", 404, b"")
     assert head_404.not_found and not head_404.fatal
-    assert _http_error("p/x", 412, b"").precondition_failed
+    assert http_error("p/x", 412, b"").precondition_failed
+
+
+def test_object_labels_round_trip_and_foreign_metadata_says_nothing() -> None:
+    written = labels_for("ab" * 16, 1_700_000_000_123_456_789, True)
+    assert written == {"xxh3-128": "ab" * 16, "mtime-ns": "1700000000123456789", "mode": "755"}
+    headers = {f"X-Amz-Meta-{name.upper()}": value for name, value in written.items()}
+    assert from_headers({**headers, "ETag": '"x"'}) == written
+    assert to_headers(written) == {f"x-amz-meta-{n}": v for n, v in written.items()}
+    assert read_labels(from_headers(headers)) == Labels("ab" * 16, 1_700_000_000_123_456_789, True)
+    # Other tools' objects, or odd values: no claim, never a crash.
+    assert read_labels({}) == Labels(None, None, False)
+    assert read_labels({"xxh3-128": "", "mtime-ns": "-5", "mode": "644"}) == Labels(
+        None, None, False
+    )

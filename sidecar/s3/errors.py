@@ -1,0 +1,121 @@
+"""S3Error, the one error type of the package, and what a failure means: fatal (keys,
+bucket), retryable (throttling, 5xx, timeouts, resets), a precondition that failed.
+
+Every failure of the HTTP client is an OSError or a TimeoutError (HTTP_TRANSIENT); every
+failure of botocore is mapped here too, so callers see one kind of error naming the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+
+from sidecar.s3.http11 import ConnectError
+
+FATAL_CODES = {
+    "InvalidAccessKeyId": "the access key is not known to the server (check AWS_ACCESS_KEY_ID)",
+    "SignatureDoesNotMatch": "the secret key is wrong (check AWS_SECRET_ACCESS_KEY)",
+    "AccessDenied": "access denied (check the keys' permissions on the bucket)",
+    "ExpiredToken": "the credentials have expired",
+    "InvalidToken": "the session token is invalid",
+    "NoSuchBucket": "the bucket does not exist",
+}
+PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+NOT_IMPLEMENTED_CODES = {"NotImplemented", "501"}
+STREAM_RETRY_CODES = {
+    "ShortRead",
+    "Timeout",
+    "ResponseStreamingError",
+    "AioReadTimeoutError",
+    "ReadTimeoutError",
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "ConnectionResetError",
+    "IncompleteReadError",
+    "ProtocolError",
+    "BrokenPipeError",
+}
+
+
+class S3Error(Exception):
+    def __init__(self, key: str, code: str, message: str, fatal: bool = False) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+        # The answer came to a retry: an earlier attempt may have been applied by the server
+        # with its answer lost (a reset), so a 412 may be our own write.
+        self.retried = False
+
+    @property
+    def precondition_failed(self) -> bool:
+        return self.code in PRECONDITION_CODES
+
+    @property
+    def not_found(self) -> bool:
+        return self.code in ("NoSuchKey", "404", "NotFound")
+
+    @property
+    def retryable_stream(self) -> bool:
+        """A failure mid-body that botocore cannot retry for us (it only retries requests)."""
+        return self.code in STREAM_RETRY_CODES
+
+
+def error_from(key: str, exc: BaseException) -> S3Error:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(
+            error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        )
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        text = error.get("Message") or code
+        if code in FATAL_CODES:
+            return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {text})", fatal=True)
+        failed = S3Error(key, code, f"{code} (HTTP {status}): {text}")
+        failed.retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+        return failed
+    if isinstance(exc, NoCredentialsError):
+        return S3Error(
+            key, "NoCredentials", "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET", fatal=True
+        )
+    if isinstance(exc, EndpointConnectionError | ConnectError):
+        return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
+    if isinstance(exc, asyncio.TimeoutError):
+        why = f" ({exc})" if str(exc) else ""
+        return S3Error(key, "Timeout", f"the server did not answer in time{why}")
+    return S3Error(key, type(exc).__name__, str(exc) or type(exc).__name__)
+
+
+HTTP_TRANSIENT = (OSError, asyncio.TimeoutError)  # http11 raises only these
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+STATUS_CODES = {
+    400: "BadRequest",
+    403: "AccessDenied",
+    404: "NotFound",
+    409: "ConditionalRequestConflict",
+    412: "PreconditionFailed",
+    501: "NotImplemented",
+}
+_XML_CODE = re.compile(rb"<Code>([^<]*)</Code>")
+_XML_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+
+
+def http_error(key: str, status: int, body: bytes) -> S3Error:
+    """An S3Error from an HTTP error answer (HEAD answers carry no body: use the status)."""
+    found = _XML_CODE.search(body)
+    code = found.group(1).decode() if found else STATUS_CODES.get(status, str(status))
+    found = _XML_MESSAGE.search(body)
+    message = found.group(1).decode(errors="replace") if found else code
+    if code in FATAL_CODES:
+        return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True)
+    return S3Error(key, code, f"{code} (HTTP {status}): {message}")
+
+
+async def backoff(attempt: int) -> None:
+    """Exponential backoff with full jitter (0.1 s, 0.2 s, 0.4 s ... capped at 5 s)."""
+    await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
