@@ -114,6 +114,8 @@ def _run_once(direction: Direction, config: SyncConfig, dry_run: bool) -> int:
             for action in result.planned:
                 extra = f" (conflict copy: {action.conflict_copy})" if action.conflict_copy else ""
                 print(f"{action.kind}\t{action.path}{extra}")
+        for note in result.notes:
+            print(f"note\t{note}")
         for conflict in result.conflicts:
             print(f"conflict\t{conflict.path}: {conflict.kind}, {conflict.resolution}")
         for error in result.errors:

@@ -63,9 +63,14 @@ class SyncLock:
     """Held from acquire_state() to release(); one per sync run. Both acquisitions share one
     deadline: --lock-timeout from the first."""
 
-    def __init__(self, state_dir: Path, folder: Path, timeout: float) -> None:
+    def __init__(
+        self, state_dir: Path, folder: Path, timeout: float, share_folder: bool = False
+    ) -> None:
         self.state_dir = state_dir
         self.folder = folder
+        # The shards of one sharded sync (--shard) share the folder with each other (their
+        # paths are disjoint, each has its own state lock) and exclude any unsharded sync.
+        self.share_folder = share_folder
         self.timeout = timeout
         self._deadline = 0.0
         self._state_fd: int | None = None
@@ -148,7 +153,8 @@ class SyncLock:
         if self._folder_fd is None:
             self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(self._folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mode = fcntl.LOCK_SH if self.share_folder else fcntl.LOCK_EX
+            fcntl.flock(self._folder_fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         except OSError as exc:

@@ -57,6 +57,8 @@ def _walk(root: Path, path_filter: PathFilter, out: ScanResult) -> dict[str, _St
         for entry in entries:
             rel = f"{reldir}/{entry.name}" if reldir else entry.name
             if is_temp_name(entry.name):
+                if not path_filter.removes_temp(entry.name):
+                    continue
                 try:
                     os.unlink(entry.path)
                     out.temps_removed += 1

@@ -39,10 +39,14 @@ class StateError(RuntimeError):
     pass
 
 
-def state_path_for(state_dir: Path, remote_url: str, local_dir: Path) -> Path:
+def state_path_for(
+    state_dir: Path, remote_url: str, local_dir: Path, shard: str | None = None
+) -> Path:
     """One state folder per (remote, local folder) pair, so a changed --remote never reuses
-    the BASE of another prefix (which would read as 'everything deleted')."""
-    digest = hashlib.sha256(f"{remote_url}\n{local_dir}".encode()).hexdigest()[:16]
+    the BASE of another prefix (which would read as 'everything deleted'); and per shard
+    ("I/N"), as a shard's BASE holds only its own paths."""
+    key = f"{remote_url}\n{local_dir}" + (f"\nshard {shard}" if shard else "")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return state_dir / digest
 
 

@@ -39,6 +39,7 @@ from sidecar.core.paths import BadKey, NamesInUse, folders_of, key_to_relpath, p
 from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
+from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
 from sidecar.core.units import format_bytes
 from sidecar.hashing import md5_file, new_content_hasher
 from sidecar.lock import LockBusy, SyncLock
@@ -66,6 +67,7 @@ class FatalSync(Exception):
 class _Listing:
     objects: dict[str, RemoteObject] = field(default_factory=dict)
     errors: list[FileError] = field(default_factory=list)
+    volume: SizeTally = field(default_factory=SizeTally)  # all shards' objects (--shard)
 
 
 class SyncEngine:
@@ -87,7 +89,12 @@ class SyncEngine:
             read_timeout=float(os.environ.get("SIDECAR_REQUEST_TIMEOUT", "30")),
         )
         self.state = StateStore(
-            state_path_for(config.state_dir, config.remote_url, config.local_dir),
+            state_path_for(
+                config.state_dir,
+                config.remote_url,
+                config.local_dir,
+                str(config.shard) if config.shard else None,
+            ),
             config.remote_url,
             config.local_dir,
         )
@@ -141,6 +148,7 @@ class SyncEngine:
         started = time.monotonic()
         progress = progress or Progress(str(direction), started)
         result = SyncResult(direction, dry_run=dry_run)
+        result.shard = str(self.config.shard) if self.config.shard else None
         retries_at_start = self.retries_total
         try:
             async with self._exclusive(direction, dry_run):
@@ -166,7 +174,12 @@ class SyncEngine:
         up to --lock-timeout for another sync to end. The state is (re)loaded under the lock:
         another process may have synced since our last run (the daemon keeps BASE in memory)."""
         config = self.config
-        lock = SyncLock(self.state.directory, config.local_dir, config.lock_timeout)
+        lock = SyncLock(
+            self.state.directory,
+            config.local_dir,
+            config.lock_timeout,
+            share_folder=config.shard is not None,
+        )
         try:
             await lock.acquire_state(str(direction))
             if not self._state_loaded or self.state.changed_on_disk():
@@ -201,11 +214,14 @@ class SyncEngine:
 
         syncignore_text, syncignore_errors, syncignore_unusable = await self._read_syncignore()
         result.errors.extend(syncignore_errors)
-        path_filter = PathFilter(config.include, config.exclude, syncignore_text)
+        path_filter = ShardFilter(config.include, config.exclude, syncignore_text, config.shard)
         progress.phase = "scanning"
         scanned, listing = await asyncio.gather(
             self._scan(path_filter), self._list(store, path_filter)
         )
+        if config.shard is not None and (limit := listing.volume.limit(config.shard.count)):
+            result.notes.append(limit.message())
+            log.warning("shard %s: %s", config.shard, limit.message())
         if self.state.sending:
             await self._settle_pending_writes(store, listing.objects, path_filter)
         base = {p: e for p, e in self.state.base.items() if path_filter.wants(p)}
@@ -292,6 +308,7 @@ class SyncEngine:
             progress,
             # A conflict copy made during the transfers takes none of these names either.
             names_in_use=NamesInUse(local, remote, {a.conflict_copy for a in actions}),
+            temp_tag=temp_tag(config.shard),
         )
 
     def _prepare_local_dir(self, direction: Direction, dry_run: bool) -> None:
@@ -396,7 +413,7 @@ class SyncEngine:
             log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
         return scanned
 
-    async def _list(self, store: ObjectStore, path_filter: PathFilter) -> _Listing:
+    async def _list(self, store: ObjectStore, path_filter: ShardFilter) -> _Listing:
         listing = _Listing()
         prefix = self.config.prefix
         try:
@@ -407,7 +424,10 @@ class SyncEngine:
                     except BadKey as exc:
                         listing.errors.append(FileError(item.key, f"skipped: {exc}"))
                         continue
-                    if relpath is None or not path_filter.wants(relpath):
+                    if relpath is None or not path_filter.wants_any_shard(relpath):
+                        continue
+                    listing.volume.add(relpath, item.size)
+                    if not path_filter.wants(relpath):
                         continue
                     listing.objects[relpath] = RemoteObject(
                         item.key, item.size, item.etag, item.last_modified

@@ -147,6 +147,7 @@ class Transfers:
         executor: ThreadPoolExecutor,
         progress: Progress | None = None,
         names_in_use: Container[str] = (),
+        temp_tag: str = "",
     ) -> None:
         self.store = store
         self.root = root
@@ -155,6 +156,7 @@ class Transfers:
         self.durable = Durability(executor)
         # Relative paths a conflict copy must not take (the scan and the listing).
         self.names_in_use = names_in_use
+        self.temp_tag = temp_tag  # a sharded sync's mark on its temp files (ShardFilter)
         self._umask = _current_umask()
         self.prefix = prefix
         self.settings = settings
@@ -210,7 +212,7 @@ class Transfers:
         remote = action.remote
         assert remote is not None
         relpath = action.path
-        tmp = temp_name()
+        tmp = temp_name(self.temp_tag)
         try:
             fd = os.open(
                 tmp,

@@ -59,6 +59,11 @@ class PathFilter:
             return False
         return self._include is None or self._include(relpath)
 
+    def removes_temp(self, basename: str) -> bool:
+        """Whether a scan may remove this leftover temp file (a sharded sync removes only its
+        own shard's: another shard may be writing the others right now)."""
+        return True
+
     def wants_dir(self, reldir: str) -> bool:
         """False if nothing under reldir can take part (lets the scan prune whole trees)."""
         if in_excluded_dir(reldir):

@@ -19,6 +19,7 @@ from sidecar.core.paths import (
     check_volume_name,
     normalize_prefix,
 )
+from sidecar.core.shard import Shard, parse_count, parse_shard, resolve_shard
 from sidecar.core.units import parse_size
 
 
@@ -162,6 +163,21 @@ OPTIONS: tuple[Option, ...] = (
         "once, naming it; inf: wait as long as it takes)",
         SYNC,
     ),
+    Option(
+        "--shard",
+        None,
+        parse_shard,
+        "I/N: sync only the paths whose hash falls in shard I of N, with its own BASE "
+        "(default: JOB_COMPLETION_INDEX of an Indexed Job, with --shard-count)",
+        SYNC,
+    ),
+    Option(
+        "--shard-count",
+        None,
+        parse_count,
+        "N when the shard index comes from JOB_COMPLETION_INDEX (the Job's completions)",
+        SYNC,
+    ),
     Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
     Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
     Option(
@@ -209,6 +225,7 @@ class SyncConfig:
     force_delete: bool = False
     volume: str | None = None
     lock_timeout: float = 300.0
+    shard: Shard | None = None
 
     @property
     def remote_url(self) -> str:
@@ -291,6 +308,10 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
             f"--state-dir (SIDECAR_STATE_DIR) {state_dir} is inside the synced folder "
             f"{local_dir}; put it outside so the state is never synced"
         )
+    try:
+        shard = resolve_shard(values.get("shard"), values.get("shard_count"), env)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     return SyncConfig(
         bucket=bucket,
         prefix=prefix,
@@ -305,6 +326,7 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         force_delete=bool(values.get("force_delete")),
         volume=values.get("volume"),
         lock_timeout=values["lock_timeout"] if values.get("lock_timeout") is not None else 300.0,
+        shard=shard,
     )
 
 

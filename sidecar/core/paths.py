@@ -15,7 +15,9 @@ MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
 MAX_PATH_BYTES = 4096 - 1  # PATH_MAX including the terminating NUL
 
 TEMP_PREFIX = ".netvol-tmp."
-_TEMP_RE = re.compile(r"^\.netvol-tmp\.[0-9a-f]{16}$")
+# A sharded run tags its temp files (".netvol-tmp.s2of8-<hex>") so that the other shards
+# syncing the same folder at the same time clean up only their own.
+_TEMP_RE = re.compile(r"^\.netvol-tmp\.(?:s\d+of\d+-)?[0-9a-f]{16}$")
 
 _VOLUME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,50}$")
 _MOUNT_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_+.-]+$")
@@ -25,10 +27,10 @@ class BadKey(ValueError):
     """An object key (or local name) that cannot be a file inside the sync folder."""
 
 
-def temp_name() -> str:
+def temp_name(tag: str = "") -> str:
     """A fresh temp-file basename; one recognisable pattern for every temp file we create."""
     # os.urandom is what secrets.token_hex reads; importing secrets cost ~5 ms per process.
-    return TEMP_PREFIX + os.urandom(8).hex()
+    return TEMP_PREFIX + tag + os.urandom(8).hex()
 
 
 def is_temp_name(basename: str) -> bool:

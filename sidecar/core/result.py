@@ -24,6 +24,8 @@ class SyncResult:
     retries: int = 0
     seconds: float = 0.0
     planned: list[Action] = field(default_factory=list)  # filled for dry runs
+    shard: str | None = None  # "I/N" of a sharded sync (--shard)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
     @property
     def ok(self) -> bool:
@@ -46,6 +48,10 @@ class SyncResult:
             "retries": self.retries,
             "seconds": round(self.seconds, 3),
         }
+        if self.shard is not None:
+            data["shard"] = self.shard
+        if self.notes:
+            data["notes"] = list(self.notes)
         if self.dry_run:
             data["plan"] = [
                 {"action": str(a.kind), "path": a.path, "conflict_copy": a.conflict_copy}
@@ -56,7 +62,8 @@ class SyncResult:
     def one_line(self) -> str:
         verb = "would transfer" if self.dry_run else "transferred"
         text = (
-            f"{self.operation}: {verb} {self.files_transferred} files "
+            (f"shard {self.shard} " if self.shard else "")
+            + f"{self.operation}: {verb} {self.files_transferred} files "
             f"({self.bytes_transferred} bytes), deleted {self.files_deleted}, "
             f"skipped {self.files_skipped}, conflicts {len(self.conflicts)}, "
             f"errors {len(self.errors)} in {self.seconds:.2f}s"
