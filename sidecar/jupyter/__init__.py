@@ -1,6 +1,7 @@
 """JupyterLab integration: a Jupyter server extension that is the browser's only way to the
-sidecar (`handlers.py`), and the prebuilt JupyterLab frontend (`labextension/`, built from
-`jupyterlab/` in the repository; see README "In JupyterLab").
+sidecar (`handlers.py`). The JupyterLab frontend is built from `jupyterlab/` in the
+repository into `labextension/`, which the wheel installs under share/jupyter/labextensions/
+(see setup.py and README "In JupyterLab").
 
 Installed with `pip install 'netvol-sidecar[jupyter]'`; the server extension is enabled by the
 `jupyter_server_config.d/netvol-sidecar.json` file the wheel installs.
@@ -16,10 +17,6 @@ URL_PREFIX = "netvol-sidecar"  # under the server's base_url
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": EXTENSION}]
-
-
-def _jupyter_labextension_paths() -> list[dict[str, str]]:
-    return [{"src": "labextension", "dest": "netvol-sidecar"}]
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import tornado.web
 from jupyter_server.base.handlers import APIHandler
@@ -81,8 +82,9 @@ class ProxyHandler(APIHandler):
             raise tornado.web.HTTPError(405)
         base = self.sidecar.control_url.rstrip("/")
         url = f"{base}/{self.route}"
-        if self.request.query:
-            url += "?" + self.request.query
+        query = _without_cache_buster(self.request.query)
+        if query:
+            url += "?" + query
         request = HTTPRequest(
             url,
             method=method,
@@ -115,6 +117,14 @@ class ProxyHandler(APIHandler):
                 }
             )
         )
+
+
+def _without_cache_buster(query: str) -> str:
+    """The query without the bare timestamp JupyterLab's ServerConnection appends to requests
+    made with `cache: 'no-store'` (its default): the sidecar refuses unknown parameters."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    kept = [(key, value) for key, value in pairs if not (key.isdigit() and value == "")]
+    return query if len(kept) == len(pairs) else urlencode(kept)
 
 
 def setup_handlers(serverapp: Any) -> None:

@@ -19,6 +19,8 @@ from sidecar.locals3 import free_port
 REPO = Path(__file__).resolve().parents[2]
 # The extension's enabling file as the wheel installs it (an editable install does not).
 JUPYTER_CONFIG = REPO / "jupyter-config"
+# The JupyterLab bundle, built from jupyterlab/ (`npm run build`; .ci/run does it).
+LABEXTENSION = REPO / "labextension"
 
 
 @dataclass
@@ -50,12 +52,20 @@ def start_jupyter(
     (home / "config").mkdir(parents=True, exist_ok=True)
     root = root or tmp_path / "notebooks"
     root.mkdir(exist_ok=True)
+    # Where the wheel puts the bundle (share/jupyter/labextensions/netvol-sidecar), here as
+    # a link to the build output so an editable install finds it too.
+    data = home / "data"
+    (data / "labextensions").mkdir(parents=True, exist_ok=True)
+    link = data / "labextensions" / "netvol-sidecar"
+    if LABEXTENSION.is_dir() and not link.exists():
+        link.symlink_to(LABEXTENSION, target_is_directory=True)
     env = {
         **os.environ,
         "HOME": str(home),
         "JUPYTER_CONFIG_DIR": str(home / "config"),
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
         "JUPYTER_CONFIG_PATH": str(JUPYTER_CONFIG),
+        "JUPYTER_PATH": str(data),
         "JUPYTER_NO_CONFIG": "",
     }
     env.pop("SIDECAR_CONTROL_URL", None)
