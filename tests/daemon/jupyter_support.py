@@ -69,6 +69,13 @@ def start_jupyter(
         "JUPYTER_NO_CONFIG": "",
     }
     env.pop("SIDECAR_CONTROL_URL", None)
+    # JupyterLab's own settings and workspaces, fresh; the user answered "no" to the news.
+    settings = home / "lab-settings"
+    news = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True, exist_ok=True)
+    news.write_text('{"fetchNews": "false"}')
+    env["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
+    env["JUPYTERLAB_WORKSPACES_DIR"] = str(home / "lab-workspaces")
     log_path = tmp_path / f"{app}.log"
     command = [
         sys.executable, "-m", app,
@@ -81,6 +88,9 @@ def start_jupyter(
         f"--ServerApp.root_dir={root}",
         f"--NetvolSidecar.control_url={control_url}",
     ]  # fmt: skip
+    if app == "jupyterlab":
+        # No calls out of a closed network.
+        command += ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
