@@ -550,3 +550,137 @@ def test_model_pull_job_fills_the_shared_volume(
         assert _folder_files(claim / relative) == model, "inference finds it at MODEL_PATH"
     finally:
         kubelet.cleanup()
+
+
+class IndexedPod(Kubelet):
+    """One pod of a Job: in an Indexed Job the kubelet sets JOB_COMPLETION_INDEX in its
+    containers; its PersistentVolumeClaims are the shared (RWX) volumes under `rwx`."""
+
+    def __init__(
+        self, manifest: Manifest, index: int, attempt: int, tmp: Path, s3: LocalS3, rwx: Path
+    ) -> None:
+        name = f"{manifest.name}-{index}-try{attempt}"
+        super().__init__(manifest, name, tmp / name, s3)
+        self.index = index
+        for volume in self.spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                self.volumes[volume["name"]] = rwx / volume["persistentVolumeClaim"]["claimName"]
+
+    def env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = super().env(container)
+        if self.manifest.doc["spec"].get("completionMode") == "Indexed":
+            env["JOB_COMPLETION_INDEX"] = str(self.index)
+        return env
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """The JSON summaries the pull logged (SIDECAR_LOG_FORMAT=json), oldest first."""
+        import json
+
+        found = []
+        for line in (self.logs / "pull.log").read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"summary"' in line:
+                found.append(json.loads(line)["summary"])
+        return found
+
+    def pulled(self) -> int:
+        (summary,) = self.summaries()
+        assert summary["ok"], summary
+        return int(summary["files_transferred"])
+
+
+def test_indexed_model_pull_matches_one_pull(tmp_path: Path, s3: LocalS3) -> None:
+    """The Indexed Job's N pods (one SIGKILLed mid-run and rerun, as the Job controller
+    retries an index) fill the RWX volume exactly as the single-pod Job does; a second run
+    moves nothing; a changed object is fetched by exactly one pod."""
+    from sidecar.core.shard import shard_of
+
+    indexed = find(MANIFESTS, "Job", "netvol-models-pull-indexed")
+    single = find(MANIFESTS, "Job", "netvol-models-pull")
+    count = indexed.doc["spec"]["completions"]
+    assert count == 3
+    rwx = tmp_path / "claims"
+    reference = tmp_path / "reference-claims"
+    pods: list[IndexedPod] = []
+
+    def pod(index: int) -> IndexedPod:
+        made = IndexedPod(indexed, index, len(pods), tmp_path / "pods", s3, rwx)
+        pods.append(made)
+        return made
+
+    try:
+        one = IndexedPod(single, 0, 0, tmp_path / "single", s3, reference)
+        pods.append(one)
+        (pull,) = one.spec["containers"]
+        bucket, prefix = _remote(one, pull)
+        # Many small files (so a kill lands mid-run) and a few multi-MiB ones.
+        model = {f"tokenizer/piece-{i:04d}.json": os.urandom(2000 + i) for i in range(600)}
+        model.update({f"weights/part-{i}.safetensors": os.urandom(3 * 1024**2) for i in range(4)})
+        _put(s3, bucket, prefix, model)
+        ours = {rel for rel in model if shard_of(rel, count) == 1}
+
+        # The single-pod Job's result is what the shards must add up to.
+        _init_containers(one)
+        one.run_to_completion(pull)
+        local_dir = Path(one.env(pull)["SIDECAR_LOCAL_DIR"])
+        expected = _folder_files(local_dir)
+        assert expected == model
+        folder = rwx / local_dir.relative_to(reference)
+
+        # All indexes at once; index 1 is killed (node lost, OOM) once some of its files are
+        # in place, then rerun on a fresh pod. Index 1 pulls one file at a time here, so the
+        # kill surely lands mid-run.
+        first = [pod(i) for i in range(count)]
+        for p in first:
+            _init_containers(p)
+        victim = first[1]
+        (victim_pull,) = victim.spec["containers"]
+        victim_pull = {
+            **victim_pull,
+            "env": [*victim_pull["env"], {"name": "SIDECAR_CONCURRENCY", "value": "1"}],
+        }
+        process = victim.start(victim_pull)
+        with ThreadPoolExecutor(count) as pool:
+            others = [
+                pool.submit(p.run_to_completion, p.spec["containers"][0], 120)
+                for p in first
+                if p is not victim
+            ]
+            deadline = time.monotonic() + 60
+            while sum((folder / rel).exists() for rel in ours) < 5:
+                assert process.poll() is None, f"index 1 ended before the kill\n{victim.all_logs()}"
+                assert time.monotonic() < deadline, victim.all_logs()
+                time.sleep(0.005)
+            process.kill()
+            process.wait()
+            at_kill = sum((folder / rel).exists() for rel in ours)
+            assert at_kill < len(ours), "killed mid-run"
+            for future in others:
+                future.result()
+        for p in first:
+            if p is not victim:
+                # Every object of its shard, and none of another's.
+                assert p.pulled() == sum(shard_of(r, count) == p.index for r in model)
+        retry = pod(1)
+        _init_containers(retry)
+        retry.run_to_completion(retry.spec["containers"][0], 120)
+        assert retry.pulled() < len(ours), "the rerun resumed instead of starting over"
+        assert _folder_files(folder) == expected, "the shards add up to the single pull"
+        assert not [p for p in folder.rglob("*") if p.name.startswith(".netvol-tmp.")]
+
+        def run_all() -> dict[int, int]:
+            wave = [pod(i) for i in range(count)]
+            with ThreadPoolExecutor(count) as pool:
+                for p in wave:
+                    _init_containers(p)
+                list(pool.map(lambda p: p.run_to_completion(p.spec["containers"][0], 120), wave))
+            return {p.index: p.pulled() for p in wave}
+
+        assert run_all() == dict.fromkeys(range(count), 0), "a second run moves nothing"
+
+        changed = "weights/part-2.safetensors"
+        _put(s3, bucket, prefix, {changed: b"retrained"})
+        assert run_all() == {i: int(i == shard_of(changed, count)) for i in range(count)}
+        assert (folder / changed).read_bytes() == b"retrained"
+    finally:
+        for p in pods:
+            p.cleanup()

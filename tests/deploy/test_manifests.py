@@ -463,6 +463,35 @@ def test_model_provisioning() -> None:
     assert Path(model_path) == Path(mount["mountPath"]) / local_dirs.pop()
 
 
+def test_indexed_model_pull_shards_over_its_completions() -> None:
+    indexed = find(MANIFESTS, "Job", "netvol-models-pull-indexed")
+    job = find(MANIFESTS, "Job", "netvol-models-pull")
+    spec = indexed.doc["spec"]
+    assert spec["completionMode"] == "Indexed"
+    count = spec["completions"]
+    assert count == spec["parallelism"] > 1, "all shards at once"
+    assert spec["backoffLimitPerIndex"] >= 1, "a failed shard is retried on its own"
+    pod, single = pod_spec(indexed.doc) or {}, pod_spec(job.doc) or {}
+    assert pod["restartPolicy"] == "Never", "backoffLimitPerIndex requires Never"
+    assert pod["securityContext"] == single["securityContext"]
+    assert pod["volumes"] == single["volumes"], "the same RWX claim as the single-pod Job"
+    (pull,) = pod["containers"]
+    assert pull["args"] == ["pull", "--once"]
+    configs = []
+    for index in range(count):
+        # The kubelet sets JOB_COMPLETION_INDEX in every pod of an Indexed Job.
+        env = {
+            **resolve_env(pull, MANIFESTS, _pod_name(indexed)),
+            "JOB_COMPLETION_INDEX": str(index),
+        }
+        args = build_parser().parse_args(pull["args"])
+        configs.append(sync_config(collect(vars(args), env, "sync"), env))
+    assert [(c.shard.index, c.shard.count) for c in configs] == [(i, count) for i in range(count)]
+    _kind, single_config, _env = _parsed(job, single["containers"][0])
+    assert {c.local_dir for c in configs} == {single_config.local_dir}
+    assert {c.remote_url for c in configs} == {single_config.remote_url}
+
+
 def test_read_only_replicas_pull_with_read_only() -> None:
     manifest = find(MANIFESTS, "Deployment", "netvol-inference-replica")
     spec = pod_spec(manifest.doc) or {}
