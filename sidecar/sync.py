@@ -42,6 +42,7 @@ from sidecar.core.result import SyncResult
 from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
 from sidecar.core.units import format_bytes
 from sidecar.hashing import md5_file, new_content_hasher
+from sidecar.limits import LimitedStore, Limits
 from sidecar.lock import LockBusy, SyncLock
 from sidecar.s3 import (
     ClientSettings,
@@ -99,6 +100,9 @@ class SyncEngine:
             config.local_dir,
         )
         self._state_loaded = False
+        # --bwlimit and --max-requests-per-second: one set per engine, i.e. per process (the
+        # daemon and `--once` each run one engine), in front of every store call.
+        self.limits = Limits.from_config(config)
         self._store: ObjectStore | None = None
         self._store_fingerprint: tuple[float, ...] = ()
         self._retries_before = 0
@@ -136,6 +140,8 @@ class SyncEngine:
             store = ObjectStore(self.config.bucket, self.client_settings)
             await store.__aenter__()
             self._store, self._store_fingerprint = store, fingerprint
+        if self.limits.active:
+            return LimitedStore(self._store, self.limits)  # type: ignore[return-value]
         return self._store
 
     async def run(

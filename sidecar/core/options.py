@@ -70,6 +70,32 @@ def _size(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> int | None:
+    """One direction of --bwlimit: bytes per second ('200MiB', '200MiB/s'); 0 or off: none."""
+    part = text.strip().removesuffix("/s")
+    if part.lower() in ("", "0", "off"):
+        return None
+    value = parse_size(part)
+    if value < 1:
+        raise ValueError(f"must be at least 1 byte per second, got {text!r}")
+    return value
+
+
+def _bwlimit(text: str) -> tuple[int | None, int | None]:
+    """'64MiB' (downloads and uploads, each) or 'DOWN:UP' ('200MiB:50MiB', ':50MiB')."""
+    down, sep, up = text.partition(":")
+    if not sep:
+        return _rate(down), _rate(down)
+    return _rate(down), _rate(up)
+
+
+def _per_second(text: str) -> float:
+    value = float(text.strip().removesuffix("/s"))
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _addr(text: str) -> str:
     _host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -178,6 +204,21 @@ OPTIONS: tuple[Option, ...] = (
         "N when the shard index comes from JOB_COMPLETION_INDEX (the Job's completions)",
         SYNC,
     ),
+    Option(
+        "--bwlimit",
+        None,
+        _bwlimit,
+        "bytes per second for all transfers of this process, e.g. 200MiB (downloads and "
+        "uploads each), or DOWN:UP (200MiB:50MiB; 0 or empty: no limit that way)",
+        SYNC,
+    ),
+    Option(
+        "--max-requests-per-second",
+        None,
+        _per_second,
+        "S3 requests per second for this process (listing pages, HEADs, GETs, PUTs, parts...)",
+        SYNC,
+    ),
     Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
     Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
     Option(
@@ -226,6 +267,9 @@ class SyncConfig:
     volume: str | None = None
     lock_timeout: float = 300.0
     shard: Shard | None = None
+    bwlimit_down: int | None = None  # bytes per second; None: no limit
+    bwlimit_up: int | None = None
+    max_requests_per_second: float | None = None
 
     @property
     def remote_url(self) -> str:
@@ -327,6 +371,9 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         volume=values.get("volume"),
         lock_timeout=values["lock_timeout"] if values.get("lock_timeout") is not None else 300.0,
         shard=shard,
+        bwlimit_down=(values.get("bwlimit") or (None, None))[0],
+        bwlimit_up=(values.get("bwlimit") or (None, None))[1],
+        max_requests_per_second=values.get("max_requests_per_second"),
     )
 
 
