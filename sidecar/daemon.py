@@ -293,6 +293,7 @@ class Coordinator:
             "last_error": self.last_error,
             "in_flight_requests": self.engine.in_flight,
             "retries_total": self.engine.retries_total,
+            **_fleet_status(self.engine),
         }
 
     def running_operation(self) -> str | None:
@@ -480,3 +481,10 @@ def _log_details(run: Run, result: SyncResult) -> None:
     if len(result.errors) > MAX_LOGGED_ERRORS:
         hidden = len(result.errors) - MAX_LOGGED_ERRORS
         log.error("%s: %d more file errors (see /status)", run.job.direction, hidden)
+
+
+def _fleet_status(engine: Engine) -> dict[str, Any]:
+    """Shard, limits and time waited on them (SyncEngine.fleet_status); engines without
+    them (the coordinator's test doubles) report none."""
+    fleet = getattr(engine, "fleet_status", None)
+    return fleet() if fleet is not None else {}

@@ -63,6 +63,15 @@ class Limits:
             "requests_per_second": self.requests.rate if self.requests else None,
         }
 
+    def status(self, shard: str | None) -> dict[str, Any]:
+        """The /status block: the shard (--shard), the limits, and the seconds transfers
+        waited on each (summed over transfers: 16 downloads waiting 1 s each count 16 s)."""
+        return {
+            "shard": shard,
+            "limits": self.describe(),
+            "limit_waited_seconds": {kind: round(s, 3) for kind, s in self.waited.items()},
+        }
+
     async def _sleep(self, kind: str, seconds: float) -> None:
         if seconds > 0:
             self.waited[kind] += seconds

@@ -77,6 +77,8 @@ class Metrics:
     running: Callable[[], str | None] = lambda: None
     # (changes seen, age in seconds of the oldest one) not yet pushed; None: auto-sync is off.
     unpushed: Callable[[], tuple[int, float] | None] = lambda: None
+    # SyncEngine.fleet_status: shard, limits, seconds waited on them; None: not known.
+    fleet: Callable[[], dict[str, Any] | None] = lambda: None
     started_at: float | None = None  # wall-clock start of the daemon
     time_to_ready: float | None = None  # seconds from start to ready; None until then
     _counters: dict[str, dict[Labels, float]] = field(
@@ -123,6 +125,7 @@ class Metrics:
             self.volume,
         )
         lines += self._render_lifecycle()
+        lines += self._render_fleet()
         running = self.running()
         degraded = self.degraded()
         live: tuple[tuple[str, str, str, float], ...] = (
@@ -223,6 +226,59 @@ class Metrics:
                 [((), self.time_to_ready)],
                 self.volume,
             )
+        return lines
+
+    def _render_fleet(self) -> list[str]:
+        fleet = self.fleet()
+        if fleet is None:
+            return []
+        lines: list[str] = []
+        if fleet["shard"]:
+            index, _, count = fleet["shard"].partition("/")
+            lines += _family(
+                "sidecar_shard_index",
+                "gauge",
+                "This process's shard I of --shard I/N.",
+                [((), float(index))],
+                self.volume,
+            )
+            lines += _family(
+                "sidecar_shard_count",
+                "gauge",
+                "The shard count N of --shard I/N.",
+                [((), float(count))],
+                self.volume,
+            )
+        limits = fleet["limits"]
+        rates = [
+            ((("direction", way),), float(limits[f"{way}_bytes_per_second"]))
+            for way in ("download", "upload")
+            if limits[f"{way}_bytes_per_second"] is not None
+        ]
+        if rates:
+            lines += _family(
+                "sidecar_bwlimit_bytes_per_second",
+                "gauge",
+                "--bwlimit, by direction (absent: no limit).",
+                rates,
+                self.volume,
+            )
+        if limits["requests_per_second"] is not None:
+            lines += _family(
+                "sidecar_max_requests_per_second",
+                "gauge",
+                "--max-requests-per-second.",
+                [((), float(limits["requests_per_second"]))],
+                self.volume,
+            )
+        lines += _family(
+            "sidecar_limit_wait_seconds_total",
+            "counter",
+            "Seconds transfers waited on --bwlimit (download, upload) and "
+            "--max-requests-per-second (requests), summed over transfers.",
+            [((("limit", kind),), s) for kind, s in fleet["limit_waited_seconds"].items()],
+            self.volume,
+        )
         return lines
 
     def _render_durations(self) -> list[str]:

@@ -196,6 +196,7 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
             volume=config.sync.volume,
             in_flight=lambda: engine.in_flight,
             retries=lambda: engine.retries_total,
+            fleet=engine.fleet_status,
             started_at=started_wall,
         )
         async with Coordinator(engine, read_only=config.read_only, metrics=metrics) as coord:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
@@ -108,6 +109,11 @@ class SyncEngine:
         self._retries_before = 0
         # Hashing and bulk reads run here; sized so one core hashes while the other serves I/O.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sidecar-io")
+
+    def fleet_status(self) -> dict[str, Any]:
+        """Shard and limits of this process, and the time transfers waited on the limits."""
+        shard = self.config.shard
+        return self.limits.status(str(shard) if shard else None)
 
     @property
     def in_flight(self) -> int:

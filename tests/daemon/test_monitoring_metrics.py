@@ -69,3 +69,54 @@ def test_lifecycle_gauges_render_only_once_known() -> None:
     assert 'sidecar_time_to_ready_seconds{volume="v"} 12.5' in text
     assert 'sidecar_auto_sync_pending_changes{volume="v"} 3' in text
     assert 'sidecar_auto_sync_oldest_unpushed_change_seconds{volume="v"} 42.25' in text
+
+
+def test_status_and_metrics_show_the_shard_the_limits_and_the_time_waited(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    from sidecar.core.shard import shard_of
+
+    files = {f"f{i:02d}.bin": bytes([i]) * 40_000 for i in range(30)}
+    for name, data in files.items():
+        (s3.root / "vol" / name).write_bytes(data)
+    ours = sorted(n for n in files if shard_of(n, 3) == 1)
+    daemon = start_daemon(
+        s3, "--shard", "1/3", "--bwlimit", "256KiB:1MiB", "--max-requests-per-second", "200"
+    )
+    daemon.wait_ready()
+    assert sorted(p.name for p in daemon.local_dir.iterdir()) == ours, "only shard 1 pulled"
+    status = daemon.status()
+    assert status["shard"] == "1/3"
+    assert status["limits"] == {
+        "download_bytes_per_second": 256 * 1024,
+        "upload_bytes_per_second": 1024 * 1024,
+        "requests_per_second": 200.0,
+    }
+    waited = status["limit_waited_seconds"]
+    # ~40 kB per file of shard 1 at 256 KiB/s: the pull waited on the download limit.
+    assert waited["download"] > 0 and waited["upload"] == 0, waited
+
+    status_code, text = http("GET", daemon.probe + "/metrics")
+    assert status_code == 200
+    assert _value(text, "sidecar_shard_index") == 1
+    assert _value(text, "sidecar_shard_count") == 3
+    assert _value(text, 'sidecar_bwlimit_bytes_per_second{direction="download"}') == 256 * 1024
+    assert _value(text, 'sidecar_bwlimit_bytes_per_second{direction="upload"}') == 1024 * 1024
+    assert _value(text, "sidecar_max_requests_per_second") == 200
+    assert _value(text, 'sidecar_limit_wait_seconds_total{limit="download"}') > 0
+
+
+def test_unsharded_unlimited_daemon_shows_none() -> None:
+    metrics = Metrics(volume="v")
+    metrics.fleet = lambda: {
+        "shard": None,
+        "limits": {
+            "download_bytes_per_second": None,
+            "upload_bytes_per_second": None,
+            "requests_per_second": None,
+        },
+        "limit_waited_seconds": {"download": 0.0, "upload": 0.0, "requests": 0.0},
+    }
+    names = exposed_names(metrics.render())
+    assert "sidecar_shard_index" not in names and "sidecar_bwlimit_bytes_per_second" not in names
+    assert "sidecar_limit_wait_seconds_total" in names  # 0: a counter that exists from the start
