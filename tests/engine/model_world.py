@@ -95,7 +95,8 @@ class SyncWorld:
         self.known: dict[str, bytes] = {}  # MD5 -> content, for every content ever written
         # Paths whose remote mode was changed by a rewrite of the same bytes dated in the
         # second of a write BASE knows: README says replicas with BASE may not see it.
-        self.mode_may_lag: set[str] = set()
+        # (The listing it was made under: once the object is written again, the lag ends.)
+        self.mode_may_lag: dict[str, Listed] = {}
         self.last_sync_end = 0.0  # time.time() when the last sync ended
         self._remote: Remote | None = None  # the last listing, while nothing wrote since
         self.pulled_clean = False  # an ok pull happened and no outside edit since
@@ -193,25 +194,20 @@ class SyncWorld:
             scratch.write_bytes(content)
             scratch.rename(target)
         target.chmod(0o755 if executable else 0o644)
-        self.mode_may_lag.discard(path)
 
     def local_delete(self, path: str) -> None:
         (self.local / path).unlink()  # the emptied folder stays, as after `rm`
-        self.mode_may_lag.discard(path)
 
     def local_chmod(self, path: str) -> None:
         target = self.local / path
         executable = bool(target.stat().st_mode & stat.S_IXUSR)
         target.chmod(0o644 if executable else 0o755)
-        self.mode_may_lag.discard(path)
 
     def local_rename(self, source: str, target: str) -> None:
         if source == target or target in parent_dirs(source) or source in parent_dirs(target):
             return  # making room for the target would remove the source itself
         self._clear_way(target)
         (self.local / source).rename(self.local / target)
-        self.mode_may_lag.discard(source)
-        self.mode_may_lag.discard(target)
 
     # ---- the outside writer ------------------------------------------------------------------
     def _outside_edit(self, path: str, write: Any) -> None:
@@ -226,9 +222,9 @@ class SyncWorld:
         # the last sync did.
         same_bytes = before is not None and before.etag == after.etag
         if same_bytes and _seconds(after.last_modified) <= int(self.last_sync_end):
-            self.mode_may_lag.add(path)
+            self.mode_may_lag[path] = after
         else:
-            self.mode_may_lag.discard(path)
+            self.mode_may_lag.pop(path, None)
 
     def wait_for_next_second(self) -> None:
         """Wait for the second after the last sync: a rewrite from then on is dated after
@@ -265,7 +261,6 @@ class SyncWorld:
         self.s3.delete_object(Bucket=self.bucket, Key=PREFIX + path)
         self._remote = None
         self.pulled_clean = False
-        self.mode_may_lag.discard(path)
 
     def outside_chmod(self, path: str) -> None:
         """Another replica's mode-only finalize: the object's metadata rewritten in place."""
@@ -390,9 +385,8 @@ class SyncWorld:
             f"pull + finalize left the sides different\n{context}"
         )
         modes = self.remote_modes(sorted(remote))
-        differ = {
-            p for p, (_, executable) in local.items() if modes[p] != executable
-        } - self.mode_may_lag
+        lagging = {p for p, listed in self.mode_may_lag.items() if remote.get(p) == listed}
+        differ = {p for p, (_, executable) in local.items() if modes[p] != executable} - lagging
         assert not differ, f"modes differ after pull + finalize: {differ}\n{context}"
 
 

@@ -215,18 +215,27 @@ class SyncMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.world: SyncWorld | None = None
+        self.history: list[str] = []
 
     @initialize(force_delete=st.booleans())
     def start(self, force_delete: bool) -> None:
         # Half the runs keep the delete guard (>50% of the other side withholds deletes).
         self.world = SyncWorld(self.server, self.scratch, force_delete=force_delete)
+        self.history = [f"start(force_delete={force_delete})"]
 
     @rule(step=STEPS)
     def act(self, step: Step) -> None:
         assert self.world is not None
         STATS["steps"] += 1
         STATS[type(step).__name__] += 1
-        step.apply(self.world)
+        self.history.append(repr(step))
+        try:
+            step.apply(self.world)
+        except AssertionError as exc:
+            # Hypothesis prints the shrunk steps, but a failure that depends on the clock
+            # (two writes in one second) may not replay: keep the steps that did fail.
+            steps = "\n".join(self.history)
+            raise AssertionError(f"{exc}\nsteps of this run:\n{steps}") from None
 
     def teardown(self) -> None:
         if self.world is not None:
