@@ -564,8 +564,10 @@ class SyncEngine:
 
         for action in actions:
             if action.kind is ActionKind.ADOPT:
-                assert action.local is not None
-                agreed(action, action.local.executable)
+                assert action.remote is not None
+                # The bucket's mode: a local mode that differs is then a local change, which
+                # the next finalize pushes (BASE with the local mode would hide it for good).
+                agreed(action, bool(action.remote.executable))
                 result.files_adopted += 1
             elif action.kind is ActionKind.FORGET:
                 state.drop_base(action.path)

@@ -216,7 +216,13 @@ def _plan_path(
     if lf is not None and ro is not None:
         equal = same_content(lf, ro)
         if equal:
-            act(ActionKind.ADOPT)
+            # Same bytes, another mode (an object without our metadata counts as 644, as a
+            # download makes it): a finalize pushes the local mode; a pull records the
+            # bucket's mode in BASE (sync.py), so the local one stays a local change.
+            if pull or lf.executable == bool(ro.executable):
+                act(ActionKind.ADOPT)
+            else:
+                act(ActionKind.SET_MODE_REMOTE)
             return
         kind = "both-added" if be is None else "both-modified"
         copy = conflict_name(path, now, taken)

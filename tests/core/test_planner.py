@@ -395,3 +395,15 @@ def test_a_conflict_a_clash_leaves_unresolved_reports_no_copy(direction: Directi
     assert not [a for a in result.actions if a.path == "d"]
     assert [c for c in result.conflicts if c.copy] == []
     assert result.errors
+
+
+def test_equal_bytes_with_another_mode_are_not_adopted_as_the_local_mode() -> None:
+    """Both sides added the same bytes, the local copy executable, the object not (found by
+    tests/engine/test_model_based.py: BASE took the local mode and no sync ever pushed it)."""
+    remote = {"a": RemoteObject(key="vol/a", size=3, etag="e1", hash="h1", executable=False)}
+    local = {"a": lf("h1", executable=True)}
+    pushed = plan(FIN, local, remote, {}, NOW)
+    assert [a.kind for a in pushed.actions] == [SET_MODE_R]
+    pulled = plan(PULL, local, remote, {}, NOW)
+    # A pull keeps the local mode as a local change: BASE gets the bucket's (see sync.py).
+    assert [a.kind for a in pulled.actions] == [ADOPT]

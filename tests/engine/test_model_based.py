@@ -305,3 +305,29 @@ def test_model_based_long(  # type: ignore[no-untyped-def]
             run_seed=None,
         )
     print(f"model-based long run: {dict(STATS)}")
+
+
+# ---- failures the model found, kept as their shrunk steps ----------------------------------
+FOUND = {
+    # Both sides added the same bytes, only the local copy executable: the first sync
+    # adopted them with the local mode in BASE, so no later sync ever pushed the mode.
+    "equal-bytes-other-mode": [
+        BothEdit("a", b"", b"", our_metadata=False),
+        LocalChmod(0),
+        Sync(Direction.PULL),
+        Sync(Direction.FINALIZE),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_model_found(  # type: ignore[no-untyped-def]
+    name: str, moto_s3: S3Server, s3_env, workdir: Path
+) -> None:
+    s3_env(moto_s3)
+    world = SyncWorld(moto_s3, workdir, force_delete=False)
+    try:
+        for step in FOUND[name]:
+            step.apply(world)
+    finally:
+        world.close()
