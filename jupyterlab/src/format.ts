@@ -46,8 +46,11 @@ export function lastRuns(status: Status): SyncSummary[] {
     .filter((r): r is SyncSummary => r !== undefined);
 }
 
+/** Conflicts of the latest sync: a clean sync after them means they were dealt with (the
+ * panel still lists those of the last pull and of the last push). */
 export function conflictCount(status: Status): number {
-  return lastRuns(status).reduce((n, r) => n + r.conflicts.length, 0);
+  const runs = lastRuns(status).sort((a, b) => b.finished_at - a.finished_at);
+  return runs.length ? runs[0].conflicts.length : 0;
 }
 
 export function lastSuccess(status: Status): number | null {

@@ -2,7 +2,8 @@
 with the built extension, and headless Debian Chromium driven by Playwright (the system
 browser: nothing is downloaded). The user reads the status item, a file is written through
 Jupyter's file API, the user clicks Push in the panel, and the object is in the bucket and
-the status says so. Screenshots: jupyterlab-*.png in the test's tmp folder, or in
+the status says so; then both sides change it, the user clicks Pull, and the item and the
+panel show the conflict and where the other version was kept. Screenshots: jupyterlab-*.png in the test's tmp folder, or in
 $NETVOL_SCREENSHOT_DIR when set (the README's picture comes from there).
 """
 
@@ -119,6 +120,17 @@ def test_status_item_and_push_button_in_jupyterlab(
                 expect(panel).to_contain_text("1 file (14 B)", timeout=TIMEOUT_MS)
                 expect(item).to_have_text("sync: synced just now", timeout=TIMEOUT_MS)
                 page.screenshot(path=str(shots / "jupyterlab.png"))
+
+                # Both sides change the file, the user pulls: the conflict is on the item and
+                # the panel says where the other version was kept.
+                (daemon.local_dir / "results.txt").write_bytes(b"trained: 0.95 (mine)\n")
+                (daemon.bucket_dir / "results.txt").write_bytes(b"trained: 0.91 (theirs)\n")
+                panel.locator("button.nv-pull").click()
+                expect(item).to_have_text("sync: 1 conflict", timeout=TIMEOUT_MS)
+                conflicts = panel.locator("table").first
+                expect(conflicts).to_contain_text("results.txt", timeout=TIMEOUT_MS)
+                expect(conflicts).to_contain_text(".conflict-", timeout=TIMEOUT_MS)
+                page.screenshot(path=str(shots / "jupyterlab-conflict.png"))
             finally:
                 browser.close()
     finally:
