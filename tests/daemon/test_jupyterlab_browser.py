@@ -3,8 +3,9 @@ with the built extension, and headless Debian Chromium driven by Playwright (the
 browser: nothing is downloaded). The user reads the status item, a file is written through
 Jupyter's file API, the user clicks Push in the panel, and the object is in the bucket and
 the status says so; then both sides change it, the user clicks Pull, and the item and the
-panel show the conflict and where the other version was kept. Screenshots: jupyterlab-*.png in the test's tmp folder, or in
-$NETVOL_SCREENSHOT_DIR when set (the README's picture comes from there).
+panel show the conflict and where the other version was kept. Screenshots: jupyterlab-*.png
+in the test's tmp folder, or in $NETVOL_SCREENSHOT_DIR when set (the README's picture comes
+from there).
 """
 
 from __future__ import annotations
