@@ -7,6 +7,16 @@ it costs a one-shot sync ~120 ms (it builds two SSL contexts at import). S3 answ
 HTTP/1.1 (a status line, headers, a Content-Length or chunked body); this module reads them
 with one asyncio.BufferedProtocol per connection, and a pool keeps connections alive.
 
+Parsing: answer heads and chunked bodies are parsed by llhttp (through httptools, the parser
+uvicorn uses), strictly: a bad status line, header, Content-Length or chunk size (`0x10`,
+`1_0`, `-5`) is a ProtocolError. Fixed-length bodies skip the parser: they are received
+straight into the caller's buffer (Response.read_into).
+
+Early answers: a server may answer an upload before taking all of it (412, 403, 413...) and
+stop reading or close. Sending stops as soon as any answer byte arrives, the answer is read
+and returned, and the connection (which still owes the server the rest of the body) is
+closed, never reused.
+
 Why a buffered protocol rather than asyncio streams: a large body is received straight into
 the caller's buffer (Response.read_into), so a download costs one copy out of the kernel and
 one into the file. StreamReader copied every byte twice more on the way (profiled: 0.35 s of
@@ -32,6 +42,8 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import httptools
 
 STAGING_BYTES = 256 * 1024  # per connection: heads, small bodies, and what arrives unasked
 PREFETCH_BODY = 256 * 1024  # bodies up to this size are read with the head, in one go
@@ -78,6 +90,10 @@ class AnswerLost(ProtocolError):
     the server may have applied it. Raised instead of a silent resend for a request that is
     not safe to apply twice (see ConnectionPool.request): the caller's retry is then a
     visible one, and it can check what the server now holds."""
+
+
+class _EarlyAnswer(Exception):
+    """The server began answering before the whole request was sent."""
 
 
 class _StaleConnection(Exception):
@@ -190,6 +206,9 @@ class _Connection(asyncio.BufferedProtocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        writer = self._write_waiter  # an upload waiting to send more: an early answer
+        if writer is not None and not writer.done():
+            writer.set_result(None)
 
     def begin(self, now: float, allowed: float) -> None:
         """A request goes out on this connection and must end within `allowed` seconds
@@ -261,10 +280,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._raise_if_timed_out()
 
     async def write(self, data: bytes | memoryview) -> None:
+        """Send data; _EarlyAnswer as soon as the server has begun answering (it will not
+        take the rest), ConnectionResetError when it closed first."""
+        if self._end > self._start:
+            raise _EarlyAnswer
         if self._lost is not None or self.transport is None:
             raise ConnectionResetError("the server closed the connection")
         self.transport.write(data)
-        if self._write_paused:
+        while self._write_paused and self._lost is None:
             waiter = asyncio.get_running_loop().create_future()
             self._write_waiter = waiter
             self.last_activity = _now()
@@ -273,8 +296,10 @@ class _Connection(asyncio.BufferedProtocol):
             finally:
                 self._write_waiter = None
             self._raise_if_timed_out()
-            if self._lost is not None:
-                raise ConnectionResetError("the server closed the connection mid-request")
+            if self._end > self._start:
+                raise _EarlyAnswer
+        if self._lost is not None:
+            raise ConnectionResetError("the server closed the connection mid-request")
 
     async def read_until(self, separator: bytes, limit: int) -> bytes:
         """Staged bytes up to and including separator; b"" if the connection ended first
@@ -356,7 +381,6 @@ class Response:
     and closes it otherwise; call it once."""
 
     __slots__ = (
-        "_chunk_left",
         "_chunked",
         "_conn",
         "_done",
@@ -379,6 +403,7 @@ class Response:
         headers: dict[str, str],
         keep_alive: bool,
         has_body: bool,
+        head: _Head | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -387,16 +412,15 @@ class Response:
         self._pool = pool
         self._conn: _Connection | None = conn
         self._remaining = 0
-        self._chunked = False
-        self._chunk_left = 0
+        self._chunked: _Head | None = None  # the head's parser, fed the chunked body
         self._until_eof = False
         self._keep_alive = keep_alive
         self._done = False
         if not has_body:
             self._done = True
             self.body = b""
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._chunked = True
+        elif head is not None and head.chunked:
+            self._chunked = head
         elif "content-length" in headers:
             try:
                 self._remaining = int(headers["content-length"])
@@ -410,7 +434,7 @@ class Response:
 
     async def _prefetch(self) -> None:
         """Read a small Content-Length body now, so the connection is free at once."""
-        fixed_length = not (self._done or self._chunked or self._until_eof)
+        fixed_length = not (self._done or self._chunked is not None or self._until_eof)
         if fixed_length and self._remaining <= PREFETCH_BODY:
             self.body = await self._live().read_exactly(self._remaining)
             self._remaining = 0
@@ -432,7 +456,7 @@ class Response:
             return len(data)
         if self._done:
             return 0
-        if self._chunked or self._until_eof:
+        if self._chunked is not None or self._until_eof:
             data = await self.read(len(dest))
             dest[: len(data)] = data
             return len(data)
@@ -450,40 +474,38 @@ class Response:
             return data
         if self._done:
             return b""
-        if not (self._chunked or self._until_eof):
+        if not (self._chunked is not None or self._until_eof):
             buffer = bytearray(min(limit, self._remaining))
             count = await self.read_into(memoryview(buffer))
             del buffer[count:]
             return bytes(buffer)
         conn = self._live()
-        if self._chunked:
-            return await self._read_chunk(conn, limit)
+        if self._chunked is not None:
+            return await self._read_chunk(conn, self._chunked, limit)
         buffer = bytearray(limit)
         count = await conn.read_into(memoryview(buffer))
         self._done = not count
         return bytes(buffer[:count])
 
-    async def _read_chunk(self, conn: _Connection, limit: int) -> bytes:
-        if self._chunk_left == 0:
-            line = await _read_line(conn)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size line {line[:40]!r}") from None
-            if size == 0:
-                while await _read_line(conn) != b"\r\n":  # trailers, then the blank line
-                    pass
+    async def _read_chunk(self, conn: _Connection, head: _Head, limit: int) -> bytes:
+        """Body bytes of a chunked answer, de-chunked by the head's parser."""
+        while not head.pieces:
+            if head.complete:
                 self._done = True
+                if head.extra:  # bytes after the last chunk: nothing to reuse this for
+                    self._keep_alive = False
                 return b""
-            self._chunk_left = size
-        buffer = bytearray(min(limit, self._chunk_left))
-        count = await conn.read_into(memoryview(buffer))
-        if not count:
-            raise ProtocolError("the server closed the connection inside a chunk")
-        self._chunk_left -= count
-        if self._chunk_left == 0 and await conn.read_exactly(2) != b"\r\n":
-            raise ProtocolError("a chunk did not end with CRLF")
-        return bytes(buffer[:count])
+            buffer = bytearray(STAGING_BYTES)
+            count = await conn.read_into(memoryview(buffer))
+            if not count:
+                raise ProtocolError("the server closed the connection inside a chunked body")
+            head.feed(bytes(buffer[:count]))
+        piece = head.pieces[0]
+        if len(piece) <= limit:
+            head.pieces.pop(0)
+            return piece
+        head.pieces[0] = piece[limit:]
+        return piece[:limit]
 
     async def read_all(self) -> bytes:
         if self.body is not None:
@@ -602,7 +624,8 @@ class ConnectionPool:
         head = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
         if not head:
             raise ConnectError(f"the proxy {proxy.name} closed the connection on CONNECT")
-        status, reason, _version, _headers = _parse_head(head)
+        parsed = _Head(head)
+        status, reason = parsed.status, parsed.reason
         if status != 200:
             conn.close()
             raise ConnectError(
@@ -702,6 +725,7 @@ class ConnectionPool:
     async def _exchange(
         self, conn: _Connection, method: str, head: bytes, body: bytes | memoryview | None
     ) -> Response:
+        early = False
         try:
             if body is None or len(body) <= PREFETCH_BODY:
                 await conn.write(head + bytes(body) if body else head)
@@ -712,11 +736,13 @@ class ConnectionPool:
                     # asyncio copies what the socket does not take at once: slices bound
                     # that copy (one 16 MiB write would cost 16 MiB more RSS).
                     await conn.write(view[start : start + WRITE_SLICE])
+        except _EarlyAnswer:
+            early = True
         except (ConnectionResetError, BrokenPipeError):
             # Closed before we handed over the whole request: never applied.
             if conn.received_nothing:
                 raise _StaleConnection(sent=False) from None
-            raise
+            early = True  # it answered first, then closed: read that answer
         try:
             raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
         except (ConnectionResetError, BrokenPipeError):
@@ -725,14 +751,21 @@ class ConnectionPool:
             raise
         if not raw:
             raise _StaleConnection(sent=True)
-        status, reason, version, headers = _parse_head(raw)
-        while 100 <= status < 200:  # 1xx: the real answer follows
-            raw = await _read_head(conn)
-            status, reason, version, headers = _parse_head(raw)
+        parsed = _Head(raw)
+        while 100 <= parsed.status < 200:  # 1xx: the real answer follows
+            parsed = _Head(await _read_head(conn))
+        status, headers = parsed.status, parsed.headers
         connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        if early:  # the server still expects the rest of our body on this connection
+            keep_alive = False
+        elif parsed.version == "1.1":
+            keep_alive = connection != "close"
+        else:
+            keep_alive = connection == "keep-alive"
         has_body = method != "HEAD" and status not in (204, 304)
-        response = Response(self, conn, status, reason, headers, keep_alive, has_body)
+        response = Response(
+            self, conn, status, parsed.reason, headers, keep_alive, has_body, parsed
+        )
         conn.expected_in = response._remaining  # the announced body (0: not announced)
         conn.received_in = 0  # the body counts from here; the head was in the base
         await response._prefetch()
@@ -750,13 +783,6 @@ class ConnectionPool:
         self._idle.clear()
 
 
-async def _read_line(conn: _Connection) -> bytes:
-    line = await conn.read_until(b"\r\n", MAX_HEAD_BYTES)
-    if not line:
-        raise ProtocolError("the server closed the connection mid-answer")
-    return line
-
-
 async def _read_head(conn: _Connection) -> bytes:
     head = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
     if not head:
@@ -764,20 +790,72 @@ async def _read_head(conn: _Connection) -> bytes:
     return head
 
 
-def _parse_head(head: bytes) -> tuple[int, str, str, dict[str, str]]:
-    """(status, reason, version, headers with lower-case names) from an answer's head."""
-    status_line, _, rest = head.decode("utf-8", "surrogateescape").partition("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ProtocolError(f"not an HTTP/1.x answer: {status_line[:60]!r}")
-    headers: dict[str, str] = {}
-    for line in rest.split("\r\n"):
-        if not line:
-            continue
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise ProtocolError(f"bad header line {line[:60]!r}")
-        name = name.strip().lower()
-        value = value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", parts[0], headers
+class _Head:
+    """One answer's head, parsed by llhttp: status, reason, version, headers (lower-case
+    names; repeated ones joined with ", "). For a chunked answer the same parser is then
+    fed the body (feed()), and de-chunks it into `pieces`."""
+
+    __slots__ = (
+        "chunked",
+        "complete",
+        "extra",
+        "headers",
+        "parser",
+        "pieces",
+        "reason",
+        "status",
+        "version",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        self.headers: dict[str, str] = {}
+        self.reason = ""
+        self.pieces: list[bytes] = []
+        self.complete = False
+        self.extra = False
+        self.parser = httptools.HttpResponseParser(self)
+        try:
+            self.parser.feed_data(raw)
+        except httptools.HttpParserError as exc:
+            line = raw.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+            raise ProtocolError(f"a bad HTTP/1.x answer head ({exc}): {line[:60]!r}") from None
+        self.version = self.parser.get_http_version()
+        if self.version not in ("1.1", "1.0"):
+            raise ProtocolError(f"a bad HTTP/1.x answer head: HTTP/{self.version}")
+        self.status = self.parser.get_status_code()
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        if "content-length" in self.headers and not self.chunked:
+            length = self.headers["content-length"]
+            if not length.isdigit():  # llhttp checks digits; a joined repeat is "N, N"
+                raise ProtocolError(f"bad Content-Length {length!r}")
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.complete:
+                raise ProtocolError(f"bad chunked body: {exc}") from None
+            self.extra = True  # garbage after the answer: the connection is not reused
+
+    # llhttp's callbacks
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("utf-8", "surrogateescape")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("utf-8", "surrogateescape")
+        headers = self.headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.extra = True
+        else:
+            self.pieces.append(body)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
