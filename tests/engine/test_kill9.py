@@ -228,7 +228,9 @@ class Chaos(World):
                 done.append(rel)
                 continue
             placed = path.lstat().st_ctime
-            if placed <= kill.at - LOCAL_MARGIN:
+            # Placed by this run (an earlier killed run may have left it unrecorded, and this
+            # one died before adopting it) and long enough before the kill.
+            if kill.started <= placed <= kill.at - LOCAL_MARGIN:
                 self.lost_pull_records += 1
                 assert PULL_RECORDS_OPEN, self.where(
                     f"{kill.trigger}: lost record: {rel} was in place {kill.at - placed:.1f}s "
