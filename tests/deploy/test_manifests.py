@@ -471,6 +471,7 @@ def test_indexed_model_pull_shards_over_its_completions() -> None:
     count = spec["completions"]
     assert count == spec["parallelism"] > 1, "all shards at once"
     assert spec["backoffLimitPerIndex"] >= 1, "a failed shard is retried on its own"
+    assert spec["suspend"] is True, "an opt-in alternative to the single Job: never both at once"
     pod, single = pod_spec(indexed.doc) or {}, pod_spec(job.doc) or {}
     assert pod["restartPolicy"] == "Never", "backoffLimitPerIndex requires Never"
     assert pod["securityContext"] == single["securityContext"]
