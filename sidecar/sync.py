@@ -15,12 +15,13 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
@@ -236,7 +237,12 @@ class SyncEngine:
             log.warning("shard %s: %s", config.shard, limit.message())
         if self.state.sending:
             await self._settle_pending_writes(store, listing.objects, path_filter)
-        base = {p: e for p, e in self.state.base.items() if path_filter.wants(p)}
+        base = self.state.base
+        if not all(map(path_filter.wants, base)):
+            base = {p: e for p, e in base.items() if path_filter.wants(p)}
+        # else BASE itself, not a copy of it (a million entries): what follows reads it, and
+        # changes it only as state.set_base does anyway.
+        del path_filter  # and with it its verdict of every path, no longer asked
         # Hashes only where a decision needs one: a file with no BASE entry and no object at
         # its path is sent whatever it holds, and its upload hashes the bytes it sends (a
         # first finalize of 5,000 small files read each one once instead of twice).
@@ -250,13 +256,10 @@ class SyncEngine:
             ],
             self._executor,
         )
-        self.state.replace_hash_cache(
-            {
-                p: (f.size, f.mtime_ns, f.inode, f.hash)
-                for p, f in scanned.files.items()
-                if f.hash != UNHASHED
-            }
-        )
+        if not _cache_holds(self.state.hash_cache, scanned.files):
+            self.state.replace_hash_cache(
+                {p: _cache_entry(f) for p, f in scanned.files.items() if f.hash != UNHASHED}
+            )
         remote = await self._resolve_remote_hashes(
             store, scanned.files, listing.objects, base, direction
         )
@@ -441,8 +444,10 @@ class SyncEngine:
                     listing.volume.add(relpath, item.size)
                     if not path_filter.wants(relpath):
                         continue
-                    listing.objects[relpath] = RemoteObject(
-                        item.key, item.size, item.etag, item.last_modified
+                    # Interned: one string per path, ETag and LastModified second, shared
+                    # with the scan and BASE (about 200 bytes a file; see scan._walk).
+                    listing.objects[intern(relpath)] = RemoteObject(
+                        item.key, item.size, intern(item.etag), intern(item.last_modified)
                     )
         except S3Error as exc:
             if exc.fatal or exc.not_found:
@@ -451,7 +456,7 @@ class SyncEngine:
         # rclone lists a 'dir/' marker as a 0-byte 'dir': a folder, not a file. A real file
         # and folder of one name stay in the listing: hiding the file made every later sync
         # see it as deleted; the planner reports the clash and decides each path as usual.
-        for path in folders_of(listing.objects) & set(listing.objects):
+        for path in [d for d in folders_of(listing.objects) if d in listing.objects]:
             if listing.objects[path].size == 0:
                 del listing.objects[path]
         return listing
@@ -730,6 +735,21 @@ def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
 
 def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:
     return (local.size, local.mtime_ns, local.inode, local.hash)
+
+
+def _cache_holds(
+    cache: Mapping[str, tuple[int, int, int, str]], files: dict[str, LocalFile]
+) -> bool:
+    """Whether the hash cache is exactly what the scan saw (the no-op case), checked without
+    building a second map of a million entries to compare."""
+    hashed = 0
+    for path, local in files.items():
+        if local.hash == UNHASHED:
+            continue
+        hashed += 1
+        if cache.get(path) != _cache_entry(local):
+            return False
+    return hashed == len(cache)
 
 
 class _UnusableSyncignore(Exception):

@@ -7,7 +7,7 @@ that decides *what* happens lives here; the edges only carry the plan out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -139,7 +139,10 @@ def plan(
     deletes = deletes or DeletePolicy()
     result = Plan(direction)
     taken = NamesInUse(local, remote)  # a conflict copy never takes a name either side has
-    for path in sorted(set(local) | set(remote) | set(base)):
+    paths = set(local)  # one set of every path, not one per side and their unions
+    paths.update(remote)
+    paths.update(base)
+    for path in sorted(paths):
         _plan_path(
             result, direction, path, local.get(path), remote.get(path), base.get(path), now, taken
         )
@@ -322,11 +325,13 @@ def _report_bucket_clashes(
     delete: a finalize whose BASE knows the file and whose folder replaced it deletes the
     file like any other, and that is the way out of a clash an older version left behind.
     """
-    files: set[str] = set(remote)
+    files: Set[str] = remote.keys()  # not copied unless the plan changes it
     if direction is Direction.FINALIZE:
-        files -= {a.path for a in out.of_kind(ActionKind.DELETE_REMOTE)}
-        files |= {a.path for a in out.of_kind(ActionKind.UPLOAD)}
-    for path in sorted(files & folders_of(files)):
+        deleted = {a.path for a in out.of_kind(ActionKind.DELETE_REMOTE)}
+        uploaded = {a.path for a in out.of_kind(ActionKind.UPLOAD)}
+        if deleted or uploaded:
+            files = (set(files) - deleted) | uploaded
+    for path in sorted(d for d in folders_of(files) if d in files):
         obj = remote.get(path)
         out.errors.append(FileError(obj.key if obj else path, BUCKET_CLASH))
 

@@ -1,6 +1,6 @@
 """Peer benchmark: `sidecar pull/finalize --once` against s5cmd, rclone and aws cli.
 
-    python -m tests.bench.peer_bench [--workloads LARGE,SMALL,NOOP,SCALE] [--runs 3]
+    python -m tests.bench.peer_bench [--workloads LARGE,SMALL,NOOP,SCALE,FIRST] [--runs 3]
                                      [--tools sidecar,s5cmd,rclone,aws] [--json out.json]
 
 One `rclone serve s3` on loopback serves every run; its data root and all generated data live
@@ -65,6 +65,9 @@ from tests.bench.workloads import (
 PREFIX = "vol"  # every volume lives under s3://BUCKET/vol, as a sidecar volume would
 PUSH_BUCKET = "push"
 WORKLOADS = ("LARGE", "SMALL", "NOOP", "SCALE")
+# Opt-in (never in the default run): FIRST-N, a first pull/push of the SCALE-N data set into
+# an empty destination (issue 12's "first pull of 200,000 tiny files", with peak RSS).
+OPT_IN_WORKLOADS = ("FIRST",)
 PAGE = 4096  # tmpfs stores even a 1-byte file in a whole page
 
 
@@ -130,8 +133,13 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
                 rows.append((f"SCALE-{count}", dataset, "sync"))
+        elif workload == "FIRST":
+            for count in sizes.scale_counts:
+                dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
+                rows.append((f"FIRST-{count}", dataset, "copy"))
         else:
-            raise ValueError(f"unknown workload {workload}; choose from {', '.join(WORKLOADS)}")
+            names = ", ".join(WORKLOADS + OPT_IN_WORKLOADS)
+            raise ValueError(f"unknown workload {workload}; choose from {names}")
     return [
         Scenario(name, dataset, direction, mode)
         for name, dataset, mode in rows
