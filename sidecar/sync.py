@@ -90,6 +90,7 @@ class SyncEngine:
         self.client_settings = client or ClientSettings(
             concurrency=config.concurrency,
             read_timeout=float(os.environ.get("SIDECAR_REQUEST_TIMEOUT", "30")),
+            addressing_style=config.addressing_style,
         )
         self.state = StateStore(
             state_path_for(

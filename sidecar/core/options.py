@@ -56,6 +56,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _addressing_style(text: str) -> str:
+    style = text.strip().lower()
+    if style not in ("auto", "path", "virtual"):
+        raise ValueError(f"must be auto, path or virtual, got {text!r}")
+    return style
+
+
 def _percent(text: str) -> float:
     value = float(text.rstrip("%"))
     if not 0 <= value <= 100:
@@ -152,6 +159,14 @@ OPTIONS: tuple[Option, ...] = (
         None,
         _positive_int,
         f"requests in flight across all files (default {default_concurrency()} here)",
+        SYNC,
+    ),
+    Option(
+        "--addressing-style",
+        "auto",
+        _addressing_style,
+        "S3 addressing: auto (path style for a custom AWS_ENDPOINT_URL and for bucket names "
+        "with dots, virtual-hosted on AWS), path, or virtual",
         SYNC,
     ),
     Option(
@@ -270,6 +285,7 @@ class SyncConfig:
     bwlimit_down: int | None = None  # bytes per second; None: no limit
     bwlimit_up: int | None = None
     max_requests_per_second: float | None = None
+    addressing_style: str = "auto"
 
     @property
     def remote_url(self) -> str:
@@ -374,6 +390,7 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         bwlimit_down=(values.get("bwlimit") or (None, None))[0],
         bwlimit_up=(values.get("bwlimit") or (None, None))[1],
         max_requests_per_second=values.get("max_requests_per_second"),
+        addressing_style=values.get("addressing_style") or "auto",
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import ssl
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from sidecar.s3.errors import S3Error
@@ -72,3 +74,59 @@ def proxy_from_env(scheme: str, host: str) -> Proxy | None:
 def ssl_context() -> ssl.SSLContext:
     """Verified TLS with the system's CAs, or AWS_CA_BUNDLE's as botocore would use."""
     return ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+
+
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+# A bucket name that can be the first label of a host name under a TLS wildcard (*.s3...):
+# no dots (a dot makes another label the certificate does not cover), no upper case.
+_VIRTUAL_SAFE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where one bucket's requests go: dial scheme://host:port, sign and send `signed_host`
+    as Host, and put `path_prefix` ("/bucket" for path style, "" for virtual) before keys."""
+
+    scheme: str
+    host: str
+    port: int
+    signed_host: str
+    path_prefix: str
+
+    @property
+    def path_style(self) -> bool:
+        return bool(self.path_prefix)
+
+
+def resolve_address(bucket: str, endpoint: str | None, region: str, style: str) -> Address:
+    """The bucket's address. `style` auto: path style for a custom endpoint (MinIO, rclone,
+    Ceph... seldom have wildcard DNS) and for bucket names that cannot be a TLS-covered host
+    label (dots: `my.bucket.s3.amazonaws.com` fails the *.s3 certificate), virtual-hosted
+    for the others on AWS (as botocore does)."""
+    if style not in ADDRESSING_STYLES:
+        raise S3Error(bucket, "BadOption", f"addressing style {style!r}: auto, path or virtual")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise S3Error(
+                bucket,
+                "BadEndpoint",
+                f"the endpoint {endpoint!r} is not an http:// or https:// URL",
+                fatal=True,
+            )
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise S3Error(
+                bucket, "BadEndpoint", f"the endpoint {endpoint!r} has a bad port", fatal=True
+            ) from None
+        netloc = signed_host(scheme, parts.netloc)
+        if style == "virtual":
+            return Address(scheme, f"{bucket}.{parts.hostname}", port, f"{bucket}.{netloc}", "")
+        return Address(scheme, parts.hostname, port, netloc, f"/{bucket}")
+    service = f"s3.{region}.amazonaws.com"
+    if style == "path" or (style == "auto" and not _VIRTUAL_SAFE.match(bucket)):
+        return Address("https", service, 443, service, f"/{bucket}")
+    host = f"{bucket}.{service}"
+    return Address("https", host, 443, host, "")

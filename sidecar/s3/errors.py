@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Mapping
 
 from sidecar.s3.http11 import ConnectError
 
@@ -103,9 +104,14 @@ STATUS_CODES = {
 }
 _XML_CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+_XML_REGION = re.compile(rb"<Region>([^<]*)</Region>")
+_XML_ENDPOINT = re.compile(rb"<Endpoint>([^<]*)</Endpoint>")
+REDIRECT_CODES = {"PermanentRedirect", "TemporaryRedirect"}
 
 
-def http_error(key: str, status: int, body: bytes) -> S3Error:
+def http_error(
+    key: str, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> S3Error:
     """An S3Error from an HTTP error answer (HEAD answers carry no body: use the status)."""
     found = _XML_CODE.search(body)
     code = found.group(1).decode() if found else STATUS_CODES.get(status, str(status))
@@ -113,7 +119,39 @@ def http_error(key: str, status: int, body: bytes) -> S3Error:
     message = found.group(1).decode(errors="replace") if found else code
     if code in FATAL_CODES:
         return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True)
+    wrong_region = code == "AuthorizationHeaderMalformed" and _XML_REGION.search(body)
+    if status in (301, 307) or code in REDIRECT_CODES or wrong_region:
+        return _redirect_error(key, status, code, body, headers or {})
     return S3Error(key, code, f"{code} (HTTP {status}): {message}")
+
+
+def _redirect_error(
+    key: str, status: int, code: str, body: bytes, headers: Mapping[str, str]
+) -> S3Error:
+    """S3 redirects instead of serving a bucket of another region (301 PermanentRedirect,
+    or 400 AuthorizationHeaderMalformed naming the region) and, for a few minutes after a
+    bucket is created, to its regional endpoint (307). Say which region, not a bare 301."""
+    region = headers.get("x-amz-bucket-region")
+    if not region and (found := _XML_REGION.search(body)):
+        region = found.group(1).decode(errors="replace")
+    if region:
+        return S3Error(
+            key,
+            code,
+            f"the bucket is in region {region}: set AWS_REGION={region} ({code}, HTTP {status})",
+            fatal=True,
+        )
+    found = _XML_ENDPOINT.search(body)
+    where = f" to {found.group(1).decode(errors='replace')}" if found else ""
+    if status == 307:  # temporary (a new bucket's DNS): worth another try
+        return S3Error(key, code, f"the server redirects{where} for now ({code}, HTTP 307)")
+    return S3Error(
+        key,
+        code,
+        f"the server redirects this bucket{where} ({code}, HTTP {status}): check AWS_REGION "
+        "and AWS_ENDPOINT_URL",
+        fatal=True,
+    )
 
 
 async def backoff(attempt: int) -> None:

@@ -15,10 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from sidecar.s3 import metadata as meta
-from sidecar.s3.endpoint import endpoint_from_env, proxy_from_env, signed_host, ssl_context
+from sidecar.s3.endpoint import (
+    Address,
+    endpoint_from_env,
+    proxy_from_env,
+    resolve_address,
+    ssl_context,
+)
 from sidecar.s3.errors import (
     HTTP_TRANSIENT,
     NOT_IMPLEMENTED_CODES,
@@ -58,6 +63,7 @@ class ClientSettings:
     # the base defaults to twice the read timeout.
     deadline_base: float | None = None
     deadline_rate: float = DEADLINE_RATE
+    addressing_style: str = "auto"  # --addressing-style: auto, path or virtual
 
     @property
     def base_seconds(self) -> float:
@@ -101,6 +107,7 @@ class ObjectStore:
         self._read_buffers: list[bytearray] = []  # reused by get_object, one per stream
         self._host = ""
         self._path_prefix = ""
+        self._address: Address | None = None
 
     async def __aenter__(self) -> ObjectStore:
         self._region = (
@@ -136,8 +143,9 @@ class ObjectStore:
                 # default over plain http) would cost a core on loopback for no protection.
                 "payload_signing_enabled": False,
             }
-            if endpoint:
-                s3_options["addressing_style"] = "path"
+            # The same address as our own requests (resolve_address), not botocore's guess.
+            path_style = self._address is None or self._address.path_style
+            s3_options["addressing_style"] = "path" if path_style else "virtual"
             config = Config(
                 max_pool_connections=self.settings.concurrency,
                 connect_timeout=self.settings.connect_timeout,
@@ -183,32 +191,11 @@ class ObjectStore:
 
     def _configure_urls(self, endpoint: str | None, region: str) -> tuple[str, str, int]:
         """Sets the signed Host and the path prefix; returns (scheme, host, port) to dial."""
-        if endpoint:  # custom endpoints (MinIO, rclone, Ceph...): path-style addressing
-            parts = urlsplit(endpoint)
-            scheme = parts.scheme.lower()
-            if scheme not in ("http", "https") or not parts.hostname:
-                raise S3Error(
-                    self.bucket,
-                    "BadEndpoint",
-                    f"the endpoint {endpoint!r} is not an http:// or https:// URL",
-                    fatal=True,
-                )
-            try:
-                port = parts.port or (443 if scheme == "https" else 80)
-            except ValueError:
-                raise S3Error(
-                    self.bucket,
-                    "BadEndpoint",
-                    f"the endpoint {endpoint!r} has a bad port",
-                    fatal=True,
-                ) from None
-            self._host = signed_host(scheme, parts.netloc)
-            self._path_prefix = f"/{self.bucket}"
-            return scheme, parts.hostname, port
-        host = f"{self.bucket}.s3.{region}.amazonaws.com"
-        self._host = host
-        self._path_prefix = ""
-        return "https", host, 443
+        address = resolve_address(self.bucket, endpoint, region, self.settings.addressing_style)
+        self._address = address
+        self._host = address.signed_host
+        self._path_prefix = address.path_prefix
+        return address.scheme, address.host, address.port
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
@@ -263,7 +250,7 @@ class ObjectStore:
                 return response
             body = await _read_all(response)
             response.release()
-            error = http_error(name, response.status, body)
+            error = http_error(name, response.status, body, response.headers)
             if (response.status in RETRY_STATUSES or error.code in RETRY_CODES) and (
                 attempt + 1 < attempts
             ):

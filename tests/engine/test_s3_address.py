@@ -1,0 +1,115 @@
+"""Where a bucket's requests go (issue 10): --addressing-style auto|path|virtual, dotted
+bucket names path-style, and a redirect to another region explained, not a bare 301."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from sidecar.core.options import OptionError, collect, sync_config
+from sidecar.s3 import ClientSettings, ObjectStore, S3Error
+from sidecar.s3.endpoint import Address, resolve_address
+from sidecar.s3.errors import http_error
+from tests.engine.test_http11 import answer, endpoint_env, read_request, serving
+
+__all__ = ["endpoint_env"]  # the fixture, used by name
+
+AWS = "s3.eu-west-1.amazonaws.com"
+
+
+@pytest.mark.parametrize(
+    ("bucket", "endpoint", "style", "expected"),
+    [
+        # AWS: virtual-hosted unless the name cannot be a host label under *.s3's certificate.
+        ("bkt", None, "auto", Address("https", f"bkt.{AWS}", 443, f"bkt.{AWS}", "")),
+        ("my.bucket", None, "auto", Address("https", AWS, 443, AWS, "/my.bucket")),
+        ("bkt", None, "path", Address("https", AWS, 443, AWS, "/bkt")),
+        (
+            "my.bucket",
+            None,
+            "virtual",
+            Address("https", f"my.bucket.{AWS}", 443, f"my.bucket.{AWS}", ""),
+        ),
+        # Custom endpoints: path style unless asked; default ports are not in Host.
+        (
+            "bkt",
+            "http://127.0.0.1:9000",
+            "auto",
+            Address("http", "127.0.0.1", 9000, "127.0.0.1:9000", "/bkt"),
+        ),
+        (
+            "bkt",
+            "https://minio.example:443",
+            "auto",
+            Address("https", "minio.example", 443, "minio.example", "/bkt"),
+        ),
+        (
+            "bkt",
+            "https://minio.example",
+            "virtual",
+            Address("https", "bkt.minio.example", 443, "bkt.minio.example", ""),
+        ),
+        (
+            "bkt",
+            "http://minio.example:9000",
+            "virtual",
+            Address("http", "bkt.minio.example", 9000, "bkt.minio.example:9000", ""),
+        ),
+    ],
+)
+def test_addresses(bucket: str, endpoint: str | None, style: str, expected: Address) -> None:
+    assert resolve_address(bucket, endpoint, "eu-west-1", style) == expected
+
+
+def test_a_bad_endpoint_is_fatal_and_named() -> None:
+    with pytest.raises(S3Error, match="not an http:// or https:// URL") as caught:
+        resolve_address("bkt", "ftp://x", "us-east-1", "auto")
+    assert caught.value.fatal
+
+
+def test_addressing_style_flag_and_env_twin(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = {"remote": "s3://bkt/p", "local_dir": str(tmp_path / "l")}
+    env = {"SIDECAR_ADDRESSING_STYLE": "virtual"}
+    assert sync_config({**collect({}, env, "sync"), **base}, env).addressing_style == "virtual"
+    flags = collect({"addressing_style": "PATH"}, env, "sync")
+    assert sync_config({**flags, **base}, env).addressing_style == "path"
+    assert sync_config({**collect({}, {}, "sync"), **base}, {}).addressing_style == "auto"
+    with pytest.raises(OptionError, match="SIDECAR_ADDRESSING_STYLE"):
+        collect({}, {"SIDECAR_ADDRESSING_STYLE": "dns"}, "sync")
+
+
+def test_a_redirect_names_the_buckets_region() -> None:
+    moved = (
+        b"<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to "
+        b"access must be addressed using the specified endpoint.</Message>"
+        b"<Endpoint>bkt.s3.eu-west-1.amazonaws.com</Endpoint></Error>"
+    )
+    error = http_error("bkt", 301, moved, {"x-amz-bucket-region": "eu-west-1"})
+    assert error.fatal and "set AWS_REGION=eu-west-1" in str(error)
+    error = http_error("bkt", 301, moved, {})  # no region said: where it points
+    assert error.fatal and "bkt.s3.eu-west-1.amazonaws.com" in str(error)
+    malformed = (
+        b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>the region 'us-east-1' is "
+        b"wrong; expecting 'ap-south-1'</Message><Region>ap-south-1</Region></Error>"
+    )
+    assert "AWS_REGION=ap-south-1" in str(http_error("k", 400, malformed, {}))
+    assert not http_error("k", 307, b"<Error><Code>TemporaryRedirect</Code></Error>").fatal
+
+
+async def test_a_head_redirected_to_another_region_fails_by_name(
+    endpoint_env: Callable[[int], None],
+) -> None:
+    """A HEAD answer has no body: the region comes from x-amz-bucket-region."""
+
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            writer.write(answer(301, b"", "x-amz-bucket-region: eu-central-1\r\n"))
+            await writer.drain()
+
+    async with serving(handler) as (server, port):
+        endpoint_env(port)
+        async with ObjectStore("bkt", ClientSettings(concurrency=2)) as store:
+            with pytest.raises(S3Error, match="region eu-central-1") as caught:
+                await store.head("k")
+        assert caught.value.fatal and len(server.requests) == 1  # not retried
