@@ -27,18 +27,6 @@ FROZEN = datetime(2026, 11, 23, 9, 15, 0, 250_000, tzinfo=UTC)
 
 
 @pytest.fixture
-def moto(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
-    s3_env(moto_s3)
-    return moto_s3
-
-
-@pytest.fixture
-def server(any_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
-    s3_env(any_s3)
-    return any_s3
-
-
-@pytest.fixture
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every conflict of the test happens within the same millisecond."""
 
