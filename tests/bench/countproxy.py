@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
-from sidecar.locals3 import free_port
+from tests.proxyserver import ThreadedProxy
 
 _READ_SIZE = 1 << 18
 
@@ -142,54 +142,26 @@ class RequestParser:
             self._state, self._remaining = "body", int(headers["content-length"])
 
 
-class CountingProxy:
-    """127.0.0.1:<port> -> upstream, on an event loop in a thread of its own."""
+class CountingProxy(ThreadedProxy):
+    """127.0.0.1:<port> -> upstream, counting requests by S3 operation."""
 
     def __init__(self, upstream_host: str, upstream_port: int, hold: Iterable[str] = ()) -> None:
-        self.upstream = (upstream_host, upstream_port)
+        super().__init__(upstream_host, upstream_port)
         self.hold = frozenset(hold)  # operations held back until release()
         self._released = asyncio.Event()
-        self.port = 0
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        # The loop holds tasks weakly and Python 3.11's start_server keeps no reference to the
-        # per-connection task: without this set, a connection idle in a client's pool can be
-        # garbage-collected mid-stream ("Task was destroyed but it is pending").
-        self._connections: set[asyncio.Task[None]] = set()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> CountingProxy:
-        self._thread.start()
-        self.port = free_port()
-        future = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port), self._loop
-        )
-        self._server = future.result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-        if self.hold:
-            # Held connections end once their (gone) client's EOF can pass: let them.
-            asyncio.run_coroutine_threadsafe(self._drain(), self._loop).result(timeout=15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
 
     def release(self) -> None:
         """Pass held requests on, and every later one."""
         self._loop.call_soon_threadsafe(self._released.set)
 
-    async def _drain(self) -> None:
-        self._released.set()
-        if self._connections:
-            await asyncio.wait(self._connections, timeout=10)
+    async def _settle(self) -> None:
+        if self.hold:
+            # Held connections end once their (gone) client's EOF can pass: let them.
+            self._released.set()
+            if self._connections:
+                await asyncio.wait(self._connections, timeout=10)
 
     def reset(self) -> None:
         with self._lock:
@@ -204,15 +176,10 @@ class CountingProxy:
         with self._lock:
             self._counts[operation] += 1
 
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+    async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
         except OSError:
-            client_w.close()
             return
         holding = False
 
@@ -228,12 +195,14 @@ class CountingProxy:
         parser = RequestParser(on_request)
         to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed, gate))
         to_client = asyncio.create_task(_pump(upstream_r, client_w, None))
-        await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
-        with contextlib.suppress(Exception):
-            await to_client  # the server closes after the client did, or on its own
-        to_server.cancel()
-        for writer in (client_w, upstream_w):
-            writer.close()
+        try:
+            await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
+            with contextlib.suppress(Exception):
+                await to_client  # the server closes after the client did, or on its own
+        finally:
+            to_server.cancel()
+            to_client.cancel()
+            upstream_w.close()
 
 
 async def _pump(

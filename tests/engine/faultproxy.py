@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sidecar.locals3 import free_port
 from tests.bench.countproxy import s3_operation
+from tests.proxyserver import ThreadedProxy
 
 
 class Fault(StrEnum):
@@ -107,8 +107,8 @@ class Schedule:
         return fault
 
 
-class FaultProxy:
-    """127.0.0.1:<port> -> upstream, on an event loop in a thread of its own."""
+class FaultProxy(ThreadedProxy):
+    """127.0.0.1:<port> -> upstream, faulting the requests `choose` picks."""
 
     def __init__(
         self,
@@ -119,49 +119,13 @@ class FaultProxy:
         stall_seconds: float = 60.0,
         trickle_interval: float = 0.3,
     ) -> None:
-        self.upstream = (upstream_host, upstream_port)
+        super().__init__(upstream_host, upstream_port)
         self.choose = choose
         self.stall_seconds = stall_seconds
         self.trickle_interval = trickle_interval
-        self.port = 0
         self._counts: Counter[tuple[Fault, str]] = Counter()
         self._active: Counter[tuple[Fault, str]] = Counter()  # answers being faulted now
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()  # strong refs (see countproxy)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        self.port = free_port()
-        future = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port), self._loop
-        )
-        self._server = future.result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def counts(self) -> Counter[tuple[Fault, str]]:
         """(fault, S3 operation) -> requests; Fault.NONE counts the untouched ones."""
@@ -193,12 +157,8 @@ class FaultProxy:
         return "\n".join(lines)
 
     # ---- one client connection ----
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
-        try:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             while (request := await _read_request(reader, writer)) is not None:
                 fault = self.choose(request)
                 what = (fault, request.operation)
@@ -211,12 +171,6 @@ class FaultProxy:
                 finally:
                     with self._lock:
                         self._active[what] -= 1
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            writer.close()
 
     async def _answer(
         self,
