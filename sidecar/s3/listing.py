@@ -61,7 +61,20 @@ def listing_token(body: bytes) -> str | None:
     return _xml_text(token)
 
 
-def listing_entries(body: bytes) -> list[ObjectInfo]:
+_COMMON_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
+
+
+def listing_prefixes(body: bytes) -> list[str]:
+    """The CommonPrefixes of a page listed with a delimiter, decoded as keys are."""
+    if b"<CommonPrefixes>" not in body:
+        return []
+    url_encoded = (_top_level(body, b"EncodingType") or b"").strip().lower() == b"url"
+    return [decode_listed_key(_xml_text(raw), url_encoded) for raw in _COMMON_PREFIX.findall(body)]
+
+
+def listing_entries(body: bytes, prefixes: int = 0) -> list[ObjectInfo]:
+    """The objects of one page; `prefixes` is the number of CommonPrefixes on it, which
+    servers count in KeyCount (AWS, moto) or not."""
     url_encoded = (_top_level(body, b"EncodingType") or b"").strip().lower() == b"url"
     page = []
     fields: dict[bytes, bytes] = {}
@@ -83,7 +96,11 @@ def listing_entries(body: bytes) -> list[ObjectInfo]:
         )
         fields = {}
     key_count = _top_level(body, b"KeyCount")
-    if key_count is not None and key_count.strip().isdigit() and int(key_count) != len(page):
+    if (
+        key_count is not None
+        and key_count.strip().isdigit()
+        and int(key_count) not in (len(page), len(page) + prefixes)
+    ):
         raise ValueError(f"KeyCount says {int(key_count)} objects, the page lists {len(page)}")
     return page
 

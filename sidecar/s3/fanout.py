@@ -1,0 +1,184 @@
+"""The listing of a large prefix as many chains of pages at once (delimiter fan-out).
+
+ListObjectsV2 pages come one after another: each needs the token of the one before. At
+20-50 ms a page on a real S3, a million keys (1,000 pages) take 20-50 s as one chain. So a
+prefix whose first page does not hold it all is split at its "/" folders: a listing with
+delimiter "/" names its own keys and its sub-prefixes, the sub-prefixes are listed
+concurrently (split again where one is large), each into a small buffer, and the pages are
+handed on in key order. The result is the single listing's, object for object, in its order.
+
+Why handing the pieces on one after the other is enough: every key under a common prefix Q
+sorts together (a key not under Q differs from Q before Q's end, so it sorts before or after
+all of them, whatever characters surround the "/"). The delimited listing's items, in key
+order, each expanded in place, are the whole listing in key order.
+
+Memory stays bounded: at most LOOKAHEAD sub-prefixes are listed ahead of the one being read,
+each buffering one page; the one being read is always allowed to run, so a reader never
+waits on a listing that waits on the reader. A folder of a million direct files is still one
+chain (no delimiter splits it); it costs what the single listing costs plus one page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from sidecar.s3.errors import S3Error
+from sidecar.s3.listing import listing_entries, listing_prefixes, listing_token
+from sidecar.s3.objects import ObjectInfo
+
+# (prefix, continuation token, start-after, delimited) -> the page's body
+FetchPage = Callable[[str, str | None, str | None, bool], Awaitable[bytes]]
+
+LOOKAHEAD = 16  # sub-prefixes listed ahead of the one being read, for the whole listing
+DELIMITER = "/"
+
+
+def key_order(key: str) -> bytes:
+    """S3's order: the key's UTF-8 bytes (invalid bytes kept as listed: surrogateescape)."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _parse(prefix: str, body: bytes) -> tuple[list[ObjectInfo], list[str], str | None]:
+    try:
+        token = listing_token(body)
+        prefixes = listing_prefixes(body)
+        return listing_entries(body, len(prefixes)), prefixes, token
+    except ValueError as exc:
+        raise S3Error(prefix or "/", "BadListing", f"unreadable listing page: {exc}") from None
+
+
+class FanOutListing:
+    """Pages of the listing under one prefix, in key order, listed LOOKAHEAD-wide."""
+
+    def __init__(self, fetch: FetchPage, lookahead: int | None = None) -> None:
+        self._fetch = fetch
+        self._free = LOOKAHEAD if lookahead is None else lookahead  # lookahead slots not taken
+
+    async def pages(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        async with contextlib.aclosing(self._walk(prefix, None)) as pages:
+            async for page in pages:
+                yield page
+
+    async def _walk(self, prefix: str, after: str | None) -> AsyncIterator[list[ObjectInfo]]:
+        """The keys under prefix after `after` (all of them when None)."""
+        entries, _, token = _parse(prefix, await self._fetch(prefix, None, after, False))
+        last = entries[-1].key if entries else after
+        if after is not None:  # a server that ignores start-after costs a filter, not a key
+            bound = key_order(after)
+            entries = [e for e in entries if key_order(e.key) > bound]
+            if last is not None and key_order(last) < bound:
+                last = after
+        if entries:
+            yield entries
+        if token is None:
+            return
+        # More than a page: the rest comes from the folders of this prefix, side by side.
+        async with contextlib.aclosing(self._fan_out(prefix, last)) as pages:
+            async for page in pages:
+                yield page
+
+    async def _fan_out(self, prefix: str, after: str | None) -> AsyncIterator[list[ObjectInfo]]:
+        bound = key_order(after) if after is not None else None
+        fetch = asyncio.ensure_future(self._fetch(prefix, None, None, True))
+        children: list[_Child] = []
+        try:
+            while True:
+                entries, prefixes, token = _parse(prefix, await fetch)
+                if token:  # the server lists the next page while we read this one
+                    fetch = asyncio.ensure_future(self._fetch(prefix, token, None, True))
+                items = _in_order(entries, prefixes, bound)
+                children = [item for item in items if isinstance(item, _Child)]
+                self._start_ahead(children)
+                run: list[ObjectInfo] = []
+                for item in items:
+                    if isinstance(item, ObjectInfo):
+                        run.append(item)
+                        continue
+                    if run:
+                        yield run
+                        run = []
+                    if item.task is None:
+                        item.start(self, slot=False)  # the one being read always runs
+                    while (page := await item.next()) is not None:
+                        yield page
+                    self._start_ahead(children)
+                if run:
+                    yield run
+                if not token:
+                    return
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+            for child in children:
+                child.cancel()
+
+    def _start_ahead(self, children: list[_Child]) -> None:
+        for child in children:
+            if self._free <= 0:
+                return
+            if child.task is None:
+                self._free -= 1
+                child.start(self, slot=True)
+
+
+def _in_order(
+    entries: list[ObjectInfo], prefixes: list[str], bound: bytes | None
+) -> list[ObjectInfo | _Child]:
+    """One delimited page's keys and sub-prefixes in key order, without what sorts at or
+    before `bound` (the last key already handed on)."""
+    items: list[tuple[bytes, ObjectInfo | _Child]] = []
+    for entry in entries:
+        order = key_order(entry.key)
+        if bound is None or order > bound:
+            items.append((order, entry))
+    for sub in prefixes:
+        order = key_order(sub)
+        if bound is None or order > bound:
+            items.append((order, _Child(sub, None)))
+        elif bound.startswith(order):  # the last key handed on is inside: go on after it
+            items.append((order, _Child(sub, bound.decode("utf-8", "surrogateescape"))))
+        # else every key under it sorts before the bound: handed on already
+    items.sort(key=lambda item: item[0])
+    return [item for _, item in items]
+
+
+class _Child:
+    """One sub-prefix listed into a buffer of one page."""
+
+    __slots__ = ("after", "prefix", "queue", "slot", "task")
+
+    def __init__(self, prefix: str, after: str | None) -> None:
+        self.prefix = prefix
+        self.after = after
+        self.queue: asyncio.Queue[list[ObjectInfo] | BaseException | None] = asyncio.Queue(1)
+        self.task: asyncio.Future[None] | None = None
+        self.slot = False
+
+    def start(self, listing: FanOutListing, *, slot: bool) -> None:
+        self.slot = slot
+        self.task = asyncio.ensure_future(self._pump(listing))
+
+    async def _pump(self, listing: FanOutListing) -> None:
+        try:
+            async with contextlib.aclosing(listing._walk(self.prefix, self.after)) as pages:
+                async for page in pages:
+                    await self.queue.put(page)
+            await self.queue.put(None)
+        except Exception as exc:  # handed to the reader, in its place in the order
+            await self.queue.put(exc)
+        finally:
+            if self.slot:
+                self.slot = False
+                listing._free += 1
+
+    async def next(self) -> list[ObjectInfo] | None:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
