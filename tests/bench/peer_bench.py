@@ -50,8 +50,9 @@ from pathlib import Path
 
 from sidecar.locals3 import LocalS3
 from tests.bench.countproxy import LISTING_OPS, CountingProxy
+from tests.bench.delayproxy import DEFAULT_WINDOW, DelayProxy
 from tests.bench.measure import Measurement, run_measured
-from tests.bench.peers import TOOL_NAMES, Job, Mode, Server, Tool, make_tools
+from tests.bench.peers import TOOL_NAMES, VARIANTS, Job, Mode, Server, Tool, label, make_tools
 from tests.bench.workloads import (
     DataSet,
     KiB,
@@ -66,8 +67,18 @@ PREFIX = "vol"  # every volume lives under s3://BUCKET/vol, as a sidecar volume 
 PUSH_BUCKET = "push"
 WORKLOADS = ("LARGE", "SMALL", "NOOP", "SCALE")
 # Opt-in (never in the default run): FIRST-N, a first pull/push of the SCALE-N data set into
-# an empty destination (issue 12's "first pull of 200,000 tiny files", with peak RSS).
-OPT_IN_WORKLOADS = ("FIRST",)
+# an empty destination (issue 12's "first pull of 200,000 tiny files", with peak RSS);
+# MEDIUM, a few mid-sized files; DAEMON, `curl -X POST .../pull|finalize` against a running
+# `sidecar serve` (see daemon_bench.py).
+OPT_IN_WORKLOADS = ("FIRST", "MEDIUM", "DAEMON")
+# `--profile wan` (issue 16): every tool at its defaults and tuned, through the delay proxy at
+# each round trip, on the issue's data sets; the daemon rows on loopback and on each RTT.
+WAN_PROFILE = {
+    "workloads": ["SMALL", "NOOP", "MEDIUM", "LARGE", "DAEMON"],
+    "rtt_ms": [20.0, 80.0],
+    "variants": ["default", "tuned"],
+    "small_files": 2000,
+}
 PAGE = 4096  # tmpfs stores even a 1-byte file in a whole page
 
 
@@ -77,6 +88,8 @@ class Sizes:
     large_size: int = 256 * MiB
     small_files: int = 5000
     small_size: int = 16 * KiB
+    medium_files: int = 2
+    medium_size: int = 128 * MiB
     scale_counts: tuple[int, ...] = (1000, 10000, 50000)
     scale_size: int = 64
 
@@ -99,17 +112,21 @@ class Scenario:
 class Row:
     workload: str
     direction: str
-    tool: str
+    tool: str  # label: the name, and the variant unless it is "bench"
     files: int
     bytes: int  # data-set bytes a copy moves; 0 for re-sync rows
+    rtt_ms: float = 0.0  # 0: straight to the server (loopback); else through the delay proxy
     walls: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)  # user + system of the tool
     rss_kib: list[int] = field(default_factory=list)
     load_1min: list[float] = field(default_factory=list)  # machine load as each run started
+    proxy_cpu_s: list[float] = field(default_factory=list)  # the delay proxy's CPU in each run
     errors: list[str] = field(default_factory=list)
     requests: dict[str, int] | None = None
     median_s: float | None = None
     median_cpu_s: float | None = None
+    median_proxy_cpu_s: float | None = None
+    median_load: float | None = None
     mb_per_s: float | None = None
     peak_rss_mib: float | None = None
     total_requests: int | None = None
@@ -120,15 +137,20 @@ class Row:
 
 def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scenario]:
     large = DataSet("large", sizes.large_files, sizes.large_size)
+    medium = DataSet("medium", sizes.medium_files, sizes.medium_size)
     small = DataSet("small", sizes.small_files, sizes.small_size, per_dir=50)
     rows: list[tuple[str, DataSet, Mode]] = []
     for workload in workloads:
         if workload == "LARGE":
             rows.append(("LARGE", large, "copy"))
+        elif workload == "MEDIUM":
+            rows.append(("MEDIUM", medium, "copy"))
         elif workload == "SMALL":
             rows.append(("SMALL", small, "copy"))
         elif workload == "NOOP":
             rows.append(("NOOP", small, "sync"))
+        elif workload == "DAEMON":
+            rows.append(("DAEMON", small, "daemon"))
         elif workload == "SCALE":
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
@@ -143,7 +165,8 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
     return [
         Scenario(name, dataset, direction, mode)
         for name, dataset, mode in rows
-        for direction in directions
+        # the daemon scenario measures both ways on one daemon
+        for direction in (directions if mode != "daemon" else ["pull+push"])
     ]
 
 
@@ -161,17 +184,36 @@ def peak_space(scenarios: list[Scenario], tools: int) -> int:
     return worst
 
 
-class Bench:
-    """Owns the workspace, the server and the proxy for one benchmark run."""
+@dataclass(frozen=True)
+class Link:
+    """What lies between the tools and the server in timed runs."""
 
-    def __init__(self, workspace: Path, tools: list[Tool], runs: int, count: bool, timeout: float):
+    rtt_ms: list[float] = field(default_factory=lambda: [0.0])  # 0: nothing (loopback)
+    window: int = DEFAULT_WINDOW
+    bandwidth: float | None = None  # bytes per second per direction
+
+
+class Bench:
+    """Owns the workspace, the server and the proxies for one benchmark run."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        tools: list[Tool],
+        runs: int,
+        count: bool,
+        timeout: float,
+        link: Link | None = None,
+    ):
         self.ws = workspace
         self.tools = tools
         self.runs = runs
         self.count = count
         self.timeout = timeout
+        self.link = link or Link()
         self.server = LocalS3(workspace / "s3", log_path=workspace / "rclone-serve.log")
         self.proxy: CountingProxy | None = None
+        self.wan: DelayProxy | None = None
         self.sources: dict[str, Path] = {}
         self.seeded: set[str] = set()
         self.base_env = clean_env()
@@ -187,18 +229,29 @@ class Bench:
         self.server.start()
         if self.count:
             self.proxy = CountingProxy("127.0.0.1", self.server.port).start()
+        if any(self.link.rtt_ms):
+            self.wan = DelayProxy(
+                "127.0.0.1",
+                self.server.port,
+                window=self.link.window,
+                bandwidth=self.link.bandwidth,
+            ).start()
 
     def stop(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
+        for proxy in (self.proxy, self.wan):
+            if proxy is not None:
+                proxy.stop()
         self.server.stop()
 
     def bucket_names(self, scenarios: list[Scenario]) -> list[str]:
         names = {PUSH_BUCKET}
         for scenario in scenarios:
+            if scenario.mode == "daemon":
+                names.add(DAEMON_BUCKET)
+                continue
             names.add(source_bucket(scenario.dataset))
             if scenario.mode == "sync" and scenario.direction == "push":
-                names.update(warm_bucket(scenario, tool.name) for tool in self.tools)
+                names.update(warm_bucket(scenario, label(tool)) for tool in self.tools)
         return sorted(names)
 
     def direct(self) -> Server:
@@ -207,6 +260,17 @@ class Bench:
     def via_proxy(self) -> Server:
         assert self.proxy is not None
         return Server(self.proxy.endpoint, self.server.access_key, self.server.secret_key)
+
+    def over_link(self, rtt_ms: float) -> Server:
+        """Where timed runs go: the server, or the delay proxy set to this round trip."""
+        if not rtt_ms:
+            return self.direct()
+        assert self.wan is not None
+        self.wan.rtt = rtt_ms / 1000
+        return Server(self.wan.endpoint, self.server.access_key, self.server.secret_key)
+
+    def proxy_cpu(self) -> float:
+        return self.wan.cpu_seconds() if self.wan is not None else 0.0
 
     # -- data --------------------------------------------------------------------------------
 
@@ -238,18 +302,29 @@ class Bench:
     # -- one scenario ------------------------------------------------------------------------
 
     def run_scenario(self, scenario: Scenario) -> list[Row]:
+        if scenario.mode == "daemon":
+            from tests.bench.daemon_bench import run_daemon  # only this scenario needs it
+
+            return run_daemon(self, scenario)
         dataset = scenario.dataset
-        rows = {tool.name: new_row(scenario, tool.name) for tool in self.tools}
+        rows = {
+            (rtt, label(tool)): new_row(scenario, label(tool), rtt)
+            for rtt in self.link.rtt_ms
+            for tool in self.tools
+        }
         warm: dict[str, Job] = {}
         try:
             if scenario.mode == "sync":
-                warm = {tool.name: self.warm_up(scenario, tool) for tool in self.tools}
+                warm = {label(tool): self.warm_up(scenario, tool) for tool in self.tools}
             if self.proxy is not None:
                 for tool in self.tools:
-                    rows[tool.name].requests = self.count_requests(scenario, tool, warm)
-            for run in range(self.runs):
-                for tool in rotated(self.tools, run):
-                    self.timed_run(scenario, tool, run, warm, rows[tool.name])
+                    requests = self.count_requests(scenario, tool, warm)
+                    for rtt in self.link.rtt_ms:
+                        rows[rtt, label(tool)].requests = requests
+            for rtt in self.link.rtt_ms:
+                for run in range(self.runs):
+                    for tool in rotated(self.tools, run):
+                        self.timed_run(scenario, tool, run, warm, rows[rtt, label(tool)])
         finally:
             for tool_name in warm:
                 self.remove_warm(scenario, tool_name)
@@ -259,12 +334,12 @@ class Bench:
     def job(self, scenario: Scenario, tool: Tool, tag: str, warm: dict[str, Job]) -> Job:
         """The warm job of a re-sync row, else a fresh, empty destination named by tag."""
         if scenario.mode == "sync":
-            return warm[tool.name]
-        scratch = self.ws / "run" / f"{scenario.key}-{tool.name}-{tag}"
+            return warm[label(tool)]
+        scratch = self.ws / "run" / f"{scenario.key}-{label(tool)}-{tag}"
         if scenario.direction == "pull":
             bucket = self.seed(scenario.dataset)
             return Job("pull", "copy", bucket, PREFIX, scratch / "dst", scratch / "state")
-        prefix = f"{scenario.key}-{tool.name}-{tag}"
+        prefix = f"{scenario.key}-{label(tool)}-{tag}"
         local = self.source(scenario.dataset)
         return Job("push", "copy", PUSH_BUCKET, prefix, local, scratch / "state")
 
@@ -283,19 +358,21 @@ class Bench:
     def warm_up(self, scenario: Scenario, tool: Tool) -> Job:
         dataset = scenario.dataset
         source = self.source(dataset)
-        state = self.ws / "warm" / f"{scenario.key}-{tool.name}" / "state"
+        state = self.ws / "warm" / f"{scenario.key}-{label(tool)}" / "state"
         if scenario.direction == "pull":
             local = state.parent / "dst"
             copy_tree(source, local)
             job = Job("pull", "sync", self.seed(dataset), PREFIX, local, state)
         else:
-            bucket = warm_bucket(scenario, tool.name)
+            bucket = warm_bucket(scenario, label(tool))
             copy_tree(source, self.server.root / bucket / PREFIX)
             prime_listing(self.direct(), bucket)
             job = Job("push", "sync", bucket, PREFIX, source, state)
         result = self.execute(tool, job, self.direct(), "warm-up")
         if not result.ok:
-            raise BenchError(f"{tool.name} warm-up for {scenario.key} failed: {result.output_tail}")
+            raise BenchError(
+                f"{label(tool)} warm-up for {scenario.key} failed: {result.output_tail}"
+            )
         return job
 
     def remove_warm(self, scenario: Scenario, tool_name: str) -> None:
@@ -317,7 +394,7 @@ class Bench:
         finally:
             self.cleanup(scenario, job)
         if problem:
-            log(f"  {tool.name}: counting run failed: {problem}")
+            log(f"  {label(tool)}: counting run failed: {problem}")
             return None
         return dict(counts.most_common())
 
@@ -325,25 +402,30 @@ class Bench:
         self, scenario: Scenario, tool: Tool, run: int, warm: dict[str, Job], row: Row
     ) -> None:
         job = self.job(scenario, tool, f"r{run}", warm)
+        server = self.over_link(row.rtt_ms)
         load = os.getloadavg()[0]
+        proxy_cpu = self.proxy_cpu()
         try:
-            result = self.execute(tool, job, self.direct(), f"r{run}")
+            result = self.execute(tool, job, server, f"r{run}")
+            proxy_cpu = self.proxy_cpu() - proxy_cpu
             problem = None if result.ok else f"exit {result.returncode}: {result.output_tail}"
             problem = problem or check_tree(self.destination(job), scenario.dataset)
         finally:
             self.cleanup(scenario, job)
         if problem:
             row.errors.append(problem)
-            log(f"  {tool.name} run {run + 1}: FAILED: {problem[-500:]}")
+            log(f"  {label(tool)} run {run + 1}: FAILED: {problem[-500:]}")
             return
         row.walls.append(result.wall_s)
         row.cpu_s.append(result.cpu_s)
         row.rss_kib.append(result.max_rss_kib)
         row.load_1min.append(load)
+        if row.rtt_ms:
+            row.proxy_cpu_s.append(proxy_cpu)
         log(
-            f"  {scenario.workload:>11} {scenario.direction} {tool.name:<8} run {run + 1}: "
-            f"{result.wall_s:7.2f} s  cpu {result.cpu_s:6.2f} s  "
-            f"{result.max_rss_kib / 1024:4.0f} MiB  (load {load:.1f})"
+            f"  {scenario.workload:>11} {scenario.direction} {row.rtt_ms:3.0f}ms "
+            f"{label(tool):<15} run {run + 1}: {result.wall_s:7.2f} s  cpu {result.cpu_s:6.2f} s"
+            f"  proxy {proxy_cpu:5.2f} s  {result.max_rss_kib / 1024:4.0f} MiB  (load {load:.1f})"
         )
 
     def execute(self, tool: Tool, job: Job, server: Server, tag: str) -> Measurement:
@@ -351,7 +433,7 @@ class Bench:
         env = self.base_env | extra
         logs = self.ws / "logs"
         logs.mkdir(exist_ok=True)
-        log_path = logs / f"{tool.name}-{job.direction}-{tag}.log"
+        log_path = logs / f"{label(tool)}-{job.direction}-{tag}.log"
         return run_measured(argv, env, log_path, self.timeout)
 
 
@@ -359,9 +441,12 @@ class BenchError(RuntimeError):
     pass
 
 
-def new_row(scenario: Scenario, tool: str) -> Row:
+def new_row(scenario: Scenario, tool: str, rtt_ms: float = 0.0) -> Row:
     moved = scenario.dataset.total_bytes if scenario.mode == "copy" else 0
-    return Row(scenario.workload, scenario.direction, tool, scenario.dataset.files, moved)
+    return Row(scenario.workload, scenario.direction, tool, scenario.dataset.files, moved, rtt_ms)
+
+
+DAEMON_BUCKET = "daemon"
 
 
 def source_bucket(dataset: DataSet) -> str:
@@ -413,25 +498,41 @@ def summarise(rows: list[Row]) -> None:
         if row.walls:
             row.median_s = statistics.median(row.walls)
             row.median_cpu_s = statistics.median(row.cpu_s)
-            row.peak_rss_mib = max(row.rss_kib) / 1024
+            row.peak_rss_mib = max(row.rss_kib) / 1024 if row.rss_kib else None
+            row.median_load = statistics.median(row.load_1min) if row.load_1min else None
+            if row.proxy_cpu_s:
+                row.median_proxy_cpu_s = statistics.median(row.proxy_cpu_s)
             if row.bytes:
                 row.mb_per_s = row.bytes / 1e6 / row.median_s
         if row.requests is not None:
             row.total_requests = sum(row.requests.values())
             row.object_requests = sum(n for op, n in row.requests.items() if op not in LISTING_OPS)
-    for group in groups(rows):
-        peers = [r for r in group if r.tool != "sidecar" and r.median_s is not None]
-        best = min(peers, key=lambda r: r.median_s or 0.0, default=None)
-        for row in group:
-            if row.tool == "sidecar" and best is not None and row.median_s is not None:
-                row.vs_best_peer = row.median_s / (best.median_s or 1.0)
-                row.best_peer = best.tool
+    best: dict[tuple[float, str, str], Row] = {}
+    for row in rows:
+        if not is_sidecar(row) and row.median_s is not None:
+            key = (row.rtt_ms, row.workload, row.direction)
+            if key not in best or row.median_s < (best[key].median_s or 0.0):
+                best[key] = row
+    for row in rows:
+        workload = DAEMON_PEER_ROW.get(row.workload, row.workload)
+        peer = best.get((row.rtt_ms, workload, row.direction))
+        if is_sidecar(row) and peer is not None and row.median_s is not None:
+            row.vs_best_peer = row.median_s / (peer.median_s or 1.0)
+            row.best_peer = peer.tool if workload == row.workload else f"{peer.tool} {workload}"
+
+
+# The daemon's rows answer the question these one-shot rows answer (daemon_bench.py).
+DAEMON_PEER_ROW = {"DAEMON-START": "SMALL", "DAEMON-NOOP": "NOOP", "DAEMON-1": "NOOP"}
+
+
+def is_sidecar(row: Row) -> bool:
+    return row.tool.split("-")[0] == "sidecar"
 
 
 def groups(rows: list[Row]) -> Iterator[list[Row]]:
-    seen: dict[tuple[str, str], list[Row]] = {}
+    seen: dict[tuple[float, str, str], list[Row]] = {}
     for row in rows:
-        seen.setdefault((row.workload, row.direction), []).append(row)
+        seen.setdefault((row.rtt_ms, row.workload, row.direction), []).append(row)
     yield from seen.values()
 
 
@@ -454,15 +555,18 @@ OP_SHORT = {
 
 COLUMNS = (
     ("workload", 11),
-    ("dir", 4),
-    ("tool", 7),
+    ("dir", 9),
+    ("RTT ms", 6),
+    ("tool", 15),
     ("median s", 8),
     ("CPU s", 6),
+    ("proxy CPU", 9),
     ("MB/s", 7),
     ("RSS MiB", 7),
+    ("load", 4),
     ("requests", 8),
     ("per-obj", 7),
-    ("vs best", 13),
+    ("vs best", 30),
     ("requests by operation", 0),
 )
 
@@ -474,11 +578,18 @@ def format_table(rows: list[Row]) -> str:
         cells = [
             row.workload,
             row.direction,
+            f"{row.rtt_ms:g}" if row.rtt_ms else "lo",
             row.tool,
-            fmt(row.median_s, "{:.2f}", "FAIL" if row.errors else "-"),
+            fmt(
+                row.median_s,
+                "{:.2f}" if row.median_s and row.median_s >= 0.1 else "{:.3f}",
+                "FAIL" if row.errors else "-",
+            ),
             fmt(row.median_cpu_s, "{:.2f}"),
+            fmt(row.median_proxy_cpu_s, "{:.2f}"),
             fmt(row.mb_per_s, "{:.0f}"),
             fmt(row.peak_rss_mib, "{:.0f}"),
+            fmt(row.median_load, "{:.1f}"),
             fmt(row.total_requests, "{:d}"),
             fmt(row.object_requests, "{:d}"),
             f"{row.vs_best_peer:.2f} ({row.best_peer})" if row.vs_best_peer else "",
@@ -573,9 +684,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench.peer_bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--workloads", type=comma_list, default=list(WORKLOADS))
+    parser.add_argument(
+        "--profile",
+        choices=["loopback", "wan"],
+        default="loopback",
+        help="wan: the issue-16 WAN profile (defaults for the next four flags, and 2,000 "
+        "SMALL files); flags given explicitly still win",
+    )
+    parser.add_argument("--workloads", type=comma_list, default=None)
     parser.add_argument("--directions", type=comma_list, default=["pull", "push"])
     parser.add_argument("--tools", type=comma_list, default=list(TOOL_NAMES))
+    parser.add_argument(
+        "--variants",
+        type=comma_list,
+        default=None,
+        help=f"tool settings to run, of {', '.join(VARIANTS)} (see peers.py); default bench",
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=lambda t: [float(n) for n in comma_list(t)],
+        default=None,
+        help="round trips to run every row at, through the delay proxy (0: straight)",
+    )
+    parser.add_argument(
+        "--window", type=parse_size, default=DEFAULT_WINDOW, help="TCP window of the link"
+    )
+    parser.add_argument(
+        "--bandwidth", type=parse_size, default=None, help="bytes/s per direction, e.g. 100MB"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the table (and every run) as JSON here")
     parser.add_argument("--no-count", action="store_true", help="skip the request-counting runs")
@@ -586,7 +722,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes = Sizes()
     parser.add_argument("--large-files", type=int, default=sizes.large_files)
     parser.add_argument("--large-size", type=parse_size, default=sizes.large_size)
-    parser.add_argument("--small-files", type=int, default=sizes.small_files)
+    parser.add_argument("--medium-files", type=int, default=sizes.medium_files)
+    parser.add_argument("--medium-size", type=parse_size, default=sizes.medium_size)
+    parser.add_argument("--small-files", type=int, default=None)
     parser.add_argument("--small-size", type=parse_size, default=sizes.small_size)
     parser.add_argument(
         "--scale-counts",
@@ -594,7 +732,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=sizes.scale_counts,
     )
     parser.add_argument("--scale-size", type=parse_size, default=sizes.scale_size)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    profile = WAN_PROFILE if args.profile == "wan" else {}
+    defaults = {
+        "workloads": list(WORKLOADS),
+        "rtt_ms": [0.0],
+        "variants": ["bench"],
+        "small_files": sizes.small_files,
+    }
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, profile.get(name, default))
+    return args
 
 
 def default_workdir() -> Path:
@@ -623,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         args.large_size,
         args.small_files,
         args.small_size,
+        args.medium_files,
+        args.medium_size,
         args.scale_counts,
         args.scale_size,
     )
@@ -630,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     compile_sidecar()
     workspace = Path(tempfile.mkdtemp(prefix="netvol-bench-", dir=args.workdir))
     try:
-        tools = make_tools(args.tools, workspace, shlex.split(args.sidecar_args))
+        tools = make_tools(
+            args.tools, workspace, shlex.split(args.sidecar_args), tuple(args.variants)
+        )
         check_space(workspace, peak_space(scenarios, len(tools)))
         rows = run_all(workspace, tools, scenarios, args)
     finally:
@@ -649,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(
     workspace: Path, tools: list[Tool], scenarios: list[Scenario], args: argparse.Namespace
 ) -> list[Row]:
-    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout)
+    link = Link(args.rtt_ms, args.window, args.bandwidth)
+    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout, link)
     rows: list[Row] = []
     try:
         bench.start(scenarios)

@@ -30,6 +30,11 @@ The choices, and why:
   a re-sync.
 - sidecar: its CLI contract, `sidecar pull|finalize --once ...` with its default knobs, plus any
   extra arguments given to the harness (`--sidecar-args`), for tuning experiments.
+
+Those are the "bench" variant, the loopback table's. The WAN profile (issue 16) runs every tool
+twice: "default", what a user types without tuning (only the flags that silence per-file
+output stay), and "tuned", the bench flags with the concurrency knobs set for a long round
+trip (WAN_TUNING; how they were chosen is written beside it).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 Direction = Literal["pull", "push"]
+Variant = Literal["bench", "default", "tuned"]
 Mode = Literal["copy", "sync"]  # copy: fresh, empty destination; sync: re-sync a warm one
 
 AWS_CONFIG = """\
@@ -54,6 +60,15 @@ s3 =
 """
 
 S5CMD_WORKERS = {"pull": "256", "push": "64"}
+
+# The concurrency knobs of the "tuned" variant, chosen on the WAN profile at 20 ms RTT
+# (SMALL pull and push, one run each of a few settings; see tests/bench/README.md).
+WAN_TUNING: dict[str, dict[str, str]] = {
+    "sidecar": {"concurrency": "64"},
+    "s5cmd": {"pull": "512", "push": "512"},  # --numworkers
+    "rclone": {"transfers": "64", "checkers": "128"},
+    "aws": {"max_concurrent_requests": "64"},
+}
 S5CMD_TRANSFER = ["--concurrency", "8", "--part-size", "16"]
 
 RCLONE_FLAGS = ["--fast-list", "--transfers", "32", "--checkers", "32"]
@@ -98,6 +113,7 @@ class Server:
 
 class Tool(Protocol):
     name: str
+    variant: Variant
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         """argv and the environment variables to add for this job."""
@@ -134,10 +150,16 @@ def aws_env(server: Server) -> dict[str, str]:
     }
 
 
+def label(tool: Tool) -> str:
+    """The tool's name in tables, logs and scratch paths: `s5cmd`, or `s5cmd-tuned`."""
+    return tool.name if tool.variant == "bench" else f"{tool.name}-{tool.variant}"
+
+
 @dataclass
 class Sidecar:
     name: str = "sidecar"
     extra_args: list[str] = field(default_factory=list)
+    variant: Variant = "bench"
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         verb = "pull" if job.direction == "pull" else "finalize"
@@ -153,12 +175,15 @@ class Sidecar:
             str(job.state_dir),
             *self.extra_args,
         ]
+        if self.variant == "tuned":
+            argv += ["--concurrency", WAN_TUNING["sidecar"]["concurrency"]]
         return argv, aws_env(server)
 
 
 @dataclass
 class S5cmd:
     name: str = "s5cmd"
+    variant: Variant = "bench"
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         verb = "cp" if job.mode == "copy" else "sync"
@@ -167,22 +192,21 @@ class S5cmd:
             source, target = remote + "*", f"{job.local}/"
         else:
             source, target = f"{job.local}/*", remote
-        argv = [
-            s5cmd_binary(),
-            "--endpoint-url",
-            server.endpoint,
-            *("--numworkers", S5CMD_WORKERS[job.direction], "--log", "error"),
-            verb,
-            *S5CMD_TRANSFER,
-            source,
-            target,
-        ]
+        workers = {"bench": S5CMD_WORKERS, "tuned": WAN_TUNING["s5cmd"]}.get(self.variant)
+        argv = [s5cmd_binary(), "--endpoint-url", server.endpoint, "--log", "error"]
+        if workers is not None:
+            argv += ["--numworkers", workers[job.direction]]
+        argv.append(verb)
+        if self.variant != "default":
+            argv += S5CMD_TRANSFER
+        argv += [source, target]
         return argv, aws_env(server)
 
 
 @dataclass
 class Rclone:
     name: str = "rclone"
+    variant: Variant = "bench"
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         remote = f"bench:{job.bucket}/{job.prefix}"
@@ -192,7 +216,11 @@ class Rclone:
         verb = ["copy"] if job.mode == "copy" else ["sync", "--checksum"]
         flags = RCLONE_PULL_FLAGS if job.direction == "pull" else RCLONE_PUSH_FLAGS
         argv = [executable("rclone"), "--config", "/dev/null", *verb, source, target]
-        argv += [*RCLONE_FLAGS, *flags]
+        if self.variant != "default":
+            argv += [*RCLONE_FLAGS, *flags]
+        if self.variant == "tuned":
+            tuning = WAN_TUNING["rclone"]
+            argv += ["--transfers", tuning["transfers"], "--checkers", tuning["checkers"]]
         env = {
             "RCLONE_CONFIG_BENCH_TYPE": "s3",
             "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
@@ -209,6 +237,7 @@ class Rclone:
 class AwsCli:
     config_path: Path
     name: str = "aws"
+    variant: Variant = "bench"
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         remote = f"{job.url}/"
@@ -234,16 +263,45 @@ class AwsCli:
 TOOL_NAMES = ("sidecar", "s5cmd", "rclone", "aws")
 
 
-def make_tools(names: list[str], workspace: Path, sidecar_args: list[str]) -> list[Tool]:
-    config = workspace / "aws-config"
-    config.write_text(AWS_CONFIG)
-    factories = {
-        "sidecar": lambda: Sidecar(extra_args=sidecar_args),
-        "s5cmd": S5cmd,
-        "rclone": Rclone,
-        "aws": lambda: AwsCli(config_path=config),
-    }
-    unknown = [name for name in names if name not in factories]
+AWS_DEFAULT_CONFIG = "[default]\nregion = us-east-1\n"
+VARIANTS: tuple[Variant, ...] = ("bench", "default", "tuned")
+
+
+def aws_config(variant: Variant) -> str:
+    if variant == "default":
+        return AWS_DEFAULT_CONFIG
+    if variant == "tuned":
+        requests = WAN_TUNING["aws"]["max_concurrent_requests"]
+        return AWS_CONFIG.replace(
+            "max_concurrent_requests = 32", f"max_concurrent_requests = {requests}"
+        )
+    return AWS_CONFIG
+
+
+def make_tools(
+    names: list[str],
+    workspace: Path,
+    sidecar_args: list[str],
+    variants: tuple[Variant, ...] = ("bench",),
+) -> list[Tool]:
+    """Every tool in every variant, tool by tool (sidecar-default, sidecar-tuned, s5cmd-...)."""
+    unknown = [name for name in names if name not in TOOL_NAMES]
     if unknown:
         raise ValueError(f"unknown tools {unknown}; choose from {', '.join(TOOL_NAMES)}")
-    return [factories[name]() for name in names]  # type: ignore[no-untyped-call]
+    wrong = [variant for variant in variants if variant not in VARIANTS]
+    if wrong:
+        raise ValueError(f"unknown variants {wrong}; choose from {', '.join(VARIANTS)}")
+    tools: list[Tool] = []
+    for name in names:
+        for variant in variants:
+            if name == "sidecar":
+                tools.append(Sidecar(extra_args=sidecar_args, variant=variant))
+            elif name == "s5cmd":
+                tools.append(S5cmd(variant=variant))
+            elif name == "rclone":
+                tools.append(Rclone(variant=variant))
+            else:
+                config = workspace / f"aws-config-{variant}"
+                config.write_text(aws_config(variant))
+                tools.append(AwsCli(config_path=config, variant=variant))
+    return tools

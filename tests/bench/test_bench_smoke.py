@@ -54,3 +54,47 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for column in ("workload", "median s", "MB/s", "RSS MiB", "requests", "vs best"):
         assert column in header
     assert table["machine"]["cpus"] >= 1
+
+
+def test_wan_profile_smoke(tmp_path: Path) -> None:
+    """The WAN profile's plumbing (delay proxy, variants, daemon rows) on a dozen files."""
+    out = tmp_path / "wan.json"
+    args = [
+        *("--profile", "wan", "--tools", ",".join(TOOLS), "--workloads", "NOOP,DAEMON"),
+        *("--rtt-ms", "20", "--runs", "1", "--small-files", "12", "--timeout", "60"),
+        *("--json", str(out)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.peer_bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    tools = [f"{tool}-{variant}" for tool in TOOLS for variant in ("default", "tuned")]
+    daemon = ["DAEMON-START", "DAEMON-NOOP", "DAEMON-1", "DAEMON-NOOP", "DAEMON-1"]
+    assert [(r["workload"], r["direction"], r["rtt_ms"], r["tool"]) for r in rows] == [
+        ("NOOP", direction, 20.0, tool) for direction in ("pull", "push") for tool in tools
+    ] + [
+        (workload, direction, rtt, "sidecar-daemon")
+        for rtt in (0.0, 20.0)
+        for workload, direction in zip(
+            daemon, ["pull", "pull", "pull", "push", "push"], strict=True
+        )
+    ]
+    for row in rows:
+        assert row["median_s"] > 0 and not row["errors"], row
+        if row["rtt_ms"]:
+            # every run through the delay proxy pays at least one round trip, and says what
+            # the proxy cost
+            assert row["median_s"] >= 0.02 and row["median_proxy_cpu_s"] is not None, row
+    for row in rows:
+        if (
+            row["tool"].startswith("sidecar")
+            and row["rtt_ms"]
+            and row["workload"] != "DAEMON-START"
+        ):
+            assert row["vs_best_peer"] > 0 and row["best_peer"].startswith("rclone"), row
