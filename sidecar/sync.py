@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from sys import intern
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
@@ -58,6 +58,8 @@ from sidecar.state import StateError, StateStore, state_path_for
 from sidecar.transfer import Settings, TransferError, Transfers, gather_or_cancel
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -506,7 +508,9 @@ class SyncEngine:
                 remote[path] = await _hash_by_download(store, obj)
 
         remote = dict(remote)
-        await asyncio.gather(*(resolve(p) for p in wanted))
+        # A bounded pool of workers, not a task per object: a first sync over a folder that
+        # already holds the data asks for every object (~2 KiB a task at 100,000 files).
+        await _run_bounded(wanted, resolve, self.config.concurrency)
         return remote
 
     def _remember_new_etags(
@@ -825,9 +829,7 @@ def _action_bytes(action: Action) -> int:
     return 0
 
 
-async def _run_bounded(
-    items: list[Action], work: Callable[[Action], Awaitable[None]], workers: int
-) -> None:
+async def _run_bounded(items: list[T], work: Callable[[T], Awaitable[None]], workers: int) -> None:
     """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
     iterator = iter(items)
 

@@ -1,0 +1,128 @@
+"""Where the memory of a sync of N files goes (issue 12): tracemalloc by source line.
+
+    python -m tests.bench.profile_scale --files 100000 --rows noop-pull,noop-finalize
+
+N files of 64 bytes in N/1000 folders are made on tmpfs, once as a bucket folder that an
+`rclone serve s3` serves (made before it starts: its folder cache would miss them) and once
+as the local folder; one untimed pull records BASE, then each row runs in-process with
+tracemalloc on: its traced peak, the process's peak RSS, and the allocation sites that held
+the most when the plan was made (scan, listing and BASE all alive). tracemalloc makes the
+run 2-3x slower: read the times as relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import sidecar.sync as sync_module
+from sidecar.core.model import Direction
+from sidecar.core.options import SyncConfig
+from sidecar.locals3 import LocalS3
+from sidecar.sync import SyncEngine
+
+_snapshots: list[tracemalloc.Snapshot] = []
+
+
+def _spy_plan() -> None:
+    original = sync_module.plan
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if tracemalloc.is_tracing():
+            _snapshots.append(tracemalloc.take_snapshot())
+        return result
+
+    sync_module.plan = plan  # type: ignore[assignment]
+
+
+def _make(root: Path, count: int) -> None:
+    for n in range(count):
+        folder = root / f"d{n // 1000:04d}"
+        if n % 1000 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"f{n:07d}.bin"
+        path.write_bytes(b"%064d" % n)
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+
+
+async def _run(config: SyncConfig, direction: Direction) -> Any:
+    async with SyncEngine(config) as engine:
+        return await engine.run(direction)
+
+
+def _child(row: str, scratch: Path, top: int, files: int, trace: bool) -> None:
+    """One row in this process: its own peak RSS, and the traced allocations."""
+    _spy_plan()
+    local = scratch / "local"
+    state = scratch / ("state-" + row if row in ("adopt-pull", "first-pull") else "state")
+    config = SyncConfig("bench", "vol/", local, state, concurrency=32)
+    direction = Direction.FINALIZE if row.endswith("finalize") else Direction.PULL
+    if row == "first-pull":
+        config = SyncConfig("bench", "vol/", scratch / "fresh", state, concurrency=32)
+    if trace:
+        tracemalloc.start(1)
+    started = time.monotonic()
+    result = asyncio.run(_run(config, direction))
+    seconds = time.monotonic() - started
+    peak = tracemalloc.get_traced_memory()[1] if trace else 0
+    tracemalloc.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    traced = f", traced peak {peak / 2**20:.1f} MiB (2-3x slower)" if trace else ""
+    print(f"\n== {row}: {seconds:.1f} s, peak RSS {rss:.0f} MiB{traced}")
+    print(f"   {result.one_line()}")
+    if _snapshots:
+        stats = _snapshots[-1].statistics("lineno")
+        total = sum(s.size for s in stats)
+        print(f"   held when the plan was made: {total / 2**20:.1f} MiB")
+        for stat in stats[:top]:
+            frame = stat.traceback[0]
+            where = f"{Path(frame.filename).name}:{frame.lineno}"
+            print(f"   {stat.size / 2**20:7.1f} MiB {stat.size / files:6.0f} B/file  {where}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--rows", default="noop-pull,noop-finalize")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--no-trace", action="store_true", help="RSS and time only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, Path(args.scratch), args.top, args.files, not args.no_trace)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="profile-scale-", dir="/dev/shm"))
+    try:
+        _make(scratch / "s3" / "bench" / "vol", args.files)
+        shutil.copytree(scratch / "s3" / "bench" / "vol", scratch / "local")
+        with LocalS3(scratch / "s3") as server:
+            env = dict(os.environ, **server.env())
+            env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
+            child = [sys.executable, "-m", "tests.bench.profile_scale", "--scratch", str(scratch)]
+            child += ["--files", str(args.files), "--top", str(args.top)]
+            child += ["--no-trace"] if args.no_trace else []
+            rows = args.rows.split(",")
+            if any(row.startswith("noop") for row in rows):  # BASE for the no-op rows
+                subprocess.run([*child, "--child", "setup", "--no-trace"], env=env, check=True)
+            for row in rows:
+                subprocess.run([*child, "--child", row], env=env, check=True)
+                for leftover in ("fresh", "state-adopt-pull", "state-first-pull"):
+                    shutil.rmtree(scratch / leftover, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
