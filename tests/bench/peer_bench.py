@@ -401,12 +401,15 @@ class Bench:
     def timed_run(
         self, scenario: Scenario, tool: Tool, run: int, warm: dict[str, Job], row: Row
     ) -> None:
-        job = self.job(scenario, tool, f"r{run}", warm)
+        # A tag of its own per RTT too: a push prefix is deleted on disk after its run, and
+        # the server's listing cache would keep a re-used one's folder "existing".
+        tag = f"r{run}" if not row.rtt_ms else f"{row.rtt_ms:g}ms-r{run}"
+        job = self.job(scenario, tool, tag, warm)
         server = self.over_link(row.rtt_ms)
         load = os.getloadavg()[0]
         proxy_cpu = self.proxy_cpu()
         try:
-            result = self.execute(tool, job, server, f"r{run}")
+            result = self.execute(tool, job, server, tag)
             proxy_cpu = self.proxy_cpu() - proxy_cpu
             problem = None if result.ok else f"exit {result.returncode}: {result.output_tail}"
             problem = problem or check_tree(self.destination(job), scenario.dataset)

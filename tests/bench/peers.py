@@ -61,14 +61,20 @@ s3 =
 
 S5CMD_WORKERS = {"pull": "256", "push": "64"}
 
-# The concurrency knobs of the "tuned" variant, chosen on the WAN profile at 20 ms RTT
-# (SMALL pull and push, one run each of a few settings; see tests/bench/README.md).
+# The concurrency knobs of the "tuned" variant. Chosen by one sweep of SMALL pull (2,000 x
+# 16 KiB, one run per setting, 20 / 80 ms RTT; load 5-17, so only large steps count), seconds:
+#   sidecar --concurrency  16: 3.4 / 11.1   32: 2.3 / 6.2   64: 1.3 / 3.4   128: 2.7 / 3.2
+#   s5cmd --numworkers    256: 1.3 / 1.9   512: 3.0 / 2.7  1024: 1.5 / 1.5  2048: 3.1 / 3.6
+#   rclone --transfers/--checkers 32: 2.0 / 5.8  64: 2.5 / 3.5  128: 1.0 / 2.0  256: 4.5 / 4.6
+#   aws max_concurrent_requests 32: 4.8 / 7.0  64: 5.8 / 5.6  128: 5.7 / 6.4 (CPU-bound: ~5 s)
+# (s5cmd pushes with half its pull workers, as in the bench variant's reasoning.)
 WAN_TUNING: dict[str, dict[str, str]] = {
     "sidecar": {"concurrency": "64"},
-    "s5cmd": {"pull": "512", "push": "512"},  # --numworkers
-    "rclone": {"transfers": "64", "checkers": "128"},
+    "s5cmd": {"pull": "1024", "push": "512"},  # --numworkers
+    "rclone": {"transfers": "128", "checkers": "128"},
     "aws": {"max_concurrent_requests": "64"},
 }
+
 S5CMD_TRANSFER = ["--concurrency", "8", "--part-size", "16"]
 
 RCLONE_FLAGS = ["--fast-list", "--transfers", "32", "--checkers", "32"]
