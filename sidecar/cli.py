@@ -3,6 +3,7 @@
 sidecar serve                     the daemon (control API, probes, lifecycle)
 sidecar pull|finalize --once      one sync without a daemon (Jobs, CronJobs)
 sidecar pull|finalize|status      talk to the running daemon
+sidecar wait PATH... [--timeout S]  until paths are local (exit 0; 1 failed; 3 unreachable)
 sidecar demo                      quickstart on an embedded loopback S3 server
 """
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                     option.flag, default=None, help=f"{option.help} [env {option.env}]"
                 )
 
+    wait = verbs.add_parser("wait", help="wait until paths are local (--ready-when priority)")
+    wait.add_argument("paths", nargs="+", metavar="PATH", help="a file or folder of the volume")
+    wait.add_argument("--timeout", type=float, default=None, help="give up after S seconds")
+    _add_options(wait, "client")
+
     status = verbs.add_parser("status", help="show the daemon's status")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_options(status, "client")
@@ -98,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             control_url=values["control_url"],
             dry_run=getattr(args, "dry_run", False),
             as_json=getattr(args, "json", False),
+            paths=getattr(args, "paths", None),
+            timeout=getattr(args, "timeout", None),
         )
     except (OptionError, ValueError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)

@@ -31,10 +31,20 @@ class Unreachable(Exception):
     pass
 
 
-def run_client(verb: str, *, control_url: str, dry_run: bool = False, as_json: bool = False) -> int:
+def run_client(
+    verb: str,
+    *,
+    control_url: str,
+    dry_run: bool = False,
+    as_json: bool = False,
+    paths: list[str] | None = None,
+    timeout: float | None = None,
+) -> int:
     try:
         if verb == "status":
             return _status(control_url, as_json, sys.stdout)
+        if verb == "wait":
+            return _wait(control_url, paths or [], timeout, sys.stdout)
         return _sync(verb, control_url, dry_run, sys.stdout)
     except Unreachable as exc:
         print(
@@ -97,6 +107,50 @@ def _sync(verb: str, control_url: str, dry_run: bool, out: TextIO) -> int:
     if summary is None:
         raise Unreachable(f"the daemon ended the {verb} answer without a summary")
     return _print_summary(summary, out)
+
+
+def _wait(control_url: str, paths: list[str], timeout: float | None, out: TextIO) -> int:
+    """GET /wait with progress: exit 0 when every path is local, 1 when one is unknown,
+    failed or the timeout passed (the reason on stderr)."""
+    query = [("path", path) for path in paths] + [("progress", "1")]
+    if timeout is not None:
+        query.append(("timeout", f"{timeout:g}"))
+    response = _request(control_url, "GET", "/wait?" + urllib.parse.urlencode(query))
+    if response.status != 200:
+        return _failed_answer(response)
+    answer = _follow(response, out, "wait")
+    if answer.get("status") == 200:
+        out.write("local: " + ", ".join(p or "." for p in answer.get("paths", paths)) + "\n")
+        return EXIT_OK
+    print(f"sidecar: {answer.get('error', answer)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _follow(response: http.client.HTTPResponse, out: TextIO, what: str) -> dict[str, Any]:
+    """Progress lines (one bar redrawn on a terminal) until the final JSON line."""
+    tty = out.isatty()
+    drawn = 0
+    final: dict[str, Any] | None = None
+    try:
+        for raw in response:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("{"):
+                final = json.loads(line)
+                break
+            if tty:
+                shown = line[: shutil.get_terminal_size().columns - 1]
+                out.write("\r" + shown.ljust(drawn))
+                drawn = len(shown)
+            else:
+                out.write(line + "\n")
+            out.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unreachable(f"the connection broke during {what}: {exc}") from None
+    if tty and drawn:
+        out.write("\n")
+    if final is None:
+        raise Unreachable(f"the daemon ended the {what} answer without a result")
+    return final
 
 
 def _print_summary(summary: dict[str, Any], out: TextIO) -> int:

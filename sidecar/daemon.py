@@ -164,6 +164,9 @@ class Coordinator:
     _ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=_set_event)
     _worker: asyncio.Task[None] | None = None
+    # Called when a request has to wait for the running sync: a pull that only goes on in
+    # the background (--ready-when priority) then stops early and resumes after it.
+    preempt: Callable[[], None] | None = None
 
     async def __aenter__(self) -> Coordinator:
         self._worker = asyncio.create_task(self._work(), name="sync-coordinator")
@@ -211,6 +214,8 @@ class Coordinator:
         if join_running and current is not None and current.job == job and current.unscanned:
             current.requesters += 1
             return Ticket(current, "joined")
+        if current is not None and self.preempt is not None:
+            self.preempt()
         for run in self.pending:
             if run.job == job:
                 run.requesters += 1
@@ -228,6 +233,13 @@ class Coordinator:
 
     async def wait_ready(self) -> None:
         await self._ready_event.wait()
+
+    def mark_ready(self) -> None:
+        """Ready before the running pull ends (its priority set is local, the rest still
+        coming: --ready-when priority); degraded or not is decided when it ends."""
+        if not self.ready:
+            self.ready = True
+            self._ready_event.set()
 
     def cancel_current(self, reason: str) -> Run | None:
         """Cancel the running sync (the engine leaves no half-written object current)."""

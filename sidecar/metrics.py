@@ -81,6 +81,10 @@ class Metrics:
     fleet: Callable[[], dict[str, Any] | None] = lambda: None
     started_at: float | None = None  # wall-clock start of the daemon
     time_to_ready: float | None = None  # seconds from start to ready; None until then
+    # --ready-when priority: seconds from start until nothing of the initial pull is pending,
+    # and (files, bytes) still pending; None: not known (or --ready-when all).
+    time_to_complete: Callable[[], float | None] = lambda: None
+    background: Callable[[], tuple[int, int] | None] = lambda: None
     _counters: dict[str, dict[Labels, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
@@ -224,6 +228,32 @@ class Metrics:
                 "gauge",
                 "Seconds from the daemon's start until it was ready (initial pull done).",
                 [((), self.time_to_ready)],
+                self.volume,
+            )
+        complete = self.time_to_complete()
+        if complete is not None:
+            lines += _family(
+                "sidecar_time_to_complete_seconds",
+                "gauge",
+                "Seconds from the daemon's start until every file of the initial pull was "
+                "local (--ready-when priority: the background pull included).",
+                [((), complete)],
+                self.volume,
+            )
+        background = self.background()
+        if background is not None:
+            lines += _family(
+                "sidecar_background_pull_files_pending",
+                "gauge",
+                "Files of the pull still to come in the background (--ready-when priority).",
+                [((), background[0])],
+                self.volume,
+            )
+            lines += _family(
+                "sidecar_background_pull_bytes_pending",
+                "gauge",
+                "Bytes of the pull still to come in the background (--ready-when priority).",
+                [((), background[1])],
                 self.volume,
             )
         return lines

@@ -28,12 +28,14 @@ from aiohttp import web
 from sidecar.autosync import AutoSync
 from sidecar.core.model import Direction
 from sidecar.core.options import ServeConfig, SyncConfig
+from sidecar.core.priority import PriorityRules
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
 from sidecar.daemon import Coordinator, Job, Refused
 from sidecar.listeners import ConnectionGuard, GuardedSite, connection_cap
 from sidecar.metrics import Metrics
+from sidecar.pullqueue import PriorityPull
 from sidecar.web import control_app, default_readiness, probe_app
 
 log = logging.getLogger("sidecar.serve")
@@ -203,7 +205,29 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
             metrics.ready = lambda: coord.ready
             metrics.degraded = lambda: coord.degraded
             metrics.running = coord.running_operation
-            return await Daemon(config, coord, metrics, started).run(signals)
+            priority = _priority_pull(config, coord, engine, started)
+            return await Daemon(config, coord, metrics, started, priority).run(signals)
+
+
+def _priority_pull(
+    config: ServeConfig, coord: Coordinator, engine: Any, started: float
+) -> PriorityPull:
+    """/wait in any case; with --ready-when priority also the engine's download order."""
+    from sidecar.sync import read_syncignore
+
+    priority = PriorityPull(
+        coord,
+        config.sync.local_dir,
+        PriorityRules(config.priority_max_size, config.priority),
+        config.sync.multipart_threshold,
+        read_syncignore,
+        enabled=config.ready_when == "priority",
+        started=started,
+    )
+    if priority.enabled:
+        engine.download_order = priority
+        coord.preempt = priority.preempt
+    return priority
 
 
 @dataclass
@@ -214,11 +238,19 @@ class Daemon:
     coord: Coordinator
     metrics: Metrics
     started: float  # time.monotonic() at the start of `serve`, for time-to-ready
+    priority: PriorityPull | None = None  # /wait, and --ready-when priority
     initial: InitialPull = field(init=False)
     autosync: AutoSync | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.initial = InitialPull(self.coord)
+        if self.priority is not None and self.priority.enabled:
+            priority = self.priority
+            self.metrics.time_to_complete = lambda: priority.complete_after
+            self.metrics.background = lambda: (
+                len(priority.pending),
+                sum(priority.pending.values()),
+            )
         self.autosync = None
         if self.config.auto_sync:
             autosync = self.autosync = AutoSync(
@@ -238,6 +270,7 @@ class Daemon:
         return {
             **self.coord.status(),
             "initial_pull": self.initial.status(),
+            "background_pull": self.priority.status() if self.priority else {"enabled": False},
             "auto_sync": self.autosync.status() if self.autosync else {"enabled": False},
             "remote": sync.remote_url,
             "local_dir": str(sync.local_dir),
@@ -253,7 +286,7 @@ class Daemon:
         config = self.config
         probe_host, probe_port = split_addr(config.probe_addr)
         watch = f"GET /status here or http://{_local(probe_host)}:{probe_port}/status"
-        control = control_app(self.coord, status=self.status, watch_hint=watch)
+        control = control_app(self.coord, status=self.status, watch_hint=watch, waits=self.priority)
         probes = probe_app(self.coord, self.metrics, status=self.status, readiness=self.readiness)
         cap = connection_cap(config.sync.concurrency)
         guards = [ConnectionGuard("control API", cap), ConnectionGuard("probes", cap)]
@@ -275,6 +308,8 @@ class Daemon:
             ]
             if self.autosync is not None:
                 tasks.append(asyncio.create_task(self.autosync.run(stop_autosync)))
+            if self.priority is not None and self.priority.enabled:
+                tasks.append(asyncio.create_task(self.priority.keep_pulling(), name="background"))
             await signals.first.wait()
             # Idle and half-sent connections go now, and few may come: the push needs fds.
             shed = sum(guard.shed() for guard in guards)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from sys import intern
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
@@ -113,6 +113,9 @@ class SyncEngine:
         self._retries_before = 0
         # Hashing and bulk reads run here; sized so one core hashes while the other serves I/O.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sidecar-io")
+        # A pull's downloads in another order than biggest first, drained by its own workers
+        # (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
+        self.download_order: DownloadOrder | None = None
 
     def fleet_status(self) -> dict[str, Any]:
         """Shard and limits of this process, and the time transfers waited on the limits."""
@@ -629,7 +632,7 @@ class SyncEngine:
         queue = sorted(moving, key=lambda a: -_action_bytes(a))
         known_conflicts = {c.path for c in result.conflicts}
 
-        async def do_one(action: Action) -> None:
+        async def do_one(action: Action) -> FileError | None:
             try:
                 if action.kind is ActionKind.DOWNLOAD:
                     done = await transfers.download(action)
@@ -650,7 +653,7 @@ class SyncEngine:
                     await transfers.durable.then(record)
                     if done.equal_already:
                         result.files_adopted += 1
-                        return
+                        return None
                     if done.conflict_copy and action.path not in known_conflicts:
                         result.conflicts.append(
                             Conflict(
@@ -688,10 +691,20 @@ class SyncEngine:
                     result.bytes_transferred += up.local.size if up.content_sent else 0
             except TransferError as exc:
                 result.errors.append(exc.error)
+                return exc.error
             finally:
                 progress.files_done += 1
+            return None
 
-        await _run_bounded(queue, do_one, self.config.concurrency)
+        order = self.download_order
+        if order is None or result.operation is not Direction.PULL or not queue:
+            await _run_bounded(queue, do_one, self.config.concurrency)
+            return
+        left_alone = await order.run(queue, do_one, self.config.concurrency)
+        if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
+            result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
+            result.files_skipped += len(left_alone)
+            progress.files_done += len(left_alone)
 
 
 def _drop_below(actions: list[Action], files: set[str], result: SyncResult) -> list[Action]:
@@ -761,16 +774,14 @@ class _UnusableSyncignore(Exception):
     pass
 
 
-def read_syncignore(folder: Path) -> bytes:
-    """The bytes of folder/.syncignore (b"" when there is none), read only from a regular
-    file of at most SYNCIGNORE_MAX_BYTES that is no symlink: a FIFO would block, a link to
-    /dev/zero would never end, and a link out of the folder would read (and quote in errors)
-    a file the user does not own here."""
+def read_syncignore(folder: Path, name: str = SYNCIGNORE) -> bytes:
+    """The bytes of folder/.syncignore (or `name`, e.g. .syncpriority; b"" when there is
+    none), read only from a regular file of at most SYNCIGNORE_MAX_BYTES that is no symlink:
+    a FIFO would block, a link to /dev/zero would never end, and a link out of the folder
+    would read (and quote in errors) a file the user does not own here."""
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat refuses it next).
-        fd = os.open(
-            folder / SYNCIGNORE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
+        fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return b""
     except OSError as exc:
@@ -829,7 +840,21 @@ def _action_bytes(action: Action) -> int:
     return 0
 
 
-async def _run_bounded(items: list[T], work: Callable[[T], Awaitable[None]], workers: int) -> None:
+class DownloadOrder(Protocol):
+    async def run(
+        self,
+        downloads: list[Action],
+        work: Callable[[Action], Awaitable[FileError | None]],
+        workers: int,
+    ) -> set[str]:
+        """Carry out `work` for the downloads in its own order, `workers` at a time; the
+        paths it left alone on purpose."""
+        ...
+
+
+async def _run_bounded(
+    items: list[T], work: Callable[[T], Awaitable[object]], workers: int
+) -> None:
     """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
     iterator = iter(items)
 

@@ -40,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATUS = web.AppKey("status", StatusFn)
 READINESS = web.AppKey("readiness", ReadinessFn)
 WATCH_HINT = web.AppKey("watch_hint", str)
+WAITS = web.AppKey("waits", object)  # sidecar.pullqueue.PriorityPull, or None: no /wait
 
 _SYNC_PARAMS = frozenset({"wait", "progress", "dry_run"})
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
@@ -226,6 +227,7 @@ def control_app(
     *,
     status: StatusFn | None = None,
     watch_hint: str = "GET /status",
+    waits: Any = None,
 ) -> web.Application:
     app = web.Application(middlewares=[loopback_only, strict_requests], client_max_size=MAX_BODY)
     app[COORDINATOR] = coordinator
@@ -234,6 +236,11 @@ def control_app(
     app.router.add_post("/pull", _sync_handler(Direction.PULL))
     app.router.add_post("/finalize", _sync_handler(Direction.FINALIZE))
     app.router.add_get("/status", status_handler)
+    if waits is not None:
+        from sidecar.waitapi import wait_handler  # issue 13: GET /wait
+
+        app[WAITS] = waits
+        app.router.add_get("/wait", wait_handler)
     return app
 
 

@@ -79,6 +79,17 @@ def _size(text: str) -> int:
     return value
 
 
+def _ready_when(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("all", "priority"):
+        raise ValueError(f"must be all or priority, got {text!r}")
+    return value
+
+
+def _size_or_zero(text: str) -> int:
+    return parse_size(text)
+
+
 def _rate(text: str) -> int | None:
     """One direction of --bwlimit: bytes per second ('200MiB', '200MiB/s'); 0 or off: none."""
     part = text.strip().removesuffix("/s")
@@ -263,6 +274,30 @@ OPTIONS: tuple[Option, ...] = (
         is_switch=True,
     ),
     Option(
+        "--ready-when",
+        "all",
+        _ready_when,
+        "all: ready once the initial pull is done; priority: ready once the priority set is "
+        "local (see --priority-max-size, --priority), the rest pulled in the background",
+        SERVE,
+    ),
+    Option(
+        "--priority-max-size",
+        "8MiB",
+        _size_or_zero,
+        "with --ready-when priority: files up to this size are in the priority set",
+        SERVE,
+    ),
+    Option(
+        "--priority",
+        [],
+        _globs,
+        "with --ready-when priority: gitignore-style pattern of paths in the priority set "
+        "whatever their size; !pattern: never, and last (repeatable; .syncpriority adds more)",
+        SERVE,
+        True,
+    ),
+    Option(
         "--control-url", "http://127.0.0.1:8080", str, "where the daemon's control API is", CLIENT
     ),
 )
@@ -304,6 +339,9 @@ class ServeConfig:
     auto_sync_debounce: float = 2.0
     auto_sync_max_delay: float = 30.0
     read_only: bool = False
+    ready_when: str = "all"  # or "priority" (issue 13)
+    priority_max_size: int = 8 * 1024**2
+    priority: tuple[str, ...] = ()
 
 
 def collect(flag_values: Mapping[str, Any], env: Mapping[str, str], scope: str) -> dict[str, Any]:
@@ -413,4 +451,7 @@ def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConf
         auto_sync_debounce=debounce,
         auto_sync_max_delay=max_delay,
         read_only=bool(values["read_only"]),
+        ready_when=values.get("ready_when") or "all",
+        priority_max_size=values.get("priority_max_size", 8 * 1024**2),
+        priority=tuple(values.get("priority") or ()),
     )

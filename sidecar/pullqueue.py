@@ -1,0 +1,512 @@
+"""--ready-when priority (issue 13): the priority set first, ready, the rest in the background.
+
+The daemon installs a `PriorityPull` as the engine's download order. Every real pull then
+hands it its downloads (after the deletes, with the same workers and transfer pool):
+- the priority set (sidecar/core/priority.py) goes first; once every file of it is local and
+  verified, the daemon is ready (a priority file that failed ends the run early instead, so
+  the initial pull's usual verdict and retry decide, as with --ready-when all);
+- the rest follows smallest first; a path someone waits for (/wait) jumps the queue;
+- a request that has to wait for this pull (/finalize, /pull, auto-sync) makes it stop taking
+  new files: the files in flight land, the run ends with what arrived recorded in BASE, the
+  request runs, and a new pull (fresh listing; arrived files are skipped as in BASE) resumes
+  the rest. A stopped pod resumes the same way at its next start. Large files go one at a
+  time after ready (they move as parallel parts anyway, sharing the same part buffers), so
+  such a stop waits for at most one of them;
+- a file the user writes at a path still pending is left alone: it stays theirs, and the next
+  push keeps the bucket's version beside it as a conflict copy (finalize's conflict rule).
+
+What has not arrived has no BASE entry, so no finalize can take it for a local delete or an
+edit: its object is only ever read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.core.filters import parse_syncignore
+from sidecar.core.model import Action, Direction, FileError
+from sidecar.core.priority import SYNCPRIORITY, Phase, PriorityRules, covers, normalize_wait_path
+from sidecar.core.units import format_bytes
+from sidecar.daemon import Coordinator, Refused
+
+log = logging.getLogger("sidecar.priority")
+
+Work = Callable[[Action], Awaitable[FileError | None]]
+MAX_LISTED = 50
+RESUME_RETRY_MAX = 60.0
+BOOSTED = -1  # the rank of a waited path: before every phase
+
+
+@dataclass(frozen=True)
+class WaitAnswer:
+    status: int  # 200 all local, 404 unknown path, 500 a download failed, 504 timed out
+    body: dict[str, Any]
+
+
+class PullQueue:
+    """One pull's downloads in priority order, drained by `workers` tasks."""
+
+    def __init__(self, downloads: list[Action], rules: PriorityRules, big: int) -> None:
+        self.big = big
+        self._actions = {action.path: action for action in downloads}
+        self._heap: list[tuple[int, int, str]] = []
+        self._phase: dict[str, Phase] = {}
+        for action in downloads:
+            size = action.remote.size if action.remote else 0
+            phase = rules.phase(action.path, size)
+            self._phase[action.path] = phase
+            self._heap.append((int(phase), size, action.path))
+        heapq.heapify(self._heap)
+        self.priority_left = sum(1 for p in self._phase.values() if p is Phase.PRIORITY)
+        self.priority_files = self.priority_left
+        self.priority_bytes = sum(
+            size for (phase, size, _path) in self._heap if phase == Phase.PRIORITY
+        )
+        self.priority_failed = 0
+        self.stopped: str | None = None
+        self._taken: set[str] = set()
+        self._boosted: set[str] = set()
+        self._big_in_flight = 0
+        self._wake = asyncio.Event()
+
+    @property
+    def priority_done(self) -> bool:
+        return self.priority_left == 0
+
+    def boost(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            action = self._actions.get(path)
+            if action is None or path in self._taken or path in self._boosted:
+                continue
+            self._boosted.add(path)
+            size = action.remote.size if action.remote else 0
+            heapq.heappush(self._heap, (BOOSTED, size, path))
+        self._wake.set()
+
+    def stop(self, reason: str) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+            self._wake.set()
+
+    def untaken(self) -> int:
+        return len(self._actions) - len(self._taken)
+
+    def _take(self) -> Action | None:
+        """The next file to start, or None when none may start now."""
+        held: list[tuple[int, int, str]] = []
+        found: Action | None = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            rank, size, path = entry
+            if path in self._taken:
+                continue  # already started from its boosted entry
+            serialize = rank > Phase.PRIORITY and size >= self.big and self.priority_done
+            if serialize and self._big_in_flight:
+                held.append(entry)
+                continue
+            found = self._actions[path]
+            self._taken.add(path)
+            if serialize:
+                self._big_in_flight += 1
+            break
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def phase_of(self, path: str) -> Phase:
+        return self._phase[path]
+
+    async def drain(
+        self,
+        work: Work,
+        workers: int,
+        finished: Callable[[Action, FileError | None], None],
+        skip: Callable[[Action], bool],
+    ) -> None:
+        async def worker() -> None:
+            while self.stopped is None:
+                action = self._take()
+                if action is None:
+                    if not self._heap:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()  # a large file ends, a boost, or a stop
+                    continue
+                error: FileError | None = None
+                if not skip(action):
+                    try:
+                        error = await work(action)
+                    finally:
+                        size = action.remote.size if action.remote else 0
+                        if self._big_in_flight and size >= self.big:
+                            self._big_in_flight -= 1
+                        self._wake.set()
+                finished(action, error)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    specs: list[str]
+    future: asyncio.Future[WaitAnswer]
+    remaining: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class PriorityPull:
+    """Across pulls: what is pending, what failed, who waits; and the ready signal."""
+
+    coordinator: Coordinator
+    local_dir: Path
+    rules: PriorityRules
+    big: int  # files this big move as parts (--multipart-threshold)
+    read_file: Callable[[Path, str], bytes]  # sync.read_syncignore: a safe small read
+    enabled: bool = True  # False (--ready-when all): only /wait, answered from the folder
+    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    pending: dict[str, int] = field(default_factory=dict)  # path -> size, not yet arrived
+    failed: dict[str, str] = field(default_factory=dict)  # path -> why
+    kept_local: set[str] = field(default_factory=set)  # user files at pending paths
+    queue: PullQueue | None = None
+    files_arrived: int = 0
+    bytes_arrived: int = 0
+    ready_after: float | None = None  # seconds from start to the priority set being local
+    complete_after: float | None = None  # seconds from start to nothing pending
+    _planned: asyncio.Event = field(default_factory=asyncio.Event)
+    _run_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: list[_Waiter] = field(default_factory=list)
+
+    # -- the engine's hook ------------------------------------------------------------------
+
+    async def run(self, downloads: list[Action], work: Work, workers: int) -> set[str]:
+        left_alone: set[str] = set()
+        try:
+            rules = self.rules
+            first = next((a for a in downloads if a.path == SYNCPRIORITY), None)
+            if first is not None:
+                # Its patterns decide the order of everything else: it comes first.
+                error = await work(first)
+                if error is None:
+                    self._arrived(first)
+                else:
+                    self.failed[first.path] = error.reason
+                downloads = [a for a in downloads if a is not first]
+            rules = rules.with_patterns(self._syncpriority_lines())
+            queue = self.queue = PullQueue(downloads, rules, self.big)
+            self.pending = {a.path: a.remote.size if a.remote else 0 for a in downloads}
+            self.failed = {p: why for p, why in self.failed.items() if p in self.pending}
+            self.kept_local &= self.pending.keys()
+            self._planned.set()
+            self._reevaluate()
+            if queue.priority_done:
+                self._priority_done(queue)
+
+            def skip(action: Action) -> bool:
+                if not self._user_file_at(action):
+                    return False
+                left_alone.add(action.path)
+                return True
+
+            def finished(action: Action, error: FileError | None) -> None:
+                if action.path in left_alone:
+                    self._left_alone(action)
+                elif error is None:
+                    self._arrived(action)
+                else:
+                    self._failed(action, error)
+                if queue.phase_of(action.path) is Phase.PRIORITY:
+                    queue.priority_left -= 1
+                    queue.priority_failed += error is not None
+                    if queue.priority_done:
+                        self._priority_done(queue)
+
+            await queue.drain(work, workers, finished, skip)
+            if queue.stopped:
+                log.info(
+                    "pull stopped with %d file(s) (%s) still to come: %s",
+                    len(self.pending),
+                    format_bytes(sum(self.pending.values())),
+                    queue.stopped,
+                )
+            return left_alone
+        finally:
+            self.queue = None
+            if not self.pending and self.coordinator.ready and self.complete_after is None:
+                self.complete_after = round(self.clock() - self.started, 3)
+                log.info("initial pull complete after %.1fs", self.complete_after)
+            self._run_ended.set()
+
+    def _syncpriority_lines(self) -> list[str]:
+        try:
+            data = self.read_file(self.local_dir, SYNCPRIORITY)
+        except Exception as exc:  # unusable: the flags' patterns and sizes still apply
+            log.warning("%s not used: %s", SYNCPRIORITY, exc)
+            return []
+        text, problems = parse_syncignore(data)
+        for problem in problems:
+            log.warning("%s: %s", SYNCPRIORITY, problem)
+        return text.splitlines()
+
+    def _user_file_at(self, action: Action) -> bool:
+        """A file at a path the scan saw empty (or one kept before): the user wrote it."""
+        if action.local is not None and action.path not in self.kept_local:
+            return False
+        return os.path.lexists(os.path.join(self.local_dir, action.path))
+
+    def _priority_done(self, queue: PullQueue) -> None:
+        if not self.coordinator.ready:
+            if queue.priority_failed:
+                # Ready waits for the usual verdict of the run, so it ends now, not after the
+                # whole background: the initial pull retries, then is ready (degraded).
+                queue.stop(f"{queue.priority_failed} file(s) of the priority set failed")
+                return
+            self.ready_after = round(self.clock() - self.started, 3)
+            log.info(
+                "ready: the priority set is local (%d file(s), %s) after %.1fs; %d file(s) "
+                "(%s) follow in the background",
+                queue.priority_files,
+                format_bytes(queue.priority_bytes),
+                self.ready_after,
+                len(self.pending),
+                format_bytes(sum(self.pending.values())),
+            )
+            self.coordinator.mark_ready()
+        if self.coordinator.pending and self._background_run():
+            queue.stop("a request was waiting for the priority set")
+
+    def preempt(self) -> None:
+        """Coordinator.preempt: a request waits for the running sync."""
+        queue = self.queue
+        if queue is not None and self.coordinator.ready and self._background_run():
+            queue.stop("a request is waiting; the rest resumes after it")
+
+    def _background_run(self) -> bool:
+        """The running pull is the daemon's own (initial or resumed), not one a client asked
+        for and waits to see complete."""
+        run = self.coordinator.current
+        return run is not None and run.origin in ("initial", "background")
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _arrived(self, action: Action) -> None:
+        size = self.pending.pop(action.path, 0)
+        self.failed.pop(action.path, None)
+        self.files_arrived += 1
+        self.bytes_arrived += size
+        self._resolve_path(action.path)
+
+    def _left_alone(self, action: Action) -> None:
+        self.pending.pop(action.path, None)
+        if action.path not in self.kept_local:
+            self.kept_local.add(action.path)
+            log.warning(
+                "%s: written here before the bucket's version arrived; your file is kept, "
+                "and the next push keeps the bucket's version beside it as a conflict copy",
+                action.path,
+                extra={"kept_local": action.path},
+            )
+        self._resolve_path(action.path)
+
+    def _failed(self, action: Action, error: FileError) -> None:
+        self.pending.pop(action.path, None)
+        self.failed[action.path] = error.reason
+        for waiter in list(self._waiters):
+            if action.path in waiter.remaining:
+                self._answer(waiter, self._failed_answer([action.path]))
+
+    def _resolve_path(self, path: str) -> None:
+        for waiter in list(self._waiters):
+            waiter.remaining.discard(path)
+            if not waiter.remaining:
+                self._answer(waiter, self._ok_answer(waiter.specs))
+
+    def _reevaluate(self) -> None:
+        """A new plan: every waiter looked at again (a path may be gone from the bucket)."""
+        for waiter in list(self._waiters):
+            answer, remaining = self._evaluate(waiter.specs)
+            if answer is not None:
+                self._answer(waiter, answer)
+            else:
+                waiter.remaining = remaining
+        if self.queue is not None:
+            self.queue.boost(self._boosted())
+
+    def _boosted(self) -> set[str]:
+        return set().union(*(waiter.remaining for waiter in self._waiters))
+
+    def _answer(self, waiter: _Waiter, answer: WaitAnswer) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if not waiter.future.done():
+            waiter.future.set_result(answer)
+
+    # -- /wait ----------------------------------------------------------------------------
+
+    async def wait(self, paths: list[str], seconds: float | None) -> WaitAnswer:
+        """Raises ValueError for a path that leaves the folder (a bad request)."""
+        specs = list(dict.fromkeys(normalize_wait_path(p, str(self.local_dir)) for p in paths))
+        deadline = None if seconds is None else self.clock() + seconds
+        known = self._planned.is_set() if self.enabled else self.coordinator.ready
+        try:
+            if not known:
+                first = self._planned.wait() if self.enabled else self.coordinator.wait_ready()
+                await asyncio.wait_for(first, seconds)
+        except TimeoutError:
+            what = (
+                "the initial pull has not listed the bucket yet"
+                if self.enabled
+                else ("the initial pull is not done")
+            )
+            return self._timeout_answer(specs, seconds, what)
+        answer, remaining = self._evaluate(specs)
+        if answer is not None:
+            return answer
+        waiter = _Waiter(specs, asyncio.get_running_loop().create_future(), remaining)
+        self._waiters.append(waiter)
+        if self.queue is not None:
+            self.queue.boost(remaining)
+        left = None if deadline is None else max(0.0, deadline - self.clock())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), left)
+        except TimeoutError:
+            return self._timeout_answer(specs, seconds, "still pending")
+        finally:
+            self._answer(waiter, WaitAnswer(499, {}))  # gone (timeout, client left): forget it
+
+    def _evaluate(self, specs: list[str]) -> tuple[WaitAnswer | None, set[str]]:
+        remaining: set[str] = set()
+        unknown: list[str] = []
+        failed: list[str] = []
+        for spec in specs:
+            mine = {p for p in self.pending if covers(spec, p)}
+            broken = [p for p in self.failed if covers(spec, p)]
+            failed.extend(broken)
+            remaining |= mine
+            here = not spec or os.path.lexists(os.path.join(self.local_dir, spec))
+            if not mine and not broken and not here:
+                unknown.append(spec)
+        if unknown:
+            shown = ", ".join(unknown[:MAX_LISTED])
+            return WaitAnswer(
+                404,
+                {
+                    "ok": False,
+                    "error": f"not in the volume: {shown}",
+                    "unknown": unknown,
+                },
+            ), remaining
+        if failed:
+            return self._failed_answer(failed), remaining
+        if not remaining:
+            return self._ok_answer(specs), remaining
+        return None, remaining
+
+    def _ok_answer(self, specs: list[str]) -> WaitAnswer:
+        return WaitAnswer(200, {"ok": True, "paths": specs or [""], "state": "local"})
+
+    def _failed_answer(self, paths: list[str]) -> WaitAnswer:
+        failures = [{"path": p, "reason": self.failed.get(p, "failed")} for p in paths]
+        first = failures[0]
+        return WaitAnswer(
+            500,
+            {
+                "ok": False,
+                "error": f"download failed: {first['path']}: {first['reason']}",
+                "failed": failures[:MAX_LISTED],
+            },
+        )
+
+    def _timeout_answer(self, specs: list[str], timeout: float | None, what: str) -> WaitAnswer:
+        still = sorted(p for p in self.pending if any(covers(s, p) for s in specs))
+        return WaitAnswer(
+            504,
+            {
+                "ok": False,
+                "error": f"timed out after {timeout:g}s: {what}",
+                "pending": still[:MAX_LISTED],
+                "pending_count": len(still),
+                "bytes_pending": sum(self.pending[p] for p in still),
+            },
+        )
+
+    def progress(self, specs: list[str]) -> tuple[int, int]:
+        """(files, bytes) still pending under these specs: for a waiting client's bar."""
+        normal = [normalize_wait_path(s, str(self.local_dir)) for s in specs]
+        still = [size for p, size in self.pending.items() if any(covers(s, p) for s in normal)]
+        return len(still), sum(still)
+
+    # -- the background ---------------------------------------------------------------------
+
+    async def keep_pulling(self) -> None:
+        """After ready: resume the rest whenever a pull ended with files still to come."""
+        await self.coordinator.wait_ready()
+        delay = 1.0
+        while True:
+            await self._run_ended.wait()
+            self._run_ended.clear()
+            if not self.pending or self.queue is not None or self.coordinator.closing:
+                continue
+            try:
+                ticket = self.coordinator.submit(
+                    Direction.PULL, join_running=False, origin="background"
+                )
+            except Refused:
+                return
+            result = await ticket.result()
+            if result.fatal is not None and not self.coordinator.closing:
+                log.warning("background pull failed (%s); again in %.0fs", result.fatal, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESUME_RETRY_MAX)
+                self._run_ended.set()
+            else:
+                delay = 1.0
+
+    def status(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {"enabled": False}
+        files, size = len(self.pending), sum(self.pending.values())
+        run = self.coordinator.current
+        now = self.clock()
+        rate = 0.0
+        if self.queue is not None and run is not None and run.progress is not None:
+            rate = run.progress.rate(now)
+        if not self._planned.is_set():
+            state = "listing"
+        elif self.queue is not None:
+            state = "priority set" if not self.queue.priority_done else "pulling"
+        elif files:
+            state = "paused"
+        else:
+            state = "complete" if not self.failed else "complete, with failures"
+        return {
+            "enabled": True,
+            "state": state,
+            "files_pending": files,
+            "bytes_pending": size,
+            "files_arrived": self.files_arrived,
+            "bytes_arrived": self.bytes_arrived,
+            "rate_bytes_per_second": round(rate, 1),
+            "eta_seconds": round(size / rate, 1) if rate > 0 and files else None,
+            "failed": [{"path": p, "reason": r} for p, r in list(self.failed.items())[:50]],
+            "failed_count": len(self.failed),
+            "user_files_kept": sorted(self.kept_local)[:MAX_LISTED],
+            "waiting_requests": len(self._waiters),
+            "time_to_ready_seconds": self.ready_after,
+            "time_to_complete_seconds": self.complete_after,
+        }
