@@ -12,7 +12,7 @@ import logging
 import os
 import stat as stat_mod
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,55 +46,90 @@ def _walk(
     at 1 M files every per-file object counts). Paths are interned: the same path is a key
     in the listing, BASE and the hash cache, and one string serves them all."""
     found = out.files
-    stack = [""]
-    while stack:
-        reldir = stack.pop()
+    for rel, local in walk_in_key_order(root, path_filter, hash_cache, out):
+        found[rel] = local
+
+
+def _key_order(entry: os.DirEntry[str]) -> bytes:
+    """Where an entry's paths sort among S3 keys: a folder 'd' as 'd/', so that 'd-x' and
+    'd.x' come before everything in it and 'd0' after (bytes: as S3 orders keys)."""
+    name = os.fsencode(entry.name)
+    try:
+        return name + b"/" if entry.is_dir(follow_symlinks=False) else name
+    except OSError:
+        return name
+
+
+def walk_in_key_order(
+    root: Path,
+    path_filter: PathFilter,
+    hash_cache: Mapping[str, tuple[int, int, int, str]],
+    out: ScanResult,
+) -> Iterator[tuple[str, LocalFile]]:
+    """Every wanted file under root as (relative path, LocalFile), in S3 key order (the
+    order a listing comes in); errors, removed temp files and skipped symlinks go to `out`.
+
+    Holds the sorted entries of the folders on the way down to the current one, never the
+    files already handed on: a tree of a million files costs what its largest folders hold.
+    """
+    levels: list[tuple[str, Iterator[os.DirEntry[str]]]] = []
+
+    def enter(reldir: str) -> None:
         absdir = os.path.join(root, reldir) if reldir else str(root)
         try:
-            entries = list(os.scandir(absdir))
+            with os.scandir(absdir) as listing:
+                entries = sorted(listing, key=_key_order)
         except OSError as exc:
             out.errors.append(FileError(reldir or ".", f"cannot list folder: {exc.strerror}"))
+            return
+        levels.append((reldir, iter(entries)))
+
+    enter("")
+    while levels:
+        reldir, entries = levels[-1]
+        entry = next(entries, None)
+        if entry is None:
+            levels.pop()
             continue
-        for entry in entries:
-            rel = f"{reldir}/{entry.name}" if reldir else entry.name
-            if is_temp_name(entry.name):
-                if not path_filter.removes_temp(entry.name):
-                    continue
-                try:
-                    os.unlink(entry.path)
-                    out.temps_removed += 1
-                except OSError as exc:
-                    log.warning("cannot remove stale temp file %s: %s", rel, exc)
+        rel = f"{reldir}/{entry.name}" if reldir else entry.name
+        if is_temp_name(entry.name):
+            if not path_filter.removes_temp(entry.name):
                 continue
             try:
-                if entry.is_symlink():
-                    out.symlinks_skipped += 1
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if path_filter.wants_dir(rel):
-                        stack.append(rel)
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue  # fifo, socket, device: not content
-                if not path_filter.wants(rel):
-                    continue
-                check_relpath(rel, what="local file")
-                st = entry.stat(follow_symlinks=False)
-            except BadKey as exc:
-                out.errors.append(FileError(rel, str(exc)))
-                continue
+                os.unlink(entry.path)
+                out.temps_removed += 1
             except OSError as exc:
-                out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
+                log.warning("cannot remove stale temp file %s: %s", rel, exc)
+            continue
+        try:
+            if entry.is_symlink():
+                out.symlinks_skipped += 1
                 continue
-            rel = sys.intern(rel)
-            cached = hash_cache.get(rel)
-            size, mtime_ns, inode = st.st_size, st.st_mtime_ns, st.st_ino
-            executable = bool(st.st_mode & stat_mod.S_IXUSR)
-            if cached is not None and cached[:3] == (size, mtime_ns, inode):
-                # The cache's own int objects: mtime_ns and inode are 32 bytes each.
-                found[rel] = LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
-            else:
-                found[rel] = LocalFile(size, mtime_ns, inode, executable, UNHASHED)
+            if entry.is_dir(follow_symlinks=False):
+                if path_filter.wants_dir(rel):
+                    enter(rel)
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue  # fifo, socket, device: not content
+            if not path_filter.wants(rel):
+                continue
+            check_relpath(rel, what="local file")
+            st = entry.stat(follow_symlinks=False)
+        except BadKey as exc:
+            out.errors.append(FileError(rel, str(exc)))
+            continue
+        except OSError as exc:
+            out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
+            continue
+        rel = sys.intern(rel)
+        cached = hash_cache.get(rel)
+        size, mtime_ns, inode = st.st_size, st.st_mtime_ns, st.st_ino
+        executable = bool(st.st_mode & stat_mod.S_IXUSR)
+        if cached is not None and cached[:3] == (size, mtime_ns, inode):
+            # The cache's own int objects: mtime_ns and inode are 32 bytes each.
+            yield rel, LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
+        else:
+            yield rel, LocalFile(size, mtime_ns, inode, executable, UNHASHED)
 
 
 def _hash_one(root: Path, rel: str) -> str | FileError:
