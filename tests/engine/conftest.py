@@ -24,6 +24,21 @@ def moto(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
+def seaweed(seaweed_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(seaweed_s3)
+    return seaweed_s3
+
+
+@pytest.fixture(params=["moto", "seaweed"])
+def conditional(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    """The servers that answer a failed condition with 412 (tests/engine/test_s3_servers.py
+    says which condition each honours): races on conditional writes run on both."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_s3")
+    s3_env(server)
+    return server
+
+
+@pytest.fixture
 def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
     counts: Counter[str] = Counter()
