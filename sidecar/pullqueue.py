@@ -43,6 +43,10 @@ log = logging.getLogger("sidecar.priority")
 Work = Callable[[Action], Awaitable[FileError | None]]
 MAX_LISTED = 50
 RESUME_RETRY_MAX = 60.0
+# How long a stopped pull lets its downloads in flight land before it cancels them (their
+# bytes are fetched again after the request): a push waits for at most this, never for a
+# stalled connection or a big file on a slow link.
+YIELD_GRACE = 5.0
 BOOSTED = -1  # the rank of a waited path: before every phase
 
 
@@ -55,8 +59,13 @@ class WaitAnswer:
 class PullQueue:
     """One pull's downloads in priority order, drained by `workers` tasks."""
 
-    def __init__(self, downloads: list[Action], rules: PriorityRules, big: int) -> None:
+    def __init__(
+        self, downloads: list[Action], rules: PriorityRules, big: int, grace: float = YIELD_GRACE
+    ) -> None:
         self.big = big
+        self.grace = grace
+        self._workers: list[asyncio.Future[None]] = []
+        self._cut_timer: asyncio.TimerHandle | None = None
         self._actions = {action.path: action for action in downloads}
         self._heap: list[tuple[int, int, str]] = []
         self._phase: dict[str, Phase] = {}
@@ -75,7 +84,7 @@ class PullQueue:
         self.stopped: str | None = None
         self._taken: set[str] = set()
         self._boosted: set[str] = set()
-        self._big_in_flight = 0
+        self._big_in_flight: set[str] = set()
         self._wake = asyncio.Event()
 
     @property
@@ -96,6 +105,21 @@ class PullQueue:
         if self.stopped is None:
             self.stopped = reason
             self._wake.set()
+            if self._workers:
+                loop = asyncio.get_running_loop()
+                self._cut_timer = loop.call_later(self.grace, self._cut)
+
+    def _cut(self) -> None:
+        busy = [worker for worker in self._workers if not worker.done()]
+        if busy:
+            log.info(
+                "cancelled %d download(s) still in flight %gs after the pull was stopped; "
+                "they start again when it resumes",
+                len(busy),
+                self.grace,
+            )
+        for worker in busy:
+            worker.cancel()
 
     def untaken(self) -> int:
         return len(self._actions) - len(self._taken)
@@ -109,14 +133,15 @@ class PullQueue:
             rank, size, path = entry
             if path in self._taken:
                 continue  # already started from its boosted entry
-            serialize = rank > Phase.PRIORITY and size >= self.big and self.priority_done
+            # After ready, large files one at a time (a waited one may pass).
+            serialize = rank > Phase.PRIORITY and size >= self.big
             if serialize and self._big_in_flight:
                 held.append(entry)
                 continue
             found = self._actions[path]
             self._taken.add(path)
             if serialize:
-                self._big_in_flight += 1
+                self._big_in_flight.add(path)
             break
         for entry in held:
             heapq.heappush(self._heap, entry)
@@ -142,20 +167,26 @@ class PullQueue:
                     await self._wake.wait()  # a large file ends, a boost, or a stop
                     continue
                 error: FileError | None = None
-                if not skip(action):
-                    try:
+                try:
+                    if not skip(action):
                         error = await work(action)
-                    finally:
-                        size = action.remote.size if action.remote else 0
-                        if self._big_in_flight and size >= self.big:
-                            self._big_in_flight -= 1
-                        self._wake.set()
+                finally:
+                    self._big_in_flight.discard(action.path)
+                    self._wake.set()
                 finished(action, error)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+        tasks = self._workers = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
         try:
-            await asyncio.gather(*tasks)
+            # A worker cancelled by _cut ends its download (the engine removes the temp
+            # file); the file stays pending. Any other failure is the engine's to see.
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, BaseException) and not isinstance(
+                    outcome, asyncio.CancelledError
+                ):
+                    raise outcome
         finally:
+            if self._cut_timer is not None:
+                self._cut_timer.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

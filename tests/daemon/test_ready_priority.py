@@ -204,3 +204,150 @@ def test_sidecar_wait_without_a_daemon_exits_3() -> None:
         timeout=60,
     )
     assert run.returncode == 3 and "cannot reach the daemon" in run.stderr
+
+
+# -- safety while files still arrive (issue 13 item 4) -------------------------------------
+
+
+def arriving_volume() -> dict[str, bytes]:
+    small = {f"s{i}.txt": f"small {i}\n".encode() for i in range(4)}
+    # Each above --priority-max-size (1 MiB): the background, smallest (bg/0) first.
+    big = {f"bg/{i}.bin": bytes([65 + i]) * (MiB + 1 + i) for i in range(4)}
+    return {**small, **big}
+
+
+def bucket_files(bucket: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(bucket)): path.read_bytes()
+        for path in bucket.rglob("*")
+        if path.is_file()
+    }
+
+
+def held_background(s3: LocalS3, start_daemon: StartDaemon, proxy: KeyGate, *flags: str) -> Daemon:
+    """A ready daemon whose background pull is pinned: bg/0 in flight (held at the proxy),
+    bg/1..3 not started (one file at a time)."""
+    daemon = start_daemon(
+        s3, *PRIORITY, "--concurrency", "1", *flags, env={"AWS_ENDPOINT_URL": proxy.endpoint}
+    )
+    daemon.wait_ready()
+    daemon.wait_until(lambda: proxy.got("bg/0.bin") == 1, 10, "the first background GET")
+    assert daemon.status()["background_pull"]["files_pending"] == 4
+    return daemon
+
+
+def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    files = arriving_volume()
+    bucket = s3.root / "vol"
+    put(bucket, files)
+    with gate(s3, "bg/0.bin") as proxy:
+        daemon = held_background(s3, start_daemon, proxy)
+        local = daemon.local_dir
+        (local / "new.txt").write_bytes(b"new work")
+        (local / "s0.txt").write_bytes(b"edited")
+        status, body = http_json("POST", daemon.control + "/finalize?wait=false")
+        assert status == 202, body
+        proxy.release()  # bg/0 lands; the pull takes no new file and lets the finalize run
+        daemon.wait_until(lambda: last(daemon, "finalize") is not None, 30, "the finalize")
+        pushed = last(daemon, "finalize")
+        assert pushed["ok"], pushed
+        assert pushed["files_transferred"] == 2 and pushed["files_deleted"] == 0, pushed
+        # Nothing of what was still arriving was deleted or overwritten in the bucket.
+        in_bucket = bucket_files(bucket)
+        for name in ("bg/0.bin", "bg/1.bin", "bg/2.bin", "bg/3.bin", "s1.txt"):
+            assert in_bucket[name] == files[name]
+        assert in_bucket["new.txt"] == b"new work" and in_bucket["s0.txt"] == b"edited"
+        # The rest resumed after the finalize and arrived.
+        daemon.wait_until(
+            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
+        )
+        for name in ("bg/1.bin", "bg/2.bin", "bg/3.bin"):
+            assert (local / name).read_bytes() == files[name]
+        # POST /pull during the background pull is served too (nothing left to fetch now).
+        assert http_json("POST", daemon.control + "/pull")[0] == 200
+        assert daemon.stop() == 0
+
+
+def test_a_file_written_at_a_pending_path_stays_and_the_buckets_version_is_kept_beside(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    files = arriving_volume()
+    bucket = s3.root / "vol"
+    put(bucket, files)
+    with gate(s3, "bg/0.bin") as proxy:
+        daemon = held_background(s3, start_daemon, proxy)
+        local = daemon.local_dir
+        (local / "bg").mkdir(exist_ok=True)
+        (local / "bg/2.bin").write_bytes(b"mine")  # before the bucket's bg/2.bin arrived
+        proxy.release()
+        daemon.wait_until(
+            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
+        )
+        assert (local / "bg/2.bin").read_bytes() == b"mine"
+        assert daemon.status()["background_pull"]["user_files_kept"] == ["bg/2.bin"]
+        assert http_json("GET", daemon.control + "/wait?path=bg/2.bin")[0] == 200
+        assert not [p for p in local.rglob("*conflict*")]  # nothing moved aside locally
+        assert daemon.stop() == 0  # the final push: the conflict rule keeps both
+    in_bucket = bucket_files(bucket)
+    assert in_bucket["bg/2.bin"] == b"mine"
+    copies = [name for name in in_bucket if name.startswith("bg/2.conflict-")]
+    assert len(copies) == 1 and in_bucket[copies[0]] == files["bg/2.bin"], sorted(in_bucket)
+
+
+def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_resending(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    files = arriving_volume()
+    bucket = s3.root / "vol"
+    put(bucket, files)
+    with gate(s3, "bg/0.bin") as proxy:
+        first = held_background(s3, start_daemon, proxy)
+        assert first.stop() == 0  # SIGTERM: the final push runs, with bg/* still pending
+    assert bucket_files(bucket) == files  # nothing deleted, nothing overwritten
+    with gate(s3) as counter:
+        state = first.local_dir.parent / "state0"
+        second = start_daemon(
+            s3,
+            *PRIORITY,
+            "--local-dir",
+            str(first.local_dir),
+            "--state-dir",
+            str(state),
+            env={"AWS_ENDPOINT_URL": counter.endpoint},
+        )
+        second.wait_until(
+            lambda: second.status()["background_pull"]["state"] == "complete", 30, "the rest"
+        )
+        # Only what had not arrived was asked for again.
+        assert sorted(key for key in counter.gets) == [f"bg/{i}.bin" for i in range(4)]
+        for name, data in files.items():
+            assert (first.local_dir / name).read_bytes() == data
+        assert second.stop() == 0
+
+
+def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    files = arriving_volume()
+    bucket = s3.root / "vol"
+    put(bucket, files)
+    with gate(s3, "bg/0.bin") as proxy:
+        daemon = held_background(
+            s3, start_daemon, proxy, "--auto-sync", "--auto-sync-debounce", "0.1"
+        )
+        (daemon.local_dir / "notes.txt").write_bytes(b"typed in the notebook")
+        daemon.wait_until(
+            lambda: daemon.status()["auto_sync"]["state"] == "pushing", 30, "the auto push"
+        )
+        proxy.release()  # bg/0 lands, the pull stops taking files, the push runs
+        daemon.wait_until(lambda: last(daemon, "finalize") is not None, 30, "the auto push")
+        assert bucket_files(bucket)["notes.txt"] == b"typed in the notebook"
+        pushed = last(daemon, "finalize")
+        assert pushed["origin"] == "auto-sync" and pushed["files_deleted"] == 0, pushed
+        daemon.wait_until(
+            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
+        )
+        assert daemon.stop() == 0
+    assert {k: v for k, v in bucket_files(bucket).items() if k != "notes.txt"} == files
