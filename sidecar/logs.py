@@ -43,5 +43,5 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # botocore's own debug chatter drowns ours; keep it at warning unless asked.
-    for noisy in ("botocore", "aiobotocore", "urllib3"):
+    for noisy in ("botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

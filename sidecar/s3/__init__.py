@@ -4,8 +4,9 @@ The rest of the sidecar sees the bucket through this package's public face: Obje
 (list, head, get, put, multipart, copy, delete), what it returns (ObjectInfo, Written), its
 one error type (S3Error), its settings, and the object-metadata format (labels_for,
 read_labels). Inside: the signer (sigv4), the HTTP/1.1 client (http11), endpoint and
-credentials (endpoint), errors and retries (errors), listing parsing (listing), and
-botocore/aiobotocore, imported lazily by the store alone.
+the files credentials come from (endpoint), errors and retries (errors), listing parsing
+(listing), the XML of the rare operations (answers), and botocore as the credentials provider
+only, imported lazily by one module (credentials).
 """
 
 from sidecar.s3.endpoint import credentials_fingerprint

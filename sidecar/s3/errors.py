@@ -1,8 +1,9 @@
 """S3Error, the one error type of the package, and what a failure means: fatal (keys,
 bucket), retryable (throttling, 5xx, timeouts, resets), a precondition that failed.
 
-Every failure of the HTTP client is an OSError or a TimeoutError (HTTP_TRANSIENT); every
-failure of botocore is mapped here too, so callers see one kind of error naming the key.
+Every failure of the HTTP client is an OSError or a TimeoutError (HTTP_TRANSIENT), every
+error answer an S3 error document: both are mapped here, so callers see one kind of error
+naming the key.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class S3Error(Exception):
         # The answer came to a retry: an earlier attempt may have been applied by the server
         # with its answer lost (a reset), so a 412 may be our own write.
         self.retried = False
+        # A redirect (or a 400 naming the region) said the bucket is in this region.
+        self.region: str | None = None
 
     @property
     def precondition_failed(self) -> bool:
@@ -60,30 +63,13 @@ class S3Error(Exception):
 
     @property
     def retryable_stream(self) -> bool:
-        """A failure mid-body that botocore cannot retry for us (it only retries requests)."""
+        """A failure mid-body, which the request's retries do not cover."""
         return self.code in STREAM_RETRY_CODES
 
 
 def error_from(key: str, exc: BaseException) -> S3Error:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(
-            error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        )
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        text = error.get("Message") or code
-        if code in FATAL_CODES:
-            return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {text})", fatal=True)
-        failed = S3Error(key, code, f"{code} (HTTP {status}): {text}")
-        failed.retried = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
-        return failed
-    if isinstance(exc, NoCredentialsError):
-        return S3Error(
-            key, "NoCredentials", "no S3 credentials: set AWS_ACCESS_KEY_ID/SECRET", fatal=True
-        )
-    if isinstance(exc, EndpointConnectionError | ConnectError):
+    """The S3Error for a failure of the HTTP client (no answer, or a broken one)."""
+    if isinstance(exc, ConnectError):
         return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
     if isinstance(exc, asyncio.TimeoutError):
         why = f" ({exc})" if str(exc) else ""
@@ -106,6 +92,10 @@ _XML_CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 _XML_REGION = re.compile(rb"<Region>([^<]*)</Region>")
 _XML_ENDPOINT = re.compile(rb"<Endpoint>([^<]*)</Endpoint>")
+# The region in an AWS endpoint: bkt.s3.eu-west-1.amazonaws.com, s3-eu-west-1..., dualstack.
+_ENDPOINT_REGION = re.compile(
+    r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\."
+)
 REDIRECT_CODES = {"PermanentRedirect", "TemporaryRedirect"}
 
 
@@ -119,10 +109,31 @@ def http_error(
     message = found.group(1).decode(errors="replace") if found else code
     if code in FATAL_CODES:
         return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True)
+    headers = headers or {}
     wrong_region = code == "AuthorizationHeaderMalformed" and _XML_REGION.search(body)
-    if status in (301, 307) or code in REDIRECT_CODES or wrong_region:
-        return _redirect_error(key, status, code, body, headers or {})
-    return S3Error(key, code, f"{code} (HTTP {status}): {message}")
+    if status in (301, 302, 307) or code in REDIRECT_CODES or wrong_region:
+        error = _redirect_error(key, status, code, body, headers)
+        error.region = bucket_region(body, headers)
+        return error
+    error = S3Error(key, code, f"{code} (HTTP {status}): {message}")
+    if status == 400:  # a HEAD signed for the wrong region: no body, but the region header
+        error.region = headers.get("x-amz-bucket-region") or None
+    return error
+
+
+def bucket_region(body: bytes, headers: Mapping[str, str]) -> str | None:
+    """The bucket's region as a wrong-region answer says it, where botocore looks: the
+    x-amz-bucket-region header, the error's <Region>, else the host of its <Endpoint>."""
+    region = headers.get("x-amz-bucket-region")
+    if region:
+        return region
+    if found := _XML_REGION.search(body):
+        return found.group(1).decode(errors="replace").strip() or None
+    if found := _XML_ENDPOINT.search(body):
+        host = found.group(1).decode(errors="replace").strip().lower()
+        if named := _ENDPOINT_REGION.search(host):
+            return named.group(1)
+    return None
 
 
 def _redirect_error(

@@ -391,6 +391,7 @@ class Response:
         "body",
         "headers",
         "reason",
+        "retried",
         "status",
     )
 
@@ -409,6 +410,7 @@ class Response:
         self.reason = reason
         self.headers = headers
         self.body: bytes | None = None
+        self.retried = False  # set by the caller's retry loop: an earlier attempt was lost
         self._pool = pool
         self._conn: _Connection | None = conn
         self._remaining = 0
@@ -679,8 +681,11 @@ class ConnectionPool:
         target: str,
         headers: Mapping[str, str],
         body: bytes | memoryview | None = None,
+        work_bytes: int = 0,
     ) -> Response:
         """Send one request (target: the encoded path and query) and read the answer's head.
+        `work_bytes`: what the server moves on its own before it answers (a server-side
+        copy), allowed for in the deadline as if it were sent.
 
         A kept-alive connection the server closed meanwhile is replaced once, transparently,
         when nothing of the answer had arrived on it, and either the request had not been
@@ -702,7 +707,7 @@ class ConnectionPool:
             if conn is None:
                 conn = await self._connect()
             self._busy.add(conn)
-            sent = len(body) if body is not None else 0
+            sent = (len(body) if body is not None else 0) + work_bytes
             conn.begin(_now(), self.deadline_base + sent / self.deadline_rate)
             self._watch()
             try:

@@ -1,22 +1,25 @@
-"""The object store: every S3 request the sidecar makes (the only module that imports aiobotocore).
+"""The object store: every S3 request the sidecar makes, over one signed transport.
 
 Every request goes through one semaphore (`--concurrency` slots shared by all files), is
 retried on throttling, 5xx, timeouts and resets (backoff + jitter), and fails as an S3Error
-that names the key and the cause. botocore is imported lazily: a no-op sync with keys in the
-environment never pays its ~0.3 s import.
+that names the key and the cause. botocore serves only as the credentials provider
+(sidecar.s3.credentials), imported lazily.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from sidecar.s3 import answers
 from sidecar.s3 import metadata as meta
+from sidecar.s3.credentials import Credentials
 from sidecar.s3.endpoint import (
     Address,
     endpoint_from_env,
@@ -40,13 +43,13 @@ from sidecar.s3.objects import ObjectInfo, Written, answer_seconds, unquote_etag
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 USER_AGENT = "netvol-sidecar"
 # Per body stream; a recv fills at most this much at once, and only touched pages count.
 READ_BUFFER_BYTES = 256 * 1024
 
-COPY_MAX_BYTES = 5 * 1024**3  # the most one CopyObject moves
-BOTOCORE_CONDITION_PARAMS = {"If-Match": "IfMatch", "If-None-Match": "IfNoneMatch"}
+COPY_MAX_BYTES = 5 * 1024**3  # the most one CopyObject moves (its deadline allows for it)
 
 # Server-side encryption that makes the ETag something other than the MD5 of the bytes
 # (SSE-S3, "AES256", keeps the MD5; SSE-KMS, DSSE-KMS and SSE-C do not).
@@ -69,23 +72,15 @@ class ClientSettings:
     def base_seconds(self) -> float:
         return 2 * self.read_timeout if self.deadline_base is None else self.deadline_base
 
-    def call_deadline(self, expected_bytes: int) -> float:
-        """All of one aiobotocore call: every attempt its deadline, plus botocore's backoff
-        between them (standard mode: up to 1, 2, 4, ... 20 s)."""
-        per_attempt = self.base_seconds + expected_bytes / self.deadline_rate
-        backoffs = sum(min(20, 2**i) for i in range(self.max_attempts - 1))
-        return self.max_attempts * per_attempt + backoffs
-
 
 class ObjectStore:
     """One bucket. Use as an async context manager.
 
-    Per-object hot operations (list, HEAD, GET, PUT, UploadPart) go over sidecar.s3.http11's
-    kept-alive connections, signed by sidecar.s3.sigv4: botocore spends ~1.7 ms of CPU per
-    request and aiohttp's client ~0.26 ms, which caps a 2-core pod at a few hundred small
-    files per second. Credentials still come from botocore's provider chain (env, files,
-    IRSA...), and the rare multi-step operations (create/complete/abort multipart, copy,
-    delete) still go through aiobotocore.
+    Every operation goes over sidecar.s3.http11's kept-alive connections, signed by
+    sidecar.s3.sigv4 (_send): botocore spends ~1.7 ms of CPU per request and aiohttp's client
+    ~0.26 ms, which caps a 2-core pod at a few hundred small files per second. One address,
+    one error mapper and one retry loop for all of them. Credentials come from the
+    environment or botocore's provider chain (sidecar.s3.credentials).
     """
 
     def __init__(self, bucket: str, settings: ClientSettings) -> None:
@@ -97,13 +92,11 @@ class ObjectStore:
         self.conditional_writes = True  # until the server says NotImplemented
         self.metadata_rewrites = True  # until a rewrite proves invisible in listings
         self._stack = contextlib.AsyncExitStack()
-        self._client: Any = None
-        self._credentials: Any = None
-        self._session: Any = None
+        self._credentials = Credentials(bucket)
         self._region = "us-east-1"
+        self._followed_region = False  # a redirect moved us to the bucket's region once
         self._signer: Signer | None = None
         self._pool: ConnectionPool | None = None
-        self._env_credentials: tuple[str, str, str | None] | None = None
         self._read_buffers: list[bytearray] = []  # reused by get_object, one per stream
         self._host = ""
         self._path_prefix = ""
@@ -113,10 +106,10 @@ class ObjectStore:
         self._region = (
             os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:  # a process's environment does not change: read it once
-            self._env_credentials = (key, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
-        scheme, host, port = self._configure_urls(endpoint_from_env(), self._region)
+        self._open_pool(*self._configure_urls(endpoint_from_env(), self._region))
+        return self
+
+    def _open_pool(self, scheme: str, host: str, port: int) -> None:
         self._pool = ConnectionPool(
             scheme,
             host,
@@ -130,64 +123,6 @@ class ObjectStore:
             deadline_rate=self.settings.deadline_rate,
         )
         self._stack.push_async_callback(self._pool.close)
-        return self
-
-    async def _botocore_client(self) -> Any:
-        """The aiobotocore client, created on first use (multipart, copy, delete)."""
-        if self._client is None:
-            from botocore.config import Config
-
-            endpoint = endpoint_from_env()
-            s3_options: dict[str, Any] = {
-                # Our xxh3 verification covers integrity; SHA-256 of every payload (botocore's
-                # default over plain http) would cost a core on loopback for no protection.
-                "payload_signing_enabled": False,
-            }
-            # The same address as our own requests (resolve_address), not botocore's guess.
-            path_style = self._address is None or self._address.path_style
-            s3_options["addressing_style"] = "path" if path_style else "virtual"
-            config = Config(
-                max_pool_connections=self.settings.concurrency,
-                connect_timeout=self.settings.connect_timeout,
-                read_timeout=self.settings.read_timeout,
-                retries={"mode": "standard", "total_max_attempts": self.settings.max_attempts},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                tcp_keepalive=True,
-                s3=s3_options,
-            )
-            session = self._botocore_session()
-            self._client = await self._stack.enter_async_context(
-                session.create_client(
-                    "s3", region_name=self._region, endpoint_url=endpoint, config=config
-                )
-            )
-        return self._client
-
-    def _botocore_session(self) -> Any:
-        if self._session is None:
-            from aiobotocore.session import get_session
-
-            self._session = get_session()
-        return self._session
-
-    async def _frozen_credentials(self) -> tuple[str, str, str | None]:
-        if self._env_credentials is not None:  # the common case in a pod: a Secret, as env
-            return self._env_credentials
-        if self._credentials is None:
-            # Files, profiles, IRSA, instance roles: botocore's provider chain, refreshed
-            # by botocore when the credentials expire.
-            self._credentials = await self._botocore_session().get_credentials()
-            if self._credentials is None:
-                raise S3Error(
-                    self.bucket,
-                    "NoCredentials",
-                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                    "(or AWS_SHARED_CREDENTIALS_FILE)",
-                    fatal=True,
-                )
-        frozen = await self._credentials.get_frozen_credentials()
-        return frozen.access_key, frozen.secret_key, frozen.token
 
     def _configure_urls(self, endpoint: str | None, region: str) -> tuple[str, str, int]:
         """Sets the signed Host and the path prefix; returns (scheme, host, port) to dial."""
@@ -200,14 +135,39 @@ class ObjectStore:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    def _follow_region(self, region: str) -> bool:
+        """A redirect (301/307, or a 400 naming the region) says the bucket lives in
+        `region`: sign for it from now on, and on AWS send to its regional endpoint, as the
+        SDKs do. Once per store: a second move means something else is wrong (False)."""
+        if region == self._region:
+            return True  # another request moved us already: sign for it, send again
+        if self._followed_region:
+            return False
+        log.warning(
+            "bucket %s is in region %s, not %s: following the redirect; set AWS_REGION=%s "
+            "to save the detour",
+            self.bucket,
+            region,
+            self._region,
+            region,
+        )
+        self._followed_region = True
+        self._region = region
+        old = self._pool
+        scheme, host, port = self._configure_urls(endpoint_from_env(), region)
+        if old is None or (old.host, old.port) != (host, port):
+            self._open_pool(scheme, host, port)  # the old one closes with the store
+        return True
+
     async def _current_signer(self) -> Signer:
-        access_key, secret_key, token = await self._frozen_credentials()
+        access_key, secret_key, token = await self._credentials.frozen()
         signer = self._signer
         if (
             signer is None
             or signer.access_key != access_key
             or signer.secret_key != secret_key
             or signer.session_token != token
+            or signer.region != self._region
         ):
             signer = Signer(access_key, secret_key, self._region, token)
             self._signer = signer
@@ -221,12 +181,22 @@ class ObjectStore:
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
         data: bytes | memoryview | None = None,
+        error_in_200: bool = False,
+        work_bytes: int = 0,
     ) -> Response:
         """One signed request with retries (5xx, throttling, timeouts, resets: backoff and
-        jitter). Returns the open response on success; the caller reads and releases it."""
+        jitter). Returns the open response on success; the caller reads and releases it.
+        `response.retried`: an earlier attempt got no answer (it may have been applied).
+
+        `error_in_200`: the operation may answer 200 and then an <Error> (S3 sends the head
+        before a Complete or a copy is done): the small body is read here, into
+        `response.body`, and such an answer is that error. A redirect to the bucket's region
+        is followed once (_follow_region). `work_bytes`: see ConnectionPool.request."""
         assert self._pool is not None
         name = key if key is not None else self.bucket
-        path = self._path_prefix + ("/" + key if key is not None else "/")
+        followed = False
+        # The bucket itself is /bkt (path style) or / (virtual), as botocore sends it.
+        path = self._path_prefix + "/" + key if key is not None else self._path_prefix or "/"
         target = uri_encode_path(path)
         if query:
             target += "?" + canonical_query(query)
@@ -239,56 +209,44 @@ class ObjectStore:
             signed["Host"] = self._host
             signed["User-Agent"] = USER_AGENT
             try:
-                response = await self._pool.request(method, target, signed, data)
+                response = await self._pool.request(
+                    method, target, signed, data, work_bytes=work_bytes
+                )
+                if error_in_200 and response.status < 300:
+                    response.body = await response.read_all()
+                    response.release()
             except HTTP_TRANSIENT as exc:
                 if attempt + 1 == attempts or getattr(exc, "permanent", False):
                     raise error_from(name, exc) from exc
                 self.retries += 1
                 await backoff(attempt)
                 continue
-            if response.status < 300:
+            if response.status < 300 and not (
+                error_in_200 and answers.is_error_in_200(response.body or b"")
+            ):
+                response.retried = attempt > 0
                 return response
             body = await _read_all(response)
             response.release()
-            error = http_error(name, response.status, body, response.headers)
-            if (response.status in RETRY_STATUSES or error.code in RETRY_CODES) and (
-                attempt + 1 < attempts
+            # An error in a 200 counts as a 500, as botocore counts it: retried.
+            status = response.status if response.status >= 300 else 500
+            error = http_error(name, status, body, response.headers)
+            if (
+                error.region
+                and error.region != signer.region
+                and not followed
+                and attempt + 1 < attempts
+                and self._follow_region(error.region)
             ):
+                followed = True
+                continue
+            if (status in RETRY_STATUSES or error.code in RETRY_CODES) and (attempt + 1 < attempts):
                 self.retries += 1
                 await backoff(attempt)
                 continue
             error.retried = attempt > 0
             raise error
         raise AssertionError("unreachable")
-
-    async def _call(self, key: str, method: str, **params: Any) -> dict[str, Any]:
-        """A request through aiobotocore (retried by botocore's standard mode).
-
-        aiohttp under aiobotocore has only connect and per-read timeouts (aiobotocore sets no
-        ClientTimeout total), so the whole call gets a deadline here. A server-side copy
-        moves up to 5 GiB (S3's CopyObject limit) without telling us its size: its deadline
-        allows for that.
-        """
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client = await self._botocore_client()
-        moved = COPY_MAX_BYTES if method == "copy_object" else 0
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                async with asyncio.timeout(self.settings.call_deadline(moved)):
-                    response: dict[str, Any] = await getattr(client, method)(
-                        Bucket=self.bucket, **params
-                    )
-            except ClientError as exc:
-                self.retries += exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-                raise error_from(key, exc) from exc
-            except (BotoCoreError, *HTTP_TRANSIENT) as exc:
-                raise error_from(key, exc) from exc
-            finally:
-                self.in_flight -= 1
-        self.retries += response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-        return response
 
     # ---- reading ---------------------------------------------------------------------
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
@@ -514,18 +472,54 @@ class ObjectStore:
             return None
         return Written(info.etag, info.modified_seconds)
 
+    async def _small_request(
+        self,
+        method: str,
+        key: str | None,
+        *,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        error_in_200: bool = False,
+        work_bytes: int = 0,
+    ) -> tuple[Response, bytes]:
+        """One request of the rare operations (multipart, copy, delete), in a slot: the
+        answer and its whole (small) body."""
+        async with self.slots:
+            self.in_flight += 1
+            try:
+                response = await self._send(
+                    method,
+                    key,
+                    query=query,
+                    headers=headers,
+                    data=data,
+                    error_in_200=error_in_200,
+                    work_bytes=work_bytes,
+                )
+                try:
+                    return response, await response.read_all()
+                except HTTP_TRANSIENT as exc:
+                    raise error_from(key if key is not None else self.bucket, exc) from exc
+                finally:
+                    response.release()
+            finally:
+                self.in_flight -= 1
+
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         """A new upload's id. An attempt whose answer was lost (reset, timeout, cut body) may
         have created an upload we never learn the id of: after a retried or failed create,
         the other uploads of this key are aborted (never orphaned)."""
         try:
-            response = await self._call(key, "create_multipart_upload", Key=key, Metadata=metadata)
+            response, body = await self._small_request(
+                "POST", key, query={"uploads": ""}, headers=meta.to_headers(metadata)
+            )
+            upload_id = _read_answer(key, "CreateMultipartUpload", answers.upload_id, body)
         except S3Error:
             with contextlib.suppress(S3Error):  # else the next sync does it (StateStore.creating)
                 await self.abort_strays(key)
             raise
-        upload_id = str(response["UploadId"])
-        if response.get("ResponseMetadata", {}).get("RetryAttempts"):
+        if response.retried:
             with contextlib.suppress(S3Error):
                 await self.abort_strays(key, keep=upload_id)
         return upload_id
@@ -538,12 +532,22 @@ class ObjectStore:
         upload), and an upload of this key nobody completed is billed for nothing. Another
         writer's upload of this very key in progress is aborted too: its Complete fails by
         name and its next sync sends the file again; nothing is lost."""
-        listed = await self._call(key, "list_multipart_uploads", Prefix=key)
+        strays: list[str] = []
+        query = {"uploads": "", "prefix": key, "encoding-type": "url"}
+        while True:
+            _response, body = await self._small_request("GET", None, query=query)
+            page = _read_answer(key, "ListMultipartUploads", answers.uploads_page, body)
+            strays.extend(
+                upload_id
+                for listed, upload_id in page.uploads
+                if listed == key and upload_id and upload_id != keep
+            )
+            if page.next_markers is None:
+                break
+            query = {**query, "key-marker": page.next_markers[0]}
+            query["upload-id-marker"] = page.next_markers[1]
         aborted = []
-        for upload in listed.get("Uploads", []):
-            upload_id = upload.get("UploadId")
-            if upload.get("Key") != key or not upload_id or upload_id == keep:
-                continue
+        for upload_id in strays:
             try:
                 await self.abort_multipart(key, upload_id)
             except S3Error:
@@ -569,21 +573,22 @@ class ObjectStore:
         """Complete the upload. `expected` (size, metadata) is what the object holds once
         it is complete: a retried Complete whose first answer was lost (412, or NoSuchUpload
         as the upload is gone) counts as done when the object holds exactly that."""
-        parts = [{"ETag": f'"{etag}"', "PartNumber": n} for n, etag in enumerate(part_etags, 1)]
+        document = answers.complete_body(part_etags)
 
-        async def write(conditions: dict[str, str]) -> dict[str, Any]:
-            params = {BOTOCORE_CONDITION_PARAMS[name]: value for name, value in conditions.items()}
-            return await self._call(
+        async def write(conditions: dict[str, str]) -> Written:
+            response, body = await self._small_request(
+                "POST",
                 key,
-                "complete_multipart_upload",
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-                **params,
+                query={"uploadId": upload_id},
+                headers=conditions,
+                data=document,
+                error_in_200=True,
             )
+            result = _read_answer(key, "CompleteMultipartUpload", answers.complete_result, body)
+            return Written(result.etag, answer_seconds(response.headers))
 
         try:
-            response = await self._write_conditionally(if_match, if_none_match, write)
+            return await self._write_conditionally(if_match, if_none_match, write)
         except S3Error as exc:
             lost = exc.retried and (exc.precondition_failed or exc.code == "NoSuchUpload")
             if lost and expected is not None:
@@ -591,13 +596,12 @@ class ObjectStore:
                 if done is not None:
                     return done
             raise
-        return Written(unquote_etag(response.get("ETag", "")), _botocore_date(response))
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
-            await self._call(key, "abort_multipart_upload", Key=key, UploadId=upload_id)
+            await self._small_request("DELETE", key, query={"uploadId": upload_id})
         except S3Error as exc:
-            if exc.code not in ("NoSuchUpload", "404"):
+            if exc.code not in ("NoSuchUpload", "404", "NotFound"):
                 raise
 
     async def delete(self, key: str, if_match: str | None = None) -> None:
@@ -605,10 +609,26 @@ class ObjectStore:
         racing in between gets a 412, and its object stays)."""
 
         async def write(conditions: dict[str, str]) -> None:
-            params = {BOTOCORE_CONDITION_PARAMS[name]: value for name, value in conditions.items()}
-            await self._call(key, "delete_object", Key=key, **params)
+            await self._small_request("DELETE", key, headers=conditions)
 
         await self._write_conditionally(if_match, False, write)
+
+    def _copy_source(self, key: str, etag: str | None) -> dict[str, str]:
+        """The copy-source headers: bucket/key percent-encoded as botocore encodes them
+        (every byte but unreserved characters and '/'), pinned to `etag` when given."""
+        headers = {"x-amz-copy-source": uri_encode_path(f"{self.bucket}/{key}")}
+        if etag:
+            headers["x-amz-copy-source-if-match"] = f'"{etag}"'
+        return headers
+
+    async def _copy(self, key: str, headers: dict[str, str]) -> tuple[Response, answers.Result]:
+        """One CopyObject onto key. It may answer 200 and then an <Error> (S3 sends the head
+        before the copy is done), and moves up to 5 GiB before it answers: its deadline
+        allows for that."""
+        response, body = await self._small_request(
+            "PUT", key, headers=headers, error_in_200=True, work_bytes=COPY_MAX_BYTES
+        )
+        return response, _read_answer(key, "CopyObject", answers.copy_result, body)
 
     async def copy(
         self,
@@ -621,12 +641,7 @@ class ObjectStore:
         `If-None-Match: *` on CopyObject (412), moto 5.2 and rclone ignore it, so the
         destination is HEADed first (a 412-like S3Error when it exists). What is left on
         those servers is the window between that HEAD and the copy."""
-        params: dict[str, Any] = {
-            "Key": dest_key,
-            "CopySource": {"Bucket": self.bucket, "Key": source_key},
-        }
-        if source_etag:
-            params["CopySourceIfMatch"] = f'"{source_etag}"'
+        headers = self._copy_source(source_key, source_etag)
         if if_none_match:
             try:
                 await self.head(dest_key)
@@ -638,16 +653,16 @@ class ObjectStore:
 
         if if_none_match and self.conditional_writes:
             try:
-                response = await self._call(dest_key, "copy_object", **params, IfNoneMatch="*")
+                _response, result = await self._copy(dest_key, {**headers, "If-None-Match": "*"})
             except S3Error as exc:
                 # Not the server-wide switch _write_conditionally flips: a server may refuse
                 # the condition on a copy yet honour it on PUT.
                 if exc.code not in NOT_IMPLEMENTED_CODES:
                     raise
-                response = await self._call(dest_key, "copy_object", **params)
+                _response, result = await self._copy(dest_key, headers)
         else:
-            response = await self._call(dest_key, "copy_object", **params)
-        return unquote_etag(response.get("CopyObjectResult", {}).get("ETag", ""))
+            _response, result = await self._copy(dest_key, headers)
+        return result.etag
 
     async def rewrite_metadata(
         self, key: str, etag: str, metadata: dict[str, str]
@@ -661,26 +676,25 @@ class ObjectStore:
         have relabelled another writer's bytes. The caller checks the returned ETag."""
         if not self.metadata_rewrites:
             return None
-        response = await self._call(
-            key,
-            "copy_object",
-            Key=key,
-            CopySource={"Bucket": self.bucket, "Key": key},
-            CopySourceIfMatch=f'"{etag}"',
-            MetadataDirective="REPLACE",
-            Metadata=metadata,
-            ContentType="application/octet-stream",  # REPLACE would reset it otherwise
-        )
-        result = response.get("CopyObjectResult", {})
-        new_etag = unquote_etag(result.get("ETag", ""))
-        if not new_etag or not result.get("LastModified"):
+        headers = {
+            **self._copy_source(key, etag),
+            "x-amz-metadata-directive": "REPLACE",
+            "Content-Type": "application/octet-stream",  # REPLACE would reset it otherwise
+            **meta.to_headers(metadata),
+        }
+        response, result = await self._copy(key, headers)
+        if not result.etag or not result.last_modified:
             self.metadata_rewrites = False
             return None
-        return Written(new_etag, _botocore_date(response))
+        return Written(result.etag, answer_seconds(response.headers))
 
 
-def _botocore_date(response: dict[str, Any]) -> int:
-    return answer_seconds(response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+def _read_answer(key: str, operation: str, read: Callable[[bytes], T], body: bytes) -> T:
+    """read(body), an unreadable answer an S3Error naming the key and the operation."""
+    try:
+        return read(body)
+    except answers.BadAnswer as exc:
+        raise S3Error(key, "BadAnswer", f"unreadable {operation} answer: {exc}") from None
 
 
 async def _read_all(response: Response) -> bytes:

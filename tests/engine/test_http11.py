@@ -621,7 +621,7 @@ def endpoint_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     return point_at
 
 
-async def test_trickled_listing_get_and_botocore_call_fail_by_name_and_are_retried(
+async def test_trickled_listing_get_and_delete_fail_by_name_and_are_retried(
     endpoint_env: Callable[[int], None],
 ) -> None:
     async with serving(fake_s3(trickle_listing=True, trickle_keys=frozenset(OBJECTS))) as (
@@ -641,7 +641,7 @@ async def test_trickled_listing_get_and_botocore_call_fail_by_name_and_are_retri
         assert server.connections == 4, "each was not tried twice (max_attempts)"
         assert asyncio.get_running_loop().time() - started < 60
 
-    # aiobotocore's own client (delete, copy, multipart) has no total timeout: ours applies.
+    # The rare operations (delete, copy, multipart) go the same way: the deadline applies.
     raw = answer(204, b"", "x-amz-request-id: 1\r\n")
     async with serving(trickling(raw, 12, TRICKLE)) as (server, port):
         endpoint_env(port)

@@ -150,47 +150,39 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
     write(local / "big-old.bin", os.urandom(6 * MiB))  # Complete, If-Match
     write(local / "big-new.bin", os.urandom(6 * MiB))  # Complete, If-None-Match: *
     lost: list[str] = []
+    completes: list[str] = []
     original_request = ConnectionPool.request
 
     async def answer_lost_once(
-        self: ConnectionPool, method: str, target: str, headers: Any, body: Any = None
+        self: ConnectionPool,
+        method: str,
+        target: str,
+        headers: Any,
+        body: Any = None,
+        **options: Any,
     ) -> Any:
-        response = await original_request(self, method, target, headers, body)
-        if method == "PUT" and "partNumber" not in target and target not in lost:
-            lost.append(target)
-            await response.read_all()
-            response.release()
-            raise ConnectionResetError("reset by the test after the server applied the PUT")
-        return response
-
-    monkeypatch.setattr(ConnectionPool, "request", answer_lost_once)
-    original_client = ObjectStore._botocore_client
-    completes: list[str] = []
-
-    async def client_losing_answers(self: ObjectStore) -> Any:
-        client = await original_client(self)
-
-        def retry_once(attempts: int, request_dict: dict[str, Any], **_: Any) -> int | None:
-            # The server applied this Complete; drop its answer and send it again. AWS
-            # answers such a retry with 412 (the ETag it was pinned to is gone: the object
+        if method == "POST" and target in completes:
+            # The server applied this Complete; its answer was dropped, and here is the
+            # retry. AWS answers it with 412 (the ETag it was pinned to is gone: the object
             # is now ours) or NoSuchUpload. moto would complete the finished upload again,
             # conditions unchecked (and ignores If-Match there); for an upload it does not
             # know it checks If-None-Match first. So the retry names an unknown upload with
             # If-None-Match: *, and moto answers as AWS does: 412.
-            url = request_dict["url"]
-            if attempts == 1 and url not in completes:
-                completes.append(url)
-                request_dict["url"] = url.replace("uploadId=", "uploadId=gone-")
-                request_dict["headers"]["If-None-Match"] = "*"
-                return 0
-            return None
+            target = target.replace("uploadId=", "uploadId=gone-")
+            headers = {**headers, "If-None-Match": "*"}
+            headers.pop("If-Match", None)
+        response = await original_request(self, method, target, headers, body, **options)
+        complete = method == "POST" and "uploadId=" in target and "gone-" not in target
+        single_put = method == "PUT" and "partNumber" not in target
+        single_put = single_put and "x-amz-copy-source" not in headers
+        if (complete and target not in completes) or (single_put and target not in lost):
+            (completes if complete else lost).append(target)
+            await response.read_all()
+            response.release()
+            raise ConnectionResetError("reset by the test after the server applied it")
+        return response
 
-        client.meta.events.register(
-            "needs-retry.s3.CompleteMultipartUpload", retry_once, unique_id="lose-answer"
-        )
-        return client
-
-    monkeypatch.setattr(ObjectStore, "_botocore_client", client_losing_answers)
+    monkeypatch.setattr(ConnectionPool, "request", answer_lost_once)
     checked: list[str] = []
     original_check = ObjectStore._landed_already
 
@@ -209,7 +201,6 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
         body = s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read()
         assert body == (local / name).read_bytes(), name
     monkeypatch.setattr(ConnectionPool, "request", original_request)
-    monkeypatch.setattr(ObjectStore, "_botocore_client", original_client)
     again = await sync(cfg, FIN)  # BASE holds what the bucket holds: nothing to do
     assert again.ok and again.files_transferred == 0, again.as_dict()
 
@@ -224,12 +215,17 @@ def _opaque_etags_on_the_wire(
     path = "/" + key
 
     async def rewriting(
-        self: ConnectionPool, method: str, target: str, headers: Any, body: Any = None
+        self: ConnectionPool,
+        method: str,
+        target: str,
+        headers: Any,
+        body: Any = None,
+        **options: Any,
     ) -> Any:
         headers = dict(headers)
         if headers.get("If-Match") == f'"{opaque}"':
             headers["If-Match"] = f'"{real}"'
-        response = await original(self, method, target, headers, body)
+        response = await original(self, method, target, headers, body, **options)
         if "list-type=" in target:
             listing = await response.read_all()
             response.body = listing.replace(real.encode(), opaque.encode())

@@ -97,10 +97,85 @@ def test_a_redirect_names_the_buckets_region() -> None:
     assert not http_error("k", 307, b"<Error><Code>TemporaryRedirect</Code></Error>").fatal
 
 
-async def test_a_head_redirected_to_another_region_fails_by_name(
+def _signed_region(head: bytes) -> str:
+    """The region a scripted server's request was signed for (its credential scope)."""
+    return head.split(b"Credential=", 1)[1].split(b"/")[2].decode()
+
+
+def redirecting(home: str, moved: bytes, status: int = 301, extra: str = "") -> object:
+    """A server for a bucket in region `home`: requests signed for another region get
+    `status` with body `moved`; requests signed for `home` get an object or an empty page."""
+
+    async def handler(reader, writer, server):
+        while (head := await read_request(reader, server)) is not None:
+            if _signed_region(head) != home:
+                body = b"" if head.startswith(b"HEAD") else moved
+                writer.write(answer(status, body, extra))
+            elif b"list-type=2" in head:
+                writer.write(
+                    answer(200, b"<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>")
+                )
+            else:
+                writer.write(
+                    answer(
+                        200, b"", 'ETag: "abc"\r\nLast-Modified: Thu, 03 Dec 2026 10:00:00 GMT\r\n'
+                    )
+                )
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "extra"),
+    [
+        # HEAD: no body, the region in the header (what AWS sends).
+        (301, b"", "x-amz-bucket-region: eu-central-1\r\n"),
+        # A 301 PermanentRedirect that names only the endpoint.
+        (
+            301,
+            b"<Error><Code>PermanentRedirect</Code><Message>use the endpoint</Message>"
+            b"<Endpoint>bkt.s3.eu-central-1.amazonaws.com</Endpoint><Bucket>bkt</Bucket></Error>",
+            "",
+        ),
+        # A 307 TemporaryRedirect (a new bucket) with its regional endpoint.
+        (
+            307,
+            b"<Error><Code>TemporaryRedirect</Code><Message>redirect</Message>"
+            b"<Endpoint>bkt.s3-eu-central-1.amazonaws.com</Endpoint></Error>",
+            "Location: http://bkt.s3-eu-central-1.amazonaws.com/k\r\n",
+        ),
+        # The signature's region refused, the right one named in the body.
+        (
+            400,
+            b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>wrong region"
+            b"</Message><Region>eu-central-1</Region></Error>",
+            "",
+        ),
+    ],
+)
+async def test_a_redirect_to_the_buckets_region_is_followed_once_re_signed(
+    endpoint_env: Callable[[int], None], status: int, body: bytes, extra: str
+) -> None:
+    """Issue 10 item 5: as the SDKs do, the request is signed again for the region the
+    answer names and sent once more; every later request is signed for it at once."""
+    async with serving(redirecting("eu-central-1", body, status, extra)) as (server, port):
+        endpoint_env(port)
+        async with ObjectStore("bkt", ClientSettings(concurrency=2)) as store:
+            async for page in store.list("vol/"):
+                assert page == []
+            info = await store.head("k")
+            assert info.etag == "abc"
+        regions = [_signed_region(head) for head, _body in server.requests]
+        # The listing signed for us-east-1 (moved), again for eu-central-1, then the HEAD.
+        assert regions == ["us-east-1", "eu-central-1", "eu-central-1"], regions
+
+
+async def test_a_head_redirected_twice_fails_by_name(
     endpoint_env: Callable[[int], None],
 ) -> None:
-    """A HEAD answer has no body: the region comes from x-amz-bucket-region."""
+    """A HEAD answer has no body: the region comes from x-amz-bucket-region. Followed once;
+    when the bucket's region redirects again, the error names the region, not retried."""
 
     async def handler(reader, writer, server):
         while await read_request(reader, server) is not None:
@@ -112,4 +187,29 @@ async def test_a_head_redirected_to_another_region_fails_by_name(
         async with ObjectStore("bkt", ClientSettings(concurrency=2)) as store:
             with pytest.raises(S3Error, match="region eu-central-1") as caught:
                 await store.head("k")
-        assert caught.value.fatal and len(server.requests) == 1  # not retried
+        assert caught.value.fatal
+        regions = [_signed_region(head) for head, _body in server.requests]
+        assert regions == ["us-east-1", "eu-central-1"], regions
+
+
+async def test_a_redirect_that_names_no_region_is_not_followed_and_says_where(
+    endpoint_env: Callable[[int], None],
+) -> None:
+    moved = (
+        b"<Error><Code>PermanentRedirect</Code><Message>elsewhere</Message>"
+        b"<Endpoint>s3.example.net</Endpoint></Error>"
+    )
+
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            writer.write(answer(301, moved))
+            await writer.drain()
+
+    async with serving(handler) as (server, port):
+        endpoint_env(port)
+        async with ObjectStore("bkt", ClientSettings(concurrency=2)) as store:
+            with pytest.raises(
+                S3Error, match=r"redirects this bucket to s3\.example\.net"
+            ) as caught:
+                await store.delete("k")
+        assert caught.value.fatal and len(server.requests) == 1

@@ -1,6 +1,7 @@
 """sidecar/s3/ is the only place that speaks S3 (issue 10): nothing else in the sidecar
 imports botocore, aiobotocore, the HTTP client or the signer, nor reaches past the package's
-public face (`sidecar.s3`) into its modules."""
+public face (`sidecar.s3`) into its modules. Inside it, one transport: botocore only in the
+credentials module, aiobotocore nowhere (issue 10 item 2)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,48 @@ def test_only_sidecar_s3_speaks_s3() -> None:
         if crossing(module)
     ]
     assert not offenders, "\n".join(offenders)
+
+
+# Inside the package: the one module allowed to import botocore (lazily: see its docstring).
+CREDENTIALS = FENCED / "credentials.py"
+
+
+def sdk(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in SDKS)
+
+
+def test_inside_the_package_botocore_is_only_the_credentials_provider() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT.parent)}:{line}: imports {module}"
+        for path in sorted(FENCED.rglob("*.py"))
+        for line, module in imported_modules(path)
+        if sdk(module) and (path != CREDENTIALS or not module.startswith("botocore"))
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_credentials_module_imports_botocore_lazily() -> None:
+    """Top-level imports only: a sync with keys in the environment never loads botocore."""
+    tree = ast.parse(CREDENTIALS.read_text())
+    top = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom) and any(sdk(name) for name in _names(node))
+    ]
+    assert not top, [ast.unparse(node) for node in top]
+
+
+def _names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or ""]
+    return [alias.name for alias in node.names]
+
+
+def test_no_module_of_the_sidecar_needs_aiobotocore() -> None:
+    """The package's dependencies say so too: botocore, not aiobotocore."""
+    pyproject = (ROOT.parent / "pyproject.toml").read_text()
+    dependencies = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "aiobotocore" not in dependencies and '"botocore' in dependencies
 
 
 def test_the_fence_sees_what_it_must() -> None:

@@ -20,12 +20,17 @@ NOW = datetime(2026, 11, 23, 9, 15, 30, tzinfo=UTC)
 
 
 def botocore_authorization(
-    method: str, url: str, headers: dict[str, str], token: str | None
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    token: str | None,
+    credentials: tuple[str, str] = ("AKIDEXAMPLE", "secret/key+xyz"),
+    region: str = "eu-west-1",
 ) -> str:
     request = AWSRequest(method=method, url=url, headers=dict(headers))
     request.headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
     request.context["client_config"] = Config(s3={"payload_signing_enabled": False})
-    auth = S3SigV4Auth(Credentials("AKIDEXAMPLE", "secret/key+xyz", token), "s3", "eu-west-1")
+    auth = S3SigV4Auth(Credentials(*credentials, token), "s3", region)
     with mock.patch("botocore.auth.get_current_datetime", return_value=NOW.replace(tzinfo=None)):
         auth.add_auth(request)
     return str(request.headers["Authorization"])

@@ -66,7 +66,7 @@ def test_round_trip_over_https_with_a_ca_bundle(
     source = tmp_path / "a"
     (source / "d").mkdir(parents=True)
     (source / "d" / "small.txt").write_bytes(b"over tls")
-    (source / "big.bin").write_bytes(os.urandom(12 * MiB))  # multipart: aiobotocore too
+    (source / "big.bin").write_bytes(os.urandom(12 * MiB))  # multipart too
     pushed = sidecar("finalize", source, tmp_path / "sa", env)
     assert pushed.returncode == 0, pushed.stderr
     pulled = sidecar("pull", tmp_path / "b", tmp_path / "sb", env)
