@@ -54,6 +54,8 @@ DEADLINE_RATE = 64 * 1024  # bytes/s every request must average, beyond its base
 
 
 _now = time.monotonic  # the clock of asyncio's default loop, without a loop lookup
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_X509_NAME_MISMATCH = frozenset({62, 64})
 
 
 class ConnectError(ConnectionError):
@@ -602,10 +604,18 @@ class ConnectionPool:
                 f"no answer within {self.connect_timeout:g}s"
             ) from None
         except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code in _X509_NAME_MISMATCH:  # a trusted CA, another name
+                why = (
+                    f"the server's certificate is not for {self.host} (check AWS_ENDPOINT_URL; "
+                    "with a bucket name in the host, --addressing-style path)"
+                )
+            else:
+                why = (
+                    "the server's certificate is not trusted (a private CA? point "
+                    "AWS_CA_BUNDLE at its PEM file)"
+                )
             raise ConnectError(
-                f"cannot connect to {self.host}:{self.port}: {exc.verify_message or exc}; "
-                "the server's certificate is not trusted (a private CA? point AWS_CA_BUNDLE "
-                "at its PEM file)",
+                f"cannot connect to {self.host}:{self.port}: {exc.verify_message or exc}; {why}",
                 permanent=True,
             ) from None
         except OSError as exc:

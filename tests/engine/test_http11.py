@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,8 +45,11 @@ async def read_request(reader: asyncio.StreamReader, server: Server) -> bytes | 
 
 
 @asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[tuple[Server, int]]:
-    """A loopback server running handler for each connection; yields it and its port."""
+async def serving(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[Server, int]]:
+    """A loopback server running handler for each connection (over TLS with `tls`, a
+    server context); yields it and its port."""
     server = Server()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -57,7 +61,7 @@ async def serving(handler: Handler) -> AsyncIterator[tuple[Server, int]]:
         finally:
             writer.close()
 
-    listener = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    listener = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=tls)
     try:
         yield server, listener.sockets[0].getsockname()[1]
     finally:
@@ -762,3 +766,71 @@ async def test_a_chunked_answer_in_odd_pieces_reads_whole_and_keeps_the_connecti
             assert await response.read_all() == body
             response.release()
         assert server.connections == 1
+
+
+# ---- keep-alive after errors: what the next request gets -------------------------------
+LATE = answer(200, b"late answer to the first request")
+
+
+def failing_first(kind: str) -> Handler:
+    """A server whose first request fails as `kind` says; every later request, on any
+    connection, is answered 200 "next"."""
+
+    async def handler(reader, writer, server):
+        while await read_request(reader, server) is not None:
+            if len(server.requests) > 1:
+                writer.write(answer(200, b"next"))
+            elif kind == "error-read":  # an error answer, read whole: reusable
+                writer.write(answer(412, b"<Error><Code>PreconditionFailed</Code></Error>"))
+            elif kind == "error-unread":  # an error answer with a large body left unread
+                writer.write(answer(500, b"x" * 1_000_000))
+            elif kind == "truncated":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"y" * 10)
+                await writer.drain()
+                return
+            elif kind == "chunked-truncated":
+                writer.write(chunked(b"5\r\nhello\r\n", b"5\r\nwor"))
+                await writer.drain()
+                return
+            elif kind == "silent":  # answers only after the client gave up
+                await asyncio.sleep(1.0)
+                writer.write(LATE)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("kind", "connections"),
+    [
+        ("error-read", 1),
+        ("error-unread", 2),
+        ("truncated", 2),
+        ("chunked-truncated", 2),
+        ("silent", 2),
+    ],
+)
+async def test_after_a_failed_exchange_the_next_request_gets_its_own_answer(
+    kind: str, connections: int
+) -> None:
+    """Issue 10 item 6: a connection is reused after an error answer only when that answer
+    was read to its end; after a cut body or a timeout it is closed, so the next request
+    never reads the rest of the last one (or its late answer) as its own."""
+    async with scripted(failing_first(kind), read_timeout=0.3) as (server, pool):
+        try:
+            first = await pool.request("GET", "/first", {"Host": "h"})
+            if kind == "error-read":
+                assert first.status == 412 and b"Precondition" in await first.read_all()
+            elif kind == "error-unread":
+                assert first.status == 500  # released with its body unread
+            else:
+                await first.read_all()
+                raise AssertionError(f"{kind}: the body was taken for whole")
+            first.release()
+        except (ProtocolError, TimeoutError) as exc:
+            assert kind in ("truncated", "chunked-truncated", "silent"), exc
+        for _ in range(2):
+            response = await pool.request("GET", "/next", {"Host": "h"})
+            assert (response.status, await response.read_all()) == (200, b"next")
+            response.release()
+        assert server.connections == connections

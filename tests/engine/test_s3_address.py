@@ -213,3 +213,22 @@ async def test_a_redirect_that_names_no_region_is_not_followed_and_says_where(
             ) as caught:
                 await store.delete("k")
         assert caught.value.fatal and len(server.requests) == 1
+
+
+async def test_following_a_region_on_aws_moves_to_its_regional_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a custom endpoint the redirect also moves the address (as botocore's
+    endpoint re-resolution does): bkt.s3.REGION.amazonaws.com. Once per store."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    async with ObjectStore("bkt", ClientSettings(concurrency=2)) as store:
+        assert store._pool is not None and store._pool.host == "bkt.s3.us-east-1.amazonaws.com"
+        assert store._follow_region("eu-west-3")
+        assert store._pool.host == store._host == "bkt.s3.eu-west-3.amazonaws.com"
+        assert (await store._current_signer()).region == "eu-west-3"
+        assert store._follow_region("eu-west-3")  # where we are: sign for it and resend
+        assert not store._follow_region("ap-south-1")  # a second move: not followed
