@@ -305,6 +305,7 @@ class Coordinator:
             "last_error": self.last_error,
             "in_flight_requests": self.engine.in_flight,
             "retries_total": self.engine.retries_total,
+            "inflight_budget": _inflight_budget(self.engine),
             **_fleet_status(self.engine),
         }
 
@@ -493,6 +494,11 @@ def _log_details(run: Run, result: SyncResult) -> None:
     if len(result.errors) > MAX_LOGGED_ERRORS:
         hidden = len(result.errors) - MAX_LOGGED_ERRORS
         log.error("%s: %d more file errors (see /status)", run.job.direction, hidden)
+
+
+def _inflight_budget(engine: Engine) -> dict[str, int] | None:
+    """The S3 in-flight budget (SyncEngine.inflight_budget); None for test doubles."""
+    return getattr(engine, "inflight_budget", None)
 
 
 def _fleet_status(engine: Engine) -> dict[str, Any]:

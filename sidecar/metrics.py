@@ -70,6 +70,8 @@ class Metrics:
     volume: str | None = None
     in_flight: Callable[[], int] = lambda: 0
     retries: Callable[[], int] = lambda: 0
+    # SyncEngine.inflight_budget: the S3 in-flight budget; None: not known.
+    budget: Callable[[], dict[str, int] | None] = lambda: None
     ready: Callable[[], bool] = lambda: False
     degraded: Callable[[], dict[str, Any] | None] = lambda: None
     watching: Callable[[], bool | None] = lambda: None  # None: auto-sync is off
@@ -130,6 +132,7 @@ class Metrics:
         )
         lines += self._render_lifecycle()
         lines += self._render_fleet()
+        lines += self._render_budget()
         running = self.running()
         degraded = self.degraded()
         live: tuple[tuple[str, str, str, float], ...] = (
@@ -256,6 +259,33 @@ class Metrics:
                 [((), background[1])],
                 self.volume,
             )
+        return lines
+
+    def _render_budget(self) -> list[str]:
+        budget = self.budget()
+        if budget is None:
+            return []
+        lines: list[str] = []
+        for name, help_text, value in (
+            (
+                "sidecar_s3_inflight_budget",
+                "S3 requests allowed in flight now (cut on throttling, grown back on success).",
+                budget["current"],
+            ),
+            (
+                "sidecar_s3_inflight_budget_max",
+                "The most S3 requests allowed in flight (--concurrency).",
+                budget["max"],
+            ),
+        ):
+            lines += _family(name, "gauge", help_text, [((), float(value))], self.volume)
+        lines += _family(
+            "sidecar_s3_throttled_total",
+            "counter",
+            "S3 answers that asked for fewer requests (503 SlowDown, 429, throttling codes).",
+            [((), float(budget["throttled_total"]))],
+            self.volume,
+        )
         return lines
 
     def _render_fleet(self) -> list[str]:

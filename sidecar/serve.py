@@ -198,6 +198,7 @@ async def serve(config: ServeConfig, engine_factory: Callable[[SyncConfig], Any]
             volume=config.sync.volume,
             in_flight=lambda: engine.in_flight,
             retries=lambda: engine.retries_total,
+            budget=lambda: engine.inflight_budget,
             fleet=engine.fleet_status,
             started_at=started_wall,
         )

@@ -127,6 +127,15 @@ class SyncEngine:
         return self._store.in_flight if self._store else 0
 
     @property
+    def inflight_budget(self) -> dict[str, int]:
+        """The store's in-flight budget (sidecar/s3/retry.py): current, max, in use, and
+        throttled answers seen; before the first request, the configured maximum."""
+        if self._store is None:
+            most = self.client_settings.concurrency
+            return {"current": most, "max": most, "in_use": 0, "lowest": most, "throttled_total": 0}
+        return self._store.budget.status()
+
+    @property
     def retries_total(self) -> int:
         return self._retries_before + (self._store.retries if self._store else 0)
 

@@ -45,7 +45,6 @@ from sidecar.s3 import (
     ObjectStore,
     S3Error,
     Written,
-    backoff,
     labels_for,
     read_labels,
 )
@@ -54,7 +53,6 @@ from sidecar.state import StateStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STREAM_ATTEMPTS = 4
 CHANGED_IN_BUCKET = (
     "the object changed in the bucket during this finalize (precondition failed); nothing "
     "was overwritten: run pull, then finalize again"
@@ -357,35 +355,42 @@ class Transfers:
         raise TransferError(action.path, "found no free name for the conflict copy")
 
     async def _get_whole(self, fd: int, remote: RemoteObject) -> tuple[dict[str, str], str]:
+        """The object into fd from offset 0. A body cut mid-way is fetched again by the
+        store's retry policy (the one policy of the wire); restart() starts the file over."""
         key = self.prefix + self._relpath_of(remote)
-        for attempt in range(STREAM_ATTEMPTS):
-            hasher = new_content_hasher()
-            written = 0
+        hasher = new_content_hasher()
+        written = 0
 
-            def sink(data: bytes | memoryview, hasher: Any = hasher) -> None:
-                nonlocal written
-                hasher.update(data)
-                _pwrite_all(fd, data, written)
-                written += len(data)
-                self._count(len(data))
+        def sink(data: bytes | memoryview) -> None:
+            nonlocal written
+            hasher.update(data)
+            _pwrite_all(fd, data, written)
+            written += len(data)
+            self._count(len(data))
 
-            try:
-                metadata = await self.store.get_object(key, remote.etag or None, sink)
-            except S3Error as exc:
-                self._count(-written)
-                os.ftruncate(fd, 0)  # the next attempt writes from offset 0 again
-                if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
-                    raise TransferError(self._relpath_of(remote), exc.message) from None
-                await backoff(attempt)
-                continue
-            if written != remote.size:
-                # The object changed since the listing (a server that ignores If-Match).
-                raise TransferError(
-                    self._relpath_of(remote),
-                    f"size changed during download ({remote.size} listed, {written} received)",
-                )
-            return metadata, hasher.hexdigest()
-        raise AssertionError("unreachable")
+        def restart() -> None:
+            nonlocal hasher, written
+            self._count(-written)
+            os.ftruncate(fd, 0)
+            hasher, written = new_content_hasher(), 0
+
+        try:
+            metadata = await self.store.get_object(
+                key, remote.etag or None, sink, restart, size=remote.size
+            )
+        except S3Error as exc:
+            self._count(-written)
+            raise TransferError(self._relpath_of(remote), exc.message) from None
+        except OSError:  # the file, not the wire (reported by the caller)
+            self._count(-written)
+            raise
+        if written != remote.size:
+            # The object changed since the listing (a server that ignores If-Match).
+            raise TransferError(
+                self._relpath_of(remote),
+                f"size changed during download ({remote.size} listed, {written} received)",
+            )
+        return metadata, hasher.hexdigest()
 
     async def _get_parallel(self, fd: int, remote: RemoteObject) -> tuple[dict[str, str], str]:
         """Ranges in parallel, each received straight into a buffer, written with one pwrite
@@ -408,16 +413,12 @@ class Transfers:
         waiting: dict[int, asyncio.Event] = {}
 
         async def fetch(offset: int, view: memoryview) -> dict[str, str]:
-            for attempt in range(STREAM_ATTEMPTS):
-                try:
-                    return await self.store.get_range_into(
-                        key, offset, view, remote.etag or None, self._count
-                    )
-                except S3Error as exc:
-                    if not exc.retryable_stream or attempt == STREAM_ATTEMPTS - 1:
-                        raise TransferError(relpath, exc.message) from None
-                    await backoff(attempt)
-            raise AssertionError("unreachable")
+            try:  # a range cut mid-way is fetched again by the store's retry policy
+                return await self.store.get_range_into(
+                    key, offset, view, remote.etag or None, self._count
+                )
+            except S3Error as exc:
+                raise TransferError(relpath, exc.message) from None
 
         async def worker() -> None:
             nonlocal next_range, next_hash

@@ -4,13 +4,14 @@ The rest of the sidecar sees the bucket through this package's public face: Obje
 (list, head, get, put, multipart, copy, delete), what it returns (ObjectInfo, Written), its
 one error type (S3Error), its settings, and the object-metadata format (labels_for,
 read_labels). Inside: the signer (sigv4), the HTTP/1.1 client (http11), endpoint and
-the files credentials come from (endpoint), errors and retries (errors), listing parsing
-(listing), the XML of the rare operations (answers), and botocore as the credentials provider
-only, imported lazily by one module (credentials).
+the files credentials come from (endpoint), errors (errors), the retry policy and the
+in-flight budget (retry), listing parsing (listing), the XML of the rare operations
+(answers), and botocore as the credentials provider only, imported lazily by one module
+(credentials).
 """
 
 from sidecar.s3.endpoint import credentials_fingerprint
-from sidecar.s3.errors import S3Error, backoff
+from sidecar.s3.errors import S3Error
 from sidecar.s3.metadata import (
     META_HASH,
     META_MODE,
@@ -32,7 +33,6 @@ __all__ = [
     "ObjectStore",
     "S3Error",
     "Written",
-    "backoff",
     "credentials_fingerprint",
     "labels_for",
     "read_labels",

@@ -9,7 +9,6 @@ naming the key.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 from collections.abc import Mapping
 
@@ -25,28 +24,56 @@ FATAL_CODES = {
 }
 PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 NOT_IMPLEMENTED_CODES = {"NotImplemented", "501"}
-STREAM_RETRY_CODES = {
-    "ShortRead",
-    "Timeout",
-    "ResponseStreamingError",
-    "AioReadTimeoutError",
-    "ReadTimeoutError",
-    "ClientPayloadError",
-    "ServerDisconnectedError",
-    "ConnectionResetError",
-    "IncompleteReadError",
-    "ProtocolError",
-    "BrokenPipeError",
+# What is worth another try (sidecar/s3/retry.py asks S3Error.retryable): botocore's
+# standard-mode lists. Throttling also shrinks the in-flight budget (S3Error.throttled); S3
+# says 503 (SlowDown, or a bare 503 on a HEAD, which has no body) when it wants less.
+THROTTLE_CODES = {
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+}
+THROTTLE_STATUSES = {429, 503}
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_CODES = {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    *THROTTLE_CODES,
 }
 
 
 class S3Error(Exception):
-    def __init__(self, key: str, code: str, message: str, fatal: bool = False) -> None:
+    def __init__(
+        self,
+        key: str,
+        code: str,
+        message: str,
+        fatal: bool = False,
+        *,
+        status: int = 0,
+        transient: bool = False,
+    ) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
         self.code = code
         self.message = message
         self.fatal = fatal
+        self.status = status  # the HTTP status of an error answer; 0: no answer
+        # The exchange broke (reset, timeout, cut body, no connection), so no answer
+        # says what the server thinks: another try may go through.
+        self.transient = transient
         # The answer came to a retry: an earlier attempt may have been applied by the server
         # with its answer lost (a reset), so a 412 may be our own write.
         self.retried = False
@@ -62,24 +89,36 @@ class S3Error(Exception):
         return self.code in ("NoSuchKey", "404", "NotFound")
 
     @property
-    def retryable_stream(self) -> bool:
-        """A failure mid-body, which the request's retries do not cover."""
-        return self.code in STREAM_RETRY_CODES
+    def throttled(self) -> bool:
+        """The server asks for fewer requests (503 SlowDown, 429, a throttling code)."""
+        return self.code in THROTTLE_CODES or self.status in THROTTLE_STATUSES
+
+    @property
+    def retryable(self) -> bool:
+        return self.transient or self.status in RETRY_STATUSES or self.code in RETRY_CODES
 
 
 def error_from(key: str, exc: BaseException) -> S3Error:
-    """The S3Error for a failure of the HTTP client (no answer, or a broken one)."""
+    """The S3Error for a failure of the HTTP client (no answer, or a broken one): worth
+    another try (transient), except for a certificate nobody trusts (ConnectError.permanent).
+    No connection at all is fatal once the retries are spent."""
+    transient = not getattr(exc, "permanent", False)
     if isinstance(exc, ConnectError):
-        return S3Error(key, "Unreachable", f"cannot reach the S3 endpoint: {exc}", fatal=True)
+        return S3Error(
+            key,
+            "Unreachable",
+            f"cannot reach the S3 endpoint: {exc}",
+            fatal=True,
+            transient=transient,
+        )
     if isinstance(exc, asyncio.TimeoutError):
         why = f" ({exc})" if str(exc) else ""
-        return S3Error(key, "Timeout", f"the server did not answer in time{why}")
-    return S3Error(key, type(exc).__name__, str(exc) or type(exc).__name__)
+        return S3Error(key, "Timeout", f"the server did not answer in time{why}", transient=True)
+    name = type(exc).__name__
+    return S3Error(key, name, str(exc) or name, transient=transient)
 
 
 HTTP_TRANSIENT = (OSError, asyncio.TimeoutError)  # http11 raises only these
-RETRY_STATUSES = {429, 500, 502, 503, 504}
-RETRY_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 STATUS_CODES = {
     400: "BadRequest",
     403: "AccessDenied",
@@ -108,14 +147,16 @@ def http_error(
     found = _XML_MESSAGE.search(body)
     message = found.group(1).decode(errors="replace") if found else code
     if code in FATAL_CODES:
-        return S3Error(key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True)
+        return S3Error(
+            key, code, f"{FATAL_CODES[code]} ({code}: {message})", fatal=True, status=status
+        )
     headers = headers or {}
     wrong_region = code == "AuthorizationHeaderMalformed" and _XML_REGION.search(body)
     if status in (301, 302, 307) or code in REDIRECT_CODES or wrong_region:
         error = _redirect_error(key, status, code, body, headers)
         error.region = bucket_region(body, headers)
         return error
-    error = S3Error(key, code, f"{code} (HTTP {status}): {message}")
+    error = S3Error(key, code, f"{code} (HTTP {status}): {message}", status=status)
     if status == 400:  # a HEAD signed for the wrong region: no body, but the region header
         error.region = headers.get("x-amz-bucket-region") or None
     return error
@@ -163,8 +204,3 @@ def _redirect_error(
         "and AWS_ENDPOINT_URL",
         fatal=True,
     )
-
-
-async def backoff(attempt: int) -> None:
-    """Exponential backoff with full jitter (0.1 s, 0.2 s, 0.4 s ... capped at 5 s)."""
-    await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))

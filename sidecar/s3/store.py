@@ -1,17 +1,19 @@
 """The object store: every S3 request the sidecar makes, over one signed transport.
 
-Every request goes through one semaphore (`--concurrency` slots shared by all files), is
-retried on throttling, 5xx, timeouts and resets (backoff + jitter), and fails as an S3Error
-that names the key and the cause. botocore serves only as the credentials provider
-(sidecar.s3.credentials), imported lazily.
+Every attempt of every request takes a slot of one in-flight budget (`--concurrency` at most,
+shared by all files, cut on throttling: sidecar/s3/retry.py); a request is retried by the one
+retry policy (retry.py: throttling, 5xx, timeouts, resets, a body cut mid-way; full-jitter
+backoff, an attempt cap and a deadline), and fails as an S3Error that names the key and the
+cause. botocore serves only as the credentials provider (sidecar.s3.credentials), imported
+lazily.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,16 +32,14 @@ from sidecar.s3.endpoint import (
 from sidecar.s3.errors import (
     HTTP_TRANSIENT,
     NOT_IMPLEMENTED_CODES,
-    RETRY_CODES,
-    RETRY_STATUSES,
     S3Error,
-    backoff,
     error_from,
     http_error,
 )
 from sidecar.s3.fanout import DELIMITER, FanOutListing
 from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response
 from sidecar.s3.objects import ObjectInfo, Written, answer_seconds, unquote_etag
+from sidecar.s3.retry import Attempts, InflightBudget, RetryPolicy
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
 T = TypeVar("T")
@@ -72,6 +72,13 @@ class ClientSettings:
     def base_seconds(self) -> float:
         return 2 * self.read_timeout if self.deadline_base is None else self.deadline_base
 
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            attempt_base=self.base_seconds,
+            attempt_rate=self.deadline_rate,
+        )
+
 
 class ObjectStore:
     """One bucket. Use as an async context manager.
@@ -86,9 +93,9 @@ class ObjectStore:
     def __init__(self, bucket: str, settings: ClientSettings) -> None:
         self.bucket = bucket
         self.settings = settings
-        self.slots = asyncio.Semaphore(settings.concurrency)
-        self.in_flight = 0
-        self.retries = 0
+        self.budget = InflightBudget(settings.concurrency)
+        self.retry_policy = settings.retry_policy()
+        self.retries = 0  # counted in _exchange alone
         self.conditional_writes = True  # until the server says NotImplemented
         self.metadata_rewrites = True  # until a rewrite proves invisible in listings
         self._stack = contextlib.AsyncExitStack()
@@ -101,6 +108,10 @@ class ObjectStore:
         self._host = ""
         self._path_prefix = ""
         self._address: Address | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.budget.in_use
 
     async def __aenter__(self) -> ObjectStore:
         self._region = (
@@ -184,14 +195,47 @@ class ObjectStore:
         error_in_200: bool = False,
         work_bytes: int = 0,
     ) -> Response:
-        """One signed request with retries (5xx, throttling, timeouts, resets: backoff and
-        jitter). Returns the open response on success; the caller reads and releases it.
-        `response.retried`: an earlier attempt got no answer (it may have been applied).
+        """One signed request, retried by the policy (_exchange), its answer read whole:
+        the Response, released, its bytes in `response.body`. `response.retried`: an earlier
+        attempt failed (it may have been applied, its answer lost).
 
         `error_in_200`: the operation may answer 200 and then an <Error> (S3 sends the head
-        before a Complete or a copy is done): the small body is read here, into
-        `response.body`, and such an answer is that error. A redirect to the bucket's region
-        is followed once (_follow_region). `work_bytes`: see ConnectionPool.request."""
+        before a Complete or a copy is done): such an answer is that error, counted as a
+        500, as botocore counts it: retried. `work_bytes`: see ConnectionPool.request."""
+        name = key if key is not None else self.bucket
+
+        async def read(response: Response) -> Response:
+            response.body = await response.read_all()
+            if error_in_200 and answers.is_error_in_200(response.body):
+                raise http_error(name, 500, response.body, response.headers)
+            return response
+
+        return await self._exchange(
+            method, key, read, query=query, headers=headers, data=data, work_bytes=work_bytes
+        )
+
+    async def _exchange(
+        self,
+        method: str,
+        key: str | None,
+        read: Callable[[Response], Awaitable[T]],
+        *,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | memoryview | None = None,
+        expected_bytes: int = 0,
+        work_bytes: int = 0,
+    ) -> T:
+        """One signed request and its answer: read(response) on a 2xx, while the slot is
+        held; the response is released after it. Every attempt takes a slot of the budget,
+        gives it back before any backoff, and tells it whether it went through or was
+        throttled. A failed attempt (an error answer, a broken exchange, a body cut mid-way:
+        an OSError or TimeoutError from read, or a retryable S3Error from it) is tried again
+        as the policy says, read() included: read must start its work afresh each time it
+        is called, and wrap its own non-wire OSErrors (_SinkFailed). A redirect to the
+        bucket's region is followed once (_follow_region), not counted as an attempt.
+        `expected_bytes`: the answer's body when known (it sizes the deadline). The only
+        place retries are counted."""
         assert self._pool is not None
         name = key if key is not None else self.bucket
         followed = False
@@ -200,53 +244,60 @@ class ObjectStore:
         target = uri_encode_path(path)
         if query:
             target += "?" + canonical_query(query)
-        attempts = self.settings.max_attempts
-        for attempt in range(attempts):
+        budget = self.budget
+        tries: Attempts | None = None
+        started = time.monotonic()
+        while True:
             signer = await self._current_signer()
-            signed = signer.sign(
-                method, self._host, path, query or {}, dict(headers or {}), datetime.now(UTC)
-            )
-            signed["Host"] = self._host
-            signed["User-Agent"] = USER_AGENT
+            granted = await budget.acquire()
             try:
-                response = await self._pool.request(
-                    method, target, signed, data, work_bytes=work_bytes
+                signed = signer.sign(
+                    method, self._host, path, query or {}, dict(headers or {}), datetime.now(UTC)
                 )
-                if error_in_200 and response.status < 300:
-                    response.body = await response.read_all()
-                    response.release()
-            except HTTP_TRANSIENT as exc:
-                if attempt + 1 == attempts or getattr(exc, "permanent", False):
-                    raise error_from(name, exc) from exc
-                self.retries += 1
-                await backoff(attempt)
-                continue
-            if response.status < 300 and not (
-                error_in_200 and answers.is_error_in_200(response.body or b"")
-            ):
-                response.retried = attempt > 0
-                return response
-            body = await _read_all(response)
-            response.release()
-            # An error in a 200 counts as a 500, as botocore counts it: retried.
-            status = response.status if response.status >= 300 else 500
-            error = http_error(name, status, body, response.headers)
+                signed["Host"] = self._host
+                signed["User-Agent"] = USER_AGENT
+                try:
+                    response = await self._pool.request(
+                        method, target, signed, data, work_bytes=work_bytes
+                    )
+                except HTTP_TRANSIENT as exc:
+                    error = error_from(name, exc)
+                else:
+                    response.retried = tries is not None
+                    try:
+                        if response.status < 300:
+                            result = await read(response)
+                            budget.succeeded()
+                            return result
+                        body = await _read_all(response)
+                        error = http_error(name, response.status, body, response.headers)
+                    except HTTP_TRANSIENT as exc:  # the body broke mid-way
+                        error = error_from(name, exc)
+                    except S3Error as exc:
+                        if not exc.retryable:
+                            raise
+                        error = exc
+                    finally:
+                        response.release()
+            finally:
+                budget.release()
             if (
                 error.region
                 and error.region != signer.region
                 and not followed
-                and attempt + 1 < attempts
                 and self._follow_region(error.region)
             ):
                 followed = True
                 continue
-            if (status in RETRY_STATUSES or error.code in RETRY_CODES) and (attempt + 1 < attempts):
-                self.retries += 1
-                await backoff(attempt)
-                continue
-            error.retried = attempt > 0
-            raise error
-        raise AssertionError("unreachable")
+            if error.throttled:
+                budget.throttled(granted)
+            if tries is None:
+                if not error.retryable:
+                    raise error  # the common failure (404, 412): no bookkeeping
+                sent = (len(data) if data is not None else 0) + expected_bytes + work_bytes
+                tries = Attempts(self.retry_policy, name, sent, started)
+            await tries.again(error)  # raises `error` when no more attempts are due
+            self.retries += 1
 
     # ---- reading ---------------------------------------------------------------------
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
@@ -272,27 +323,11 @@ class ObjectStore:
             query["start-after"] = start_after
         if delimited:
             query["delimiter"] = DELIMITER
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                response = await self._send("GET", None, query=query)
-                try:
-                    return await response.read_all()
-                except HTTP_TRANSIENT as exc:
-                    raise error_from(prefix or "/", exc) from exc
-                finally:
-                    response.release()
-            finally:
-                self.in_flight -= 1
+        response = await self._send("GET", None, query=query)
+        return response.body or b""
 
     async def head(self, key: str) -> ObjectInfo:
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                response = await self._send("HEAD", key)
-                response.release()
-            finally:
-                self.in_flight -= 1
+        response = await self._send("HEAD", key)
         headers = response.headers
         modified = headers.get("last-modified")
         return ObjectInfo(
@@ -308,42 +343,63 @@ class ObjectStore:
         )
 
     async def get_object(
-        self, key: str, etag: str | None, sink: Callable[[bytes | memoryview], None]
+        self,
+        key: str,
+        etag: str | None,
+        sink: Callable[[bytes | memoryview], None],
+        restart: Callable[[], None] | None = None,
+        size: int = 0,
     ) -> dict[str, str]:
         """Stream the whole object to sink(data); returns the metadata.
 
         Pinned to `etag` with If-Match. The slot is held while the body streams. `data` is
         only valid during the sink call (a view of a reused buffer): the body goes from the
-        socket into that buffer and from there to the sink, uncopied. Ranges of large
-        objects go through get_range_into instead.
+        socket into that buffer and from there to the sink, uncopied. A body cut mid-way is
+        fetched again from its start, under the same retry policy as the request, after
+        restart() (the sink starts over); without restart, only until a byte reached the
+        sink. `size`, when known, sizes the request's deadline. Ranges of large objects go
+        through get_range_into instead. An OSError of the sink is raised as it is.
         """
         headers = {"If-Match": f'"{etag}"'} if etag else {}
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                response = await self._send("GET", key, headers=headers)
-                buffer: bytearray | None = None
-                try:
-                    if response.body is not None:  # small: it came with the head
-                        sink(response.body)
-                    else:
-                        buffer = (
-                            self._read_buffers.pop()
-                            if self._read_buffers
-                            else bytearray(READ_BUFFER_BYTES)
-                        )
-                        view = memoryview(buffer)
-                        while count := await response.read_into(view):
-                            sink(view[:count])
-                except HTTP_TRANSIENT as exc:
-                    raise error_from(key, exc) from exc
-                finally:
-                    response.release()
-                    if buffer is not None and len(self._read_buffers) < self.settings.concurrency:
-                        self._read_buffers.append(buffer)
+        delivered = False
+
+        async def read(response: Response) -> dict[str, str]:
+            nonlocal delivered
+            if delivered:
+                assert restart is not None
+                restart()
+                delivered = False
+            if response.body is not None:  # small: it came with the head
+                _feed(sink, response.body)
+                delivered = True
                 return meta.from_headers(response.headers)
+            buffer = (
+                self._read_buffers.pop() if self._read_buffers else bytearray(READ_BUFFER_BYTES)
+            )
+            view = memoryview(buffer)
+            try:
+                while True:
+                    try:
+                        count = await response.read_into(view)
+                    except HTTP_TRANSIENT as exc:
+                        error = error_from(key, exc)
+                        # Bytes the sink cannot take back: not retried without restart.
+                        error.transient = restart is not None or not delivered
+                        raise error from exc
+                    if not count:
+                        break
+                    _feed(sink, view[:count])
+                    delivered = True
             finally:
-                self.in_flight -= 1
+                if len(self._read_buffers) < self.settings.concurrency:
+                    self._read_buffers.append(buffer)
+            return meta.from_headers(response.headers)
+
+        try:
+            return await self._exchange("GET", key, read, headers=headers, expected_bytes=size)
+        except _SinkFailed as exc:
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
 
     async def get_range_into(
         self,
@@ -354,40 +410,40 @@ class ObjectStore:
         received: Callable[[int], None],
     ) -> dict[str, str]:
         """Bytes [offset, offset+len(view)) of the object, received straight into view;
-        returns the metadata. Pinned to `etag` with If-Match; received(n) as bytes arrive."""
+        returns the metadata. Pinned to `etag` with If-Match; received(n) as bytes arrive
+        (received(-n) takes back the bytes of an attempt cut mid-way, whose range is
+        fetched again under the retry policy)."""
         length = len(view)
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         if etag:
             headers["If-Match"] = f'"{etag}"'
-        filled = 0
-        async with self.slots:
-            self.in_flight += 1
+
+        async def read(response: Response) -> dict[str, str]:
+            filled = 0
             try:
-                response = await self._send("GET", key, headers=headers)
-                try:
-                    while filled < length:
-                        count = await response.read_into(view[filled:])
-                        if not count:
-                            break
-                        filled += count
-                        received(count)
-                    if await response.read_into(memoryview(bytearray(1))):
-                        filled += 1  # more than asked for: reported below
-                except HTTP_TRANSIENT as exc:
-                    received(-filled)
-                    raise error_from(key, exc) from exc
-                finally:
-                    response.release()
-            finally:
-                self.in_flight -= 1
-        if filled != length:
-            received(-filled)
-            if filled > length:
+                while filled < length:
+                    count = await response.read_into(view[filled:])
+                    if not count:
+                        break
+                    filled += count
+                    received(count)
+                if await response.read_into(memoryview(bytearray(1))):
+                    filled += 1  # more than asked for: reported below
+            except HTTP_TRANSIENT:
+                received(-filled)
+                raise
+            if filled != length:
+                received(-filled)
+                if filled > length:
+                    raise S3Error(
+                        key, "RangeIgnored", f"asked for {length} bytes, the server sent more"
+                    )
                 raise S3Error(
-                    key, "RangeIgnored", f"asked for {length} bytes, the server sent more"
+                    key, "ShortRead", f"expected {length} bytes, got {filled}", transient=True
                 )
-            raise S3Error(key, "ShortRead", f"expected {length} bytes, got {filled}")
-        return meta.from_headers(response.headers)
+            return meta.from_headers(response.headers)
+
+        return await self._exchange("GET", key, read, headers=headers, expected_bytes=length)
 
     # ---- writing ---------------------------------------------------------------------
     def _conditions(self, if_match: str | None, if_none_match: bool) -> dict[str, str]:
@@ -423,13 +479,7 @@ class ObjectStore:
         headers: dict[str, str],
         query: dict[str, str] | None,
     ) -> Written:
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                response = await self._send("PUT", key, query=query, headers=headers, data=body)
-                response.release()
-            finally:
-                self.in_flight -= 1
+        response = await self._send("PUT", key, query=query, headers=headers, data=body)
         return Written(
             unquote_etag(response.headers.get("etag", "")), answer_seconds(response.headers)
         )
@@ -483,28 +533,18 @@ class ObjectStore:
         error_in_200: bool = False,
         work_bytes: int = 0,
     ) -> tuple[Response, bytes]:
-        """One request of the rare operations (multipart, copy, delete), in a slot: the
-        answer and its whole (small) body."""
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                response = await self._send(
-                    method,
-                    key,
-                    query=query,
-                    headers=headers,
-                    data=data,
-                    error_in_200=error_in_200,
-                    work_bytes=work_bytes,
-                )
-                try:
-                    return response, await response.read_all()
-                except HTTP_TRANSIENT as exc:
-                    raise error_from(key if key is not None else self.bucket, exc) from exc
-                finally:
-                    response.release()
-            finally:
-                self.in_flight -= 1
+        """One request of the rare operations (multipart, copy, delete): the answer and its
+        whole (small) body."""
+        response = await self._send(
+            method,
+            key,
+            query=query,
+            headers=headers,
+            data=data,
+            error_in_200=error_in_200,
+            work_bytes=work_bytes,
+        )
+        return response, response.body or b""
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         """A new upload's id. An attempt whose answer was lost (reset, timeout, cut body) may
@@ -695,6 +735,17 @@ def _read_answer(key: str, operation: str, read: Callable[[bytes], T], body: byt
         return read(body)
     except answers.BadAnswer as exc:
         raise S3Error(key, "BadAnswer", f"unreadable {operation} answer: {exc}") from None
+
+
+class _SinkFailed(Exception):
+    """The caller's sink raised: not the wire's failure, never retried (its cause is)."""
+
+
+def _feed(sink: Callable[[bytes | memoryview], None], data: bytes | memoryview) -> None:
+    try:
+        sink(data)
+    except OSError as exc:
+        raise _SinkFailed from exc
 
 
 async def _read_all(response: Response) -> bytes:

@@ -23,7 +23,10 @@ from sidecar.metrics import Metrics
 @pytest.fixture
 async def coordinator(engine: FakeEngine) -> AsyncIterator[Coordinator]:
     metrics = Metrics(
-        volume="vol", in_flight=lambda: engine.in_flight, retries=lambda: engine.retries_total
+        volume="vol",
+        in_flight=lambda: engine.in_flight,
+        retries=lambda: engine.retries_total,
+        budget=lambda: getattr(engine, "inflight_budget", None),
     )
     async with Coordinator(engine, metrics=metrics) as coordinator:
         metrics.ready = lambda: coordinator.ready
@@ -313,6 +316,23 @@ async def test_metrics_exposition(
         'sidecar_ready{volume="vol"} 1',
         'sidecar_sync_running{volume="vol",operation="pull"} 0',
         "# TYPE sidecar_sync_duration_seconds histogram",
+    ):
+        assert line in text, line
+
+
+async def test_status_and_metrics_show_the_s3_inflight_budget(
+    probe: TestClient, engine: FakeEngine
+) -> None:
+    budget = {"current": 5, "max": 16, "in_use": 2, "lowest": 3, "throttled_total": 9}
+    engine.inflight_budget = budget  # type: ignore[attr-defined]
+    status = await (await probe.get("/status")).json()
+    assert status["inflight_budget"] == budget
+    text = await (await probe.get("/metrics")).text()
+    for line in (
+        'sidecar_s3_inflight_budget{volume="vol"} 5',
+        'sidecar_s3_inflight_budget_max{volume="vol"} 16',
+        'sidecar_s3_throttled_total{volume="vol"} 9',
+        "# TYPE sidecar_s3_inflight_budget gauge",
     ):
         assert line in text, line
 

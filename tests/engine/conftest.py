@@ -62,11 +62,13 @@ def conditional(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ig
 def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
     counts: Counter[str] = Counter()
-    original_send = ObjectStore._send
+    original_exchange = ObjectStore._exchange
 
-    async def counting_send(self: ObjectStore, method: str, key: str | None, **kwargs: Any) -> Any:
+    async def counting_exchange(
+        self: ObjectStore, method: str, key: str | None, read: Any, **kwargs: Any
+    ) -> Any:
         counts[operation(method, kwargs.get("query") or {}, kwargs.get("headers") or {})] += 1
-        return await original_send(self, method, key, **kwargs)
+        return await original_exchange(self, method, key, read, **kwargs)
 
-    monkeypatch.setattr(ObjectStore, "_send", counting_send)
+    monkeypatch.setattr(ObjectStore, "_exchange", counting_exchange)
     return counts

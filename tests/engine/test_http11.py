@@ -641,7 +641,7 @@ async def test_trickled_listing_get_and_delete_fail_by_name_and_are_retried(
             assert listed.value.key == BUCKET and listed.value.code == "Timeout"
             with pytest.raises(S3Error, match="deadline") as got:
                 await store.get_object("vol/slow.bin", None, lambda data: None)
-            assert got.value.key == "vol/slow.bin" and got.value.retryable_stream
+            assert got.value.key == "vol/slow.bin" and got.value.retryable
         assert server.connections == 4, "each was not tried twice (max_attempts)"
         assert asyncio.get_running_loop().time() - started < 60
 
