@@ -70,7 +70,10 @@ WORKLOADS = ("LARGE", "SMALL", "NOOP", "SCALE")
 # an empty destination (issue 12's "first pull of 200,000 tiny files", with peak RSS);
 # MEDIUM, a few mid-sized files; DAEMON, `curl -X POST .../pull|finalize` against a running
 # `sidecar serve` (see daemon_bench.py).
-OPT_IN_WORKLOADS = ("FIRST", "MEDIUM", "DAEMON")
+OPT_IN_WORKLOADS = ("FIRST", "MEDIUM", "DAEMON", "CHANGED")
+# CHANGED-N (opt-in, push only): the warm SCALE-N tree with CHANGED_FILES files rewritten
+# before each timed run (same size, new bytes, mtime now): a finalize must move exactly those.
+CHANGED_FILES = 10
 # `--profile wan` (issue 16): every tool at its defaults and tuned, through the delay proxy at
 # each round trip, on the issue's data sets; the daemon rows on loopback and on each RTT.
 WAN_PROFILE = {
@@ -155,6 +158,10 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
                 rows.append((f"SCALE-{count}", dataset, "sync"))
+        elif workload == "CHANGED":
+            for count in sizes.scale_counts:
+                dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
+                rows.append((f"CHANGED-{count}", dataset, "sync"))
         elif workload == "FIRST":
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
@@ -167,6 +174,7 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
         for name, dataset, mode in rows
         # the daemon scenario measures both ways on one daemon
         for direction in (directions if mode != "daemon" else ["pull+push"])
+        if not (name.startswith("CHANGED") and direction != "push")
     ]
 
 
@@ -406,6 +414,8 @@ class Bench:
         tag = f"r{run}" if not row.rtt_ms else f"{row.rtt_ms:g}ms-r{run}"
         job = self.job(scenario, tool, tag, warm)
         server = self.over_link(row.rtt_ms)
+        if scenario.workload.startswith("CHANGED"):
+            change_files(job.local, scenario.dataset, f"{label(tool)} {tag}")
         load = os.getloadavg()[0]
         proxy_cpu = self.proxy_cpu()
         try:
@@ -438,6 +448,18 @@ class Bench:
         logs.mkdir(exist_ok=True)
         log_path = logs / f"{label(tool)}-{job.direction}-{tag}.log"
         return run_measured(argv, env, log_path, self.timeout)
+
+
+def change_files(root: Path, dataset: DataSet, why: str) -> None:
+    """Rewrite the first CHANGED_FILES files of the data set under root: the same size, bytes
+    no earlier run wrote, mtime now (a tool comparing mtimes with LastModified must see them
+    as newer than its last upload)."""
+    now = time.time() + 1
+    for relative in dataset.paths()[:CHANGED_FILES]:
+        path = root / relative
+        seed = f"{why} {now} {relative} ".encode()
+        path.write_bytes((seed * (dataset.size // len(seed) + 1))[: dataset.size])
+        os.utime(path, (now, now))
 
 
 class BenchError(RuntimeError):
