@@ -487,7 +487,7 @@ class ObjectStore:
     async def put(
         self,
         key: str,
-        body: bytes,
+        body: bytes | memoryview,
         metadata: dict[str, str],
         if_match: str | None = None,
         if_none_match: bool = False,

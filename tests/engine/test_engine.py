@@ -553,6 +553,47 @@ async def test_part_buffers_are_handed_out_in_the_order_asked() -> None:
     assert order == ["first", "queued0", "queued1", "queued2", "late"]
 
 
+async def test_buffer_pool_lends_bytes_within_budget_and_survives_cancellation() -> None:
+    """Bodies of any length share one byte budget: small ones go side by side, one larger
+    than the budget waits until nothing is lent and then goes alone, and a borrower
+    cancelled while queued neither leaks its charge nor blocks those behind it."""
+    from sidecar.transfer import BufferPool
+
+    pool = BufferPool(16, 64)
+    held: list[int] = []
+    peak = 0
+    gates = {name: asyncio.Event() for name in ("a", "b", "big", "c")}
+
+    async def borrower(name: str, length: int) -> None:
+        nonlocal peak
+        async with pool.borrow(length) as view:
+            assert len(view) == length
+            held.append(length)
+            peak = max(peak, sum(held))
+            await gates[name].wait()
+            held.remove(length)
+
+    a = asyncio.create_task(borrower("a", 30))
+    b = asyncio.create_task(borrower("b", 30))
+    await asyncio.sleep(0)
+    assert sorted(held) == [30, 30]  # 60 of 64: side by side
+    big = asyncio.create_task(borrower("big", 100))  # more than the budget: waits for all
+    c = asyncio.create_task(borrower("c", 4))  # fits, but must not barge past "big"
+    await asyncio.sleep(0)
+    assert sorted(held) == [30, 30]
+    big.cancel()  # cancelled while queued: "c" moves up
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sorted(held) == [4, 30, 30]
+    for name in ("a", "b", "c"):
+        gates[name].set()
+    await asyncio.gather(a, b, c)
+    assert pool._lent == 0 and peak <= 64
+    gates["big"].set()
+    await borrower("big", 100)  # alone, once nothing else is lent
+    assert pool._lent == 0
+
+
 def test_short_writes_are_completed_not_left_as_holes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -716,3 +757,32 @@ async def test_no_folder_is_pushed_below_a_file_whose_delete_failed(
     result = await sync(cfg, FIN)
     assert {e.path for e in result.errors} == {"d", "d/x"}, result.as_dict()
     assert keys(moto, bucket) == {"vol/d"}, "a file and a folder named d"
+
+
+async def test_whole_file_puts_share_the_transfer_memory_budget(
+    moto: S3Server, workdir: Path
+) -> None:
+    """Files under the multipart threshold are PUT from memory; with --concurrency of them
+    in flight at once, their bodies must still fit the transfer memory budget (64 MiB)
+    rather than concurrency x file size (64 x 30 MiB held 2 GiB before)."""
+    import tracemalloc
+
+    local = workdir / "local"
+    for index in range(40):
+        write(local / f"f{index:02d}.bin", os.urandom(3 * MiB + index))
+    cfg = config(
+        moto.new_bucket(),
+        local,
+        workdir / "state",
+        concurrency=40,
+        multipart_threshold=32 * MiB,
+    )
+    tracemalloc.start()
+    try:
+        result = await sync(cfg, FIN)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.ok, result.errors
+    assert result.files_transferred == 40
+    assert peak < 96 * MiB, f"{peak / MiB:.0f} MiB held at once for 120 MiB of 3 MiB files"
