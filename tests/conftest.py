@@ -22,6 +22,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.config import Config
 
 from sidecar.locals3 import LocalS3, LocalS3Error, aws_env, free_port, wait_for_http
 
@@ -39,13 +40,14 @@ class S3Server:
     def env(self) -> dict[str, str]:
         return aws_env(self.endpoint, self.access_key, self.secret_key)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, config: Config | None = None):  # type: ignore[no-untyped-def]
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
+            config=config,
         )
 
     def new_bucket(self) -> str:
@@ -112,16 +114,7 @@ _SEAWEED_PORTS = (
 def _seaweed_ready(server: S3Server, process: subprocess.Popen[bytes], timeout: float) -> None:
     """Until CreateBucket succeeds: the S3 port answers within ~1 s, but the filer behind it
     refuses buckets for up to ~10 s more (longer under load)."""
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
-    )
+    client = server.client(Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:

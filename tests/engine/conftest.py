@@ -58,6 +58,15 @@ def conditional(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ig
     return server
 
 
+@pytest.fixture(params=["moto", "rclone", "seaweed"])
+def each_server(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    """All three servers, for the few end-to-end cases where each one's ETags and ranges
+    matter (rclone's two ETags of one multipart object, SeaweedFS's `-N` ones and 206s)."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_s3")
+    s3_env(server)
+    return server
+
+
 @pytest.fixture
 def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""

@@ -122,6 +122,49 @@ async def test_a_conflict_key_written_after_the_listing_is_never_replaced(
     assert sorted(bodies.values()) == [b"mine", b"other replica's copy", b"theirs"]
 
 
+async def test_a_conflict_key_taken_after_our_check_is_refused_by_the_server(
+    seaweed: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is taken after the HEAD that found it free, just before the copy: only the
+    server can refuse then. SeaweedFS (as AWS) answers If-None-Match on CopyObject with 412
+    and the copy goes to the next name; moto and rclone ignore it (the window store.copy
+    documents), so this runs where the 412 is real."""
+    bucket = seaweed.new_bucket()
+    s3 = seaweed.client()
+    local = workdir / "l"
+    cfg = config(bucket, local, workdir / "s")
+    write(local / "nb.ipynb", b"base")
+    assert (await sync(cfg, FIN)).ok
+    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"theirs")
+    write(local / "nb.ipynb", b"mine")
+    original_head = ObjectStore.head
+    raced: list[str] = []
+
+    async def head_then_race(self: ObjectStore, key: str, *args: Any, **kw: Any) -> Any:
+        try:
+            return await original_head(self, key, *args, **kw)
+        finally:
+            if ".conflict-" in key and not raced:
+                raced.append(key)
+                s3.put_object(Bucket=bucket, Key=key, Body=b"other replica's copy")
+
+    monkeypatch.setattr(ObjectStore, "head", head_then_race)
+    result = await sync(cfg, FIN)
+    assert result.ok, result.as_dict()
+    (conflict,) = result.conflicts
+    assert raced and conflict.copy is not None and f"vol/{conflict.copy}" != raced[0]
+    bodies = {
+        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
+    }
+    # A server that ignored the condition would have put "theirs" over the other copy.
+    assert bodies == {
+        "vol/nb.ipynb": b"mine",
+        raced[0]: b"other replica's copy",
+        f"vol/{conflict.copy}": b"theirs",
+    }
+
+
 async def test_a_local_copy_name_taken_after_the_scan_is_never_replaced(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,12 +26,13 @@ from tests.engine.test_engine import FIN, PULL, MiB, config, sync, tree, write
 
 @pytest.mark.parametrize("size", [100, 6 * MiB], ids=["single-part", "multipart"])
 async def test_a_mode_rewrite_racing_a_writer_never_relabels_its_bytes(
-    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int
+    conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     """Item 5: moto ignores x-amz-copy-source-if-match, so the in-place copy that carries a
-    chmod would put our hash and mode on bytes another writer put there after our listing."""
-    bucket = moto.new_bucket()
-    s3 = moto.client()
+    chmod would put our hash and mode on bytes another writer put there after our listing
+    (the copy's ETag gives it away); SeaweedFS, as AWS, refuses the copy with 412."""
+    bucket = conditional.new_bucket()
+    s3 = conditional.client()
     local = workdir / "l"
     cfg = config(bucket, local, workdir / "s")
     script = write(local / "tool.sh", os.urandom(size))
@@ -113,10 +114,10 @@ async def test_a_chmod_pushed_by_another_replica_reaches_the_uploader(
 
 
 async def test_our_own_write_is_not_taken_for_a_remote_change(
-    server: S3Server, workdir: Path, request_counter: Counter[str]
+    each_server: S3Server, workdir: Path, request_counter: Counter[str]
 ) -> None:
     """What item 13 records must not make the uploader see its own write as news."""
-    bucket = server.new_bucket()
+    bucket = each_server.new_bucket()
     local = workdir / "l"
     cfg = config(bucket, local, workdir / "s")
     write(local / "tool.sh", b"#!/bin/sh\n")
@@ -133,13 +134,13 @@ async def test_our_own_write_is_not_taken_for_a_remote_change(
 
 
 async def test_a_write_whose_answer_was_lost_counts_as_done(
-    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+    conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Item 14: the connection resets after the server applied a conditional PUT (or
     CompleteMultipartUpload), before its answer arrives; the retry then meets our own
     write (412, or NoSuchUpload for the finished upload). That is done, not a conflict."""
-    bucket = moto.new_bucket()
-    s3 = moto.client()
+    bucket = conditional.new_bucket()
+    s3 = conditional.client()
     local = workdir / "l"
     cfg = config(bucket, local, workdir / "s")
     write(local / "shared.txt", b"v1")
@@ -161,13 +162,13 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
         body: Any = None,
         **options: Any,
     ) -> Any:
-        if method == "POST" and target in completes:
+        if method == "POST" and target in completes and conditional.kind == "moto":
             # The server applied this Complete; its answer was dropped, and here is the
-            # retry. AWS answers it with 412 (the ETag it was pinned to is gone: the object
-            # is now ours) or NoSuchUpload. moto would complete the finished upload again,
-            # conditions unchecked (and ignores If-Match there); for an upload it does not
-            # know it checks If-None-Match first. So the retry names an unknown upload with
-            # If-None-Match: *, and moto answers as AWS does: 412.
+            # retry. AWS (and SeaweedFS) answer it with 412 (the ETag it was pinned to is
+            # gone: the object is now ours) or NoSuchUpload. moto would complete the
+            # finished upload again, conditions unchecked (and ignores If-Match there); for
+            # an upload it does not know it checks If-None-Match first. So on moto the retry
+            # names an unknown upload with If-None-Match: *, and moto answers as AWS does.
             target = target.replace("uploadId=", "uploadId=gone-")
             headers = {**headers, "If-None-Match": "*"}
             headers.pop("If-Match", None)
@@ -272,12 +273,12 @@ async def test_an_encrypted_objects_etag_is_never_taken_for_an_md5(
 
 
 async def test_a_first_finalize_over_an_equal_foreign_multipart_object_sends_nothing(
-    moto: S3Server, workdir: Path
+    conditional: S3Server, workdir: Path
 ) -> None:
     """The same unknown for a foreign multipart object ('-N' ETag, no hash metadata): the
     finalize reads and hashes it instead of uploading equal bytes and copying it aside."""
-    bucket = moto.new_bucket()
-    s3 = moto.client()
+    bucket = conditional.new_bucket()
+    s3 = conditional.client()
     data = os.urandom(6 * MiB)
     upload = s3.create_multipart_upload(Bucket=bucket, Key="vol/model.bin")
     parts = []
@@ -386,13 +387,13 @@ async def test_a_conditional_put_reset_on_a_reused_connection_is_checked_not_res
 @pytest.mark.parametrize("size", [100, 6 * MiB], ids=["single-part", "multipart"])
 @pytest.mark.parametrize("known", [True, False], ids=["replaced", "new"])
 async def test_a_write_applied_just_before_the_run_died_is_not_a_conflict_with_ourselves(
-    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int, known: bool
+    conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, size: int, known: bool
 ) -> None:
     """The run dies after the server applied a write and before its answer came: the next
     finalize, after the user edited the file again, must take the object for our own write
     (it holds our hash), not keep it as a `.conflict-` copy (issue 9, kill -9 suite)."""
-    bucket = moto.new_bucket()
-    s3 = moto.client()
+    bucket = conditional.new_bucket()
+    s3 = conditional.client()
     local = workdir / "l"
     cfg = config(bucket, local, workdir / "s")
     if known:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import S3Server
@@ -136,3 +137,39 @@ def test_etags_ranges_and_metadata_rewrites(each: S3Server) -> None:
         "seaweed": (True, True, True, True, 206, 10, True, {"m": "2"}),
     }[each.kind]
     assert seen == dict(zip(seen, expected, strict=True))
+
+
+def test_keys_held_as_sent(each: S3Server) -> None:
+    """Keys the engine must survive (DESIGN: keys that would escape the folder, a file and a
+    folder of one name): what each server stores, lists, or refuses."""
+    s3, bucket = each.client(Config(retries={"max_attempts": 1})), each.new_bucket()
+    refused = {}
+    for key in ("a//b", "../x", "/abs", "a/./b", "d", "d/x", "e/y", "e", "dir/"):
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+        except ClientError as exc:
+            refused[key] = str(exc.response["Error"]["Code"])
+    listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []))
+    expected = {
+        "moto": ({}, ["../x", "/abs", "a/./b", "a//b", "d", "d/x", "dir/", "e", "e/y"]),
+        # A folder on disk: no dot segments nor empty ones, no file beside a folder of its
+        # name (the second PUT fails, and a refused "e" hides "e/y" from the listing).
+        "rclone": (
+            {
+                "a//b": "InvalidArgument",
+                "../x": "InvalidArgument",
+                "/abs": "InvalidArgument",
+                "a/./b": "InvalidArgument",
+                "d/x": "InternalError",
+                "e": "InternalError",
+            },
+            ["d", "dir", "e"],
+        ),
+        # A filer: dot segments refused, empty segments and a leading slash folded away
+        # ("a//b" is listed as "a/b", "/abs" as "abs"), a file beside a folder is fine.
+        "seaweed": (
+            {"../x": "InvalidRequest", "a/./b": "InvalidRequest"},
+            ["a/b", "abs", "d", "d/x", "dir/", "e", "e/y"],
+        ),
+    }[each.kind]
+    assert (refused, listed) == expected
