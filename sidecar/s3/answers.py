@@ -105,20 +105,26 @@ def copy_result(body: bytes) -> Result:
 
 @dataclass(frozen=True, slots=True)
 class UploadsPage:
-    """One page of ListMultipartUploads: (key, upload id) pairs, and where the next page
-    starts (key marker, upload-id marker), None on the last page."""
+    """One page of ListMultipartUploads: (keys, upload id) pairs, and where the next page
+    starts (key marker, upload-id marker), None on the last page. `keys`: the listed key
+    decoded, and as listed (see uploads_page)."""
 
-    uploads: list[tuple[str, str]]
+    uploads: list[tuple[frozenset[str], str]]
     next_markers: tuple[str, str] | None
 
 
 def uploads_page(body: bytes) -> UploadsPage:
+    """SeaweedFS answers EncodingType url yet lists these keys as they are (`a%25b+c`
+    stands for itself): an upload's key is either form. Listed with prefix=K, no other key
+    can be mistaken for K that way: a listed key starts with K, and its encoding is never
+    shorter than itself, so it spells K only when it is K."""
     root = parse(body)
     url_encoded = _text(root, "EncodingType").lower() == "url"
     uploads = []
     for upload in root.iter("Upload"):
-        key = decode_listed_key(upload.findtext("Key") or "", url_encoded)
-        uploads.append((key, _text(upload, "UploadId")))
+        raw = upload.findtext("Key") or ""
+        keys = frozenset((raw, decode_listed_key(raw, url_encoded)))
+        uploads.append((keys, _text(upload, "UploadId")))
     next_markers = None
     if _text(root, "IsTruncated").lower() == "true":
         key_marker = decode_listed_key(root.findtext("NextKeyMarker") or "", url_encoded)

@@ -580,7 +580,7 @@ class ObjectStore:
             strays.extend(
                 upload_id
                 for listed, upload_id in page.uploads
-                if listed == key and upload_id and upload_id != keep
+                if key in listed and upload_id and upload_id != keep
             )
             if page.next_markers is None:
                 break
