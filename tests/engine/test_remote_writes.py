@@ -306,6 +306,72 @@ async def test_a_first_finalize_over_an_equal_foreign_multipart_object_sends_not
     assert [item["Key"] for item in listed] == ["vol/model.bin"]
 
 
+def _foreign_multipart(s3: Any, bucket: str, key: str, data: bytes) -> str:
+    """Upload data in 5 MiB parts as another tool would (no hash metadata); its ETag."""
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    parts = [
+        {"PartNumber": n, "ETag": s3.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload, PartNumber=n, Body=data[at : at + 5 * MiB]
+        )["ETag"]}
+        for n, at in enumerate(range(0, len(data), 5 * MiB), 1)
+    ]  # fmt: skip
+    done = s3.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+    )
+    return str(done["ETag"]).strip('"')
+
+
+@pytest.mark.parametrize("direction", [PULL, FIN])
+async def test_a_multipart_etag_is_never_compared_with_a_local_md5(
+    seaweed: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, direction: Any
+) -> None:
+    """Item 4 (issue 11) with SeaweedFS's real `-N` ETags (in HEAD and listings, as AWS): a
+    foreign multipart object and a local file of the same size, no BASE. No MD5 of the local
+    file is taken; the bytes decide (a pull downloads, a finalize reads the object), and
+    differing bytes are a conflict that keeps both."""
+    bucket = seaweed.new_bucket()
+    s3 = seaweed.client()
+    theirs, mine = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    etag = _foreign_multipart(s3, bucket, "vol/model.bin", theirs)
+    assert etag.endswith("-2"), etag
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="vol/")["Contents"][0]["ETag"]
+    assert listed.strip('"') == etag  # SeaweedFS lists it as Complete answered it
+
+    def no_md5(path: Any) -> str:
+        raise AssertionError(f"MD5 of {path} taken to compare with ETag {etag}")
+
+    monkeypatch.setattr("sidecar.sync.md5_file", no_md5)
+    local = workdir / "l"
+    write(local / "model.bin", mine)
+    result = await sync(config(bucket, local, workdir / "s"), direction)
+    assert result.ok and not result.files_adopted, result.as_dict()
+    (conflict,) = result.conflicts
+    assert conflict.copy is not None
+    if direction is PULL:
+        assert tree(local) == {"model.bin": theirs, conflict.copy: mine}
+    else:
+        assert s3.get_object(Bucket=bucket, Key="vol/model.bin")["Body"].read() == mine
+        kept = s3.get_object(Bucket=bucket, Key=f"vol/{conflict.copy}")["Body"].read()
+        assert kept == theirs
+
+
+async def test_an_sse_s3_objects_etag_is_its_md5_and_adopts_equal_bytes(
+    seaweed: S3Server, workdir: Path
+) -> None:
+    """The other side of item 4: SSE-S3 (AES256) keeps the MD5 as the ETag (AWS, SeaweedFS),
+    so a foreign object encrypted that way is proven equal by MD5, nothing moved."""
+    bucket = seaweed.new_bucket()
+    s3 = seaweed.client()
+    data = os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key="vol/a.bin", Body=data, ServerSideEncryption="AES256")
+    assert s3.head_object(Bucket=bucket, Key="vol/a.bin")["ServerSideEncryption"] == "AES256"
+    local = workdir / "l"
+    write(local / "a.bin", data)
+    result = await sync(config(bucket, local, workdir / "s"), FIN)
+    assert result.ok and not result.conflicts, result.as_dict()
+    assert result.files_adopted == 1 and result.bytes_transferred == 0, result.as_dict()
+
+
 async def test_a_rewritten_object_deleted_here_is_asked_about_not_read(
     moto: S3Server, workdir: Path, request_counter: Counter[str]
 ) -> None:
