@@ -133,6 +133,11 @@ class PullQueue:
             rank, size, path = entry
             if path in self._taken:
                 continue  # already started from its boosted entry
+            if rank > Phase.PRIORITY and self.priority_left:
+                # Nothing else starts until the priority set is in: its last files get the
+                # whole link and both cores (ready sooner; a waited path may still pass).
+                held.append(entry)
+                continue
             # After ready, large files one at a time (a waited one may pass).
             serialize = rank > Phase.PRIORITY and size >= self.big
             if serialize and self._big_in_flight:
@@ -173,6 +178,9 @@ class PullQueue:
                 finally:
                     self._big_in_flight.discard(action.path)
                     self._wake.set()
+                if self._phase[action.path] is Phase.PRIORITY:
+                    self.priority_left -= 1
+                    self.priority_failed += error is not None
                 finished(action, error)
 
         tasks = self._workers = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
@@ -261,11 +269,8 @@ class PriorityPull:
                     self._arrived(action)
                 else:
                     self._failed(action, error)
-                if queue.phase_of(action.path) is Phase.PRIORITY:
-                    queue.priority_left -= 1
-                    queue.priority_failed += error is not None
-                    if queue.priority_done:
-                        self._priority_done(queue)
+                if queue.phase_of(action.path) is Phase.PRIORITY and queue.priority_done:
+                    self._priority_done(queue)
 
             await queue.drain(work, workers, finished, skip)
             if queue.stopped:
