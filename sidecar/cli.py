@@ -45,6 +45,12 @@ def _add_options(parser: argparse.ArgumentParser, scope: str) -> None:
             parser.add_argument(option.flag, default=None, help=help_text)
 
 
+def _add_client_only_options(parser: argparse.ArgumentParser) -> None:
+    for option in OPTIONS:
+        if "client" in option.scopes and "sync" not in option.scopes:
+            parser.add_argument(option.flag, default=None, help=f"{option.help} [env {option.env}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -57,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--once", action="store_true", help="run the sync here, no daemon")
         sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
         _add_options(sub, "sync")
-        for option in OPTIONS:
-            if "client" in option.scopes and "sync" not in option.scopes:
-                sub.add_argument(
-                    option.flag, default=None, help=f"{option.help} [env {option.env}]"
-                )
+        _add_client_only_options(sub)
+
+    from sidecar.undo_cli import add_verbs
+
+    for sub in add_verbs(verbs):  # history, undo, restore (issue 14)
+        _add_options(sub, "sync")
+        _add_client_only_options(sub)
 
     wait = verbs.add_parser("wait", help="wait until paths are local (--ready-when priority)")
     wait.add_argument("paths", nargs="+", metavar="PATH", help="a file or folder of the volume")
@@ -92,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             values = collect(vars(args), env, "sync")
             setup_logging(values["log_format"], values["log_level"])
             return _run_once(Direction(args.verb), sync_config(values, env), args.dry_run)
+        if args.verb in ("history", "undo", "restore"):
+            from sidecar import undo_cli
+
+            if undo_cli.runs_here(args):
+                values = collect(vars(args), env, "sync")
+                setup_logging(values["log_format"], values["log_level"])
+                return undo_cli.run_here(args, sync_config(values, env))
+            values = collect(vars(args), env, "client")
+            return undo_cli.run_via_daemon(args, values["control_url"])
         if args.verb == "demo":
             from sidecar.demo import run_demo
 

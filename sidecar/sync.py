@@ -24,6 +24,18 @@ from pathlib import Path
 from sys import intern
 from typing import Any, Protocol, TypeVar
 
+from sidecar.backup import (
+    LOCAL_COPY_CAP,
+    BackupFailed,
+    History,
+    LocalBackup,
+    Pruner,
+    RemoteBackup,
+    new_record,
+    resolve_mode,
+    same_filesystem,
+)
+from sidecar.core.backup import BackupMode, UndoReport, Version, is_bookkeeping, new_sync_id
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
     UNHASHED,
@@ -116,6 +128,9 @@ class SyncEngine:
         # A pull's downloads in another order than biggest first, drained by its own workers
         # (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
         self.download_order: DownloadOrder | None = None
+        self._backup_mode: BackupMode | None = None  # --backup, auto resolved on first use
+        self._pruner: Pruner | None = None  # of the running sync (sees .netvol/ listed)
+        self._said_other_filesystem = False
 
     def fleet_status(self) -> dict[str, Any]:
         """Shard and limits of this process, and the time transfers waited on the limits."""
@@ -196,6 +211,57 @@ class SyncEngine:
         log.log(level, result.one_line(), extra={"summary": result.as_dict()})
         return result
 
+    # ---- undo, restore, history (issue 14; the work is in sidecar/undo.py) -----------------
+    async def undo(self, sync_id: str, *, dry_run: bool = False, force: bool = False) -> UndoReport:
+        from sidecar import undo
+
+        return await self._locked_undo(
+            f"undo {sync_id}",
+            dry_run,
+            lambda: undo.undo(self, sync_id, dry_run=dry_run, force=force),
+        )
+
+    async def restore(
+        self, path: str, at: datetime, *, local: bool = False, dry_run: bool = False
+    ) -> UndoReport:
+        from sidecar import undo
+
+        return await self._locked_undo(
+            f"restore {path}",
+            dry_run,
+            lambda: undo.restore(self, path, at, local=local, dry_run=dry_run),
+        )
+
+    async def history(self, limit: int | None = None) -> tuple[list[Any], list[str]]:
+        from sidecar import undo
+
+        return await undo.history(self, limit)
+
+    async def _locked_undo(
+        self, what: str, dry_run: bool, work: Callable[[], Awaitable[UndoReport]]
+    ) -> UndoReport:
+        """Under the same locks as a sync: never beside one."""
+        try:
+            async with self._exclusive(Direction.PULL, dry_run):
+                report = await work()
+        except (FatalSync, S3Error, StateError) as exc:
+            report = UndoReport(what.split()[0], what.split(maxsplit=1)[1], dry_run=dry_run)
+            report.fatal = str(exc)
+        level = logging.INFO if report.ok else logging.ERROR
+        log.log(level, report.one_line(), extra={"summary": report.as_dict()})
+        return report
+
+    async def store(self) -> ObjectStore:
+        return await self._get_store()
+
+    async def remote_backup_mode(self) -> BackupMode:
+        if self._backup_mode is None:
+            self._backup_mode = await resolve_mode(await self._get_store(), self.config.backup)
+        return self._backup_mode
+
+    async def commit_state(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+
     @contextlib.asynccontextmanager
     async def _exclusive(self, direction: Direction, dry_run: bool) -> AsyncIterator[None]:
         """The whole sync under the state lock and the folder lock (sidecar/lock.py), waiting
@@ -239,6 +305,7 @@ class SyncEngine:
         store = await self._get_store()
         if not dry_run:
             await self._abort_leftover_uploads(store)
+        self._pruner = Pruner(config.prefix, config.backup_retention)
 
         syncignore_text, syncignore_errors, syncignore_unusable = await self._read_syncignore()
         result.errors.extend(syncignore_errors)
@@ -308,8 +375,9 @@ class SyncEngine:
             transfers = self._transfers(store, progress, scanned.files, remote, the_plan.actions)
         except OSError as exc:
             raise FatalSync(f"cannot open local folder {config.local_dir}: {exc}") from None
+        backup = await self._start_backup(store, direction, transfers, result)
         try:
-            await self._execute(the_plan.actions, transfers, progress, result)
+            await self._execute(the_plan.actions, transfers, progress, result, backup)
             await transfers.durable.flush()
         except BaseException:
             transfers.durable.flush_now()  # what is on disk gets its records, even now
@@ -318,6 +386,82 @@ class SyncEngine:
             transfers.close()
         progress.phase = "committing"
         await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+        await self._finish_backup(store, direction, backup, result)
+
+    async def _start_backup(
+        self,
+        store: ObjectStore,
+        direction: Direction,
+        transfers: Transfers,
+        result: SyncResult,
+    ) -> RemoteBackup | LocalBackup | None:
+        """This sync's id and what keeps the versions it replaces or deletes (--backup)."""
+        if self.config.backup == BackupMode.OFF:
+            return None
+        result.sync_id = new_sync_id(datetime.now(UTC))
+        if direction is Direction.PULL:
+            root = self.state.directory / "backup"
+            local = LocalBackup(root, result.sync_id, self.local_backup_renames())
+            transfers.keep_local = local.keep
+            return local
+        mode = self._backup_mode or self.config.backup
+        return RemoteBackup(
+            store, self.config.prefix, mode, result.sync_id, self.remote_backup_mode
+        )
+
+    def local_backup_renames(self) -> bool:
+        """Whether local backups are renames (the state folder is on the folder's
+        filesystem); said once, at the first pull, when they are not."""
+        same = same_filesystem(self.state.directory, self.config.local_dir)
+        if not same and not self._said_other_filesystem:
+            self._said_other_filesystem = True
+            log.warning(
+                "state folder %s is on another filesystem than %s: a pull keeps copies of "
+                "the files it replaces or deletes only below %s each",
+                self.state.directory,
+                self.config.local_dir,
+                format_bytes(LOCAL_COPY_CAP),
+            )
+        return same
+
+    async def _finish_backup(
+        self,
+        store: ObjectStore,
+        direction: Direction,
+        backup: RemoteBackup | LocalBackup | None,
+        result: SyncResult,
+    ) -> None:
+        """The history record of a sync that changed something, then expired backups."""
+        if backup is None:
+            return
+        if backup.entries:
+            side = "local" if direction is Direction.PULL else "remote"
+            mode = "local" if isinstance(backup, LocalBackup) else str(backup.mode)
+            record = new_record(
+                backup.sync_id,
+                str(direction),
+                side,
+                self.config.remote_url,
+                str(self.config.local_dir),
+                mode,
+                backup.entries,
+            )
+            try:
+                await History(store, self.config.prefix, self.state.directory).write(record)
+            except (S3Error, OSError) as exc:
+                result.errors.append(
+                    FileError(f".netvol/history/{backup.sync_id}", f"history not written: {exc}")
+                )
+        else:
+            result.sync_id = None  # nothing changed: no record, nothing to undo
+        pruner = self._pruner
+        if pruner is not None:
+            removed = await pruner.prune_remote(store)
+            removed += await asyncio.get_running_loop().run_in_executor(
+                self._executor, pruner.prune_local, self.state.directory
+            )
+            if removed:
+                log.info("removed %d expired backup object(s) or file(s)", removed)
 
     def _transfers(
         self,
@@ -454,6 +598,10 @@ class SyncEngine:
                     except BadKey as exc:
                         listing.errors.append(FileError(item.key, f"skipped: {exc}"))
                         continue
+                    if relpath is not None and is_bookkeeping(relpath):
+                        if self._pruner is not None:
+                            self._pruner.saw(relpath)  # .netvol/: never data
+                        continue
                     if relpath is None or not path_filter.wants_any_shard(relpath):
                         continue
                     listing.volume.add(relpath, item.size)
@@ -565,8 +713,10 @@ class SyncEngine:
         transfers: Transfers,
         progress: Progress,
         result: SyncResult,
+        backup: RemoteBackup | LocalBackup | None = None,
     ) -> None:
         state = self.state
+        remote_backup = backup if isinstance(backup, RemoteBackup) else None
         moving = [a for a in actions if a.kind in REQUEST_KINDS]
         progress.files_total = len(moving)
         progress.bytes_total = sum(_action_bytes(a) for a in moving)
@@ -616,6 +766,8 @@ class SyncEngine:
                         # must not leave a file that BASE says was deleted (it would be
                         # pushed as new, or its absence pushed as a delete, wrongly).
                         await transfers.durable.then(partial(state.drop_base, action.path))
+                        if backup is not None:
+                            backup.done(action.path, None)
                         result.files_deleted += 1
                     else:
                         kept_files.add(action.path)
@@ -627,9 +779,16 @@ class SyncEngine:
                             )
                         )
                 elif action.kind is ActionKind.DELETE_REMOTE:
+                    if remote_backup is not None:
+                        await remote_backup.keep_action(action, state.base.get(action.path))
                     await transfers.delete_remote(action)
                     state.drop_base(action.path)
+                    if backup is not None:
+                        backup.done(action.path, None)
                     result.files_deleted += 1
+            except BackupFailed as exc:
+                kept_files.add(action.path)
+                result.errors.append(FileError(exc.path, exc.reason))
             except TransferError as exc:
                 kept_files.add(action.path)
                 result.errors.append(exc.error)
@@ -664,6 +823,8 @@ class SyncEngine:
                     if done.equal_already:
                         result.files_adopted += 1
                         return None
+                    if backup is not None:
+                        backup.done(action.path, _version_of(done.local, done.etag))
                     if done.conflict_copy and action.path not in known_conflicts:
                         result.conflicts.append(
                             Conflict(
@@ -678,11 +839,14 @@ class SyncEngine:
                     result.files_transferred += 1
                     result.bytes_transferred += done.local.size
                 else:
+                    uploading = action.kind is ActionKind.UPLOAD
+                    if uploading and remote_backup is not None:
+                        await remote_backup.keep_action(action, state.base.get(action.path))
                     up = await (
-                        transfers.set_mode_remote(action)
-                        if action.kind is ActionKind.SET_MODE_REMOTE
-                        else transfers.upload(action)
+                        transfers.upload(action) if uploading else transfers.set_mode_remote(action)
                     )
+                    if uploading and remote_backup is not None:
+                        remote_backup.done(action.path, _version_of(up.local, up.etags[0]))
                     # LastModified of the new object is learnt from the next listing; until
                     # then the server's clock at the write tells a later rewrite from ours.
                     state.set_base(
@@ -702,6 +866,10 @@ class SyncEngine:
             except TransferError as exc:
                 result.errors.append(exc.error)
                 return exc.error
+            except BackupFailed as exc:
+                error = FileError(exc.path, exc.reason)
+                result.errors.append(error)
+                return error
             finally:
                 progress.files_done += 1
             return None
@@ -715,6 +883,10 @@ class SyncEngine:
             result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
             result.files_skipped += len(left_alone)
             progress.files_done += len(left_alone)
+
+
+def _version_of(local: LocalFile, etag: str) -> Version:
+    return Version(local.size, local.hash, etag, local.executable)
 
 
 def _drop_below(actions: list[Action], files: set[str], result: SyncResult) -> list[Action]:

@@ -165,6 +165,9 @@ class Transfers:
         # At least two parts in flight, whatever the settings.
         budget = max(2 * settings.part_size, settings.part_memory_budget)
         self._part_buffers = BufferPool(settings.part_size, budget)
+        # A pull's local backup (sidecar.backup.LocalBackup.keep): moves a file it is about to
+        # replace or delete aside; True when the file is gone from the folder.
+        self.keep_local: Callable[[str, int, str, LocalFile | None], bool] | None = None
 
     def close(self) -> None:
         self.folder.close()
@@ -273,6 +276,8 @@ class Transfers:
                 raise TransferError(relpath, "is a folder here, the bucket has a file")
             changed_since_scan = planned is None or _stat_key(current) != _local_key(planned)
             if not action.keep_conflict_copy and not changed_since_scan:
+                if self.keep_local is not None:
+                    self.keep_local(relpath, dir_fd, name, planned)
                 os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # BASE's version
                 break
             equal = await self._equal_in_place(action, dir_fd, name, current, digest)
@@ -756,7 +761,8 @@ class Transfers:
                 return True
             if planned is not None and _stat_key(st) != _local_key(planned):
                 return False  # written to since the scan: keep it, it is news
-            os.unlink(name, dir_fd=dir_fd)
+            if self.keep_local is None or not self.keep_local(action.path, dir_fd, name, planned):
+                os.unlink(name, dir_fd=dir_fd)
             self.durable.changed(dir_fd)
         except OSError as exc:
             raise TransferError(action.path, _os_reason("cannot delete", exc)) from None

@@ -1,6 +1,7 @@
 """The two HTTP apps: control (loopback, may start syncs) and probes (read-only, pod port).
 
-Control app: POST /pull, POST /finalize, GET /status.
+Control app: POST /pull, POST /finalize, GET /status; GET /history, POST /undo?sync=ID,
+POST /restore?path=P&at=TIME (issue 14).
     ?wait=false    answer 202 at once with where to watch
     ?progress=1    stream one progress line per second, then the JSON summary (always 200:
                    the status line is sent before the outcome is known; read "ok")
@@ -222,6 +223,62 @@ async def status_handler(request: web.Request) -> web.Response:
     return _json(request.app[STATUS]())
 
 
+# -- history, undo, restore (issue 14) --------------------------------------------------------
+
+
+def _undoer(request: web.Request) -> Any:
+    """The engine, for history/undo/restore (they take the sync locks themselves)."""
+    coordinator = request.app[COORDINATOR]
+    if request.method == "POST" and coordinator.read_only:
+        raise web.HTTPConflict(
+            text=json.dumps({"ok": False, "refused": "this sidecar runs with --read-only"}),
+            content_type="application/json",
+        )
+    return coordinator.engine
+
+
+@_params(frozenset({"limit"}))
+async def history_handler(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return _error(400, f"limit={request.query['limit']!r} is not a number")
+    records, problems = await _undoer(request).history(limit)
+    return _json({"syncs": [r.summary() for r in records], "problems": problems})
+
+
+def _report(report: Any) -> web.Response:
+    body = report.as_dict()
+    if report.fatal and report.fatal.startswith("no sync "):
+        return _json(body, status=404)
+    return _json(body, status=200 if report.ok else 500)
+
+
+@_params(frozenset({"sync", "dry_run", "force"}))
+async def undo_handler(request: web.Request) -> web.Response:
+    sync_id = request.query.get("sync", "")
+    if not sync_id:
+        return _error(400, "which sync? POST /undo?sync=SYNC_ID (GET /history lists them)")
+    engine = _undoer(request)
+    dry_run, force = _flag(request, "dry_run", False), _flag(request, "force", False)
+    return _report(await asyncio.shield(engine.undo(sync_id, dry_run=dry_run, force=force)))
+
+
+@_params(frozenset({"path", "at", "local", "dry_run"}))
+async def restore_handler(request: web.Request) -> web.Response:
+    from sidecar.core.backup import parse_utc
+
+    try:
+        at = parse_utc(request.query.get("at", ""))
+    except ValueError as exc:
+        return _error(400, f"at: {exc}")
+    path = request.query.get("path", "").strip("/")
+    engine = _undoer(request)
+    local, dry_run = _flag(request, "local", False), _flag(request, "dry_run", False)
+    work = engine.restore("" if path == "." else path, at, local=local, dry_run=dry_run)
+    return _report(await asyncio.shield(work))
+
+
 def control_app(
     coordinator: Coordinator,
     *,
@@ -241,6 +298,9 @@ def control_app(
 
         app[WAITS] = waits
         app.router.add_get("/wait", wait_handler)
+    app.router.add_get("/history", history_handler)
+    app.router.add_post("/undo", undo_handler)
+    app.router.add_post("/restore", restore_handler)
     return app
 
 

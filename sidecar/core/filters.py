@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from sidecar.core.backup import is_bookkeeping
 from sidecar.core.paths import is_temp_name
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class PathFilter:
 
     def _decide(self, relpath: str) -> bool:
         folder, _, name = relpath.rpartition("/")
-        if is_temp_name(name) or in_excluded_dir(folder):
+        if is_temp_name(name) or in_excluded_dir(folder) or is_bookkeeping(relpath):
             return False
         if self._exclude is not None and self._exclude(relpath):
             return False
@@ -66,7 +67,7 @@ class PathFilter:
 
     def wants_dir(self, reldir: str) -> bool:
         """False if nothing under reldir can take part (lets the scan prune whole trees)."""
-        if in_excluded_dir(reldir):
+        if in_excluded_dir(reldir) or is_bookkeeping(reldir):
             return False
         return self._exclude is None or not self._exclude(reldir + "/")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.core.backup import BackupMode, parse_backup_mode, parse_duration
 from sidecar.core.filters import pattern_problem
 from sidecar.core.paths import (
     BadKey,
@@ -247,6 +248,23 @@ OPTIONS: tuple[Option, ...] = (
         "S3 requests per second for this process (listing pages, HEADs, GETs, PUTs, parts...)",
         SYNC,
     ),
+    Option(
+        "--backup",
+        "auto",
+        parse_backup_mode,
+        "keep what a sync replaces or deletes: copy (under .netvol/backup/ in the bucket), "
+        "versions (the bucket's object versions), auto (versions where the bucket is "
+        "versioned, else copy) or off; pulls keep local files in the state folder",
+        SYNC,
+    ),
+    Option(
+        "--backup-retention",
+        "7d",
+        parse_duration,
+        "how long backups and history are kept (e.g. 7d, 12h); expired ones are removed at "
+        "the end of a sync",
+        SYNC,
+    ),
     Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
     Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
     Option(
@@ -323,6 +341,8 @@ class SyncConfig:
     bwlimit_up: int | None = None
     max_requests_per_second: float | None = None
     addressing_style: str = "auto"
+    backup: BackupMode = BackupMode.AUTO
+    backup_retention: float = 7 * 86400.0  # seconds
 
     @property
     def remote_url(self) -> str:
@@ -431,6 +451,12 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         bwlimit_up=(values.get("bwlimit") or (None, None))[1],
         max_requests_per_second=values.get("max_requests_per_second"),
         addressing_style=values.get("addressing_style") or "auto",
+        backup=values.get("backup") or BackupMode.AUTO,
+        backup_retention=(
+            values["backup_retention"]
+            if values.get("backup_retention") is not None
+            else 7 * 86400.0
+        ),
     )
 
 

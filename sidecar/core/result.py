@@ -26,6 +26,7 @@ class SyncResult:
     planned: list[Action] = field(default_factory=list)  # filled for dry runs
     shard: str | None = None  # "I/N" of a sharded sync (--shard)
     notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
+    sync_id: str | None = None  # of a sync that changed something (history, undo)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,8 @@ class SyncResult:
             data["shard"] = self.shard
         if self.notes:
             data["notes"] = list(self.notes)
+        if self.sync_id is not None:
+            data["sync_id"] = self.sync_id
         if self.dry_run:
             data["plan"] = [
                 {"action": str(a.kind), "path": a.path, "conflict_copy": a.conflict_copy}
@@ -68,6 +71,8 @@ class SyncResult:
             f"skipped {self.files_skipped}, conflicts {len(self.conflicts)}, "
             f"errors {len(self.errors)} in {self.seconds:.2f}s"
         )
+        if self.sync_id:
+            text += f" (sync {self.sync_id})"
         if self.fatal:
             text += f"; FAILED: {self.fatal}"
         if self.deletes_blocked:

@@ -73,7 +73,9 @@ def copy_tree(source: Path, target: Path) -> None:
 def tree_summary(root: Path) -> tuple[int, int]:
     """(files, bytes) under root, following no symlinks."""
     files = total = 0
-    for folder, _dirs, names in os.walk(root):
+    for folder, dirs, names in os.walk(root):
+        if folder == str(root) and ".netvol" in dirs:
+            dirs.remove(".netvol")  # the sidecar's backups and history, not the data set
         for name in names:
             files += 1
             total += os.lstat(os.path.join(folder, name)).st_size

@@ -174,7 +174,12 @@ class Kubelet:
     # --- running ------------------------------------------------------------------------
 
     def _popen(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "SIDECAR_BACKUP": "off",  # as the whole suite (tests/conftest.py)
+            **env,
+        }
         with open(self.logs / f"{name}.log", "ab") as log:
             return subprocess.Popen(
                 command, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp

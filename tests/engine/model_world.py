@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import TEMP_PREFIX, folders_of, parent_dirs
@@ -86,6 +87,7 @@ class SyncWorld:
             state_dir=self.root / "state",
             concurrency=4,
             force_delete=force_delete,
+            backup=BackupMode.OFF,  # the model knows no .netvol/ (tests/conftest.py)
         )
         self.loop = asyncio.new_event_loop()
         self.engine: SyncEngine | None = None

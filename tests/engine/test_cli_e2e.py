@@ -91,6 +91,7 @@ def base_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
             "AWS_EC2_METADATA_DISABLED": "true",
             "SIDECAR_SUMMARY_JSON": "1",
+            "SIDECAR_BACKUP": "off",  # as the whole suite (tests/conftest.py)
         }
     )
     env.update(extra)

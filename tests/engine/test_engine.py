@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import temp_name
@@ -31,6 +32,7 @@ def config(bucket: str, local: Path, state: Path, **extra: Any) -> SyncConfig:
         "concurrency": 8,
         "part_size": 5 * MiB,
         "multipart_threshold": 5 * MiB,
+        "backup": BackupMode.OFF,  # as the whole suite (tests/conftest.py); test_backup.py: on
     }
     values.update(extra)
     return SyncConfig(**values)
