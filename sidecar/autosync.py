@@ -49,6 +49,9 @@ class ChangeFilter:
     a folder that itself lives under a `__pycache__` is still watched."""
 
     root: str
+    # The daemon's own writes (PriorityPull.own_write: files its background pull placed):
+    # not user changes, so arrivals do not trigger pushes that would keep stopping the pull.
+    own_write: Callable[[str], bool] | None = None
 
     def __call__(self, change: Change, path: str) -> bool:
         relative = os.path.relpath(path, self.root)
@@ -57,7 +60,9 @@ class ChangeFilter:
         parts = relative.split(os.sep)
         if not DEFAULT_EXCLUDED_DIRS.isdisjoint(parts):
             return False
-        return not is_temp_name(parts[-1])
+        if is_temp_name(parts[-1]):
+            return False
+        return self.own_write is None or not self.own_write("/".join(parts))
 
 
 @dataclass
@@ -78,6 +83,7 @@ class AutoSync:
     watcher_error: str | None = None
     watcher_state: str = "not started"  # waiting for the folder, watching, restarting, stopped
     watcher_restarts: int = 0
+    own_write: Callable[[str], bool] | None = None  # see ChangeFilter
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _watcher: asyncio.Task[None] | None = None
 
@@ -236,7 +242,7 @@ class AutoSync:
                     self.note_changes(0)  # whatever changed while nothing watched
                 async for changes in awatch(
                     self.folder,
-                    watch_filter=ChangeFilter(str(self.folder)),
+                    watch_filter=ChangeFilter(str(self.folder), self.own_write),
                     debounce=200,
                     step=50,
                     stop_event=replaced,

@@ -26,6 +26,7 @@ import contextlib
 import heapq
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -227,6 +228,9 @@ class PriorityPull:
     bytes_arrived: int = 0
     ready_after: float | None = None  # seconds from start to the priority set being local
     complete_after: float | None = None  # seconds from start to nothing pending
+    track_own_writes: bool = False  # auto-sync is on: remember what arrives (own_write)
+    _placed: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> size, mtime
+    _placed_dirs: set[str] = field(default_factory=set)  # folders arrivals went into
     _planned: asyncio.Event = field(default_factory=asyncio.Event)
     _run_ended: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: list[_Waiter] = field(default_factory=list)
@@ -326,6 +330,19 @@ class PriorityPull:
         if self.coordinator.pending and self._background_run():
             queue.stop("a request was waiting for the priority set")
 
+    def own_write(self, relpath: str) -> bool:
+        """Whether a change the watcher saw is a file (or folder) this pull placed, as it
+        placed it: auto-sync's filter. Called from the watcher, once per change."""
+        placed = self._placed.pop(relpath, None)
+        path = os.path.join(self.local_dir, relpath)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False  # gone: a delete is the user's
+        if placed is not None:
+            return placed == (st.st_size, st.st_mtime_ns)
+        return relpath in self._placed_dirs and stat.S_ISDIR(st.st_mode)
+
     def preempt(self) -> None:
         """Coordinator.preempt: a request waits for the running sync."""
         queue = self.queue
@@ -341,6 +358,14 @@ class PriorityPull:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _arrived(self, action: Action) -> None:
+        if self.track_own_writes and self.coordinator.ready:  # auto-sync pushes from then on
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(self.local_dir, action.path), follow_symlinks=False)
+                self._placed[action.path] = (st.st_size, st.st_mtime_ns)
+                folder = action.path.rpartition("/")[0]
+                while folder and folder not in self._placed_dirs:
+                    self._placed_dirs.add(folder)
+                    folder = folder.rpartition("/")[0]
         size = self.pending.pop(action.path, 0)
         self.failed.pop(action.path, None)
         self.files_arrived += 1

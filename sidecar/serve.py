@@ -260,6 +260,9 @@ class Daemon:
                 self.config.auto_sync_debounce,
                 self.config.auto_sync_max_delay,
             )
+            if self.priority is not None and self.priority.enabled:
+                autosync.own_write = self.priority.own_write
+                self.priority.track_own_writes = True
             self.metrics.watching = lambda: autosync.watching
             self.metrics.unpushed = lambda: (
                 autosync.pending_changes,

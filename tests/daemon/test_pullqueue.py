@@ -5,6 +5,7 @@ period and then cancels them. No servers, no sleeping on the wall clock beyond a
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from sidecar.core.model import Action, ActionKind, FileError, RemoteObject
 from sidecar.core.priority import PriorityRules
@@ -83,3 +84,31 @@ async def test_a_stop_lets_files_in_flight_land_then_cancels_what_is_stuck() -> 
     assert sorted(landed) == ["a", "b"]  # in flight at the stop: they landed
     assert cancelled == ["stuck"]  # cut after the grace
     assert queue.untaken() == 1  # "later" never started: it stays pending
+
+
+def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sidecar.autosync import ChangeFilter
+    from sidecar.pullqueue import PriorityPull
+
+    pull = PriorityPull(
+        SimpleNamespace(ready=True),  # type: ignore[arg-type]
+        tmp_path,
+        PriorityRules(10, ()),
+        BIG,
+        lambda folder, name: b"",
+        track_own_writes=True,
+    )
+    (tmp_path / "d/e").mkdir(parents=True)
+    for name in ("d/e/placed.bin", "d/edited.bin"):
+        (tmp_path / name).write_bytes(b"from the bucket")
+        pull._arrived(download(name, 15))
+    (tmp_path / "d/edited.bin").write_bytes(b"the user's edit")
+    (tmp_path / "mine.txt").write_bytes(b"new")
+    watch = ChangeFilter(str(tmp_path), pull.own_write)
+    added = 1  # watchfiles.Change.added
+    assert not watch(added, str(tmp_path / "d/e/placed.bin"))  # arrived as placed
+    assert not watch(added, str(tmp_path / "d/e"))  # a folder the pull made
+    assert watch(added, str(tmp_path / "d/edited.bin"))  # changed since: the user's
+    assert watch(added, str(tmp_path / "mine.txt"))
