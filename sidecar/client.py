@@ -16,6 +16,8 @@ import time
 import urllib.parse
 from typing import Any, TextIO
 
+from sidecar.core.units import format_bytes, format_duration
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_REQUEST = 2
@@ -208,6 +210,15 @@ def describe_status(status: dict[str, Any], now: float) -> str:
         lines.append(f"degraded: {degraded['message']}")
     if status.get("shutting_down"):
         lines.append("shutting down")
+    background = status.get("background_pull") or {}
+    if background.get("enabled") and background.get("state") != "complete":
+        eta = background.get("eta_seconds")
+        lines.append(
+            f"background pull: {background['state']}, {background['files_pending']} file(s) "
+            f"({format_bytes(background['bytes_pending'])}) to come"
+            + (f", ETA {format_duration(eta)}" if eta is not None else "")
+            + (f", {background['failed_count']} failed" if background.get("failed_count") else "")
+        )
     current = status.get("current")
     lines.append(f"now: {current['line']}" if current else "now: idle")
     for queued in status.get("queued", []):

@@ -112,3 +112,22 @@ def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> No
     assert not watch(added, str(tmp_path / "d/e"))  # a folder the pull made
     assert watch(added, str(tmp_path / "d/edited.bin"))  # changed since: the user's
     assert watch(added, str(tmp_path / "mine.txt"))
+
+
+def test_sidecar_status_shows_the_background_pull() -> None:
+    from sidecar.client import describe_status
+
+    background = {
+        "enabled": True,
+        "state": "pulling",
+        "files_pending": 3,
+        "bytes_pending": 3 * 1024**3,
+        "eta_seconds": 90,
+        "failed_count": 1,
+    }
+    text = describe_status({"ready": True, "background_pull": background}, now=0.0)
+    assert "background pull: pulling, 3 file(s) (3.0 GiB) to come, ETA 1m30s, 1 failed" in text
+    done = describe_status(
+        {"ready": True, "background_pull": {**background, "state": "complete"}}, 0
+    )
+    assert "background pull" not in done

@@ -351,3 +351,17 @@ def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
         )
         assert daemon.stop() == 0
     assert {k: v for k, v in bucket_files(bucket).items() if k != "notes.txt"} == files
+
+
+def test_wait_with_ready_when_all_answers_from_the_folder(
+    s3: LocalS3, start_daemon: StartDaemon
+) -> None:
+    put(s3.root / "vol", {"a/b.txt": b"b"})
+    daemon = start_daemon(s3)
+    daemon.wait_ready()
+    wait = daemon.control + "/wait?timeout=5&path="
+    assert http_json("GET", wait + "a")[0] == 200
+    assert http_json("GET", wait + str(daemon.local_dir / "a/b.txt"))[0] == 200
+    assert http_json("GET", wait + "a/c.txt")[0] == 404
+    assert daemon.status()["background_pull"] == {"enabled": False}
+    assert daemon.stop() == 0
