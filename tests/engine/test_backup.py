@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR
+import pytest
+
+from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode
 from sidecar.core.model import Direction
+from sidecar.s3 import ClientSettings, ObjectStore
 from sidecar.sync import SyncEngine
 from tests.conftest import S3Server
 from tests.engine.test_engine import config, write
@@ -34,13 +39,15 @@ async def run(engine: SyncEngine, direction: Direction, **kwargs: Any):  # type:
     return result
 
 
-async def test_finalize_backup_history_undo_and_redo(server: S3Server, workdir: Path) -> None:
-    """finalize v1; modify a, delete b, add c, finalize; history; undo; undo of the undo."""
+async def finalize_undo_redo(server: S3Server, workdir: Path, backup: str) -> list[Any]:
+    """The issue's scenario: finalize v1; modify a, delete b, add c, finalize; history lists
+    it; undo brings a back to v1, restores b, removes c; undo of the undo restores the edit.
+    Returns the history records, newest first."""
     bucket = server.new_bucket()
     local = workdir / "local"
     write(local / "a.txt", b"a version 1")
     write(local / "dir/b.txt", b"b version 1")
-    cfg = config(bucket, local, workdir / "state", backup="copy")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode(backup))
     async with SyncEngine(cfg) as engine:
         first = await run(engine, FIN)
         assert first.sync_id is not None  # it created two objects
@@ -50,12 +57,7 @@ async def test_finalize_backup_history_undo_and_redo(server: S3Server, workdir: 
         second = await run(engine, FIN)
         sync_id = second.sync_id
         assert sync_id is not None
-
-        stored = objects(server, bucket)
-        assert stored[f"{BACKUP_DIR}{sync_id}/a.txt"] == b"a version 1"
-        assert stored[f"{BACKUP_DIR}{sync_id}/dir/b.txt"] == b"b version 1"
-        assert f"{HISTORY_DIR}{sync_id}.json" in stored
-        assert data(stored) == {"a.txt": b"a version 2, longer", "c.txt": b"c new"}
+        assert data(objects(server, bucket)) == {"a.txt": b"a version 2, longer", "c.txt": b"c new"}
 
         records, problems = await engine.history()
         assert not problems
@@ -97,6 +99,43 @@ async def test_finalize_backup_history_undo_and_redo(server: S3Server, workdir: 
         records, _ = await engine.history()
         assert [r.operation for r in records[:2]] == ["undo", "undo"]
         assert records[0].undoes == undone.sync_id
+        return records
+
+
+async def test_finalize_backup_history_undo_and_redo(server: S3Server, workdir: Path) -> None:
+    """Copy mode (rclone has no versioning; moto's bucket here is not versioned)."""
+    records = await finalize_undo_redo(server, workdir, "auto")
+    stored = objects(server, records[0].remote.split("/")[2])
+    edit = records[2]  # the finalize that modified a, deleted b, added c
+    assert edit.backup == "copy"
+    assert stored[f"{BACKUP_DIR}{edit.sync_id}/a.txt"] == b"a version 1"
+    assert stored[f"{BACKUP_DIR}{edit.sync_id}/dir/b.txt"] == b"b version 1"
+    assert f"{HISTORY_DIR}{edit.sync_id}.json" in stored
+
+
+async def test_versioned_bucket_records_versions_instead_of_copying(
+    conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto on a versioned bucket (moto, SeaweedFS): the replaced version's id is recorded,
+    nothing is copied, and undo copies that version back."""
+    original = conditional.new_bucket
+
+    def versioned_bucket() -> str:
+        name = original()
+        conditional.client().put_bucket_versioning(
+            Bucket=name, VersioningConfiguration={"Status": "Enabled"}
+        )
+        return name
+
+    monkeypatch.setattr(conditional, "new_bucket", versioned_bucket)
+    records = await finalize_undo_redo(conditional, workdir, "auto")
+    edit = records[2]
+    assert edit.backup == "versions"
+    befores = {e.path: e.before for e in edit.entries if e.before is not None}
+    assert set(befores) == {"a.txt", "dir/b.txt"}
+    assert all(b.version_id and not b.key for b in befores.values())
+    stored = objects(conditional, edit.remote.split("/")[2])
+    assert not any(k.startswith(BACKUP_DIR) for k in stored)
 
 
 async def test_undo_skips_a_path_changed_since_unless_forced(moto: S3Server, workdir: Path) -> None:
@@ -104,7 +143,7 @@ async def test_undo_skips_a_path_changed_since_unless_forced(moto: S3Server, wor
     local = workdir / "local"
     write(local / "a.txt", b"one")
     write(local / "b.txt", b"bee")
-    cfg = config(bucket, local, workdir / "state", backup="copy")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.COPY)
     async with SyncEngine(cfg) as engine:
         await run(engine, FIN)
         write(local / "a.txt", b"two")
@@ -128,10 +167,94 @@ async def test_backup_off_keeps_nothing(moto: S3Server, workdir: Path) -> None:
     bucket = moto.new_bucket()
     local = workdir / "local"
     write(local / "a.txt", b"one")
-    cfg = config(bucket, local, workdir / "state", backup="off")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.OFF)
     async with SyncEngine(cfg) as engine:
         await run(engine, FIN)
         write(local / "a.txt", b"two")
         result = await run(engine, FIN)
     assert result.sync_id is None
     assert set(objects(moto, bucket)) == {"a.txt"}
+
+
+async def test_pull_keeps_replaced_and_deleted_files_and_undo_puts_them_back(
+    moto: S3Server, workdir: Path
+) -> None:
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a one")
+    s3.put_object(Bucket=bucket, Key="vol/sub/b.txt", Body=b"b one")
+    local, state = workdir / "local", workdir / "state"
+    cfg = config(bucket, local, state, backup=BackupMode.AUTO)
+    async with SyncEngine(cfg) as engine:
+        await run(engine, PULL)
+        a_inode = (local / "a.txt").stat().st_ino
+        s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a two from another replica")
+        s3.delete_object(Bucket=bucket, Key="vol/sub/b.txt")
+        s3.put_object(Bucket=bucket, Key="vol/c.txt", Body=b"c")
+        pulled = await run(engine, PULL)
+        sync_id = pulled.sync_id
+        assert sync_id is not None
+        kept = engine.state.directory / "backup" / sync_id
+        assert (kept / "a.txt").read_bytes() == b"a one"
+        assert (kept / "a.txt").stat().st_ino == a_inode  # moved, not copied
+        assert (kept / "sub/b.txt").read_bytes() == b"b one"
+
+        records, _ = await engine.history()
+        assert records[0].sync_id == sync_id and records[0].side == "local"
+        summary = records[0].summary()
+        assert (summary["uploaded"], summary["replaced"], summary["deleted"]) == (1, 1, 1)
+
+        undone = await engine.undo(sync_id)
+        assert undone.ok, undone.as_dict()
+        assert (local / "a.txt").read_bytes() == b"a one"
+        assert (local / "sub/b.txt").read_bytes() == b"b one"
+        assert not (local / "c.txt").exists()
+        assert undone.sync_id is not None
+        redone = await engine.undo(undone.sync_id)
+        assert redone.ok, redone.as_dict()
+        assert (local / "a.txt").read_bytes() == b"a two from another replica"
+        assert not (local / "sub/b.txt").exists()
+        assert (local / "c.txt").read_bytes() == b"c"
+
+
+async def test_restore_a_path_as_it_was_at_a_time(moto: S3Server, workdir: Path) -> None:
+    bucket = moto.new_bucket()
+    local = workdir / "local"
+    write(local / "d/x.txt", b"x one")
+    write(local / "d/y.txt", b"y one")
+    write(local / "z.txt", b"z one")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.COPY)
+    async with SyncEngine(cfg) as engine:
+        await run(engine, FIN)
+        await asyncio.sleep(1.1)  # history times are to the second
+        moment = datetime.now(UTC)
+        await asyncio.sleep(1.1)
+        write(local / "d/x.txt", b"x two")
+        (local / "d/y.txt").unlink()
+        write(local / "d/new.txt", b"new")
+        write(local / "z.txt", b"z two")
+        await run(engine, FIN)
+        write(local / "d/x.txt", b"x three")
+        await run(engine, FIN)
+
+        report = await engine.restore("d", moment)
+        assert report.ok, report.as_dict()
+        assert data(objects(moto, bucket)) == {
+            "d/x.txt": b"x one",
+            "d/y.txt": b"y one",
+            "z.txt": b"z two",  # outside the restored folder
+        }
+
+
+async def test_a_copy_above_the_single_copy_limit_goes_in_parts(moto: S3Server) -> None:
+    bucket = moto.new_bucket()
+    moto.client().put_object(
+        Bucket=bucket, Key="big", Body=b"0123456789" * 1_200_000, Metadata={"k": "v"}
+    )
+    etag = moto.client().head_object(Bucket=bucket, Key="big")["ETag"].strip('"')
+    async with ObjectStore(bucket, ClientSettings(concurrency=4)) as store:
+        store.copy_part_threshold = 5 * 1024**2
+        await store.copy_object("big", "copy", if_match=etag, size=12_000_000)
+    copied = moto.client().get_object(Bucket=bucket, Key="copy")
+    assert copied["Body"].read() == b"0123456789" * 1_200_000
+    assert copied["Metadata"] == {"k": "v"}

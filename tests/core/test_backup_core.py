@@ -1,0 +1,89 @@
+"""The pure part of backups and undo (sidecar/core/backup.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sidecar.core.backup import (
+    Entry,
+    StepKind,
+    SyncRecord,
+    Version,
+    is_bookkeeping,
+    is_sync_id,
+    new_sync_id,
+    parse_duration,
+    parse_utc,
+    restore_targets,
+    sync_id_time,
+    undo_steps,
+)
+from sidecar.core.filters import PathFilter
+
+V1 = Version(3, "h1", "e1", key="pre/.netvol/backup/S/a")
+V2 = Version(4, "h2", "e2")
+
+
+def record(sync_id: str, time: str, *entries: Entry) -> SyncRecord:
+    return SyncRecord(
+        sync_id, time, "finalize", "remote", "host", "s3://b/p/", "/d", "copy", list(entries)
+    )
+
+
+def test_sync_ids_sort_by_time_and_carry_it() -> None:
+    moment = datetime(2026, 12, 3, 12, 0, 0, 250_000, tzinfo=UTC)
+    ids = [new_sync_id(moment + timedelta(milliseconds=i)) for i in range(3)]
+    assert ids == sorted(ids) and all(is_sync_id(i) for i in ids)
+    assert sync_id_time(ids[0]) == moment
+    assert not is_sync_id("../../etc") and sync_id_time("nonsense") is None
+
+
+def test_durations_times_and_bookkeeping_names() -> None:
+    assert parse_duration("7d") == 7 * 86400 and parse_duration("90") == 90
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("a week")
+    assert parse_utc("2026-12-03T12:00") == datetime(2026, 12, 3, 12, tzinfo=UTC)
+    assert parse_utc("2026-12-03T13:00+01:00") == datetime(2026, 12, 3, 12, tzinfo=UTC)
+    assert is_bookkeeping(".netvol/history/x.json") and not is_bookkeeping("a/.netvol/x")
+    files = PathFilter()
+    assert not files.wants(".netvol/backup/S/a") and files.wants("a/.netvol/x")
+    assert not files.wants_dir(".netvol")
+
+
+def test_record_round_trips_and_counts() -> None:
+    made = record(
+        "20261203T120000000Z-abcdef",
+        "2026-12-03T12:00:00Z",
+        Entry("a", V1, V2),
+        Entry("b", V1, None),
+        Entry("c", None, V2),
+    )
+    again = SyncRecord.from_json(made.to_json())
+    assert again == made
+    assert (again.uploaded, again.replaced, again.deleted, again.bytes) == (1, 1, 1, 8)
+    with pytest.raises(ValueError, match="unreadable history record"):
+        SyncRecord.from_json(b"{}")
+
+
+def test_undo_steps_skip_paths_changed_since_unless_forced() -> None:
+    made = record("S", "t", Entry("a", V1, V2), Entry("b", V1, None), Entry("c", None, V2))
+    now = {"a": Version(4, "other", "e9"), "b": None, "c": V2}
+    steps, skipped = undo_steps(made, now, force=False)
+    assert [(s.kind, s.path) for s in steps] == [(StepKind.PUT_BACK, "b"), (StepKind.REMOVE, "c")]
+    assert [s.path for s in skipped] == ["a"] and "changed since sync S" in skipped[0].reason
+    forced, none_skipped = undo_steps(made, now, force=True)
+    assert [s.path for s in forced] == ["a", "b", "c"] and not none_skipped
+    unkept = record("S", "t", Entry("a", Version(3, "h1", "e1"), V2))
+    steps, skipped = undo_steps(unkept, {"a": V2}, force=False)
+    assert not steps and "was not kept" in skipped[0].reason
+
+
+def test_restore_takes_the_before_of_the_first_sync_after_the_time() -> None:
+    early = record("S1", "2026-12-03T11:00:00Z", Entry("d/x", None, V1))
+    first = record("S2", "2026-12-03T12:30:00Z", Entry("d/x", V1, V2), Entry("d/new", None, V2))
+    later = record("S3", "2026-12-03T13:00:00Z", Entry("d/x", V2, None), Entry("e", V1, V2))
+    at = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    assert restore_targets([later, early, first], "d", at) == {"d/x": V1, "d/new": None}
+    assert set(restore_targets([later, first], "", at)) == {"d/x", "d/new", "e"}
