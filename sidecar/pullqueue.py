@@ -240,6 +240,9 @@ class PriorityPull:
     async def run(self, downloads: list[Action], work: Work, workers: int) -> set[str]:
         left_alone: set[str] = set()
         try:
+            # A new plan is the truth: a path that failed before is pending again (wait for
+            # it), local now, or gone from the bucket (unknown).
+            self.failed.clear()
             rules = self.rules
             first = next((a for a in downloads if a.path == SYNCPRIORITY), None)
             if first is not None:
@@ -253,7 +256,6 @@ class PriorityPull:
             rules = rules.with_patterns(self._syncpriority_lines())
             queue = self.queue = PullQueue(downloads, rules, self.big)
             self.pending = {a.path: a.remote.size if a.remote else 0 for a in downloads}
-            self.failed = {p: why for p, why in self.failed.items() if p in self.pending}
             self.kept_local &= self.pending.keys()
             self._planned.set()
             self._reevaluate()
@@ -423,11 +425,20 @@ class PriorityPull:
         """Raises ValueError for a path that leaves the folder (a bad request)."""
         specs = list(dict.fromkeys(normalize_wait_path(p, str(self.local_dir)) for p in paths))
         deadline = None if seconds is None else self.clock() + seconds
-        known = self._planned.is_set() if self.enabled else self.coordinator.ready
+        known = self._planned.is_set() or self.coordinator.ready
         try:
             if not known:
-                first = self._planned.wait() if self.enabled else self.coordinator.wait_ready()
-                await asyncio.wait_for(first, seconds)
+                # A pull that had nothing to download never plans here: ready says as much.
+                waits = {asyncio.ensure_future(self.coordinator.wait_ready())}
+                if self.enabled:
+                    waits.add(asyncio.ensure_future(self._planned.wait()))
+                done, rest = await asyncio.wait(
+                    waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+                for future in rest:
+                    future.cancel()
+                if not done:
+                    raise TimeoutError
         except TimeoutError:
             what = (
                 "the initial pull has not listed the bucket yet"
@@ -517,6 +528,9 @@ class PriorityPull:
     async def keep_pulling(self) -> None:
         """After ready: resume the rest whenever a pull ended with files still to come."""
         await self.coordinator.wait_ready()
+        if not self._planned.is_set():  # the initial pull had nothing to download
+            self._planned.set()
+            self.complete_after = self.ready_after = round(self.clock() - self.started, 3)
         delay = 1.0
         while True:
             await self._run_ended.wait()

@@ -325,6 +325,13 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
         for name, data in files.items():
             assert (first.local_dir / name).read_bytes() == data
         assert second.stop() == 0
+    # A start with everything local downloads nothing: /wait and /status still know.
+    third = start_daemon(
+        s3, *PRIORITY, "--local-dir", str(first.local_dir), "--state-dir", str(state)
+    )
+    assert http_json("GET", third.control + "/wait?path=bg&timeout=30")[0] == 200
+    assert third.status()["background_pull"]["state"] == "complete"
+    assert third.stop() == 0
 
 
 def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
