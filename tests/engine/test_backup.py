@@ -258,3 +258,32 @@ async def test_a_copy_above_the_single_copy_limit_goes_in_parts(moto: S3Server) 
     copied = moto.client().get_object(Bucket=bucket, Key="copy")
     assert copied["Body"].read() == b"0123456789" * 1_200_000
     assert copied["Metadata"] == {"k": "v"}
+
+
+async def test_expired_backups_and_history_are_pruned_at_the_end_of_a_sync(
+    moto: S3Server, workdir: Path
+) -> None:
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    local, state = workdir / "local", workdir / "state"
+    write(local / "a.txt", b"one")
+    cfg = config(bucket, local, state, backup=BackupMode.COPY)
+    async with SyncEngine(cfg) as engine:
+        await run(engine, FIN)
+        write(local / "a.txt", b"two")
+        replaced = (await run(engine, FIN)).sync_id
+        s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"three")
+        pulled = (await run(engine, PULL)).sync_id
+    assert (state_folder := next(state.iterdir()) / "backup" / str(pulled)).is_dir()
+    assert any(k.startswith(f"{BACKUP_DIR}{replaced}/") for k in objects(moto, bucket))
+
+    # Within retention nothing goes; with none left, the next sync removes the old ones.
+    async with SyncEngine(config(bucket, local, state, backup=BackupMode.COPY)) as engine:
+        await run(engine, PULL)
+    assert state_folder.is_dir()
+    expiring = config(bucket, local, state, backup=BackupMode.COPY, backup_retention=0.0)
+    async with SyncEngine(expiring) as engine:
+        await run(engine, PULL)
+    assert not any(k.startswith(".netvol/") for k in objects(moto, bucket))
+    assert not state_folder.exists()
+    assert not list((state_folder.parent.parent / "history").iterdir())
