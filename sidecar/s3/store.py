@@ -251,9 +251,11 @@ class ObjectStore:
         tries: Attempts | None = None
         started = time.monotonic()
         while True:
-            signer = await self._current_signer()
             granted = await budget.acquire()
             try:
+                # Keys asked for once the slot is held, not before the wait for it: a request
+                # queued behind slow ones must not sign with keys that expired meanwhile.
+                signer = await self._current_signer()
                 signed = signer.sign(
                     method, self._host, path, query or {}, dict(headers or {}), datetime.now(UTC)
                 )
