@@ -140,7 +140,10 @@ class RemoteBackup:
             ) from None
         if etag and "-" not in etag and written.etag and written.etag != etag:
             # The server ignored the copy's condition (moto) and copied another writer's
-            # version: the backup holds it, but ours is not what we were about to replace.
+            # version: not filed under this sync (nothing of ours replaces it), and the
+            # write is not made.
+            with contextlib.suppress(S3Error):
+                await self.store.delete(dest)
             raise BackupFailed(path, CHANGED_IN_BUCKET)
         kept = Version(size, hash_, etag, executable, key=dest)
         self._before[path] = kept

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.backup import RemoteBackup
 from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode
 from sidecar.core.model import Direction
 from sidecar.s3 import ClientSettings, ObjectStore
@@ -287,3 +288,31 @@ async def test_expired_backups_and_history_are_pruned_at_the_end_of_a_sync(
     assert not any(k.startswith(".netvol/") for k in objects(moto, bucket))
     assert not state_folder.exists()
     assert not list((state_folder.parent.parent / "history").iterdir())
+
+
+async def test_a_racing_writers_version_is_never_filed_as_ours(
+    conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer replaces the object between our listing and our backup copy: the copy
+    is pinned to the listed ETag (a 412, or, where the server ignores the pin, a copy whose
+    ETag is not the listed one): the path is reported, the racer's object stays current."""
+    bucket = conditional.new_bucket()
+    local = workdir / "local"
+    write(local / "a.txt", b"ours one")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.COPY)
+    original = RemoteBackup.keep
+
+    async def racing_keep(self: RemoteBackup, path: str, key: str, *args: Any) -> Any:
+        conditional.client().put_object(Bucket=bucket, Key=key, Body=b"the racer's")
+        return await original(self, path, key, *args)
+
+    async with SyncEngine(cfg) as engine:
+        await run(engine, FIN)
+        write(local / "a.txt", b"ours two")
+        monkeypatch.setattr(RemoteBackup, "keep", racing_keep)
+        result = await engine.run(FIN)
+    assert [e.path for e in result.errors] == ["a.txt"]
+    assert "changed in the bucket" in result.errors[0].reason
+    stored = objects(conditional, bucket)
+    assert data(stored) == {"a.txt": b"the racer's"}
+    assert not [k for k in stored if k.startswith(BACKUP_DIR)], "a backup filed as ours"
