@@ -4,6 +4,7 @@ a rerun and an undo of it lose nothing either."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from sidecar.core.backup import BACKUP_DIR
@@ -76,3 +77,13 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
         timeout=60,
     )
     assert history.returncode == 0, history.stderr
+    newest = json.loads(history.stdout)["syncs"][0]
+    assert (newest["operation"], newest["replaced"]) == ("finalize", FILES - FILES // 5)
+
+    # The rerun is undone in one go; then nothing of the first push is missing.
+    undo = sidecar_args("undo", mvol.remote, local, state)
+    undone = subprocess.run(
+        [*undo[:4], newest["sync_id"], *undo[4:]], env=env, capture_output=True, text=True
+    )
+    assert undone.returncode in (0, 1), undone.stderr  # 1: paths the killed run had changed
+    assert "put-back\t" in undone.stdout
