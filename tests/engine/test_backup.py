@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,25 @@ async def test_a_racing_writers_version_is_never_filed_as_ours(
     stored = objects(conditional, bucket)
     assert data(stored) == {"a.txt": b"the racer's"}
     assert not [k for k in stored if k.startswith(BACKUP_DIR)], "a backup filed as ours"
+
+
+async def test_state_on_another_filesystem_keeps_copies_and_says_so(
+    moto: S3Server, workdir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    if os.stat(state).st_dev == os.stat(workdir).st_dev:
+        pytest.skip("no second filesystem here (workdir is not on tmpfs)")
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a one")
+    local = workdir / "local"
+    async with SyncEngine(config(bucket, local, state, backup=BackupMode.AUTO)) as engine:
+        await run(engine, PULL)
+        s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a two")
+        sync_id = (await run(engine, PULL)).sync_id
+        assert "on another filesystem" in caplog.text
+        assert (engine.state.directory / "backup" / str(sync_id) / "a.txt").read_bytes() == b"a one"
+        undone = await engine.undo(str(sync_id))
+        assert undone.ok, undone.as_dict()
+    assert (local / "a.txt").read_bytes() == b"a one"
