@@ -205,13 +205,15 @@ class ObjectStore:
         `error_in_200`: the operation may answer 200 and then an <Error> (S3 sends the head
         before a Complete or a copy is done): such an answer is that error, counted as a
         500, as botocore counts it: retried. `work_bytes`: see ConnectionPool.request."""
-        name = key if key is not None else self.bucket
+        read: Callable[[Response], Awaitable[Response]] = _read_whole
+        if error_in_200:
+            name = key if key is not None else self.bucket
 
-        async def read(response: Response) -> Response:
-            response.body = await response.read_all()
-            if error_in_200 and answers.is_error_in_200(response.body):
-                raise http_error(name, 500, response.body, response.headers)
-            return response
+            async def read(response: Response) -> Response:
+                await _read_whole(response)
+                if answers.is_error_in_200(response.body or b""):
+                    raise http_error(name, 500, response.body or b"", response.headers)
+                return response
 
         return await self._exchange(
             method, key, read, query=query, headers=headers, data=data, work_bytes=work_bytes
@@ -272,7 +274,8 @@ class ObjectStore:
                     try:
                         if response.status < 300:
                             result = await read(response)
-                            budget.succeeded()
+                            if budget.current < budget.maximum:
+                                budget.succeeded()
                             return result
                         body = await _read_all(response)
                         error = http_error(name, response.status, body, response.headers)
@@ -847,6 +850,11 @@ def _read_answer(key: str, operation: str, read: Callable[[bytes], T], body: byt
         return read(body)
     except answers.BadAnswer as exc:
         raise S3Error(key, "BadAnswer", f"unreadable {operation} answer: {exc}") from None
+
+
+async def _read_whole(response: Response) -> Response:
+    response.body = await response.read_all()
+    return response
 
 
 class _SinkFailed(Exception):
