@@ -155,7 +155,7 @@ class InflightBudget:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted, then cancelled before it was used
-            else:
+            elif waiter in self._waiters:  # _wake may have dropped it already
                 self._waiters.remove(waiter)
             raise
         return self.round

@@ -158,6 +158,22 @@ async def test_a_waiter_cancelled_after_its_grant_gives_the_slot_back() -> None:
     await asyncio.wait_for(budget.acquire(), 1)
 
 
+async def test_a_waiter_cancelled_and_then_passed_over_leaves_the_budget_sound() -> None:
+    budget = InflightBudget(1)
+    await budget.acquire()
+    waiter = asyncio.ensure_future(budget.acquire())
+    behind = asyncio.ensure_future(budget.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()  # its future is cancelled at once; the task learns it later...
+    budget.release()  # ...so a release meanwhile passes it over and grants the next one
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(behind, 1)
+    assert budget.in_use == 1 and not budget._waiters
+    budget.release()
+    assert budget.in_use == 0
+
+
 # ---- the store, against scripted servers -----------------------------------------------------
 async def test_a_request_past_its_deadline_fails_naming_the_key_not_retrying_forever(
     endpoint_env: Callable[[int], None],
