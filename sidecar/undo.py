@@ -30,11 +30,13 @@ from sidecar.core.backup import (
     UndoReport,
     Version,
     format_utc,
+    is_bookkeeping,
     new_sync_id,
     restore_steps,
     restore_targets,
     sync_id_time,
     undo_steps,
+    versions_at,
 )
 from sidecar.core.model import BaseEntry
 from sidecar.folder import Folder, UnsafeFolder
@@ -88,6 +90,20 @@ async def restore(
         report.fatal = f"cannot read the history: {exc}"
         return report
     targets = restore_targets(records, path, at)
+    if side == "remote" and await engine.remote_backup_mode() is BackupMode.VERSIONS:
+        try:
+            listed = await store.list_versions(engine.config.prefix + path)
+        except S3Error as exc:
+            report.fatal = f"cannot list the object versions: {exc}"
+            return report
+        start = len(engine.config.prefix)
+        inside = [
+            (v.key[start:], v.version_id, v.last_modified, v.etag, v.size, v.delete_marker)
+            for v in listed
+            if _inside(v.key[start:], path) and not is_bookkeeping(v.key[start:])
+        ]
+        # The bucket's versions know every writer's changes, not only recorded syncs'.
+        targets.update(versions_at(inside, at))
     current = await _current(engine, store, list(targets), side)
     steps, skipped = restore_steps(targets, current)
     report.skipped.extend(skipped)
@@ -98,6 +114,11 @@ async def restore(
 async def history(engine: SyncEngine, limit: int | None) -> tuple[list[SyncRecord], list[str]]:
     store = await engine.store()
     return await History(store, engine.config.prefix, engine.state.directory).records(limit)
+
+
+def _inside(relpath: str, folder: str) -> bool:
+    folder = folder.rstrip("/")
+    return not folder or relpath == folder or relpath.startswith(folder + "/")
 
 
 # ---- what the paths hold now ------------------------------------------------------------

@@ -333,6 +333,28 @@ def restore_targets(
     return targets
 
 
+def versions_at(
+    versions: Iterable[tuple[str, str, str, str, int, bool]], at: datetime
+) -> dict[str, Version | None]:
+    """From a versioned bucket's listing (path, version id, LastModified, ETag, size, delete
+    marker): what each path held at `at` (None: absent, or a delete marker). Covers every
+    writer, not only the syncs with a record."""
+    moment = at.astimezone(UTC)
+    newest: dict[str, tuple[datetime, Version | None]] = {}
+    seen: set[str] = set()
+    for path, version_id, modified, etag, size, deleted in versions:
+        seen.add(path)
+        try:
+            when = datetime.fromisoformat(modified.replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if when > moment or (path in newest and newest[path][0] >= when):
+            continue
+        version = None if deleted else Version(size, etag=etag, version_id=version_id)
+        newest[path] = (when, version)
+    return {path: newest[path][1] if path in newest else None for path in seen}
+
+
 def restore_steps(
     targets: Mapping[str, Version | None], current: Mapping[str, Version | None]
 ) -> tuple[list[Step], list[Skipped]]:

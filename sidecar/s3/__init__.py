@@ -20,7 +20,7 @@ from sidecar.s3.metadata import (
     labels_for,
     read_labels,
 )
-from sidecar.s3.objects import ObjectInfo, Written
+from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written
 from sidecar.s3.store import ClientSettings, ObjectStore
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Labels",
     "ObjectInfo",
     "ObjectStore",
+    "ObjectVersion",
     "S3Error",
     "Written",
     "credentials_fingerprint",

@@ -44,3 +44,15 @@ class Written:
 
     etag: str
     at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """One entry of ListObjectVersions: a version, or a delete marker."""
+
+    key: str
+    version_id: str
+    last_modified: str  # ISO, as listed
+    etag: str = ""
+    size: int = 0
+    delete_marker: bool = False

@@ -41,7 +41,7 @@ from sidecar.s3.errors import (
 )
 from sidecar.s3.fanout import DELIMITER, FanOutListing
 from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response
-from sidecar.s3.objects import ObjectInfo, Written, answer_seconds, unquote_etag
+from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written, answer_seconds, unquote_etag
 from sidecar.s3.retry import Attempts, InflightBudget, RetryPolicy
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
@@ -832,6 +832,34 @@ class ObjectStore:
         chunks: list[bytes] = []
         await self.get_object(key, None, lambda data: chunks.append(bytes(data)))
         return b"".join(chunks)
+
+    async def list_versions(self, prefix: str) -> list[ObjectVersion]:
+        """ListObjectVersions under prefix, every page: versions and delete markers."""
+        found: list[ObjectVersion] = []
+        query = {"versions": "", "prefix": prefix, "max-keys": "1000"}
+        while True:
+            _response, body = await self._small_request("GET", None, query=query)
+            root = _read_answer(prefix or "/", "ListObjectVersions", answers.parse, body)
+            for item in root:
+                if item.tag not in ("Version", "DeleteMarker"):
+                    continue
+                found.append(
+                    ObjectVersion(
+                        item.findtext("Key") or "",
+                        item.findtext("VersionId") or "",
+                        item.findtext("LastModified") or "",
+                        unquote_etag(item.findtext("ETag") or ""),
+                        int(item.findtext("Size") or 0),
+                        item.tag == "DeleteMarker",
+                    )
+                )
+            if (root.findtext("IsTruncated") or "").lower() != "true":
+                return found
+            query = {
+                **query,
+                "key-marker": root.findtext("NextKeyMarker") or "",
+                "version-id-marker": root.findtext("NextVersionIdMarker") or "",
+            }
 
     async def delete_version(self, key: str, version_id: str) -> None:
         """Delete one version of an object for good."""

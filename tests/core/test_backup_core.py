@@ -19,6 +19,7 @@ from sidecar.core.backup import (
     restore_targets,
     sync_id_time,
     undo_steps,
+    versions_at,
 )
 from sidecar.core.filters import PathFilter
 
@@ -87,3 +88,15 @@ def test_restore_takes_the_before_of_the_first_sync_after_the_time() -> None:
     at = datetime(2026, 12, 3, 12, tzinfo=UTC)
     assert restore_targets([later, early, first], "d", at) == {"d/x": V1, "d/new": None}
     assert set(restore_targets([later, first], "", at)) == {"d/x", "d/new", "e"}
+
+
+def test_versions_at_picks_the_newest_version_at_or_before_the_time() -> None:
+    listed = [
+        ("a", "v1", "2026-12-03T11:00:00.000Z", "e1", 1, False),
+        ("a", "v2", "2026-12-03T13:00:00.000Z", "e2", 2, False),
+        ("b", "v3", "2026-12-03T11:00:00Z", "e3", 3, False),
+        ("b", "m1", "2026-12-03T11:30:00Z", "", 0, True),
+        ("c", "v4", "2026-12-03T13:00:00Z", "e4", 4, False),
+    ]
+    found = versions_at(listed, datetime(2026, 12, 3, 12, tzinfo=UTC))
+    assert found == {"a": Version(1, etag="e1", version_id="v1"), "b": None, "c": None}

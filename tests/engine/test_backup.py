@@ -339,3 +339,27 @@ async def test_state_on_another_filesystem_keeps_copies_and_says_so(
         undone = await engine.undo(str(sync_id))
         assert undone.ok, undone.as_dict()
     assert (local / "a.txt").read_bytes() == b"a one"
+
+
+async def test_restore_in_a_versioned_bucket_also_undoes_other_writers(
+    conditional: S3Server, workdir: Path
+) -> None:
+    """Changes made by another tool have no history record; the bucket's versions have them."""
+    bucket = conditional.new_bucket()
+    s3 = conditional.client()
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    local = workdir / "local"
+    write(local / "a.txt", b"a one")
+    write(local / "b.txt", b"b one")
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.AUTO)
+    async with SyncEngine(cfg) as engine:
+        await run(engine, FIN)
+        await asyncio.sleep(1.1)  # LastModified is to the second on some servers
+        moment = datetime.now(UTC)
+        await asyncio.sleep(1.1)
+        s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a by another tool")
+        s3.delete_object(Bucket=bucket, Key="vol/b.txt")
+        s3.put_object(Bucket=bucket, Key="vol/c.txt", Body=b"c by another tool")
+        report = await engine.restore("", moment)
+        assert report.ok, report.as_dict()
+    assert data(objects(conditional, bucket)) == {"a.txt": b"a one", "b.txt": b"b one"}
