@@ -502,7 +502,7 @@ def clean_env() -> dict[str, str]:
 
 def prime_listing(server: Server, bucket: str) -> None:
     """List once, untimed: the server computes each object's MD5 ETag on first listing."""
-    import botocore.session  # always installed: the sidecar's aiobotocore depends on it
+    import botocore.session  # always installed: the sidecar depends on it (credentials)
 
     client = botocore.session.get_session().create_client(
         "s3",
