@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 from sidecar.backup import BackupFailed, History, LocalBackup, RemoteBackup, new_record
 from sidecar.core.backup import (
+    BACKUP_DIR,
     BackupMode,
+    Entry,
     Skipped,
     Step,
     StepKind,
@@ -86,6 +88,8 @@ async def restore(
             # started before `at` may have written after it.
             if started is not None and (at - started).total_seconds() < 24 * 3600:
                 records.append(await history.read(sync_id, side))
+        if side == "remote":
+            records += await _unrecorded(store, engine.config.prefix, set(ids))
     except (S3Error, OSError, ValueError) as exc:
         report.fatal = f"cannot read the history: {exc}"
         return report
@@ -114,6 +118,34 @@ async def restore(
 async def history(engine: SyncEngine, limit: int | None) -> tuple[list[SyncRecord], list[str]]:
     store = await engine.store()
     return await History(store, engine.config.prefix, engine.state.directory).records(limit)
+
+
+async def _unrecorded(store: ObjectStore, prefix: str, recorded: set[str]) -> list[SyncRecord]:
+    """Syncs that kept backups but wrote no record (killed mid-way): their backup copies, as
+    records dated by the sync's start."""
+    start = prefix + BACKUP_DIR
+    found: dict[str, list[Entry]] = {}
+    async for page in store.list(start):
+        for item in page:
+            sync_id, _, path = item.key[len(start) :].partition("/")
+            if sync_id in recorded or not path or sync_id_time(sync_id) is None:
+                continue
+            kept = Version(item.size, etag=item.etag, key=item.key)
+            found.setdefault(sync_id, []).append(Entry(path, kept, None))
+    return [
+        SyncRecord(
+            sync_id,
+            format_utc(sync_id_time(sync_id) or datetime.now(UTC)),
+            "interrupted",
+            "remote",
+            "",
+            "",
+            "",
+            "copy",
+            entries,
+        )
+        for sync_id, entries in found.items()
+    ]
 
 
 def _inside(relpath: str, folder: str) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from datetime import UTC, datetime
 
 from sidecar.core.backup import BACKUP_DIR
 from tests.conftest import sidecar_args
@@ -47,6 +49,9 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
     env = mvol.env(SIDECAR_BACKUP="copy")
     assert mvol.finalize(local, state, env=env).code == 0
     originals = {path: sha(body) for path, body in files.items()}
+    time.sleep(1.1)  # history times are to the second
+    before_kill = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    time.sleep(1.1)
 
     # Every file replaced, every fifth one deleted: one backup copy each.
     write_tree(local, {p: data_of(2000 + i, f"v2-{i}") for i, p in enumerate(files) if i % 5})
@@ -87,3 +92,17 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
     )
     assert undone.returncode in (0, 1), undone.stderr  # 1: paths the killed run had changed
     assert "put-back\t" in undone.stdout
+
+    # restore --at a time before the killed run: the killed run wrote no record, its backups
+    # count all the same; every file is back as it was.
+    restore = sidecar_args("restore", mvol.remote, local, state)
+    restored = subprocess.run(
+        [*restore[:4], "", "--at", before_kill, *restore[4:]],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert restored.returncode == 0, restored.stderr
+    objects = mvol.objects()
+    data = {k[len(mvol.prefix) + 1 :]: v for k, v in objects.items() if "/.netvol/" not in k}
+    assert data == originals
