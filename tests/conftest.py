@@ -197,6 +197,11 @@ def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     finally:
         if process is not None:
             _stop(process)
+            # Sockets weed mini puts in /tmp whatever its flags (admin-grpc, s3-grpc), named
+            # by our ports and left behind on exit.
+            for port in ports.values():
+                for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    leftover.unlink(missing_ok=True)
         log.close()
 
 
