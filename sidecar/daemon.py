@@ -165,8 +165,9 @@ class Coordinator:
     _idle: asyncio.Event = field(default_factory=_set_event)
     _worker: asyncio.Task[None] | None = None
     # Called when a request has to wait for the running sync: a pull that only goes on in
-    # the background (--ready-when priority) then stops early and resumes after it.
-    preempt: Callable[[], None] | None = None
+    # the background (--ready-when priority) then stops early and resumes after it. True
+    # when it did stop one.
+    preempt: Callable[[], bool] | None = None
 
     async def __aenter__(self) -> Coordinator:
         self._worker = asyncio.create_task(self._work(), name="sync-coordinator")
@@ -264,7 +265,12 @@ class Coordinator:
         current = self.current
         if current is None and not self.pending:
             self._idle.set()
-        if current is not None and (cancel_running or current.job.direction is Direction.PULL):
+        # A background pull stops at a file boundary instead (its files in flight get a few
+        # seconds): what arrived is committed, and no step is cut in the middle.
+        stops = current is not None and self.preempt is not None and self.preempt()
+        if current is not None and (
+            cancel_running or (current.job.direction is Direction.PULL and not stops)
+        ):
             self.cancel_current(reason)
 
     async def idle(self) -> None:

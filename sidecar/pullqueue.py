@@ -345,11 +345,19 @@ class PriorityPull:
             return placed == (st.st_size, st.st_mtime_ns)
         return relpath in self._placed_dirs and stat.S_ISDIR(st.st_mode)
 
-    def preempt(self) -> None:
-        """Coordinator.preempt: a request waits for the running sync."""
+    def preempt(self) -> bool:
+        """Coordinator.preempt: a request waits for the running sync (or the daemon stops).
+        True when the running pull is a background one and now stops taking files."""
         queue = self.queue
-        if queue is not None and self.coordinator.ready and self._background_run():
-            queue.stop("a request is waiting; the rest resumes after it")
+        if queue is None or not self.coordinator.ready or not self._background_run():
+            return False
+        if queue.stopped is None:
+            reason = "a request is waiting; the rest resumes after it"
+            if self.coordinator.closing:
+                reason = "the daemon is stopping; the rest resumes at the next start"
+            log.info("background pull takes no new file: %s", reason)
+            queue.stop(reason)
+        return True
 
     def _background_run(self) -> bool:
         """The running pull is the daemon's own (initial or resumed), not one a client asked

@@ -4,6 +4,7 @@ background pull is still going" is a state the test holds, not a race it hopes t
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -304,8 +305,13 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
     put(bucket, files)
     with gate(s3, "bg/0.bin") as proxy:
         first = held_background(s3, start_daemon, proxy)
-        assert first.stop() == 0  # SIGTERM: the final push runs, with bg/* still pending
+        first.process.send_signal(signal.SIGTERM)
+        # The background pull stops taking files (not cut mid-step), the one in flight lands.
+        first.wait_until(lambda: "takes no new file" in first.log(), 30, "the stop")
+        proxy.release()
+        assert first.stop(0) == 0  # the final push ran, with bg/1..3 still pending
     assert bucket_files(bucket) == files  # nothing deleted, nothing overwritten
+    assert (first.local_dir / "bg/0.bin").read_bytes() == files["bg/0.bin"]
     with gate(s3) as counter:
         state = first.local_dir.parent / "state0"
         second = start_daemon(
@@ -321,7 +327,7 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
             lambda: second.status()["background_pull"]["state"] == "complete", 30, "the rest"
         )
         # Only what had not arrived was asked for again.
-        assert sorted(key for key in counter.gets) == [f"bg/{i}.bin" for i in range(4)]
+        assert sorted(key for key in counter.gets) == [f"bg/{i}.bin" for i in range(1, 4)]
         for name, data in files.items():
             assert (first.local_dir / name).read_bytes() == data
         assert second.stop() == 0
