@@ -479,7 +479,10 @@ def source_bucket(dataset: DataSet) -> str:
 
 
 def warm_bucket(scenario: Scenario, tool: str) -> str:
-    return f"warm-{scenario.dataset.name}-{tool}"
+    # CHANGED-N has buckets of its own: SCALE-N's are emptied on disk after its row, and the
+    # server's folder cache then shows a stale view of them to the next row that fills them.
+    kind = "changed-" if scenario.workload.startswith("CHANGED") else ""
+    return f"warm-{kind}{scenario.dataset.name}-{tool}"
 
 
 def rotated(tools: list[Tool], run: int) -> list[Tool]:
