@@ -120,16 +120,9 @@ class LimitedStore:
         return target
 
     def _paged(self, target: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        limits = self._limits
-
-        @functools.wraps(target)
-        async def pages(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            await limits.request()
-            async for page in target(*args, **kwargs):
-                yield page
-                await limits.request()  # the next page is the next request
-
-        return pages
+        # A listing sends its page requests itself, several folders at once: each is charged
+        # as it goes out, not per page handed on.
+        return functools.partial(target, pace=self._limits.request)
 
     def _limited(self, name: str, target: Callable[..., Any]) -> Callable[..., Any]:
         limits = self._limits

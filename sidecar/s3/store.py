@@ -310,13 +310,26 @@ class ObjectStore:
     # ---- reading ---------------------------------------------------------------------
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
 
-    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+    async def list(
+        self, prefix: str, pace: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncIterator[list[ObjectInfo]]:
         """Pages of the listing under prefix, in key order (metadata is never in listings).
 
         A prefix larger than one page is listed folder by folder, many at once
         (sidecar.s3.fanout): the same objects in the same order as one chain of pages.
+        `pace` is awaited before each page request (--max-requests-per-second): pages
+        handed on and requests sent no longer match one to one.
         """
-        async with contextlib.aclosing(FanOutListing(self._list_page).pages(prefix)) as pages:
+        fetch = self._list_page
+        if pace is not None:
+
+            async def fetch(
+                prefix: str, token: str | None, start_after: str | None, delimited: bool
+            ) -> bytes:
+                await pace()
+                return await self._list_page(prefix, token, start_after, delimited)
+
+        async with contextlib.aclosing(FanOutListing(fetch).pages(prefix)) as pages:
             async for page in pages:
                 yield page
 

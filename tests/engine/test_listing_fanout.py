@@ -5,6 +5,7 @@ servers (keys that sort around "/", folder markers, empty folders, a folder of m
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
@@ -206,3 +207,31 @@ async def test_fan_out_lists_what_one_chain_lists(server: S3Server) -> None:
         assert len(single) >= 35
         for page_keys, lookahead in [(1, 0), (2, 1), (3, 16), (7, 2)]:
             assert await _listing(store, page_keys, lookahead) == single, (page_keys, lookahead)
+
+
+async def test_max_requests_per_second_charges_each_listing_request_sent(
+    moto: S3Server, request_counter: Counter[str]
+) -> None:
+    """--max-requests-per-second charges a fanned-out listing per request sent (folders
+    listed side by side), not per page handed on: the two differ once a listing fans out."""
+    from sidecar.limits import LimitedStore, Limits
+
+    client = moto.client()
+    bucket = moto.new_bucket()
+    for key in TREE:
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    charged = 0
+
+    class CountingLimits(Limits):
+        async def request(self) -> None:
+            nonlocal charged
+            charged += 1
+
+    async with ObjectStore(bucket, ClientSettings(concurrency=8)) as store:
+        store.list_page_keys = 2
+        limited = LimitedStore(store, CountingLimits())
+        pages = [page async for page in limited.list("vol/")]
+    sent = request_counter["list_objects_v2"]
+    assert sum(map(len, pages)) == len(TREE) - 2  # not "vol-other/x" nor "vol0"
+    assert sent > len(pages)  # the fan-out's delimited pages hand on no page of their own
+    assert charged == sent
