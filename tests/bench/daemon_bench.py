@@ -189,17 +189,9 @@ class Daemon:
             row.proxy_cpu_s.append(proxy_cpu)
 
     def put_object(self, key: str, content: bytes) -> None:
-        import botocore.session
+        from tests.bench.peer_bench import s3_client
 
-        server = self.bench.direct()
-        client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=server.endpoint,
-            aws_access_key_id=server.access_key,
-            aws_secret_access_key=server.secret_key,
-            region_name="us-east-1",
-        )
-        client.put_object(Bucket=self.bucket, Key=key, Body=content)
+        s3_client(self.bench.direct()).put_object(Bucket=self.bucket, Key=key, Body=content)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()

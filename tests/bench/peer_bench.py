@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sidecar.locals3 import LocalS3
 from tests.bench.countproxy import LISTING_OPS, CountingProxy
@@ -503,17 +504,22 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def prime_listing(server: Server, bucket: str) -> None:
-    """List once, untimed: the server computes each object's MD5 ETag on first listing."""
+def s3_client(server: Server) -> Any:
+    """A botocore client of the server, for the harness's own untimed requests."""
     import botocore.session  # always installed: the sidecar depends on it (credentials)
 
-    client = botocore.session.get_session().create_client(
+    return botocore.session.get_session().create_client(
         "s3",
         endpoint_url=server.endpoint,
         aws_access_key_id=server.access_key,
         aws_secret_access_key=server.secret_key,
         region_name="us-east-1",
     )
+
+
+def prime_listing(server: Server, bucket: str) -> None:
+    """List once, untimed: the server computes each object's MD5 ETag on first listing."""
+    client = s3_client(server)
     for _page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
         pass
 

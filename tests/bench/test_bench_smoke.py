@@ -17,6 +17,19 @@ EXPECTED_GROUPS = [
 ]
 
 
+def run_bench(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.peer_bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    return done
+
+
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = [
@@ -24,15 +37,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         *("--large-files", "2", "--large-size", "3MiB", "--small-files", "12"),
         *("--scale-counts", "20", "--timeout", "60"),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.bench.peer_bench", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    done = run_bench(args, timeout=120)
 
     table = json.loads(out.read_text())
     rows = table["rows"]
@@ -64,15 +69,7 @@ def test_wan_profile_smoke(tmp_path: Path) -> None:
         *("--rtt-ms", "20", "--runs", "1", "--small-files", "12", "--timeout", "60"),
         *("--json", str(out)),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.bench.peer_bench", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    run_bench(args, timeout=180)
     rows = json.loads(out.read_text())["rows"]
     tools = [f"{tool}-{variant}" for tool in TOOLS for variant in ("default", "tuned")]
     daemon = ["DAEMON-START", "DAEMON-NOOP", "DAEMON-1", "DAEMON-NOOP", "DAEMON-1"]
