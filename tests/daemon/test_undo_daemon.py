@@ -48,7 +48,10 @@ def test_history_and_undo_through_the_daemon(s3: LocalS3, start_daemon: StartDae
     assert "put-back\ta.txt" in dry.stdout and "put-back\tb.txt" in dry.stdout
     assert (daemon.bucket_dir / "a.txt").read_bytes() == b"a two"
 
-    status, report = http_json("POST", daemon.control + f"/undo?sync={sync_id}")
+    try:
+        status, report = http_json("POST", daemon.control + f"/undo?sync={sync_id}")
+    except TimeoutError:
+        raise AssertionError(daemon.log()[-6000:]) from None
     assert status == 200, report
     assert (daemon.bucket_dir / "a.txt").read_bytes() == b"a one"
     assert (daemon.bucket_dir / "b.txt").read_bytes() == b"b one"
