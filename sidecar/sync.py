@@ -16,7 +16,6 @@ import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -67,6 +66,7 @@ from sidecar.s3 import (
 )
 from sidecar.scan import ScanResult, hash_files, scan
 from sidecar.state import StateError, StateStore, state_path_for
+from sidecar.threads import SettlingExecutor
 from sidecar.transfer import Settings, TransferError, Transfers, gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class SyncEngine:
         self._store_fingerprint: tuple[float, ...] = ()
         self._retries_before = 0
         # Hashing and bulk reads run here; sized so one core hashes while the other serves I/O.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sidecar-io")
+        self._executor = SettlingExecutor(max_workers=4, thread_name_prefix="sidecar-io")
         # A pull's downloads in another order than biggest first, drained by its own workers
         # (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
         self.download_order: DownloadOrder | None = None
@@ -292,6 +292,12 @@ class SyncEngine:
             raise
         try:
             yield
+            await self._executor.settle()
+        except BaseException:
+            # A failed or cancelled sync's running threads (a commit, a rename) end under
+            # its locks: the next sync must not start beside them (sidecar/threads.py).
+            await self._executor.settle(drop_queued=True)
+            raise
         finally:
             self.state.close_journal()
             self.state.remember_disk()

@@ -116,3 +116,45 @@ async def test_an_engine_rereads_base_another_process_changed_between_its_syncs(
         result = await daemon_engine.run(Direction.FINALIZE)
     assert result.ok and result.conflicts == [], result.as_dict()
     assert result.files_transferred == 1
+
+
+async def test_a_cancelled_sync_keeps_its_locks_until_its_state_commit_thread_ends(
+    mvol: Volume, s3_env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A commit runs in a thread that a cancel cannot stop; with the locks let go at the
+    cancel, the next sync started beside it and the old commit unlinked its journal."""
+    import asyncio
+    import threading
+
+    from sidecar.lock import LockBusy, SyncLock
+    from sidecar.state import StateStore
+
+    s3_env(mvol.server)
+    local, state = workdir / "local", workdir / "state"
+    loop = asyncio.get_running_loop()
+    entered, release = asyncio.Event(), threading.Event()
+    real_commit = StateStore.commit
+
+    def held_commit(self: StateStore) -> bool:
+        loop.call_soon_threadsafe(entered.set)
+        release.wait(60)
+        return real_commit(self)
+
+    monkeypatch.setattr(StateStore, "commit", held_commit)
+    async with SyncEngine(config(mvol.bucket, local, state, prefix="pre/")) as engine:
+        running = asyncio.create_task(engine.run(Direction.PULL))
+        await entered.wait()
+        running.cancel()
+        await asyncio.wait({running}, timeout=1.0)
+        try:
+            assert not running.done(), "the sync ended while its commit thread still ran"
+            with pytest.raises(LockBusy):
+                await SyncLock(engine.state.directory, local, 0).acquire_state("test")
+        finally:
+            release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        other = SyncLock(engine.state.directory, local, 0)
+        await other.acquire_state("test")  # free once the thread has ended
+        await other.acquire_folder()
+        other.release()
