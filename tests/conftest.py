@@ -29,6 +29,15 @@ from sidecar.locals3 import LocalS3, LocalS3Error, aws_env, free_port, wait_for_
 _bucket_numbers = itertools.count()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Soak and benchmark runs are long by design: no per-test timeout for them."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None and (
+            item.get_closest_marker("slow") or item.get_closest_marker("bench")
+        ):
+            item.add_marker(pytest.mark.timeout(0))
+
+
 @dataclass
 class S3Server:
     endpoint: str
