@@ -266,10 +266,6 @@ async def _remote_step(
         if step.kind is StepKind.PUT_BACK:
             target = step.target
             assert target is not None
-            if now is not None and target.key:
-                # Kept above; removed before the copy: `rclone serve s3` was seen to stall on
-                # a copy onto an existing key it had just been asked about.
-                await store.delete(key, if_match=now.etag or None)
             written = await store.copy_object(
                 target.key or key, key, version_id=target.version_id or None, size=target.size
             )
