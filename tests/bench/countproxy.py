@@ -177,10 +177,6 @@ class CountingProxy(ThreadedProxy):
             self._counts[operation] += 1
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            return
         holding = False
 
         def on_request(method: str, target: str, headers: dict[str, str]) -> None:
@@ -192,17 +188,33 @@ class CountingProxy(ThreadedProxy):
             if holding:
                 await self._released.wait()
 
-        parser = RequestParser(on_request)
-        to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed, gate))
-        to_client = asyncio.create_task(_pump(upstream_r, client_w, None))
-        try:
-            await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
-            with contextlib.suppress(Exception):
-                await to_client  # the server closes after the client did, or on its own
-        finally:
-            to_server.cancel()
-            to_client.cancel()
-            upstream_w.close()
+        await forward_observed(self.upstream, client_r, client_w, on_request, gate)
+
+
+async def forward_observed(
+    upstream: tuple[str, int],
+    client_r: asyncio.StreamReader,
+    client_w: asyncio.StreamWriter,
+    on_request: Callable[[str, str, dict[str, str]], None],
+    gate: Callable[[], Awaitable[None]],
+) -> None:
+    """Forward one client connection to upstream untouched, reporting each request's head to
+    `on_request` and awaiting `gate` before passing each chunk of it on."""
+    try:
+        upstream_r, upstream_w = await asyncio.open_connection(*upstream)
+    except OSError:
+        return
+    parser = RequestParser(on_request)
+    to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed, gate))
+    to_client = asyncio.create_task(_pump(upstream_r, client_w, None))
+    try:
+        await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
+        with contextlib.suppress(Exception):
+            await to_client  # the server closes after the client did, or on its own
+    finally:
+        to_server.cancel()
+        to_client.cancel()
+        upstream_w.close()
 
 
 async def _pump(

@@ -5,12 +5,11 @@ pinned at a known point for as long as a test needs, without sleeping."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit
 
-from tests.bench.countproxy import RequestParser, _pump
+from tests.bench.countproxy import forward_observed
 from tests.proxyserver import ThreadedProxy
 
 
@@ -37,10 +36,6 @@ class KeyGate(ThreadedProxy):
             await asyncio.wait(self._connections, timeout=10)
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            return
         holding = False
 
         def on_request(method: str, target: str, headers: dict[str, str]) -> None:
@@ -56,14 +51,4 @@ class KeyGate(ThreadedProxy):
             if holding:
                 await self._open.wait()
 
-        parser = RequestParser(on_request)
-        to_server = asyncio.create_task(_pump(client_r, upstream_w, parser.feed, gate))
-        to_client = asyncio.create_task(_pump(upstream_r, client_w, None))
-        try:
-            await asyncio.wait({to_server, to_client}, return_when=asyncio.FIRST_EXCEPTION)
-            with contextlib.suppress(Exception):
-                await to_client
-        finally:
-            to_server.cancel()
-            to_client.cancel()
-            upstream_w.close()
+        await forward_observed(self.upstream, client_r, client_w, on_request, gate)
