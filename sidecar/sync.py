@@ -58,6 +58,7 @@ from sidecar.hashing import md5_file, new_content_hasher
 from sidecar.limits import LimitedStore, Limits
 from sidecar.lock import LockBusy, SyncLock
 from sidecar.s3 import (
+    BucketOptions,
     ClientSettings,
     ObjectStore,
     S3Error,
@@ -105,6 +106,15 @@ class SyncEngine:
             concurrency=config.concurrency,
             read_timeout=float(os.environ.get("SIDECAR_REQUEST_TIMEOUT", "30")),
             addressing_style=config.addressing_style,
+            bucket_options=BucketOptions(
+                storage_class=config.storage_class,
+                requester_pays=config.requester_pays,
+                expected_bucket_owner=config.expected_bucket_owner,
+                sse=config.sse,
+                sse_kms_key_id=config.sse_kms_key_id,
+                sse_c_key_file=str(config.sse_c_key_file) if config.sse_c_key_file else None,
+                no_sign_request=config.no_sign_request,
+            ),
         )
         self.state = StateStore(
             state_path_for(
@@ -493,6 +503,11 @@ class SyncEngine:
 
     def _prepare_local_dir(self, direction: Direction, dry_run: bool) -> None:
         local_dir = self.config.local_dir
+        if direction is Direction.FINALIZE and self.config.no_sign_request:
+            raise FatalSync(
+                "finalize refused: --no-sign-request (SIDECAR_NO_SIGN_REQUEST) is for pulling "
+                "public buckets; unsigned requests cannot write"
+            )
         if local_dir.is_dir():
             return
         if local_dir.exists():

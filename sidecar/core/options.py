@@ -133,6 +133,51 @@ def _globs(text: str) -> list[str]:
     return globs
 
 
+# S3's storage classes an object can be written in and read back without a restore:
+# GLACIER and DEEP_ARCHIVE objects cannot be pulled until restored, so they are refused.
+STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+)
+
+
+def _storage_class(text: str) -> str:
+    value = text.strip().upper()
+    if value in ("GLACIER", "DEEP_ARCHIVE"):
+        raise ValueError(f"{value} objects cannot be pulled without a restore; use GLACIER_IR")
+    if value not in STORAGE_CLASSES:
+        raise ValueError(f"not an S3 storage class: {text!r} (one of {', '.join(STORAGE_CLASSES)})")
+    return value
+
+
+def _account_id(text: str) -> str:
+    value = text.strip()
+    if len(value) != 12 or not value.isascii() or not value.isdigit():
+        raise ValueError(f"not a 12-digit AWS account id: {text!r}")
+    return value
+
+
+def _sse(text: str) -> str:
+    value = {"aes256": "AES256", "aws:kms": "aws:kms"}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"must be AES256 or aws:kms, got {text!r}")
+    return value
+
+
+def _nonempty(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str  # "--local-dir"
@@ -265,6 +310,58 @@ OPTIONS: tuple[Option, ...] = (
         "the end of a sync",
         SYNC,
     ),
+    Option(
+        "--storage-class",
+        None,
+        _storage_class,
+        "S3 storage class of the objects written (STANDARD, STANDARD_IA, INTELLIGENT_TIERING...)",
+        SYNC,
+    ),
+    Option(
+        "--requester-pays",
+        False,
+        _bool,
+        "the requester pays for the requests and transfers (x-amz-request-payer)",
+        SYNC,
+        is_switch=True,
+    ),
+    Option(
+        "--expected-bucket-owner",
+        None,
+        _account_id,
+        "the bucket owner's 12-digit account id: requests fail (403) if another account owns it",
+        SYNC,
+    ),
+    Option(
+        "--sse",
+        None,
+        _sse,
+        "server-side encryption of the objects written: AES256 (SSE-S3) or aws:kms (SSE-KMS)",
+        SYNC,
+    ),
+    Option(
+        "--sse-kms-key-id",
+        None,
+        _nonempty,
+        "with --sse aws:kms: the KMS key id or ARN (default: the account's aws/s3 key)",
+        SYNC,
+    ),
+    Option(
+        "--sse-c-key-file",
+        None,
+        _nonempty,
+        "SSE-C: file holding the 256-bit key (32 raw bytes or base64), re-read when it "
+        "changes; the key is sent on every object request and never logged",
+        SYNC,
+    ),
+    Option(
+        "--no-sign-request",
+        False,
+        _bool,
+        "public bucket: send requests unsigned, look up no credentials; pull only",
+        SYNC,
+        is_switch=True,
+    ),
     Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
     Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
     Option(
@@ -343,6 +440,13 @@ class SyncConfig:
     addressing_style: str = "auto"
     backup: BackupMode = BackupMode.AUTO
     backup_retention: float = 7 * 86400.0  # seconds
+    storage_class: str | None = None
+    requester_pays: bool = False
+    expected_bucket_owner: str | None = None
+    sse: str | None = None  # "AES256" or "aws:kms"
+    sse_kms_key_id: str | None = None
+    sse_c_key_file: Path | None = None
+    no_sign_request: bool = False  # pull only: finalize refuses
 
     @property
     def remote_url(self) -> str:
@@ -432,6 +536,8 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         shard = resolve_shard(values.get("shard"), values.get("shard_count"), env)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
+    _check_encryption(values)
+    sse_c_key_file = values.get("sse_c_key_file")
     return SyncConfig(
         bucket=bucket,
         prefix=prefix,
@@ -457,7 +563,32 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
             if values.get("backup_retention") is not None
             else 7 * 86400.0
         ),
+        storage_class=values.get("storage_class"),
+        requester_pays=bool(values.get("requester_pays")),
+        expected_bucket_owner=values.get("expected_bucket_owner"),
+        sse=values.get("sse"),
+        sse_kms_key_id=values.get("sse_kms_key_id"),
+        sse_c_key_file=Path(os.path.abspath(sse_c_key_file)) if sse_c_key_file else None,
+        no_sign_request=bool(values.get("no_sign_request")),
     )
+
+
+def _check_encryption(values: Mapping[str, Any]) -> None:
+    """The combinations S3 would refuse on every request, refused before the first one."""
+    if values.get("sse_kms_key_id") and values.get("sse") != "aws:kms":
+        raise OptionError(
+            "--sse-kms-key-id (SIDECAR_SSE_KMS_KEY_ID) needs --sse aws:kms (SIDECAR_SSE)"
+        )
+    if values.get("sse") and values.get("sse_c_key_file"):
+        raise OptionError(
+            "--sse (SIDECAR_SSE) and --sse-c-key-file (SIDECAR_SSE_C_KEY_FILE) exclude each "
+            "other: an object has one server-side encryption"
+        )
+    if values.get("no_sign_request") and values.get("requester_pays"):
+        raise OptionError(
+            "--requester-pays (SIDECAR_REQUESTER_PAYS) needs signed requests: S3 refuses it "
+            "with --no-sign-request (SIDECAR_NO_SIGN_REQUEST)"
+        )
 
 
 def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConfig:
@@ -476,7 +607,8 @@ def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConf
         auto_sync=bool(values["auto_sync"]),
         auto_sync_debounce=debounce,
         auto_sync_max_delay=max_delay,
-        read_only=bool(values["read_only"]),
+        # Unsigned requests cannot write: a public bucket's daemon is read-only.
+        read_only=bool(values["read_only"]) or bool(values.get("no_sign_request")),
         ready_when=values.get("ready_when") or "all",
         priority_max_size=values.get("priority_max_size", 8 * 1024**2),
         priority=tuple(values.get("priority") or ()),

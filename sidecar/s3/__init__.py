@@ -10,6 +10,7 @@ in-flight budget (retry), listing parsing (listing), the XML of the rare operati
 (credentials).
 """
 
+from sidecar.s3.bucket_options import BucketOptions
 from sidecar.s3.endpoint import credentials_fingerprint
 from sidecar.s3.errors import S3Error
 from sidecar.s3.metadata import (
@@ -27,6 +28,7 @@ __all__ = [
     "META_HASH",
     "META_MODE",
     "META_MTIME",
+    "BucketOptions",
     "ClientSettings",
     "Labels",
     "ObjectInfo",

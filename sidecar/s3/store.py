@@ -17,13 +17,14 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 from urllib.parse import quote
 
 from sidecar.s3 import answers
 from sidecar.s3 import metadata as meta
+from sidecar.s3.bucket_options import BucketOptions, SseCKey, operation_of, option_headers
 from sidecar.s3.credentials import Credentials
 from sidecar.s3.endpoint import (
     Address,
@@ -70,6 +71,7 @@ class ClientSettings:
     deadline_base: float | None = None
     deadline_rate: float = DEADLINE_RATE
     addressing_style: str = "auto"  # --addressing-style: auto, path or virtual
+    bucket_options: BucketOptions = field(default_factory=BucketOptions)  # per-request headers
 
     @property
     def base_seconds(self) -> float:
@@ -111,6 +113,8 @@ class ObjectStore:
         self._host = ""
         self._path_prefix = ""
         self._address: Address | None = None
+        options = settings.bucket_options
+        self._sse_c = SseCKey(options.sse_c_key_file) if options.sse_c_key_file else None
 
     @property
     def in_flight(self) -> int:
@@ -120,6 +124,8 @@ class ObjectStore:
         self._region = (
             os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         )
+        if self._sse_c is not None:
+            self._sse_c.headers()  # an unusable key file fails the sync before any request
         self._open_pool(*self._configure_urls(endpoint_from_env(), self._region))
         return self
 
@@ -249,6 +255,7 @@ class ObjectStore:
         target = uri_encode_path(path)
         if query:
             target += "?" + canonical_query(query)
+        options = self.settings.bucket_options
         budget = self.budget
         tries: Attempts | None = None
         started = time.monotonic()
@@ -257,10 +264,23 @@ class ObjectStore:
             try:
                 # Keys asked for once the slot is held, not before the wait for it: a request
                 # queued behind slow ones must not sign with keys that expired meanwhile.
-                signer = await self._current_signer()
-                signed = signer.sign(
-                    method, self._host, path, query or {}, dict(headers or {}), datetime.now(UTC)
+                outgoing = dict(headers or {})
+                outgoing.update(
+                    option_headers(
+                        options,
+                        operation_of(method, key is not None, query or {}, outgoing),
+                        self._sse_c.headers() if self._sse_c is not None else None,
+                    )
                 )
+                if options.no_sign_request:
+                    # Public bucket: no credentials looked up, nothing signed.
+                    signer: Signer | None = None
+                    signed = outgoing
+                else:
+                    signer = await self._current_signer()
+                    signed = signer.sign(
+                        method, self._host, path, query or {}, outgoing, datetime.now(UTC)
+                    )
                 signed["Host"] = self._host
                 signed["User-Agent"] = USER_AGENT
                 try:
@@ -291,7 +311,7 @@ class ObjectStore:
                 budget.release()
             if (
                 error.region
-                and error.region != signer.region
+                and error.region != (signer.region if signer is not None else self._region)
                 and not followed
                 and self._follow_region(error.region)
             ):

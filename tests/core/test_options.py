@@ -119,3 +119,38 @@ def test_lock_timeout_defaults_to_five_minutes_and_takes_0_and_inf(tmp_path: Pat
     for bad in ("-1", "nan", "soon"):
         with pytest.raises(OptionError, match=r"--lock-timeout \(SIDECAR_LOCK_TIMEOUT\)"):
             collect({"lock_timeout": bad}, {}, "sync")
+
+
+def test_bucket_options_are_validated_up_front(tmp_path: Path) -> None:
+    base = {"remote": "s3://b/", "local_dir": str(tmp_path / "d")}
+    values = collect(
+        {**base, "storage_class": "standard_ia", "expected_bucket_owner": "123456789012"},
+        {"SIDECAR_SSE": "aws:kms", "SIDECAR_SSE_KMS_KEY_ID": "alias/k"},
+        "sync",
+    )
+    cfg = sync_config(values, {})
+    assert (cfg.storage_class, cfg.sse, cfg.sse_kms_key_id) == ("STANDARD_IA", "aws:kms", "alias/k")
+    assert cfg.expected_bucket_owner == "123456789012"
+    with pytest.raises(OptionError, match=r"--storage-class .*not an S3 storage class"):
+        collect({"storage_class": "COLD"}, {}, "sync")
+    with pytest.raises(OptionError, match="restore"):
+        collect({}, {"SIDECAR_STORAGE_CLASS": "DEEP_ARCHIVE"}, "sync")
+    for bad in ("12345678901", "1234567890123", "12345678901x"):
+        with pytest.raises(OptionError, match=r"SIDECAR_EXPECTED_BUCKET_OWNER.*12-digit"):
+            collect({"expected_bucket_owner": bad}, {}, "sync")
+    with pytest.raises(OptionError, match="AES256 or aws:kms"):
+        collect({"sse": "aws:kms:dsse"}, {}, "sync")
+    with pytest.raises(OptionError, match=r"--sse-kms-key-id .*needs --sse aws:kms"):
+        sync_config(collect({**base, "sse": "AES256", "sse_kms_key_id": "k"}, {}, "sync"), {})
+    with pytest.raises(OptionError, match="exclude each other"):
+        sync_config(collect({**base, "sse": "AES256", "sse_c_key_file": "/k"}, {}, "sync"), {})
+    with pytest.raises(OptionError, match=r"--requester-pays .*--no-sign-request"):
+        values = collect(
+            {**base}, {"SIDECAR_REQUESTER_PAYS": "1", "SIDECAR_NO_SIGN_REQUEST": "1"}, "sync"
+        )
+        sync_config(values, {})
+
+
+def test_no_sign_request_makes_the_daemon_read_only(tmp_path: Path) -> None:
+    flags = {"remote": "s3://b/", "local_dir": str(tmp_path / "d"), "no_sign_request": True}
+    assert serve_config(collect(flags, {}, "serve"), {}).read_only
