@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.s3 import BucketOptions, ObjectStore, S3Error
 from sidecar.s3 import bucket_options as bo
@@ -281,3 +282,26 @@ async def test_no_sign_request_pulls_unsigned_and_refuses_finalize(
     assert refused.fatal and "--no-sign-request" in refused.fatal
     assert len(wire) == before
     assert wire and not any("Authorization" in h or "authorization" in h for _, _, h in wire)
+
+
+async def test_sse_c_backups_copy_and_undo_on_seaweedfs(seaweed: S3Server, tmp_path: Path) -> None:
+    """Backups are CopyObjects of SSE-C objects: SeaweedFS needs the copy-source key headers
+    to read the source, and the destination ones to write it; an undo copies them back."""
+    bucket = seaweed.new_bucket()
+    key_file = tmp_path / "sse-c.key"
+    key_file.write_bytes(KEY)
+    local = tmp_path / "a"
+    write(local / "a.txt", b"a version 1")
+    cfg = config(bucket, local, tmp_path / "s", sse_c_key_file=key_file, backup=BackupMode.COPY)
+    async with SyncEngine(cfg) as engine:
+        assert (await engine.run(FIN)).ok
+        write(local / "a.txt", b"a version 2, longer")
+        second = await engine.run(FIN)
+        assert second.ok and second.sync_id is not None, second.as_dict()
+        undone = await engine.undo(second.sync_id)
+        assert undone.ok, undone.as_dict()
+    s3 = seaweed.client()
+    got = s3.get_object(
+        Bucket=bucket, Key="vol/a.txt", SSECustomerAlgorithm="AES256", SSECustomerKey=KEY
+    )
+    assert got["Body"].read() == b"a version 1"
