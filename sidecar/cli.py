@@ -95,11 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(values["log_format"], values["log_level"])
             from sidecar.serve import run_serve
 
-            return run_serve(serve_config(values, env))
+            config = serve_config(values, env)
+            _check_key_file(config.sync)
+            return run_serve(config)
         if args.verb in ("pull", "finalize") and args.once:
             values = collect(vars(args), env, "sync")
             setup_logging(values["log_format"], values["log_level"])
-            return _run_once(Direction(args.verb), sync_config(values, env), args.dry_run)
+            once = sync_config(values, env)
+            _check_key_file(once)
+            return _run_once(Direction(args.verb), once, args.dry_run)
         if args.verb in ("history", "undo", "restore"):
             from sidecar import undo_cli
 
@@ -127,6 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptionError, ValueError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _check_key_file(config: SyncConfig) -> None:
+    """An unusable --sse-c-key-file is a usage error at start, not a daemon's retried pull."""
+    if config.sse_c_key_file is None:
+        return
+    from sidecar.s3 import S3Error
+    from sidecar.s3.bucket_options import SseCKey
+
+    try:
+        SseCKey(str(config.sse_c_key_file)).headers()
+    except S3Error as exc:
+        raise OptionError(str(exc)) from None
 
 
 def _run_once(direction: Direction, config: SyncConfig, dry_run: bool) -> int:

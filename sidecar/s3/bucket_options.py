@@ -141,6 +141,9 @@ class SseCKey:
         except (OSError, ValueError) as exc:
             cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise S3Error(
-                self.path, "BadSseCKey", f"unusable --sse-c-key-file: {cause}", fatal=True
+                self.path,
+                "BadSseCKey",
+                f"unusable SSE-C key file (--sse-c-key-file): {cause}",
+                fatal=True,
             ) from None
         return self._headers

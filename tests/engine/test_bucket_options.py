@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from sidecar.cli import EXIT_USAGE, main
 from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.s3 import BucketOptions, ObjectStore, S3Error
@@ -305,3 +306,18 @@ async def test_sse_c_backups_copy_and_undo_on_seaweedfs(seaweed: S3Server, tmp_p
         Bucket=bucket, Key="vol/a.txt", SSECustomerAlgorithm="AES256", SSECustomerKey=KEY
     )
     assert got["Body"].read() == b"a version 1"
+
+
+@pytest.mark.parametrize("verb", [["serve"], ["pull", "--once"]])
+def test_an_unusable_key_file_is_a_usage_error_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: list[str]
+) -> None:
+    key_file = tmp_path / "sse-c.key"
+    key_file.write_bytes(b"not-a-key-at-all")
+    flags = ["--remote", "s3://b/", "--local-dir", str(tmp_path / "d")]
+    flags += ["--state-dir", str(tmp_path / "s"), "--sse-c-key-file", str(key_file)]
+    assert main([*verb, *flags]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert str(key_file) in error and "256-bit" in error and "not-a-key" not in error
+    assert main([*verb, *flags[:-1], str(tmp_path / "missing")]) == EXIT_USAGE
+    assert "No such file" in capsys.readouterr().err
