@@ -612,7 +612,8 @@ class SyncEngine:
         listing = _Listing()
         prefix = self.config.prefix
         try:
-            async for page in store.list(prefix):
+            # As many keys as the last sync saw: a large prefix lists one round trip sooner.
+            async for page in store.list(prefix, expect_keys=len(self.state.base)):
                 for item in page:
                     try:
                         relpath = key_to_relpath(prefix, item.key)

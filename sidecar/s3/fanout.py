@@ -16,6 +16,14 @@ Memory stays bounded: at most LOOKAHEAD sub-prefixes are listed ahead of the one
 each buffering one page; the one being read is always allowed to run, so a reader never
 waits on a listing that waits on the reader. A folder of a million direct files is still one
 chain (no delimiter splits it); it costs what the single listing costs plus one page.
+
+Round trips before keys flow: the flat first page, then the delimited listing, then the
+folders. When the caller expects a large prefix (`speculate`: e.g. the last sync of it held
+more than a page of keys), the delimited listing is sent beside the flat first page, so a
+large listing costs two round trips before the fan-out instead of three. If the flat page
+turns out to hold it all, the delimited request is cancelled (or its answer dropped): one
+request wasted, counted in `wasted`. Small prefixes are never speculated on: a second request
+for every one-page listing would double the requests of a small volume.
 """
 
 from __future__ import annotations
@@ -52,17 +60,39 @@ def _parse(prefix: str, body: bytes) -> tuple[list[ObjectInfo], list[str], str |
 class FanOutListing:
     """Pages of the listing under one prefix, in key order, listed LOOKAHEAD-wide."""
 
-    def __init__(self, fetch: FetchPage, lookahead: int | None = None) -> None:
+    def __init__(
+        self, fetch: FetchPage, lookahead: int | None = None, *, speculate: bool = False
+    ) -> None:
         self._fetch = fetch
         self._free = LOOKAHEAD if lookahead is None else lookahead  # lookahead slots not taken
+        self._speculate = speculate
+        self.wasted = 0  # speculative delimited requests whose answer was not needed
 
     async def pages(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
-        async with contextlib.aclosing(self._walk(prefix, None)) as pages:
+        async with contextlib.aclosing(self._walk(prefix, None, self._speculate)) as pages:
             async for page in pages:
                 yield page
 
-    async def _walk(self, prefix: str, after: str | None) -> AsyncIterator[list[ObjectInfo]]:
+    async def _walk(
+        self, prefix: str, after: str | None, speculate: bool = False
+    ) -> AsyncIterator[list[ObjectInfo]]:
         """The keys under prefix after `after` (all of them when None)."""
+        ahead = None
+        if speculate and after is None:  # the delimited listing, beside the flat first page
+            ahead = asyncio.ensure_future(self._fetch(prefix, None, None, True))
+        try:
+            async with contextlib.aclosing(self._flat_then_fan_out(prefix, after, ahead)) as pages:
+                async for page in pages:
+                    yield page
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()  # the fan-out did not take it (or ended before reading it)
+            elif ahead is not None and not ahead.cancelled():
+                ahead.exception()  # an unneeded answer's failure is nobody's: retrieve it
+
+    async def _flat_then_fan_out(
+        self, prefix: str, after: str | None, ahead: asyncio.Future[bytes] | None
+    ) -> AsyncIterator[list[ObjectInfo]]:
         entries, _, token = _parse(prefix, await self._fetch(prefix, None, after, False))
         last = entries[-1].key if entries else after
         if after is not None:  # a server that ignores start-after costs a filter, not a key
@@ -73,15 +103,23 @@ class FanOutListing:
         if entries:
             yield entries
         if token is None:
+            if ahead is not None:
+                self.wasted += 1
             return
         # More than a page: the rest comes from the folders of this prefix, side by side.
-        async with contextlib.aclosing(self._fan_out(prefix, last)) as pages:
+        async with contextlib.aclosing(self._fan_out(prefix, last, ahead)) as pages:
             async for page in pages:
                 yield page
 
-    async def _fan_out(self, prefix: str, after: str | None) -> AsyncIterator[list[ObjectInfo]]:
+    async def _fan_out(
+        self, prefix: str, after: str | None, first: asyncio.Future[bytes] | None = None
+    ) -> AsyncIterator[list[ObjectInfo]]:
         bound = key_order(after) if after is not None else None
-        fetch = asyncio.ensure_future(self._fetch(prefix, None, None, True))
+        fetch = (
+            first
+            if first is not None
+            else asyncio.ensure_future(self._fetch(prefix, None, None, True))
+        )
         children: list[_Child] = []
         try:
             while True:

@@ -331,14 +331,19 @@ class ObjectStore:
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
 
     async def list(
-        self, prefix: str, pace: Callable[[], Awaitable[None]] | None = None
+        self,
+        prefix: str,
+        pace: Callable[[], Awaitable[None]] | None = None,
+        expect_keys: int = 0,
     ) -> AsyncIterator[list[ObjectInfo]]:
         """Pages of the listing under prefix, in key order (metadata is never in listings).
 
         A prefix larger than one page is listed folder by folder, many at once
         (sidecar.s3.fanout): the same objects in the same order as one chain of pages.
         `pace` is awaited before each page request (--max-requests-per-second): pages
-        handed on and requests sent no longer match one to one.
+        handed on and requests sent no longer match one to one. `expect_keys` (e.g. how
+        many the last sync of this prefix saw): above one page, the delimited listing is sent
+        beside the first page (one round trip less; one request wasted if it was not needed).
         """
         fetch = self._list_page
         if pace is not None:
@@ -349,7 +354,8 @@ class ObjectStore:
                 await pace()
                 return await self._list_page(prefix, token, start_after, delimited)
 
-        async with contextlib.aclosing(FanOutListing(fetch).pages(prefix)) as pages:
+        listing = FanOutListing(fetch, speculate=expect_keys > self.list_page_keys)
+        async with contextlib.aclosing(listing.pages(prefix)) as pages:
             async for page in pages:
                 yield page
 

@@ -38,7 +38,9 @@ class DelayedStore(ObjectStore):
         return await super()._list_page(*args, **kwargs)
 
 
-async def _time(bucket: str, delay: float, lookahead: int, fan_out: bool) -> tuple[float, int]:
+async def _time(
+    bucket: str, delay: float, lookahead: int, fan_out: bool, expect_keys: int = 0
+) -> tuple[float, int]:
     saved = fanout.LOOKAHEAD
     fanout.LOOKAHEAD = lookahead
     try:
@@ -47,7 +49,7 @@ async def _time(bucket: str, delay: float, lookahead: int, fan_out: bool) -> tup
             started = time.monotonic()
             count = 0
             if fan_out:
-                async for page in store.list("vol/"):
+                async for page in store.list("vol/", expect_keys=expect_keys):
                     count += len(page)
             else:  # the chain of before: page after page, each asking with the last token
                 token = None
@@ -110,12 +112,14 @@ class ModelServer:
         return "".join(body).encode()
 
 
-async def _model_time(server: ModelServer, fan_out: bool) -> tuple[float, float, int, int]:
+async def _model_time(
+    server: ModelServer, fan_out: bool, speculate: bool = False
+) -> tuple[float, float, int, int]:
     server.requests = 0
     started, cpu = time.monotonic(), time.process_time()
     count = 0
     if fan_out:
-        async for page in fanout.FanOutListing(server.fetch).pages("vol/"):
+        async for page in fanout.FanOutListing(server.fetch, speculate=speculate).pages("vol/"):
             count += len(page)
     else:
         token = None
@@ -134,13 +138,17 @@ def _model(args: argparse.Namespace) -> None:
     keys = sorted(f"vol/d{n // per_folder:05d}/f{n:08d}.jpg" for n in range(args.keys))
     for delay in (0.0, args.delay):
         server = ModelServer(keys, delay)
-        for name, fan_out in (("one chain", False), ("fan-out", True)):
+        for name, fan_out, speculate in (
+            ("one chain", False, False),
+            ("fan-out", True, False),
+            ("fan-out, speculative", True, True),
+        ):
             label = f"{name}, {delay * 1000:.0f} ms/page"
             if not fan_out and delay and args.keys > 200_000:
                 pages = -(-args.keys // 1000)
                 print(f"{label:32s} >= {pages * delay:6.2f} s (the round trips alone)")
                 continue
-            seconds, cpu, count, requests = asyncio.run(_model_time(server, fan_out))
+            seconds, cpu, count, requests = asyncio.run(_model_time(server, fan_out, speculate))
             assert count == args.keys, count
             print(f"{label:32s} {seconds:6.2f} s, CPU {cpu:5.2f} s, {requests} requests")
     tracemalloc.start()
@@ -172,15 +180,20 @@ def main() -> None:
             os.environ.update(server.env())
             os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
             asyncio.run(_time("bench", 0, 16, True))  # warm the server's caches, untimed
-            for name, delay, fan_out in [
-                ("one chain, no delay", 0.0, False),
-                ("fan-out, no delay", 0.0, True),
-                (f"one chain, {args.delay * 1000:.0f} ms/page", args.delay, False),
-                (f"fan-out, {args.delay * 1000:.0f} ms/page", args.delay, True),
+            ms = f"{args.delay * 1000:.0f} ms/page"
+            for name, delay, fan_out, expect in [
+                ("one chain, no delay", 0.0, False, 0),
+                ("fan-out, no delay", 0.0, True, 0),
+                ("fan-out speculative, no delay", 0.0, True, args.keys),
+                (f"one chain, {ms}", args.delay, False, 0),
+                (f"fan-out, {ms}", args.delay, True, 0),
+                (f"fan-out speculative, {ms}", args.delay, True, args.keys),
             ]:
                 times = []
                 for _ in range(args.runs):
-                    seconds, count = asyncio.run(_time("bench", delay, fanout.LOOKAHEAD, fan_out))
+                    seconds, count = asyncio.run(
+                        _time("bench", delay, fanout.LOOKAHEAD, fan_out, expect)
+                    )
                     assert count == args.keys, count
                     times.append(seconds)
                 print(f"{name:32s} {min(times):6.2f} s (best of {args.runs}), {count} keys")
