@@ -137,8 +137,7 @@ def _check_key_file(config: SyncConfig) -> None:
     """An unusable --sse-c-key-file is a usage error at start, not a daemon's retried pull."""
     if config.sse_c_key_file is None:
         return
-    from sidecar.s3 import S3Error
-    from sidecar.s3.bucket_options import SseCKey
+    from sidecar.s3 import S3Error, SseCKey
 
     try:
         SseCKey(str(config.sse_c_key_file)).headers()

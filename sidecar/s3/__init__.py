@@ -10,7 +10,7 @@ in-flight budget (retry), listing parsing (listing), the XML of the rare operati
 (credentials).
 """
 
-from sidecar.s3.bucket_options import BucketOptions
+from sidecar.s3.bucket_options import BucketOptions, SseCKey
 from sidecar.s3.endpoint import credentials_fingerprint
 from sidecar.s3.errors import S3Error
 from sidecar.s3.metadata import (
@@ -35,6 +35,7 @@ __all__ = [
     "ObjectStore",
     "ObjectVersion",
     "S3Error",
+    "SseCKey",
     "Written",
     "credentials_fingerprint",
     "labels_for",
