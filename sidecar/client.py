@@ -85,29 +85,7 @@ def _sync(verb: str, control_url: str, dry_run: bool, out: TextIO) -> int:
     response = _request(control_url, "POST", f"/{verb}{query}")
     if response.status != 200:
         return _failed_answer(response)
-    tty = out.isatty()
-    drawn = 0
-    summary: dict[str, Any] | None = None
-    try:
-        for raw in response:
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line.startswith("{"):
-                summary = json.loads(line)
-                break
-            if tty:
-                width = shutil.get_terminal_size().columns - 1
-                shown = line[:width]
-                out.write("\r" + shown.ljust(drawn))
-                drawn = len(shown)
-            else:
-                out.write(line + "\n")
-            out.flush()
-    except (OSError, http.client.HTTPException) as exc:
-        raise Unreachable(f"the connection broke during {verb}: {exc}") from None
-    if tty and drawn:
-        out.write("\n")
-    if summary is None:
-        raise Unreachable(f"the daemon ended the {verb} answer without a summary")
+    summary = _follow(response, out, verb)
     return _print_summary(summary, out)
 
 
@@ -151,7 +129,7 @@ def _follow(response: http.client.HTTPResponse, out: TextIO, what: str) -> dict[
     if tty and drawn:
         out.write("\n")
     if final is None:
-        raise Unreachable(f"the daemon ended the {what} answer without a result")
+        raise Unreachable(f"the daemon ended the {what} answer without a summary")
     return final
 
 
