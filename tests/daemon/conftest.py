@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
+from daemon_support import (
+    FRESH_LISTINGS,
+    Daemon,
+    FakeEngine,
+    S3Endpoint,
+    StartDaemon,
+    answers_ok,
+)
 
 from sidecar.locals3 import LocalS3, environ_with, free_port
 
@@ -26,7 +33,7 @@ def s3(tmp_path: Path) -> Iterator[LocalS3]:
     server = LocalS3(tmp_path / "s3", log_path=tmp_path / "rclone.log")
     # Tests write objects straight into the backing folder; rclone must not serve a
     # directory listing it cached before that.
-    server.start(extra_args=("--dir-cache-time", "0s"))
+    server.start(extra_args=FRESH_LISTINGS)
     server.make_bucket(BUCKET)
     try:
         yield server

@@ -20,6 +20,14 @@ from sidecar.core.model import Direction
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 
+# `rclone serve s3` flags for a server whose backing folder tests write into directly: its
+# VFS must not serve a listing it cached before that. Not "--dir-cache-time 0s": rclone
+# (v1.75.2) then re-arms its directory-cache cleanup with a zero delay, forgetting the cache
+# back to back ("forgetting directory cache" ~70,000 times a second at -vv), and burns ~1.6
+# cores for as long as it runs: requests stalled for seconds, a CopyObject for over the 30 s
+# read timeout (tests/daemon/test_rclone_fixture.py). 1 ms is as fresh for a test, at no cost.
+FRESH_LISTINGS = ("--dir-cache-time", "1ms")
+
 
 @dataclass
 class FakeEngine:

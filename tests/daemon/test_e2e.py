@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_support import StartDaemon, http, http_json, non_loopback_ipv4
+from daemon_support import FRESH_LISTINGS, StartDaemon, http, http_json, non_loopback_ipv4
 
 from sidecar.locals3 import LocalS3, free_port
 
@@ -245,7 +245,7 @@ def test_becomes_ready_when_the_server_comes_up(tmp_path: Path, start_daemon: St
         daemon.wait_until(lambda: daemon.status()["initial_pull"]["attempts"] >= 1, 20, "attempt")
         daemon.wait_until(lambda: daemon.status()["last_error"] is not None, 30, "the failure")
         assert http("GET", daemon.probe + "/readyz")[0] == 503
-        late.start(extra_args=("--dir-cache-time", "0s"))
+        late.start(extra_args=FRESH_LISTINGS)
         late.make_bucket("vol")
         seed(late.root / "vol", {"f.txt": b"late"})
         daemon.wait_ready(timeout=30)

@@ -7,18 +7,11 @@ import json
 import subprocess
 import sys
 
-import pytest
 from daemon_support import StartDaemon, http_json
 
 from sidecar.locals3 import LocalS3
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="rclone serve s3 intermittently stalls a CopyObject (a backup copy or the copy "
-    "back) for longer than this test's 60 s HTTP timeout; seen about half the runs on a loaded "
-    "machine, 2026-12-03; open (the engine tests of the same steps pass)",
-)
 def test_history_and_undo_through_the_daemon(s3: LocalS3, start_daemon: StartDaemon) -> None:
     daemon = start_daemon(s3, env={"SIDECAR_BACKUP": "auto"})  # the product's default
     daemon.wait_ready()
