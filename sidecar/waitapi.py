@@ -23,7 +23,7 @@ from aiohttp import web
 
 from sidecar.core.units import format_bytes
 from sidecar.pullqueue import PriorityPull, WaitAnswer
-from sidecar.web import PROGRESS_INTERVAL, WAITS, _error, _flag, _json, _params, progress_bar
+from sidecar.web import WAITS, _error, _flag, _json, _params, progress_bar, progress_stream
 
 
 def _timeout(request: web.Request) -> float | None:
@@ -63,28 +63,20 @@ async def wait_handler(request: web.Request) -> web.StreamResponse:
 async def _stream(
     request: web.Request, waits: PriorityPull, paths: list[str], seconds: float | None
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=200,
-        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
-    )
-    response.enable_chunked_encoding()
-    await response.prepare(request)
     waiter = asyncio.ensure_future(waits.wait(paths, seconds))
     _files, total = waits.progress(paths)
-    try:
-        while not waiter.done():
-            files, left = waits.progress(paths)
-            total = max(total, left)
-            await response.write((_line(waits, files, left, total) + "\n").encode())
-            await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
-    finally:
-        if not waiter.done():
-            waiter.cancel()  # the client left
-    answer: WaitAnswer = waiter.result()
-    body: dict[str, Any] = {**answer.body, "status": answer.status}
-    await response.write((json.dumps(body) + "\n").encode())
-    await response.write_eof()
-    return response
+
+    def line() -> str:
+        nonlocal total
+        files, left = waits.progress(paths)
+        total = max(total, left)
+        return _line(waits, files, left, total)
+
+    def final() -> dict[str, Any]:
+        answer: WaitAnswer = waiter.result()
+        return {**answer.body, "status": answer.status}
+
+    return await progress_stream(request, waiter, line, final)
 
 
 def _line(waits: PriorityPull, files: int, left: int, total: int) -> str:

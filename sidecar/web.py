@@ -191,31 +191,47 @@ def _sync_handler(direction: Direction) -> Handler:
     return handle
 
 
-async def _stream(
-    request: web.Request, coordinator: Coordinator, ticket: Ticket
+async def progress_stream(
+    request: web.Request,
+    waiter: asyncio.Future[Any],
+    line: Callable[[], str],
+    final: Callable[[], dict[str, Any]],
 ) -> web.StreamResponse:
+    """A plain-text answer of progress lines until `waiter` is done, then `final()` as one
+    JSON line (the progress=1 answers of /pull, /finalize and /wait)."""
     response = web.StreamResponse(
         status=200,
         headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
     )
     response.enable_chunked_encoding()
     await response.prepare(request)
-    waiter = asyncio.ensure_future(ticket.result())
     try:
         # A first line at once (so a terminal shows something), then one per interval.
         while not waiter.done():
-            await response.write((_progress_line(coordinator, ticket) + "\n").encode())
+            await response.write((line() + "\n").encode())
             await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
     finally:
         if not waiter.done():
-            waiter.cancel()  # the client left; the shielded sync goes on for the others
-    try:
-        body: dict[str, Any] = summary_body(waiter.result(), ticket)
-    except Refused as exc:
-        body = {"ok": False, "refused": exc.reason}
-    await response.write((json.dumps(body) + "\n").encode())
+            waiter.cancel()  # the client left (a shielded sync goes on for the others)
+    await response.write((json.dumps(final()) + "\n").encode())
     await response.write_eof()
     return response
+
+
+async def _stream(
+    request: web.Request, coordinator: Coordinator, ticket: Ticket
+) -> web.StreamResponse:
+    waiter = asyncio.ensure_future(ticket.result())
+
+    def final() -> dict[str, Any]:
+        try:
+            return summary_body(waiter.result(), ticket)
+        except Refused as exc:
+            return {"ok": False, "refused": exc.reason}
+
+    return await progress_stream(
+        request, waiter, lambda: _progress_line(coordinator, ticket), final
+    )
 
 
 @_params(frozenset())
