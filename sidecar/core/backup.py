@@ -9,6 +9,7 @@ path, the `before` of the first sync after that time.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import re
@@ -192,7 +193,8 @@ class SyncRecord:
             **({"undoes": self.undoes} if self.undoes else {}),
         }
 
-    def to_json(self) -> bytes:
+    # builtins.bytes: in this class `bytes` is the property above.
+    def to_json(self) -> builtins.bytes:
         data = {
             "format": RECORD_FORMAT,
             **self.summary(),
@@ -203,7 +205,7 @@ class SyncRecord:
         return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
     @staticmethod
-    def from_json(data: bytes) -> SyncRecord:
+    def from_json(data: builtins.bytes) -> SyncRecord:
         """Raises ValueError naming what is wrong."""
         try:
             raw = json.loads(data)

@@ -142,5 +142,5 @@ def _matcher(spec: pathspec.GitIgnoreSpec) -> Callable[[str], bool]:
     active = [pattern for pattern in spec.patterns if pattern.include is not None]
     if any(not pattern.include or pattern.regex is None for pattern in active):
         return spec.match_file
-    regexes = [pattern.regex for pattern in active]
+    regexes = [pattern.regex for pattern in active if pattern.regex is not None]  # all, as checked
     return lambda relpath: any(regex.match(relpath) for regex in regexes)

@@ -275,6 +275,7 @@ def _drop_type_clashes(
 ) -> None:
     """A file cannot be written where a folder stays, nor below a file that stays."""
     pull = direction is Direction.PULL
+    target: Mapping[str, LocalFile | RemoteObject]  # the side this plan writes to
     if pull:
         writes, deletes = ActionKind.DOWNLOAD, ActionKind.DELETE_LOCAL
         target, side, verb = local, "in the local folder", "downloaded"
