@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sidecar.s3.errors import S3Error
+
+if TYPE_CHECKING:  # the import stays lazy at run time (see above)
+    from botocore.credentials import Credentials as Provided
 
 Frozen = tuple[str, str, str | None]  # access key, secret key, session token
 # botocore refreshes temporary credentials this long before they expire (its advisory
@@ -32,7 +35,7 @@ class Credentials:
         self._env: Frozen | None = (
             (key, secret, os.environ.get("AWS_SESSION_TOKEN") or None) if key and secret else None
         )
-        self._provided: Any = None  # botocore's Credentials (maybe Refreshable)
+        self._provided: Provided | None = None  # maybe RefreshableCredentials
 
     async def frozen(self) -> Frozen:
         if self._env is not None:
@@ -48,10 +51,12 @@ class Credentials:
                 frozen = provided.get_frozen_credentials()
         except Exception as exc:  # botocore's provider errors, whatever their class
             raise self._failed(exc) from exc
+        if frozen.access_key is None or frozen.secret_key is None:
+            raise self._none_found()  # botocore's types allow it; its providers never do
         return frozen.access_key, frozen.secret_key, frozen.token
 
-    async def _from_provider_chain(self) -> Any:
-        def load() -> Any:
+    async def _from_provider_chain(self) -> Provided:
+        def load() -> Provided | None:
             from botocore.session import get_session
 
             return get_session().get_credentials()
@@ -61,14 +66,17 @@ class Credentials:
         except Exception as exc:  # a broken profile, an unreadable token file...
             raise self._failed(exc) from exc
         if provided is None:
-            raise S3Error(
-                self.name,
-                "NoCredentials",
-                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_SHARED_CREDENTIALS_FILE)",
-                fatal=True,
-            )
+            raise self._none_found()
         return provided
+
+    def _none_found(self) -> S3Error:
+        return S3Error(
+            self.name,
+            "NoCredentials",
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_SHARED_CREDENTIALS_FILE)",
+            fatal=True,
+        )
 
     def _failed(self, exc: Exception) -> S3Error:
         return S3Error(

@@ -49,7 +49,11 @@ def proxy_from_env(scheme: str, host: str) -> Proxy | None:
     read them, so every request of a sync takes the same way out of the pod."""
     if not any(name.lower() in ("http_proxy", "https_proxy") for name in os.environ):
         return None  # the common case: no proxy, and no urllib.request import (~10 ms)
-    from urllib.request import getproxies_environment, proxy_bypass_environment
+    # proxy_bypass_environment: public in CPython's urllib.request, missing from typeshed.
+    from urllib.request import (  # type: ignore[attr-defined]
+        getproxies_environment,
+        proxy_bypass_environment,
+    )
 
     proxies = getproxies_environment()
     url = proxies.get(scheme)

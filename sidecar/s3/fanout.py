@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from sidecar.s3.errors import S3Error
 from sidecar.s3.listing import listing_entries, listing_prefixes, listing_token
@@ -68,14 +68,14 @@ class FanOutListing:
         self._speculate = speculate
         self.wasted = 0  # speculative delimited requests whose answer was not needed
 
-    async def pages(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+    async def pages(self, prefix: str) -> AsyncGenerator[list[ObjectInfo], None]:
         async with contextlib.aclosing(self._walk(prefix, None, self._speculate)) as pages:
             async for page in pages:
                 yield page
 
     async def _walk(
         self, prefix: str, after: str | None, speculate: bool = False
-    ) -> AsyncIterator[list[ObjectInfo]]:
+    ) -> AsyncGenerator[list[ObjectInfo], None]:
         """The keys under prefix after `after` (all of them when None)."""
         ahead = None
         if speculate and after is None:  # the delimited listing, beside the flat first page
@@ -92,7 +92,7 @@ class FanOutListing:
 
     async def _flat_then_fan_out(
         self, prefix: str, after: str | None, ahead: asyncio.Future[bytes] | None
-    ) -> AsyncIterator[list[ObjectInfo]]:
+    ) -> AsyncGenerator[list[ObjectInfo], None]:
         entries, _, token = _parse(prefix, await self._fetch(prefix, None, after, False))
         last = entries[-1].key if entries else after
         if after is not None:  # a server that ignores start-after costs a filter, not a key
@@ -113,7 +113,7 @@ class FanOutListing:
 
     async def _fan_out(
         self, prefix: str, after: str | None, first: asyncio.Future[bytes] | None = None
-    ) -> AsyncIterator[list[ObjectInfo]]:
+    ) -> AsyncGenerator[list[ObjectInfo], None]:
         bound = key_order(after) if after is not None else None
         fetch = (
             first

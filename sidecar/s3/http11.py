@@ -645,7 +645,7 @@ class ConnectionPool:
                 permanent=status in (403, 407),
             )
         assert conn.transport is not None and self._ssl is not None
-        conn.transport = await asyncio.get_running_loop().start_tls(  # type: ignore[assignment]
+        conn.transport = await asyncio.get_running_loop().start_tls(
             conn.transport, conn, self._ssl, server_hostname=self.host
         )
 

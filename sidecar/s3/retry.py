@@ -57,7 +57,7 @@ class RetryPolicy:
     ) -> float:
         """Seconds to wait after the `failed`-th attempt (0-based) failed: full jitter."""
         scale = self.throttle_scale if throttled else self.error_scale
-        return draw() * min(self.max_backoff, scale * 2**failed)
+        return draw() * min(self.max_backoff, scale * 2.0**failed)
 
     def deadline(self, expected_bytes: int) -> float:
         """Seconds one request (all its attempts and backoffs) may take."""

@@ -10,13 +10,14 @@ lazily.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import html
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -330,12 +331,13 @@ class ObjectStore:
     # ---- reading ---------------------------------------------------------------------
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
 
+    # Below this method, `list` in this class's annotations is the method: builtins.list.
     async def list(
         self,
         prefix: str,
         pace: Callable[[], Awaitable[None]] | None = None,
         expect_keys: int = 0,
-    ) -> AsyncIterator[list[ObjectInfo]]:
+    ) -> AsyncGenerator[list[ObjectInfo], None]:
         """Pages of the listing under prefix, in key order (metadata is never in listings).
 
         A prefix larger than one page is listed folder by folder, many at once
@@ -611,7 +613,7 @@ class ObjectStore:
                 await self.abort_strays(key, keep=upload_id)
         return upload_id
 
-    async def abort_strays(self, key: str, keep: str | None = None) -> list[str]:
+    async def abort_strays(self, key: str, keep: str | None = None) -> builtins.list[str]:
         """Abort the multipart uploads of exactly `key` but `keep`; returns their ids (one that
         cannot be aborted is left as it was). Raises S3Error if they cannot be listed.
 
@@ -652,7 +654,7 @@ class ObjectStore:
         self,
         key: str,
         upload_id: str,
-        part_etags: list[str],
+        part_etags: builtins.list[str],
         if_match: str | None = None,
         if_none_match: bool = False,
         expected: tuple[int, dict[str, str]] | None = None,
@@ -872,7 +874,7 @@ class ObjectStore:
         await self.get_object(key, None, lambda data: chunks.append(bytes(data)))
         return b"".join(chunks)
 
-    async def list_versions(self, prefix: str) -> list[ObjectVersion]:
+    async def list_versions(self, prefix: str) -> builtins.list[ObjectVersion]:
         """ListObjectVersions under prefix, every page: versions and delete markers."""
         found: list[ObjectVersion] = []
         query = {"versions": "", "prefix": prefix, "max-keys": "1000"}
