@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--once", action="store_true", help="run the sync here, no daemon")
         sub.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
         _add_options(sub, "sync")
+        _add_options(sub, "once")
         _add_client_only_options(sub)
 
     from sidecar.undo_cli import add_verbs
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(values["log_format"], values["log_level"])
             once = sync_config(values, env)
             _check_key_file(once)
-            return _run_once(Direction(args.verb), once, args.dry_run)
+            summary_json = collect(vars(args), env, "once")["summary_json"]
+            return _run_once(Direction(args.verb), once, args.dry_run, summary_json)
         if args.verb in ("history", "undo", "restore"):
             from sidecar import undo_cli
 
@@ -145,7 +147,7 @@ def _check_key_file(config: SyncConfig) -> None:
         raise OptionError(str(exc)) from None
 
 
-def _run_once(direction: Direction, config: SyncConfig, dry_run: bool) -> int:
+def _run_once(direction: Direction, config: SyncConfig, dry_run: bool, summary_json: bool) -> int:
     from sidecar.sync import SyncEngine
 
     async def run() -> int:
@@ -166,7 +168,7 @@ def _run_once(direction: Direction, config: SyncConfig, dry_run: bool) -> int:
         if result.deletes_blocked:
             print(f"sidecar: {result.deletes_blocked}", file=sys.stderr)
         print(result.one_line())
-        if os.environ.get("SIDECAR_SUMMARY_JSON"):
+        if summary_json:
             print(json.dumps(result.as_dict()))
         return EXIT_OK if result.ok else EXIT_SYNC_FAILED
 

@@ -104,7 +104,7 @@ class SyncEngine:
         self.config = config
         self.client_settings = client or ClientSettings(
             concurrency=config.concurrency,
-            read_timeout=float(os.environ.get("SIDECAR_REQUEST_TIMEOUT", "30")),
+            read_timeout=config.request_timeout,
             addressing_style=config.addressing_style,
             bucket_options=BucketOptions(
                 storage_class=config.storage_class,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
-from sidecar.core.parts import part_size_for, split_ranges
+from sidecar.core.parts import part_ranges
 from sidecar.core.paths import NamesInUse, conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
 from sidecar.folder import (
@@ -411,7 +411,7 @@ class Transfers:
         relpath = self._relpath_of(remote)
         key = self.prefix + relpath
         os.ftruncate(fd, remote.size)
-        ranges = split_ranges(remote.size, self.settings.part_size)
+        ranges = part_ranges(remote.size, self.settings.part_size)
         pool = self._part_buffers
         metadata: dict[str, str] = {}
         hasher = new_content_hasher()
@@ -587,8 +587,7 @@ class Transfers:
         self, relpath: str, key: str, local: LocalFile, if_match: str | None
     ) -> Uploaded | None:
         path = self._abs(relpath)
-        part_size = part_size_for(local.size, self.settings.part_size)
-        ranges = split_ranges(local.size, part_size)
+        ranges = part_ranges(local.size, self.settings.part_size)
         await self.state.upload_creating(key)
         upload_id = await self.store.create_multipart(key, metadata_for(local))
         await self.state.upload_started(upload_id, key)

@@ -14,6 +14,7 @@ from typing import Any
 
 from sidecar.core.backup import BackupMode, parse_backup_mode, parse_duration
 from sidecar.core.filters import pattern_problem
+from sidecar.core.parts import MAX_PART_SIZE, MIN_PART_SIZE
 from sidecar.core.paths import (
     BadKey,
     check_mount_folder,
@@ -77,6 +78,22 @@ def _size(text: str) -> int:
     value = parse_size(text)
     if value < 1:
         raise ValueError(f"must be positive, got {text!r}")
+    return value
+
+
+def _part_size(text: str) -> int:
+    """S3 refuses a part under 5 MiB (all but the last) or over 5 GiB: a bad value would
+    fail every multipart upload at its first CompleteMultipartUpload, so it fails here."""
+    value = parse_size(text)
+    if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+        raise ValueError(f"must be between 5MiB and 5GiB (S3's part limits), got {text!r}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {text!r}")
     return value
 
 
@@ -200,6 +217,7 @@ class Option:
 SYNC = frozenset({"sync", "serve"})
 SERVE = frozenset({"serve"})
 CLIENT = frozenset({"client"})
+ONCE = frozenset({"once"})  # pull/finalize --once only
 
 OPTIONS: tuple[Option, ...] = (
     Option("--remote", None, str, "s3://BUCKET[/PREFIX] holding the volume", SYNC),
@@ -229,7 +247,20 @@ OPTIONS: tuple[Option, ...] = (
         SYNC,
     ),
     Option(
-        "--part-size", "16MiB", _size, "multipart part size; grown to stay <= 10,000 parts", SYNC
+        "--part-size",
+        "16MiB",
+        _part_size,
+        "part size of multipart uploads and ranged downloads, 5MiB to 5GiB; doubled as needed "
+        "so no object needs more than 10,000 parts",
+        SYNC,
+    ),
+    Option(
+        "--request-timeout",
+        "30",
+        _timeout,
+        "seconds a request may go without a byte from the server before it is retried; a "
+        "request also ends by its deadline: twice this plus its bytes at 64 KiB/s",
+        SYNC,
     ),
     Option(
         "--multipart-threshold",
@@ -413,6 +444,14 @@ OPTIONS: tuple[Option, ...] = (
         True,
     ),
     Option(
+        "--summary-json",
+        False,
+        _bool,
+        "after the summary line, print the sync's summary as one JSON object",
+        ONCE,
+        is_switch=True,
+    ),
+    Option(
         "--control-url", "http://127.0.0.1:8080", str, "where the daemon's control API is", CLIENT
     ),
 )
@@ -438,6 +477,7 @@ class SyncConfig:
     bwlimit_up: int | None = None
     max_requests_per_second: float | None = None
     addressing_style: str = "auto"
+    request_timeout: float = 30.0  # seconds of silence
     backup: BackupMode = BackupMode.AUTO
     backup_retention: float = 7 * 86400.0  # seconds
     storage_class: str | None = None
@@ -557,6 +597,7 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         bwlimit_up=(values.get("bwlimit") or (None, None))[1],
         max_requests_per_second=values.get("max_requests_per_second"),
         addressing_style=values.get("addressing_style") or "auto",
+        request_timeout=values.get("request_timeout") or 30.0,
         backup=values.get("backup") or BackupMode.AUTO,
         backup_retention=(
             values["backup_retention"]

@@ -22,3 +22,9 @@ def split_ranges(file_size: int, part_size: int) -> list[tuple[int, int]]:
     return [
         (offset, min(part_size, file_size - offset)) for offset in range(0, file_size, part_size)
     ]
+
+
+def part_ranges(file_size: int, preferred: int) -> list[tuple[int, int]]:
+    """The parts of one object, uploads and ranged downloads alike: `preferred` made valid
+    for S3 and the size (part_size_for), then split."""
+    return split_ranges(file_size, part_size_for(file_size, preferred))

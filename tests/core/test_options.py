@@ -154,3 +154,36 @@ def test_bucket_options_are_validated_up_front(tmp_path: Path) -> None:
 def test_no_sign_request_makes_the_daemon_read_only(tmp_path: Path) -> None:
     flags = {"remote": "s3://b/", "local_dir": str(tmp_path / "d"), "no_sign_request": True}
     assert serve_config(collect(flags, {}, "serve"), {}).read_only
+
+
+@pytest.mark.parametrize("text", ["1MiB", "4MiB", "5242879", "6GiB"])
+def test_part_size_outside_s3_limits_is_refused_naming_the_option(text: str) -> None:
+    """S3 refuses parts under 5 MiB (but the last) or over 5 GiB: found at start, not at the
+    first multipart upload's completion."""
+    with pytest.raises(OptionError, match=r"--part-size \(SIDECAR_PART_SIZE\).*5MiB and 5GiB"):
+        collect({"part_size": text}, {}, "sync")
+    with pytest.raises(OptionError, match=r"--part-size .*from SIDECAR_PART_SIZE"):
+        collect({}, {"SIDECAR_PART_SIZE": text}, "sync")
+
+
+def test_part_size_takes_s3_limits_themselves() -> None:
+    assert collect({"part_size": "5MiB"}, {}, "sync")["part_size"] == 5 * 1024**2
+    assert collect({"part_size": "5GiB"}, {}, "sync")["part_size"] == 5 * 1024**3
+
+
+def test_request_timeout_comes_from_the_table(tmp_path: Path) -> None:
+    base = {"remote": "s3://b/", "local_dir": str(tmp_path / "d")}
+    assert sync_config(collect(base, {}, "sync"), {}).request_timeout == 30.0
+    values = collect(base, {"SIDECAR_REQUEST_TIMEOUT": "1"}, "sync")
+    assert sync_config(values, {}).request_timeout == 1.0
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(OptionError, match=r"--request-timeout \(SIDECAR_REQUEST_TIMEOUT\)"):
+            collect({}, {"SIDECAR_REQUEST_TIMEOUT": bad}, "sync")
+
+
+def test_summary_json_is_a_switch_of_once_syncs() -> None:
+    assert collect({}, {}, "once")["summary_json"] is False
+    assert collect({}, {"SIDECAR_SUMMARY_JSON": "1"}, "once")["summary_json"] is True
+    assert collect({"summary_json": True}, {}, "once")["summary_json"] is True
+    with pytest.raises(OptionError, match=r"--summary-json \(SIDECAR_SUMMARY_JSON\)"):
+        collect({}, {"SIDECAR_SUMMARY_JSON": "maybe"}, "once")

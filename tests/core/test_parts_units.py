@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.core.parts import MAX_PARTS, MIN_PART_SIZE, part_size_for, split_ranges
+from sidecar.core.parts import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    part_ranges,
+    part_size_for,
+    split_ranges,
+)
 from sidecar.core.units import format_bytes, format_duration, parse_size
 
 MiB, GiB, TiB = 1024**2, 1024**3, 1024**4
@@ -18,6 +24,12 @@ def test_part_size_never_needs_more_than_10000_parts(size: int) -> None:
 def test_part_size_respects_s3_minimum_and_grows_by_doubling() -> None:
     assert part_size_for(10, 1) == MIN_PART_SIZE
     assert part_size_for(200 * GiB, 16 * MiB) == 32 * MiB
+
+
+def test_part_ranges_are_valid_s3_parts_whatever_the_preference() -> None:
+    assert part_ranges(12 * MiB, 1 * MiB) == [(0, 5 * MiB), (5 * MiB, 5 * MiB), (10 * MiB, 2 * MiB)]
+    assert len(part_ranges(200 * GiB, 16 * MiB)) <= MAX_PARTS
+    assert part_ranges(0, 16 * MiB) == [(0, 0)]
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 24, 25])
