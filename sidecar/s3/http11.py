@@ -740,46 +740,19 @@ class ConnectionPool:
     async def _exchange(
         self, conn: _Connection, method: str, head: bytes, body: bytes | memoryview | None
     ) -> Response:
-        early = False
-        try:
-            if body is None or len(body) <= PREFETCH_BODY:
-                await conn.write(head + bytes(body) if body else head)
-            else:
-                await conn.write(head)
-                view = memoryview(body)
-                for start in range(0, len(view), WRITE_SLICE):
-                    # asyncio copies what the socket does not take at once: slices bound
-                    # that copy (one 16 MiB write would cost 16 MiB more RSS).
-                    await conn.write(view[start : start + WRITE_SLICE])
-        except _EarlyAnswer:
-            early = True
-        except (ConnectionResetError, BrokenPipeError):
-            # Closed before we handed over the whole request: never applied.
-            if conn.received_nothing:
-                raise _StaleConnection(sent=False) from None
-            early = True  # it answered first, then closed: read that answer
-        try:
-            raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
-        except (ConnectionResetError, BrokenPipeError):
-            if conn.received_nothing:
-                raise _StaleConnection(sent=True) from None
-            raise
-        if not raw:
-            raise _StaleConnection(sent=True)
-        parsed = _Head(raw)
-        while 100 <= parsed.status < 200:  # 1xx: the real answer follows
-            parsed = _Head(await _read_head(conn))
+        early = await _send(conn, head, body)
+        parsed = await _answer_head(conn)
         status, headers = parsed.status, parsed.headers
-        connection = headers.get("connection", "").lower()
-        if early:  # the server still expects the rest of our body on this connection
-            keep_alive = False
-        elif parsed.version == "1.1":
-            keep_alive = connection != "close"
-        else:
-            keep_alive = connection == "keep-alive"
         has_body = method != "HEAD" and status not in (204, 304)
         response = Response(
-            self, conn, status, parsed.reason, headers, keep_alive, has_body, parsed
+            self,
+            conn,
+            status,
+            parsed.reason,
+            headers,
+            _keeps_alive(parsed, early),
+            has_body,
+            parsed,
         )
         conn.expected_in = response._remaining  # the announced body (0: not announced)
         conn.received_in = 0  # the body counts from here; the head was in the base
@@ -796,6 +769,54 @@ class ConnectionPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+async def _send(conn: _Connection, head: bytes, body: bytes | memoryview | None) -> bool:
+    """Writes the request; True if the server answered before taking all of it (early)."""
+    try:
+        if body is None or len(body) <= PREFETCH_BODY:
+            await conn.write(head + bytes(body) if body else head)
+        else:
+            await conn.write(head)
+            view = memoryview(body)
+            for start in range(0, len(view), WRITE_SLICE):
+                # asyncio copies what the socket does not take at once: slices bound
+                # that copy (one 16 MiB write would cost 16 MiB more RSS).
+                await conn.write(view[start : start + WRITE_SLICE])
+    except _EarlyAnswer:
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        # Closed before we handed over the whole request: never applied.
+        if conn.received_nothing:
+            raise _StaleConnection(sent=False) from None
+        return True  # it answered first, then closed: read that answer
+    return False
+
+
+async def _answer_head(conn: _Connection) -> _Head:
+    """The final answer's head, past any 1xx; a kept-alive connection the server had closed
+    without a byte of answer is _StaleConnection(sent=True)."""
+    try:
+        raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
+    except (ConnectionResetError, BrokenPipeError):
+        if conn.received_nothing:
+            raise _StaleConnection(sent=True) from None
+        raise
+    if not raw:
+        raise _StaleConnection(sent=True)
+    parsed = _Head(raw)
+    while 100 <= parsed.status < 200:  # 1xx: the real answer follows
+        parsed = _Head(await _read_head(conn))
+    return parsed
+
+
+def _keeps_alive(parsed: _Head, early: bool) -> bool:
+    if early:  # the server still expects the rest of our body on this connection
+        return False
+    connection = parsed.headers.get("connection", "").lower()
+    if parsed.version == "1.1":
+        return connection != "close"
+    return connection == "keep-alive"
 
 
 async def _read_head(conn: _Connection) -> bytes:

@@ -226,6 +226,35 @@ class ObjectStore:
             method, key, read, query=query, headers=headers, data=data, work_bytes=work_bytes
         )
 
+    async def _signed(
+        self,
+        method: str,
+        key: str | None,
+        path: str,
+        query: dict[str, str] | None,
+        headers: dict[str, str] | None,
+        options: BucketOptions,
+    ) -> tuple[dict[str, str], Signer | None]:
+        """The headers of one attempt, signed, and the signer (None: not signed)."""
+        outgoing = dict(headers or {})
+        outgoing.update(
+            option_headers(
+                options,
+                operation_of(method, key is not None, query or {}, outgoing),
+                self._sse_c.headers() if self._sse_c is not None else None,
+            )
+        )
+        if options.no_sign_request:
+            # Public bucket: no credentials looked up, nothing signed.
+            signer: Signer | None = None
+            signed = outgoing
+        else:
+            signer = await self._current_signer()
+            signed = signer.sign(method, self._host, path, query or {}, outgoing, datetime.now(UTC))
+        signed["Host"] = self._host
+        signed["User-Agent"] = USER_AGENT
+        return signed, signer
+
     async def _exchange(
         self,
         method: str,
@@ -251,11 +280,7 @@ class ObjectStore:
         assert self._pool is not None
         name = key if key is not None else self.bucket
         followed = False
-        # The bucket itself is /bkt (path style) or / (virtual), as botocore sends it.
-        path = self._path_prefix + "/" + key if key is not None else self._path_prefix or "/"
-        target = uri_encode_path(path)
-        if query:
-            target += "?" + canonical_query(query)
+        path, target = self._target(key, query)
         options = self.settings.bucket_options
         budget = self.budget
         tries: Attempts | None = None
@@ -265,25 +290,7 @@ class ObjectStore:
             try:
                 # Keys asked for once the slot is held, not before the wait for it: a request
                 # queued behind slow ones must not sign with keys that expired meanwhile.
-                outgoing = dict(headers or {})
-                outgoing.update(
-                    option_headers(
-                        options,
-                        operation_of(method, key is not None, query or {}, outgoing),
-                        self._sse_c.headers() if self._sse_c is not None else None,
-                    )
-                )
-                if options.no_sign_request:
-                    # Public bucket: no credentials looked up, nothing signed.
-                    signer: Signer | None = None
-                    signed = outgoing
-                else:
-                    signer = await self._current_signer()
-                    signed = signer.sign(
-                        method, self._host, path, query or {}, outgoing, datetime.now(UTC)
-                    )
-                signed["Host"] = self._host
-                signed["User-Agent"] = USER_AGENT
+                signed, signer = await self._signed(method, key, path, query, headers, options)
                 try:
                     response = await self._pool.request(
                         method, target, signed, data, work_bytes=work_bytes
@@ -321,12 +328,26 @@ class ObjectStore:
             if error.throttled:
                 budget.throttled(granted)
             if tries is None:
-                if not error.retryable:
-                    raise error  # the common failure (404, 412): no bookkeeping
                 sent = (len(data) if data is not None else 0) + expected_bytes + work_bytes
-                tries = Attempts(self.retry_policy, name, sent, started)
+                tries = self._first_retry(error, name, sent, started)
             await tries.again(error)  # raises `error` when no more attempts are due
             self.retries += 1
+
+    def _target(self, key: str | None, query: dict[str, str] | None) -> tuple[str, str]:
+        """The path that is signed, and the request target (path and query, encoded)."""
+        # The bucket itself is /bkt (path style) or / (virtual), as botocore sends it.
+        path = self._path_prefix + "/" + key if key is not None else self._path_prefix or "/"
+        target = uri_encode_path(path)
+        if query:
+            target += "?" + canonical_query(query)
+        return path, target
+
+    def _first_retry(self, error: S3Error, name: str, sent: int, started: float) -> Attempts:
+        """The bookkeeping of a request's retries, from its first failure on; a failure not
+        worth retrying is raised here (the common one, 404 or 412: no bookkeeping)."""
+        if not error.retryable:
+            raise error
+        return Attempts(self.retry_policy, name, sent, started)
 
     # ---- reading ---------------------------------------------------------------------
     list_page_keys = 1000  # S3's most; tests list a small tree in many pages
