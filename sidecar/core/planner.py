@@ -10,6 +10,7 @@ import enum
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sidecar.core.model import (
     Action,
@@ -169,80 +170,114 @@ def _plan_path(
     rc = remote_change(ro, be)
     pull = direction is Direction.PULL
 
-    def act(kind: ActionKind, **extra: object) -> None:
-        out.actions.append(Action(kind, path, lf, ro, **extra))  # type: ignore[arg-type]
+    def act(
+        kind: ActionKind, keep_conflict_copy: bool = False, conflict_copy: str | None = None
+    ) -> None:
+        out.actions.append(Action(kind, path, lf, ro, keep_conflict_copy, conflict_copy))
 
     # Neither side moved away from BASE.
     if lc is Change.UNCHANGED and rc is Change.UNCHANGED:
         out.skipped += 1
         return
-    if lc in (Change.DELETED, Change.ABSENT) and rc in (Change.DELETED, Change.ABSENT):
+    if lc in _GONE and rc in _GONE:
         if be is not None:
             act(ActionKind.FORGET)
         return
 
     # Exactly one side changed.
-    if lc is Change.UNCHANGED:
-        if not pull:
-            out.skipped += 1  # a remote change is pull's business
-        elif rc is Change.DELETED:
-            act(ActionKind.DELETE_LOCAL)
-        elif ro is not None and be is not None and ro.hash == be.hash:
-            act(ActionKind.SET_MODE_LOCAL)  # same bytes, new mode: chmod, no download
+    if lc in _STILL or rc in _STILL:
+        kind = _remote_moved(pull, rc, ro, be) if lc in _STILL else _local_moved(pull, lc, lf, be)
+        if kind is None:
+            out.skipped += 1  # the other direction's business
         else:
-            act(ActionKind.DOWNLOAD)
-        return
-    if rc is Change.UNCHANGED:
-        if pull:
-            out.skipped += 1  # a local change is finalize's business
-        elif lc is Change.DELETED:
-            act(ActionKind.DELETE_REMOTE)
-        elif lf is not None and be is not None and lf.hash == be.hash:
-            act(ActionKind.SET_MODE_REMOTE)  # same bytes, new mode: metadata, no upload
-        else:
-            act(ActionKind.UPLOAD)
-        return
-    if rc is Change.ABSENT:  # local added, never seen remotely
-        if pull:
-            out.skipped += 1
-        else:
-            act(ActionKind.UPLOAD)
-        return
-    if lc is Change.ABSENT:  # remote added, never seen locally
-        if pull:
-            act(ActionKind.DOWNLOAD)
-        else:
-            out.skipped += 1
+            act(kind)
         return
 
-    # Both sides changed. Equal content is agreement, not conflict.
+    # Both sides changed.
     if lf is not None and ro is not None:
-        equal = same_content(lf, ro)
-        if equal:
-            # Same bytes, another mode (an object without our metadata counts as 644, as a
-            # download makes it): a finalize pushes the local mode; a pull records the
-            # bucket's mode in BASE (sync.py), so the local one stays a local change.
-            if pull or lf.executable == bool(ro.executable):
-                act(ActionKind.ADOPT)
-            else:
-                act(ActionKind.SET_MODE_REMOTE)
-            return
-        kind = "both-added" if be is None else "both-modified"
-        copy = conflict_name(path, now, taken)
-        taken.claim(copy)
-        if pull:
-            # Remote takes the name; the local version is kept beside it. When equality is
-            # unknown (foreign multipart object) the download itself decides.
-            act(ActionKind.DOWNLOAD, keep_conflict_copy=True, conflict_copy=copy)
-            resolution = "downloaded the bucket's version; kept the local one as the copy"
-        else:
-            act(ActionKind.UPLOAD, keep_conflict_copy=True, conflict_copy=copy)
-            resolution = "uploaded the local version; kept the bucket's one as the copy"
-        if equal is False:
-            out.conflicts.append(Conflict(path, kind, resolution, copy))
-        return
+        _both_changed(out, act, pull, path, lf, ro, be, now, taken)
+    else:
+        _modified_deleted(out, act, pull, path, lf)
 
-    # One side modified, the other deleted: the modification wins, nothing is lost.
+
+class _Act(Protocol):
+    """Adds this path's action to the plan."""
+
+    def __call__(
+        self, kind: ActionKind, keep_conflict_copy: bool = ..., conflict_copy: str | None = ...
+    ) -> None: ...
+
+
+_GONE = (Change.DELETED, Change.ABSENT)
+# A side as BASE has it, or never there (ABSENT: no BASE, so the other side was ADDED).
+_STILL = (Change.UNCHANGED, Change.ABSENT)
+
+
+def _remote_moved(
+    pull: bool, rc: Change, ro: RemoteObject | None, be: BaseEntry | None
+) -> ActionKind | None:
+    """Only the bucket's side changed (None: skipped, a remote change is pull's business)."""
+    if not pull:
+        return None
+    if rc is Change.DELETED:
+        return ActionKind.DELETE_LOCAL
+    if ro is not None and be is not None and ro.hash == be.hash:
+        return ActionKind.SET_MODE_LOCAL  # same bytes, new mode: chmod, no download
+    return ActionKind.DOWNLOAD
+
+
+def _local_moved(
+    pull: bool, lc: Change, lf: LocalFile | None, be: BaseEntry | None
+) -> ActionKind | None:
+    """Only the local side changed (None: skipped, a local change is finalize's business)."""
+    if pull:
+        return None
+    if lc is Change.DELETED:
+        return ActionKind.DELETE_REMOTE
+    if lf is not None and be is not None and lf.hash == be.hash:
+        return ActionKind.SET_MODE_REMOTE  # same bytes, new mode: metadata, no upload
+    return ActionKind.UPLOAD
+
+
+def _both_changed(
+    out: Plan,
+    act: _Act,
+    pull: bool,
+    path: str,
+    lf: LocalFile,
+    ro: RemoteObject,
+    be: BaseEntry | None,
+    now: datetime,
+    taken: NamesInUse,
+) -> None:
+    """Both sides hold a changed file. Equal content is agreement, not conflict."""
+    equal = same_content(lf, ro)
+    if equal:
+        # Same bytes, another mode (an object without our metadata counts as 644, as a
+        # download makes it): a finalize pushes the local mode; a pull records the
+        # bucket's mode in BASE (sync.py), so the local one stays a local change.
+        if pull or lf.executable == bool(ro.executable):
+            act(ActionKind.ADOPT)
+        else:
+            act(ActionKind.SET_MODE_REMOTE)
+        return
+    kind = "both-added" if be is None else "both-modified"
+    copy = conflict_name(path, now, taken)
+    taken.claim(copy)
+    if pull:
+        # Remote takes the name; the local version is kept beside it. When equality is
+        # unknown (foreign multipart object) the download itself decides.
+        act(ActionKind.DOWNLOAD, keep_conflict_copy=True, conflict_copy=copy)
+        resolution = "downloaded the bucket's version; kept the local one as the copy"
+    else:
+        act(ActionKind.UPLOAD, keep_conflict_copy=True, conflict_copy=copy)
+        resolution = "uploaded the local version; kept the bucket's one as the copy"
+    if equal is False:
+        out.conflicts.append(Conflict(path, kind, resolution, copy))
+
+
+def _modified_deleted(out: Plan, act: _Act, pull: bool, path: str, lf: LocalFile | None) -> None:
+    """One side modified, the other deleted: the modification wins, nothing is lost."""
     if lf is not None:  # remote deleted, local modified
         if pull:
             act(ActionKind.FORGET)  # keep the local file, now local-only
