@@ -36,7 +36,7 @@ def _add_options(parser: argparse.ArgumentParser, scope: str) -> None:
     for option in OPTIONS:
         if scope not in option.scopes:
             continue
-        help_text = f"{option.help} [env {option.env}]"
+        help_text = option.help_text()
         if option.is_switch:
             parser.add_argument(option.flag, action="store_true", default=False, help=help_text)
         elif option.repeatable:
@@ -48,7 +48,7 @@ def _add_options(parser: argparse.ArgumentParser, scope: str) -> None:
 def _add_client_only_options(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         if "client" in option.scopes and "sync" not in option.scopes:
-            parser.add_argument(option.flag, default=None, help=f"{option.help} [env {option.env}]")
+            parser.add_argument(option.flag, default=None, help=option.help_text())
 
 
 def build_parser() -> argparse.ArgumentParser:

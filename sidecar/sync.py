@@ -67,7 +67,7 @@ from sidecar.s3 import (
 )
 from sidecar.scan import ScanResult, hash_files, scan
 from sidecar.state import StateError, StateStore, state_path_for
-from sidecar.threads import SettlingExecutor
+from sidecar.threads import SettlingExecutor, default_io_threads
 from sidecar.transfer import Settings, TransferError, Transfers, gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,10 @@ class SyncEngine:
         self._store: ObjectStore | None = None
         self._store_fingerprint: tuple[float, ...] = ()
         self._retries_before = 0
-        # Hashing and bulk reads run here; sized so one core hashes while the other serves I/O.
-        self._executor = SettlingExecutor(max_workers=4, thread_name_prefix="sidecar-io")
+        # Hashing and bulk reads run here (--hash-threads).
+        self._executor = SettlingExecutor(
+            max_workers=config.hash_threads or default_io_threads(), thread_name_prefix="sidecar-io"
+        )
         # A pull's downloads in another order than biggest first, drained by its own workers
         # (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
         self.download_order: DownloadOrder | None = None
@@ -693,7 +695,7 @@ class SyncEngine:
         # was a second map of every object, ~40 MiB at 1 M files, just for a few changes).
         # A bounded pool of workers, not a task per object: a first sync over a folder that
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
-        await _run_bounded(wanted, resolve, self.config.concurrency)
+        await _run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
         return remote
 
     def _remember_new_etags(
@@ -898,9 +900,9 @@ class SyncEngine:
 
         order = self.download_order
         if order is None or result.operation is not Direction.PULL or not queue:
-            await _run_bounded(queue, do_one, self.config.concurrency)
+            await _run_bounded(queue, do_one, self.config.files_in_flight)
             return
-        left_alone = await order.run(queue, do_one, self.config.concurrency)
+        left_alone = await order.run(queue, do_one, self.config.files_in_flight)
         if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
             result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
             result.files_skipped += len(left_alone)

@@ -9,10 +9,36 @@ sync's journal (its records lost) or two commits would write one temp file at on
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+MAX_IO_THREADS = 32
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota
+    (a pod's CPU limit, which os.cpu_count() does not see)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        with open(CGROUP_CPU_MAX) as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def default_io_threads() -> int:
+    """--hash-threads auto: a thread per core hashes, two more keep renames, commits and
+    reads going meanwhile (4 on 2 cores, what was fixed before)."""
+    return min(usable_cores() + 2, MAX_IO_THREADS)
 
 
 class SettlingExecutor(ThreadPoolExecutor):

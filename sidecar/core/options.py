@@ -1,14 +1,20 @@
-"""The option table: every flag next to its SIDECAR_* env twin, default and check.
+"""The option table: every setting a user can make, once: flag, SIDECAR_* env twin, default,
+unit, check and help.
 
-Pure: `resolve()` turns flag values and an environment mapping into typed configs, raising
-OptionError (one message style for every bad value) before anything starts.
+Pure: `collect()` turns flag values and an environment mapping into parsed values and
+`sync_config()` / `serve_config()` into one frozen config, raising OptionError (one message
+style for every bad value) before anything starts. The configs' defaults are the rows'
+defaults (`default_of`); the engine, the store, the transfers and the daemon take the parts
+they need from the config (ClientSettings, transfer.Settings, Limits are views of it). No
+other module reads a SIDECAR_* variable (tests/core/test_option_table.py).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,27 @@ def _timeout(text: str) -> float:
     value = _seconds(text)
     if not 0 < value < float("inf"):
         raise ValueError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _threads(text: str) -> int | None:
+    """'auto' (None: the engine sizes it for the usable cores) or a thread count."""
+    if text.strip().lower() == "auto":
+        return None
+    return _positive_int(text)
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"must be text or json, got {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"must be debug, info, warning or error, got {text!r}")
     return value
 
 
@@ -198,12 +225,16 @@ def _nonempty(text: str) -> str:
 @dataclass(frozen=True)
 class Option:
     flag: str  # "--local-dir"
+    # As a user would write it, parsed like any given value; None, [] or False: unset.
     default: Any
     parse: Callable[[str], Any]
     help: str
-    scopes: frozenset[str]  # "sync" (pull/finalize --once and serve), "serve", "client"
+    # "sync" (pull/finalize --once, history/undo/restore, serve), "serve", "client" (verbs
+    # that ask the daemon), "once" (pull/finalize --once only)
+    scopes: frozenset[str]
     repeatable: bool = False  # flag may be given many times; env is comma-separated
     is_switch: bool = False  # flag takes no value
+    unit: str = ""  # what a number counts (bytes, seconds...), shown in --help
 
     @property
     def dest(self) -> str:
@@ -213,11 +244,18 @@ class Option:
     def env(self) -> str:
         return "SIDECAR_" + self.dest.upper()
 
+    def help_text(self) -> str:
+        """The --help line: what it does, its default and unit, its env twin."""
+        shown = self.default if isinstance(self.default, str) else None
+        facts = [f"default {shown}" if shown else "", self.unit]
+        extra = "; ".join(fact for fact in facts if fact)
+        return f"{self.help}" + (f" ({extra})" if extra else "") + f" [env {self.env}]"
+
 
 SYNC = frozenset({"sync", "serve"})
 SERVE = frozenset({"serve"})
 CLIENT = frozenset({"client"})
-ONCE = frozenset({"once"})  # pull/finalize --once only
+ONCE = frozenset({"once"})
 
 OPTIONS: tuple[Option, ...] = (
     Option("--remote", None, str, "s3://BUCKET[/PREFIX] holding the volume", SYNC),
@@ -233,10 +271,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--volume", None, str, "volume name, for logs and metrics (1-50 of a-zA-Z0-9_.-)", SYNC),
     Option(
         "--concurrency",
-        None,
+        str(default_concurrency()),
         _positive_int,
-        f"requests in flight across all files (default {default_concurrency()} here)",
+        "S3 requests in flight across all files: files moved at once, the ranges and parts "
+        "of one file and HEADs all draw from it; connections kept open follow it",
         SYNC,
+        unit="requests",
     ),
     Option(
         "--addressing-style",
@@ -253,6 +293,7 @@ OPTIONS: tuple[Option, ...] = (
         "part size of multipart uploads and ranged downloads, 5MiB to 5GiB; doubled as needed "
         "so no object needs more than 10,000 parts",
         SYNC,
+        unit="bytes",
     ),
     Option(
         "--request-timeout",
@@ -261,6 +302,16 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a request may go without a byte from the server before it is retried; a "
         "request also ends by its deadline: twice this plus its bytes at 64 KiB/s",
         SYNC,
+        unit="seconds",
+    ),
+    Option(
+        "--hash-threads",
+        "auto",
+        _threads,
+        "threads that hash files and do the sync's blocking file work; auto: the usable "
+        "cores (CPU affinity and cgroup quota) + 2, at most 32",
+        SYNC,
+        unit="threads",
     ),
     Option(
         "--multipart-threshold",
@@ -268,6 +319,7 @@ OPTIONS: tuple[Option, ...] = (
         _size,
         "files at least this big move in parallel parts",
         SYNC,
+        unit="bytes",
     ),
     Option("--include", [], _globs, "only sync paths matching this glob (repeatable)", SYNC, True),
     Option("--exclude", [], _globs, "never sync paths matching this glob (repeatable)", SYNC, True),
@@ -277,6 +329,7 @@ OPTIONS: tuple[Option, ...] = (
         _percent,
         "stop before deleting more than this share of the other side",
         SYNC,
+        unit="percent",
     ),
     Option(
         "--force-delete",
@@ -293,6 +346,7 @@ OPTIONS: tuple[Option, ...] = (
         "seconds to wait for another sync of the same state or folder to end (0: fail at "
         "once, naming it; inf: wait as long as it takes)",
         SYNC,
+        unit="seconds",
     ),
     Option(
         "--shard",
@@ -316,6 +370,7 @@ OPTIONS: tuple[Option, ...] = (
         "bytes per second for all transfers of this process, e.g. 200MiB (downloads and "
         "uploads each), or DOWN:UP (200MiB:50MiB; 0 or empty: no limit that way)",
         SYNC,
+        unit="bytes per second",
     ),
     Option(
         "--max-requests-per-second",
@@ -323,6 +378,7 @@ OPTIONS: tuple[Option, ...] = (
         _per_second,
         "S3 requests per second for this process (listing pages, HEADs, GETs, PUTs, parts...)",
         SYNC,
+        unit="requests per second",
     ),
     Option(
         "--backup",
@@ -340,6 +396,7 @@ OPTIONS: tuple[Option, ...] = (
         "how long backups and history are kept (e.g. 7d, 12h); expired ones are removed at "
         "the end of a sync",
         SYNC,
+        unit="duration: 7d, 12h, 30m or seconds",
     ),
     Option(
         "--storage-class",
@@ -393,8 +450,14 @@ OPTIONS: tuple[Option, ...] = (
         SYNC,
         is_switch=True,
     ),
-    Option("--log-format", "text", str, "text or json (one JSON object per line)", SYNC | CLIENT),
-    Option("--log-level", "info", str, "debug, info, warning or error", SYNC | CLIENT),
+    Option(
+        "--log-format",
+        "text",
+        _log_format,
+        "text or json (one JSON object per line)",
+        SYNC | CLIENT,
+    ),
+    Option("--log-level", "info", _log_level, "debug, info, warning or error", SYNC | CLIENT),
     Option(
         "--control-addr", "127.0.0.1:8080", _addr, "control API (pull/finalize), loopback", SERVE
     ),
@@ -405,12 +468,22 @@ OPTIONS: tuple[Option, ...] = (
         "--shutdown-timeout",
         "300",
         _seconds,
-        "seconds allowed for the final finalize after SIGTERM",
+        "time allowed for the final finalize after SIGTERM",
         SERVE,
+        unit="seconds",
     ),
     Option("--auto-sync", False, _bool, "push changes after they settle", SERVE, is_switch=True),
-    Option("--auto-sync-debounce", "2", _seconds, "seconds of quiet before an auto push", SERVE),
-    Option("--auto-sync-max-delay", "30", _seconds, "longest wait for quiet under writes", SERVE),
+    Option(
+        "--auto-sync-debounce", "2", _seconds, "quiet before an auto push", SERVE, unit="seconds"
+    ),
+    Option(
+        "--auto-sync-max-delay",
+        "30",
+        _seconds,
+        "longest wait for quiet under writes",
+        SERVE,
+        unit="seconds",
+    ),
     Option(
         "--read-only",
         False,
@@ -433,6 +506,7 @@ OPTIONS: tuple[Option, ...] = (
         _size_or_zero,
         "with --ready-when priority: files up to this size are in the priority set",
         SERVE,
+        unit="bytes",
     ),
     Option(
         "--priority",
@@ -457,74 +531,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class SyncConfig:
-    bucket: str
-    prefix: str  # normalized: '' or ends with '/'
-    local_dir: Path
-    state_dir: Path
-    concurrency: int = field(default_factory=default_concurrency)
-    part_size: int = 16 * 1024**2
-    multipart_threshold: int = 32 * 1024**2
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    max_delete_fraction: float = 0.5
-    force_delete: bool = False
-    volume: str | None = None
-    lock_timeout: float = 300.0
-    shard: Shard | None = None
-    bwlimit_down: int | None = None  # bytes per second; None: no limit
-    bwlimit_up: int | None = None
-    max_requests_per_second: float | None = None
-    addressing_style: str = "auto"
-    request_timeout: float = 30.0  # seconds of silence
-    backup: BackupMode = BackupMode.AUTO
-    backup_retention: float = 7 * 86400.0  # seconds
-    storage_class: str | None = None
-    requester_pays: bool = False
-    expected_bucket_owner: str | None = None
-    sse: str | None = None  # "AES256" or "aws:kms"
-    sse_kms_key_id: str | None = None
-    sse_c_key_file: Path | None = None
-    no_sign_request: bool = False  # pull only: finalize refuses
-
-    @property
-    def remote_url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    sync: SyncConfig
-    control_addr: str = "127.0.0.1:8080"
-    probe_addr: str = "0.0.0.0:8081"
-    shutdown_timeout: float = 300.0
-    auto_sync: bool = False
-    auto_sync_debounce: float = 2.0
-    auto_sync_max_delay: float = 30.0
-    read_only: bool = False
-    ready_when: str = "all"  # or "priority" (issue 13)
-    priority_max_size: int = 8 * 1024**2
-    priority: tuple[str, ...] = ()
-
-
-def collect(flag_values: Mapping[str, Any], env: Mapping[str, str], scope: str) -> dict[str, Any]:
-    """Flag beats env beats default. Returns parsed values keyed by Option.dest."""
-    values: dict[str, Any] = {}
-    for option in OPTIONS:
-        if scope not in option.scopes:
-            continue
-        raw = flag_values.get(option.dest)
-        source = option.flag
-        if raw in (None, [], False) and option.env in env:
-            raw, source = env[option.env], option.env
-        if raw in (None, []) or (raw is False and option.is_switch):
-            raw, source = option.default, "default"
-        try:
-            values[option.dest] = _parse_one(option, raw)
-        except ValueError as exc:
-            raise OptionError(f"{option.flag} ({option.env}) from {source}: {exc}") from None
-    return values
+_BY_DEST = {option.dest: option for option in OPTIONS}
 
 
 def _parse_one(option: Option, raw: Any) -> Any:
@@ -534,6 +541,113 @@ def _parse_one(option: Option, raw: Any) -> Any:
         items = raw if isinstance(raw, list) else [raw]
         return [glob for item in items for glob in option.parse(item)]
     return option.parse(raw)
+
+
+def _value(values: Mapping[str, Any], dest: str) -> Any:
+    """A collected value; its row's default where the caller collected no such value."""
+    if dest in values:
+        return values[dest]
+    option = _BY_DEST[dest]
+    return _parse_one(option, option.default)
+
+
+def default_of(flag: str) -> Any:
+    """A row's default, parsed: the one place a default is written is its row."""
+    return _value({}, flag.lstrip("-").replace("-", "_"))
+
+
+_NO_LIMIT: tuple[int | None, int | None] = (None, None)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """What one sync engine needs: the (remote, folder) pair and every sync option, parsed.
+
+    --concurrency means one thing, requests in flight (the store's budget); the other counts
+    are derived from it here, not set apart (see `files_in_flight`)."""
+
+    bucket: str
+    prefix: str  # normalized: '' or ends with '/'
+    local_dir: Path
+    state_dir: Path
+    concurrency: int = default_of("--concurrency")
+    part_size: int = default_of("--part-size")
+    multipart_threshold: int = default_of("--multipart-threshold")
+    include: tuple[str, ...] = tuple(default_of("--include"))
+    exclude: tuple[str, ...] = tuple(default_of("--exclude"))
+    max_delete_fraction: float = default_of("--max-delete-percent") / 100
+    force_delete: bool = default_of("--force-delete")
+    volume: str | None = default_of("--volume")
+    lock_timeout: float = default_of("--lock-timeout")
+    shard: Shard | None = None  # --shard, --shard-count and JOB_COMPLETION_INDEX
+    bwlimit_down: int | None = (default_of("--bwlimit") or _NO_LIMIT)[0]  # bytes/s; None: none
+    bwlimit_up: int | None = (default_of("--bwlimit") or _NO_LIMIT)[1]
+    max_requests_per_second: float | None = default_of("--max-requests-per-second")
+    addressing_style: str = default_of("--addressing-style")
+    request_timeout: float = default_of("--request-timeout")  # seconds of silence
+    hash_threads: int | None = default_of("--hash-threads")  # None: sized for the cores
+    backup: BackupMode = default_of("--backup")  # noqa: RUF009 - an enum member, immutable
+    backup_retention: float = default_of("--backup-retention")  # seconds
+    storage_class: str | None = default_of("--storage-class")
+    requester_pays: bool = default_of("--requester-pays")
+    expected_bucket_owner: str | None = default_of("--expected-bucket-owner")
+    sse: str | None = default_of("--sse")  # "AES256" or "aws:kms"
+    sse_kms_key_id: str | None = default_of("--sse-kms-key-id")
+    sse_c_key_file: Path | None = None  # --sse-c-key-file, absolute
+    no_sign_request: bool = default_of("--no-sign-request")  # pull only: finalize refuses
+
+    @property
+    def remote_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def files_in_flight(self) -> int:
+        """Files a sync moves at once: as many as requests in flight, as a moving file holds
+        at least one request slot (more would only queue for slots; fewer would leave slots
+        idle on small files, which take one request each)."""
+        return self.concurrency
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    sync: SyncConfig
+    control_addr: str = default_of("--control-addr")
+    probe_addr: str = default_of("--probe-addr")
+    shutdown_timeout: float = default_of("--shutdown-timeout")
+    auto_sync: bool = default_of("--auto-sync")
+    auto_sync_debounce: float = default_of("--auto-sync-debounce")
+    auto_sync_max_delay: float = default_of("--auto-sync-max-delay")
+    read_only: bool = default_of("--read-only")
+    ready_when: str = default_of("--ready-when")  # or "priority" (issue 13)
+    priority_max_size: int = default_of("--priority-max-size")
+    priority: tuple[str, ...] = tuple(default_of("--priority"))
+
+
+def collect(flag_values: Mapping[str, Any], env: Mapping[str, str], scope: str) -> dict[str, Any]:
+    """Flag beats env beats default. Returns parsed values keyed by Option.dest."""
+    return {
+        option.dest: _resolve(option, flag_values.get(option.dest), env)
+        for option in OPTIONS
+        if scope in option.scopes
+    }
+
+
+def env_value(flag: str, env: Mapping[str, str]) -> Any:
+    """One option from its env twin or its default, for a program with no flags of its own
+    (the Jupyter extension's control URL)."""
+    return _resolve(_BY_DEST[flag.lstrip("-").replace("-", "_")], None, env)
+
+
+def _resolve(option: Option, raw: Any, env: Mapping[str, str]) -> Any:
+    source = option.flag
+    if raw in (None, [], False) and option.env in env:
+        raw, source = env[option.env], option.env
+    if raw in (None, []) or (raw is False and option.is_switch):
+        raw, source = option.default, "default"
+    try:
+        return _parse_one(option, raw)
+    except ValueError as exc:
+        raise OptionError(f"{option.flag} ({option.env}) from {source}: {exc}") from None
 
 
 def parse_remote(url: str) -> tuple[str, str]:
@@ -577,40 +691,39 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     _check_encryption(values)
-    sse_c_key_file = values.get("sse_c_key_file")
+    value = partial(_value, values)
+    sse_c_key_file = value("sse_c_key_file")
+    bwlimit_down, bwlimit_up = value("bwlimit") or _NO_LIMIT
     return SyncConfig(
         bucket=bucket,
         prefix=prefix,
         local_dir=local_dir,
         state_dir=state_dir,
-        concurrency=values.get("concurrency") or default_concurrency(),
-        part_size=values.get("part_size") or 16 * 1024**2,
-        multipart_threshold=values.get("multipart_threshold") or 32 * 1024**2,
-        include=tuple(values.get("include") or ()),
-        exclude=tuple(values.get("exclude") or ()),
-        max_delete_fraction=(values.get("max_delete_percent") or 0.0) / 100,
-        force_delete=bool(values.get("force_delete")),
-        volume=values.get("volume"),
-        lock_timeout=values["lock_timeout"] if values.get("lock_timeout") is not None else 300.0,
+        concurrency=value("concurrency"),
+        part_size=value("part_size"),
+        multipart_threshold=value("multipart_threshold"),
+        include=tuple(value("include")),
+        exclude=tuple(value("exclude")),
+        max_delete_fraction=value("max_delete_percent") / 100,
+        force_delete=bool(value("force_delete")),
+        volume=value("volume"),
+        lock_timeout=value("lock_timeout"),
         shard=shard,
-        bwlimit_down=(values.get("bwlimit") or (None, None))[0],
-        bwlimit_up=(values.get("bwlimit") or (None, None))[1],
-        max_requests_per_second=values.get("max_requests_per_second"),
-        addressing_style=values.get("addressing_style") or "auto",
-        request_timeout=values.get("request_timeout") or 30.0,
-        backup=values.get("backup") or BackupMode.AUTO,
-        backup_retention=(
-            values["backup_retention"]
-            if values.get("backup_retention") is not None
-            else 7 * 86400.0
-        ),
-        storage_class=values.get("storage_class"),
-        requester_pays=bool(values.get("requester_pays")),
-        expected_bucket_owner=values.get("expected_bucket_owner"),
-        sse=values.get("sse"),
-        sse_kms_key_id=values.get("sse_kms_key_id"),
+        bwlimit_down=bwlimit_down,
+        bwlimit_up=bwlimit_up,
+        max_requests_per_second=value("max_requests_per_second"),
+        addressing_style=value("addressing_style"),
+        request_timeout=value("request_timeout"),
+        hash_threads=value("hash_threads"),
+        backup=value("backup"),
+        backup_retention=value("backup_retention"),
+        storage_class=value("storage_class"),
+        requester_pays=bool(value("requester_pays")),
+        expected_bucket_owner=value("expected_bucket_owner"),
+        sse=value("sse"),
+        sse_kms_key_id=value("sse_kms_key_id"),
         sse_c_key_file=Path(os.path.abspath(sse_c_key_file)) if sse_c_key_file else None,
-        no_sign_request=bool(values.get("no_sign_request")),
+        no_sign_request=bool(value("no_sign_request")),
     )
 
 
@@ -633,8 +746,9 @@ def _check_encryption(values: Mapping[str, Any]) -> None:
 
 
 def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConfig:
-    debounce = values["auto_sync_debounce"]
-    max_delay = values["auto_sync_max_delay"]
+    value = partial(_value, values)
+    debounce = value("auto_sync_debounce")
+    max_delay = value("auto_sync_max_delay")
     if max_delay < debounce:
         raise OptionError(
             f"--auto-sync-max-delay ({max_delay}s) must be at least --auto-sync-debounce "
@@ -642,15 +756,15 @@ def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConf
         )
     return ServeConfig(
         sync=sync_config(values, env),
-        control_addr=values["control_addr"],
-        probe_addr=values["probe_addr"],
-        shutdown_timeout=values["shutdown_timeout"],
-        auto_sync=bool(values["auto_sync"]),
+        control_addr=value("control_addr"),
+        probe_addr=value("probe_addr"),
+        shutdown_timeout=value("shutdown_timeout"),
+        auto_sync=bool(value("auto_sync")),
         auto_sync_debounce=debounce,
         auto_sync_max_delay=max_delay,
         # Unsigned requests cannot write: a public bucket's daemon is read-only.
-        read_only=bool(values["read_only"]) or bool(values.get("no_sign_request")),
-        ready_when=values.get("ready_when") or "all",
-        priority_max_size=values.get("priority_max_size", 8 * 1024**2),
-        priority=tuple(values.get("priority") or ()),
+        read_only=bool(value("read_only")) or bool(value("no_sign_request")),
+        ready_when=value("ready_when"),
+        priority_max_size=value("priority_max_size"),
+        priority=tuple(value("priority")),
     )

@@ -18,8 +18,6 @@ from sidecar.core.units import format_bytes
 
 # Set by the kubelet in every pod of an Indexed Job (completionMode: Indexed).
 JOB_INDEX_ENV = "JOB_COMPLETION_INDEX"
-SHARD_ENV = "SIDECAR_SHARD"
-SHARD_COUNT_ENV = "SIDECAR_SHARD_COUNT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +80,8 @@ def resolve_shard(shard: Shard | None, count: int | None, env: Mapping[str, str]
     if shard is not None:
         if count is not None and count != shard.count:
             raise ValueError(
-                f"--shard ({SHARD_ENV}) {shard} says N={shard.count} but --shard-count "
-                f"({SHARD_COUNT_ENV}) says {count}; give one of them"
+                f"--shard (SIDECAR_SHARD) {shard} says N={shard.count} but --shard-count "
+                f"(SIDECAR_SHARD_COUNT) says {count}; give one of them"
             )
         return shard
     job_index = env.get(JOB_INDEX_ENV, "").strip()
@@ -91,12 +89,12 @@ def resolve_shard(shard: Shard | None, count: int | None, env: Mapping[str, str]
         return None
     if count is None:
         raise ValueError(
-            f"{JOB_INDEX_ENV}={job_index} is set (an Indexed Job) but {SHARD_COUNT_ENV} is "
-            f"not: set {SHARD_COUNT_ENV} (or --shard-count) to the Job's completions (N), "
-            f"or give --shard I/N ({SHARD_ENV})"
+            f"{JOB_INDEX_ENV}={job_index} is set (an Indexed Job) but SIDECAR_SHARD_COUNT is "
+            f"not: set SIDECAR_SHARD_COUNT (or --shard-count) to the Job's completions (N), "
+            f"or give --shard I/N (SIDECAR_SHARD)"
         )
     index = _int(job_index, JOB_INDEX_ENV)
-    return make_shard(index, count, f"{JOB_INDEX_ENV}={job_index} with {SHARD_COUNT_ENV}={count}")
+    return make_shard(index, count, f"{JOB_INDEX_ENV}={job_index} with SIDECAR_SHARD_COUNT={count}")
 
 
 def temp_tag(shard: Shard | None) -> str:

@@ -23,7 +23,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
-from sidecar.core.options import OPTIONS
+from sidecar.core.options import OPTIONS, default_of, env_value
 from sidecar.jupyter import URL_PREFIX
 
 # route -> the one method it answers. history/undo are proxied for the daemon that has them
@@ -61,7 +61,8 @@ class NetvolSidecar(Configurable):
 
     @default("control_url")
     def _default_control_url(self) -> str:
-        return os.environ.get(_CONTROL_URL.env) or str(_CONTROL_URL.default)
+        # An empty SIDECAR_CONTROL_URL (a templated manifest) means unset here, as before.
+        return str(env_value(_CONTROL_URL.flag, os.environ) or default_of(_CONTROL_URL.flag))
 
 
 class ProxyHandler(APIHandler):

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 from urllib.parse import quote
 
+from sidecar.core.options import default_of
 from sidecar.s3 import answers
 from sidecar.s3 import metadata as meta
 from sidecar.s3.bucket_options import BucketOptions, SseCKey, operation_of, option_headers
@@ -65,7 +66,7 @@ _OPAQUE_ETAG_ENCRYPTION = ("aws:kms", "aws:kms:dsse")
 class ClientSettings:
     concurrency: int
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0  # of silence (SIDECAR_REQUEST_TIMEOUT)
+    read_timeout: float = default_of("--request-timeout")  # seconds of silence
     max_attempts: int = 5
     # Every request ends within deadline_base + its bytes at deadline_rate (http11 docstring);
     # the base defaults to twice the read timeout.

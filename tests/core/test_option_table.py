@@ -1,0 +1,109 @@
+"""The option table is the one place a setting is defined: every row reaches `--help` and the
+README, the configs' defaults are the rows' defaults, and no other module reads SIDECAR_*."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import build_parser
+from sidecar.core.options import (
+    OPTIONS,
+    ServeConfig,
+    SyncConfig,
+    collect,
+    default_of,
+    serve_config,
+    sync_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "sidecar"
+TABLE = PACKAGE / "core" / "options.py"
+# The verb whose --help shows each scope's options.
+VERB_OF_SCOPE = {"sync": "pull", "serve": "serve", "client": "status", "once": "pull"}
+ENV_NAME = re.compile(r"SIDECAR_[A-Z0-9_]+")
+
+
+def verb_help(verb: str) -> str:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "verb")
+    return subparsers.choices[verb].format_help()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.flag)
+def test_every_row_is_in_the_help_of_its_verbs(option) -> None:  # type: ignore[no-untyped-def]
+    for scope in option.scopes:
+        text = " ".join(verb_help(VERB_OF_SCOPE[scope]).split())  # argparse wraps lines
+        assert option.flag in text, (scope, option.flag)
+        assert f"[env {option.env}]" in text, (scope, option.env)
+
+
+def test_every_row_is_in_the_readme_option_tables() -> None:
+    documented: set[str] = set()
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| `--"):
+            first_cell = line.split("|")[1]
+            documented.update(re.findall(r"`(--[a-z0-9-]+)`", first_cell))
+    missing = [option.flag for option in OPTIONS if option.flag not in documented]
+    assert not missing, f"options missing from README.md's option tables: {missing}"
+
+
+def test_help_shows_default_and_unit() -> None:
+    text = " ".join(verb_help("pull").split())
+    assert "(default 16MiB; bytes) [env SIDECAR_PART_SIZE]" in text
+    assert "(default 30; seconds) [env SIDECAR_REQUEST_TIMEOUT]" in text
+
+
+def test_configs_defaults_are_the_rows_defaults(tmp_path: Path) -> None:
+    """Built from the table (collect) or from the dataclass defaults: the same config."""
+    local, state = tmp_path / "l", tmp_path / "s"
+    flags = {"remote": "s3://b/p", "local_dir": str(local), "state_dir": str(state)}
+    from_table = serve_config(collect(flags, {}, "serve"), {})
+    direct = ServeConfig(SyncConfig(bucket="b", prefix="p/", local_dir=local, state_dir=state))
+    assert from_table == direct
+    assert sync_config(collect(flags, {}, "sync"), {}) == direct.sync
+    assert direct.sync.part_size == default_of("--part-size") == 16 * 1024**2
+    assert direct.sync.concurrency == default_of("--concurrency") == 64
+
+
+def _env_reads(tree: ast.AST) -> list[ast.expr]:
+    """Keys of os.environ[...], os.environ.get/pop/setdefault(...), os.getenv(...)."""
+    keys: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and _is_environ(node.value):
+            keys.append(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            func = node.func
+            if (_is_environ(func.value) and func.attr in ("get", "pop", "setdefault")) or (
+                func.attr == "getenv"
+            ):
+                keys.append(node.args[0])
+    return keys
+
+
+def _is_environ(node: ast.expr) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
+def test_no_module_but_the_table_reads_sidecar_env_vars() -> None:
+    offenders: list[str] = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == TABLE:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(ROOT)
+        for node in ast.walk(tree):
+            # A name held in a constant (NAME = "SIDECAR_X"; os.environ[NAME]) is caught here:
+            # messages name variables inside longer strings, never as a whole string.
+            constant = isinstance(node, ast.Constant) and isinstance(node.value, str)
+            if constant and ENV_NAME.fullmatch(node.value):
+                offenders.append(f"{where}:{node.lineno}: {node.value!r}")
+        for key in _env_reads(tree):
+            text = ast.unparse(key)
+            if "SIDECAR_" in text or text.endswith(".env"):  # a literal, or a row's env twin
+                offenders.append(f"{where}:{key.lineno}: environment read of {text}")
+    assert not offenders, "SIDECAR_* read outside sidecar/core/options.py:\n" + "\n".join(offenders)
