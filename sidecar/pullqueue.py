@@ -437,7 +437,9 @@ class PriorityPull:
         try:
             if not known:
                 # A pull that had nothing to download never plans here: ready says as much.
-                waits = {asyncio.ensure_future(self.coordinator.wait_ready())}
+                waits: set[asyncio.Future[object]] = {
+                    asyncio.ensure_future(self.coordinator.wait_ready())
+                }
                 if self.enabled:
                     waits.add(asyncio.ensure_future(self._planned.wait()))
                 done, rest = await asyncio.wait(

@@ -499,7 +499,9 @@ class SyncEngine:
             self._executor,
             progress,
             # A conflict copy made during the transfers takes none of these names either.
-            names_in_use=NamesInUse(local, remote, {a.conflict_copy for a in actions}),
+            names_in_use=NamesInUse(
+                local, remote, {a.conflict_copy for a in actions if a.conflict_copy}
+            ),
             temp_tag=temp_tag(config.shard),
         )
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
 from sidecar.core.parts import part_ranges
@@ -53,6 +53,7 @@ from sidecar.state import StateStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 CHANGED_IN_BUCKET = (
     "the object changed in the bucket during this finalize (precondition failed); nothing "
@@ -181,7 +182,7 @@ class Transfers:
         if self.progress is not None:
             self.progress.add_bytes(nbytes)
 
-    async def _in_thread(self, fn: Callable[..., object], *args: object) -> object:
+    async def _in_thread(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _open_parent(self, relpath: str, create: bool) -> int:
