@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.core.filters import PathFilter
+from sidecar.core.options import default_of
 
 SYNCPRIORITY = ".syncpriority"
-DEFAULT_MAX_SIZE = 8 * 1024**2
 
 
 class Phase(enum.IntEnum):
@@ -31,7 +31,7 @@ class Phase(enum.IntEnum):
 
 @dataclass(frozen=True)
 class PriorityRules:
-    max_size: int = DEFAULT_MAX_SIZE
+    max_size: int = default_of("--priority-max-size")
     patterns: tuple[str, ...] = ()  # flags/env first, then the lines of .syncpriority
     # PathFilter.wants is False for a path a pattern "excludes": here, a path it names.
     _named: PathFilter = field(init=False, repr=False, compare=False)

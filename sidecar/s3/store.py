@@ -72,7 +72,7 @@ class ClientSettings:
     # the base defaults to twice the read timeout.
     deadline_base: float | None = None
     deadline_rate: float = DEADLINE_RATE
-    addressing_style: str = "auto"  # --addressing-style: auto, path or virtual
+    addressing_style: str = default_of("--addressing-style")  # auto, path or virtual
     bucket_options: BucketOptions = field(default_factory=BucketOptions)  # per-request headers
 
     @property

@@ -4,6 +4,7 @@ README, the configs' defaults are the rows' defaults, and no other module reads 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ VERB_OF_SCOPE = {"sync": "pull", "serve": "serve", "client": "status", "once": "
 ENV_NAME = re.compile(r"SIDECAR_[A-Z0-9_]+")
 
 
+@functools.cache
 def verb_help(verb: str) -> str:
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "verb")
@@ -107,3 +109,21 @@ def test_no_module_but_the_table_reads_sidecar_env_vars() -> None:
             if "SIDECAR_" in text or text.endswith(".env"):  # a literal, or a row's env twin
                 offenders.append(f"{where}:{key.lineno}: environment read of {text}")
     assert not offenders, "SIDECAR_* read outside sidecar/core/options.py:\n" + "\n".join(offenders)
+
+
+# Knobs of the test suite itself (README's Tests section), not settings of the sidecar.
+TEST_KNOBS = {"SIDECAR_MODEL_STEPS"}
+
+
+def test_every_sidecar_variable_in_docs_and_manifests_is_a_row() -> None:
+    """A misspelt variable in a manifest would be ignored silently: each one names a row."""
+    rows = {option.env for option in OPTIONS}
+    documents = [ROOT / "README.md", *(ROOT / "container").rglob("*"), *(ROOT / "k8s").rglob("*")]
+    unknown: list[str] = []
+    for path in documents:
+        if not path.is_file() or path.suffix not in ("", ".md", ".yaml", ".yml"):
+            continue
+        for name in set(ENV_NAME.findall(path.read_text(errors="replace"))):
+            if name not in rows | TEST_KNOBS:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not unknown, "\n".join(unknown)
