@@ -127,3 +127,18 @@ def test_every_sidecar_variable_in_docs_and_manifests_is_a_row() -> None:
             if name not in rows | TEST_KNOBS:
                 unknown.append(f"{path.relative_to(ROOT)}: {name}")
     assert not unknown, "\n".join(unknown)
+
+
+def test_a_bad_part_size_stops_the_command_at_start_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.cli import EXIT_USAGE, main
+
+    # Were the value let through, the sync would fail fast here, never reach AWS.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    flags = ["--remote", "s3://b/", "--local-dir", str(tmp_path / "l"), "--part-size", "1MiB"]
+    assert main(["pull", "--once", *flags]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert (
+        "--part-size (SIDECAR_PART_SIZE) from --part-size: must be between 5MiB and 5GiB" in error
+    )
