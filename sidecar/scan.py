@@ -12,7 +12,7 @@ import logging
 import os
 import stat as stat_mod
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,43 +93,65 @@ def walk_in_key_order(
             continue
         rel = f"{reldir}/{entry.name}" if reldir else entry.name
         if is_temp_name(entry.name):
-            if not path_filter.removes_temp(entry.name):
-                continue
-            try:
-                os.unlink(entry.path)
-                out.temps_removed += 1
-            except OSError as exc:
-                log.warning("cannot remove stale temp file %s: %s", rel, exc)
+            _remove_temp(entry, rel, path_filter, out)
             continue
-        try:
-            if entry.is_symlink():
-                out.symlinks_skipped += 1
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if path_filter.wants_dir(rel):
-                    enter(rel)
-                continue
-            if not entry.is_file(follow_symlinks=False):
-                continue  # fifo, socket, device: not content
-            if not path_filter.wants(rel):
-                continue
-            check_relpath(rel, what="local file")
-            st = entry.stat(follow_symlinks=False)
-        except BadKey as exc:
-            out.errors.append(FileError(rel, str(exc)))
-            continue
-        except OSError as exc:
-            out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
-            continue
-        rel = sys.intern(rel)
-        cached = hash_cache.get(rel)
-        size, mtime_ns, inode = st.st_size, st.st_mtime_ns, st.st_ino
-        executable = bool(st.st_mode & stat_mod.S_IXUSR)
-        if cached is not None and cached[:3] == (size, mtime_ns, inode):
-            # The cache's own int objects: mtime_ns and inode are 32 bytes each.
-            yield rel, LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
-        else:
-            yield rel, LocalFile(size, mtime_ns, inode, executable, UNHASHED)
+        found = _wanted_file(entry, rel, path_filter, hash_cache, out, enter)
+        if found is not None:
+            yield found
+
+
+def _remove_temp(
+    entry: os.DirEntry[str], rel: str, path_filter: PathFilter, out: ScanResult
+) -> None:
+    """A temp file of ours is never synced; a stale one is removed when the filter says so."""
+    if not path_filter.removes_temp(entry.name):
+        return
+    try:
+        os.unlink(entry.path)
+        out.temps_removed += 1
+    except OSError as exc:
+        log.warning("cannot remove stale temp file %s: %s", rel, exc)
+
+
+def _wanted_file(
+    entry: os.DirEntry[str],
+    rel: str,
+    path_filter: PathFilter,
+    hash_cache: Mapping[str, tuple[int, int, int, str]],
+    out: ScanResult,
+    enter: Callable[[str], None],
+) -> tuple[str, LocalFile] | None:
+    """A regular file the filter wants, else None: a wanted folder is entered, a symlink
+    counted as skipped, a bad name or a failed stat reported in `out`. One call per entry:
+    this is the scan's inner loop."""
+    try:
+        if entry.is_symlink():
+            out.symlinks_skipped += 1
+            return None
+        if entry.is_dir(follow_symlinks=False):
+            if path_filter.wants_dir(rel):
+                enter(rel)
+            return None
+        if not entry.is_file(follow_symlinks=False):
+            return None  # fifo, socket, device: not content
+        if not path_filter.wants(rel):
+            return None
+        check_relpath(rel, what="local file")
+        st = entry.stat(follow_symlinks=False)
+    except BadKey as exc:
+        out.errors.append(FileError(rel, str(exc)))
+        return None
+    except OSError as exc:
+        out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
+        return None
+    rel = sys.intern(rel)
+    cached = hash_cache.get(rel)
+    size, mtime_ns, inode = st.st_size, st.st_mtime_ns, st.st_ino
+    executable = bool(st.st_mode & stat_mod.S_IXUSR)
+    if cached is not None and cached[:3] == (size, mtime_ns, inode):
+        # The cache's own int objects: mtime_ns and inode are 32 bytes each.
+        return rel, LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
+    return rel, LocalFile(size, mtime_ns, inode, executable, UNHASHED)
 
 
 def _hash_one(root: Path, rel: str) -> str | FileError:

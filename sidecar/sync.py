@@ -733,7 +733,9 @@ class SyncEngine:
                 f"{format_bytes(needed)}, {format_bytes(free)} free; nothing was changed"
             )
 
-    async def _execute(
+    # C901 waived until _execute becomes a short dispatch over action kinds (issue 17 item 3,
+    # under way); then the cap of 12 applies to it too.
+    async def _execute(  # noqa: C901
         self,
         actions: list[Action],
         transfers: Transfers,

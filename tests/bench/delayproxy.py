@@ -93,23 +93,7 @@ class DelayProxy(ThreadedProxy):
         in_flight: collections.deque[tuple[float, int]] = collections.deque()  # (acked at, n)
         flight = 0
 
-        async def deliver() -> None:
-            while True:
-                while not queue:
-                    queued.clear()
-                    await queued.wait()
-                due, data = queue.popleft()
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()  # pass the half-close on: the peer may still answer
-                    return
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-
-        delivering = asyncio.create_task(deliver())
+        delivering = asyncio.create_task(_deliver(queue, queued, writer, loop))
         try:
             while not delivering.done():  # a dead receiver ends the pipe
                 # The window: wait until enough of what was sent is acknowledged.
@@ -140,3 +124,26 @@ class DelayProxy(ThreadedProxy):
             delivering.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await delivering
+
+
+async def _deliver(
+    queue: collections.deque[tuple[float, bytes]],
+    queued: asyncio.Event,
+    writer: asyncio.StreamWriter,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Writes each queued chunk when it is due; an empty chunk is the sender's half-close."""
+    while True:
+        while not queue:
+            queued.clear()
+            await queued.wait()
+        due, data = queue.popleft()
+        if not data:
+            if writer.can_write_eof():
+                writer.write_eof()  # pass the half-close on: the peer may still answer
+            return
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        writer.write(data)
+        await writer.drain()

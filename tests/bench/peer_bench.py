@@ -143,30 +143,23 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
     large = DataSet("large", sizes.large_files, sizes.large_size)
     medium = DataSet("medium", sizes.medium_files, sizes.medium_size)
     small = DataSet("small", sizes.small_files, sizes.small_size, per_dir=50)
+    fixed: dict[str, tuple[DataSet, Mode]] = {
+        "LARGE": (large, "copy"),
+        "MEDIUM": (medium, "copy"),
+        "SMALL": (small, "copy"),
+        "NOOP": (small, "sync"),
+        "DAEMON": (small, "daemon"),
+    }
+    # One row per --scale-counts count, each on its own data set.
+    scaled: dict[str, Mode] = {"SCALE": "sync", "CHANGED": "sync", "FIRST": "copy"}
     rows: list[tuple[str, DataSet, Mode]] = []
     for workload in workloads:
-        if workload == "LARGE":
-            rows.append(("LARGE", large, "copy"))
-        elif workload == "MEDIUM":
-            rows.append(("MEDIUM", medium, "copy"))
-        elif workload == "SMALL":
-            rows.append(("SMALL", small, "copy"))
-        elif workload == "NOOP":
-            rows.append(("NOOP", small, "sync"))
-        elif workload == "DAEMON":
-            rows.append(("DAEMON", small, "daemon"))
-        elif workload == "SCALE":
+        if workload in fixed:
+            rows.append((workload, *fixed[workload]))
+        elif workload in scaled:
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
-                rows.append((f"SCALE-{count}", dataset, "sync"))
-        elif workload == "CHANGED":
-            for count in sizes.scale_counts:
-                dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
-                rows.append((f"CHANGED-{count}", dataset, "sync"))
-        elif workload == "FIRST":
-            for count in sizes.scale_counts:
-                dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
-                rows.append((f"FIRST-{count}", dataset, "copy"))
+                rows.append((f"{workload}-{count}", dataset, scaled[workload]))
         else:
             names = ", ".join(WORKLOADS + OPT_IN_WORKLOADS)
             raise ValueError(f"unknown workload {workload}; choose from {names}")
