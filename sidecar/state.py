@@ -1,10 +1,21 @@
 """The state store: BASE, the local hash cache and open multipart uploads, kept outside the
 synced folder.
 
-Crash safety: the snapshot (state.json, a line per path: see _read_snapshot) is only ever
-replaced atomically (write temp, fsync, rename, fsync dir). Between snapshots every completed
-transfer is appended to journal.jsonl, so an interrupted sync resumes without re-sending what
-it finished; a torn last line is ignored on load.
+BASE and the hash cache live on disk in state.db, an SQLite database (standard library): one
+table keyed by path, WITHOUT ROWID, so its rows come in S3 key order (SQLite compares TEXT
+as UTF-8 bytes, as S3 orders keys). `StateStore.base` and `.hash_cache` are read-only
+mappings over it that read a window of rows at a time and hold only the changes not yet
+written: memory does not grow with the number of files (at 1 M files BASE and the hash cache
+as parsed dicts held ~720 MiB).
+
+Crash safety: state.db changes only in SQLite transactions (rollback journal,
+synchronous=FULL), so kill -9 or a power cut between two writes leaves the old or the new
+content, never a mix. Between transactions every completed transfer is appended to
+journal.jsonl, so an interrupted sync resumes without re-sending what it finished; a torn last
+line is ignored on load. When FLUSH_AT records are held in memory they go into state.db in one
+transaction and the journal is emptied: every record sets or removes a value, so replaying a
+journal whose records state.db holds already changes nothing, and a kill between the commit
+and the truncation is harmless.
 
 Every journal record is handed to the OS by its own write(2) as it is made: the page cache
 survives the process being killed (kill -9, OOM), the failure resume is for, so no record is
@@ -13,6 +24,9 @@ tmpfs alike): ~9.4 ms with one write per record against ~7.6 ms buffered with a 
 timer, ~0.4 us a record, far below the request each record stands for; and no timer to outlive
 the journal. A multipart upload's record is also fsynced before its first part is sent: an
 upload id lost in a node crash is an upload billed forever that no run can abort.
+
+A state folder of an older version (state.json, a line per path) is migrated into state.db
+on first open, a batch of rows at a time.
 """
 
 from __future__ import annotations
@@ -22,23 +36,46 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from sys import intern
-from typing import Any, TextIO
+from typing import Any, Generic, TextIO, TypeVar
 
 from sidecar.core.model import BaseEntry
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 1: one JSON object (still read); 2: a line per path
+FORMAT_VERSION = 3  # 1: one JSON object, 2: a line per path (both migrated); 3: state.db
 HashCacheEntry = tuple[int, int, int, str]  # size, mtime_ns, inode, hash
+# Records held in memory before they go into state.db in one transaction (and the journal is
+# emptied): a few MiB at most, and one fsync per this many transfers.
+FLUSH_AT = 4096
+
+V = TypeVar("V")
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE entries(
+    path TEXT PRIMARY KEY NOT NULL,
+    size INTEGER, hash TEXT, etags TEXT, executable INTEGER, last_modified TEXT,
+    written_at INTEGER,
+    c_size INTEGER, c_mtime_ns INTEGER, c_inode INTEGER, c_hash TEXT
+) WITHOUT ROWID;
+"""
+_BASE_COLUMNS = ("size", "hash", "etags", "executable", "last_modified", "written_at")
+_CACHE_COLUMNS = ("c_size", "c_mtime_ns", "c_inode", "c_hash")
+_U64 = 1 << 64
 
 
 class StateError(RuntimeError):
     pass
+
+
+class _Damaged(ValueError):
+    """state.db exists but cannot be used as this pair's BASE."""
 
 
 def state_path_for(
@@ -52,13 +89,147 @@ def state_path_for(
     return state_dir / digest
 
 
+class _Half(Mapping[str, V], Generic[V]):
+    """BASE or the hash cache: one half of the table's columns, as a read-only mapping.
+
+    Changes not yet in state.db are held in `pending` (None: removed) and win over the
+    table. Lookups read a window of rows from the looked-up path on: lookups made in key
+    order (the scan, the listing, the planner all go that way) cost one query per window;
+    the window grows while it serves lookups and shrinks when it does not.
+    """
+
+    _SMALLEST, _LARGEST = 4, 2048
+
+    def __init__(
+        self, store: StateStore, columns: tuple[str, ...], decode: Callable[[Any], V]
+    ) -> None:
+        self._store = store
+        self._decode = decode
+        self._present = f"{columns[0]} IS NOT NULL"
+        listed = ", ".join(columns)
+        self._window_sql = (
+            f"SELECT path, {listed} FROM entries WHERE path >= ? AND {self._present} "
+            "ORDER BY path LIMIT ?"
+        )
+        self._after_sql = (
+            f"SELECT path, {listed} FROM entries WHERE path > ? AND {self._present} "
+            "ORDER BY path LIMIT ?"
+        )
+        self.pending: dict[str, V | None] = {}
+        self.count = 0  # rows in the table, with pending changes counted in
+        self.replaced = False  # pending is the whole content: the table's rows are gone
+        self._forget_window()
+
+    # ---- the window ----------------------------------------------------------------------
+    def _forget_window(self) -> None:
+        self._lo: str | None = None
+        self._hi: str | None = None  # None with _lo set: the window runs to the table's end
+        self._rows: dict[str, V] = {}
+        self._span = self._SMALLEST
+        self._served = 0
+
+    def _from_table(self, path: str) -> V | None:
+        lo = self._lo
+        if lo is not None and lo <= path and (self._hi is None or path <= self._hi):
+            self._served += 1
+            return self._rows.get(path)
+        db = self._store._db
+        if db is None or self.replaced:
+            return None
+        # Grow while the last window served lookups for a good share of its rows; shrink
+        # when lookups jump about (the first lookups of a sync, or a sparse few).
+        if lo is not None and path > lo and self._served * 4 >= len(self._rows):
+            self._span = min(self._span * 2, self._LARGEST)
+        elif self._served * 4 < len(self._rows):
+            self._span = max(self._span // 2, self._SMALLEST)
+        rows = db.execute(self._window_sql, (path, self._span)).fetchall()
+        self._rows = {row[0]: self._decode(row) for row in rows}
+        self._lo = path
+        self._hi = rows[-1][0] if len(rows) == self._span else None
+        self._served = 1
+        return self._rows.get(path)
+
+    # ---- Mapping -------------------------------------------------------------------------
+    def get(self, path: str, default: Any = None) -> Any:
+        if path in self.pending:
+            value = self.pending[path]
+            return default if value is None else value
+        value = self._from_table(path)
+        return default if value is None else value
+
+    def __getitem__(self, path: str) -> V:
+        value: V | None = self.get(path)
+        if value is None:
+            raise KeyError(path)
+        return value
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.get(path) is not None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        return (path for path, _ in self.ordered_items())
+
+    def ordered_items(self, batch: int = 1024) -> Iterator[tuple[str, V]]:
+        """Every (path, value) in key order, read a batch of rows at a time (keyed by the last
+        path read: safe while changes are made, which show or not)."""
+        pending = sorted(self.pending.items())
+        index = 0
+        db = self._store._db
+        rows: list[Any] = (
+            db.execute(self._window_sql, ("", batch)).fetchall()
+            if db is not None and not self.replaced
+            else []
+        )
+        while rows:
+            for row in rows:
+                path = row[0]
+                while index < len(pending) and pending[index][0] < path:
+                    if (value := pending[index][1]) is not None:
+                        yield pending[index][0], value
+                    index += 1
+                if index < len(pending) and pending[index][0] == path:
+                    if (value := pending[index][1]) is not None:
+                        yield path, value
+                    index += 1
+                    continue
+                yield path, self._decode(row)
+            db = self._store._db
+            if len(rows) < batch or db is None:
+                break
+            rows = db.execute(self._after_sql, (rows[-1][0], batch)).fetchall()
+        for path, value in pending[index:]:
+            if value is not None:
+                yield path, value
+
+    # ---- changes -------------------------------------------------------------------------
+    def put(self, path: str, value: V | None) -> None:
+        was = self.get(path) is not None
+        self.count += (value is not None) - was
+        self.pending[path] = value
+
+    def replace(self, content: Mapping[str, V]) -> None:
+        self.pending = dict(content)
+        self.count = len(self.pending)
+        self.replaced = True
+
+    def written(self) -> None:
+        """The pending changes are in the table now."""
+        self.pending = {}
+        self.replaced = False
+        self._forget_window()
+
+
 class StateStore:
     def __init__(self, directory: Path, remote_url: str, local_dir: Path) -> None:
         self.directory = directory
         self.remote_url = remote_url
         self.local_dir = str(local_dir)
-        self.base: dict[str, BaseEntry] = {}
-        self.hash_cache: dict[str, HashCacheEntry] = {}
+        self._db: sqlite3.Connection | None = None  # None until state.db exists
+        self.base: _Half[BaseEntry] = _Half(self, _BASE_COLUMNS, _base_of_row)
+        self.hash_cache: _Half[HashCacheEntry] = _Half(self, _CACHE_COLUMNS, _cache_of_row)
         self.open_uploads: dict[str, str] = {}  # upload id -> key
         # Keys whose multipart upload was asked for and whose id has not come back yet: if we
         # die there, the server may hold an upload no record names.
@@ -68,14 +239,19 @@ class StateStore:
         # only this tells apart from another writer's (see SyncEngine._settle_pending_writes).
         self.sending: dict[str, tuple[int, str, bool]] = {}
         self._journal: int | None = None  # fd, O_APPEND
-        # How state.json and the journal looked when we last loaded or wrote them: another
+        # How state.db and the journal looked when we last loaded or wrote them: another
         # process (a --once beside the daemon) may change them between two of our syncs.
         self._on_disk: tuple[tuple[int, int, int] | None, ...] = ()
         self._journal_created = False  # by us: its folder entry is not yet fsynced
         self._dirty = False
 
     @property
+    def db_path(self) -> Path:
+        return self.directory / "state.db"
+
+    @property
     def snapshot_path(self) -> Path:
+        """The state file of versions 1 and 2, migrated into state.db on first open."""
         return self.directory / "state.json"
 
     @property
@@ -86,14 +262,21 @@ class StateStore:
     def load(self) -> None:
         """Read (or re-read) the state from disk; what was in memory is dropped."""
         self.close_journal()
-        self.base, self.hash_cache, self.open_uploads = {}, {}, {}
-        self.creating, self.sending = set(), {}
-        self._dirty = False
+        self._close_db()
+        self._reset()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create state folder {self.directory}: {exc}") from None
-        self._load_snapshot()
+        try:
+            if not self.db_path.exists() and self.snapshot_path.exists():
+                self._migrate()
+            if self.db_path.exists():
+                self._open_existing()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state {self.db_path}: {exc}") from None
+        except OSError as exc:
+            raise StateError(f"cannot read state {self.directory}: {exc}") from None
         replayed = 0
         for record in self._journal_records():
             self._apply(record)
@@ -102,6 +285,12 @@ class StateStore:
             self._dirty = True
             log.info("resuming: replayed %d journal record(s) from an interrupted sync", replayed)
         self.remember_disk()
+
+    def _reset(self) -> None:
+        self.base = _Half(self, _BASE_COLUMNS, _base_of_row)
+        self.hash_cache = _Half(self, _CACHE_COLUMNS, _cache_of_row)
+        self.open_uploads, self.creating, self.sending = {}, set(), {}
+        self._dirty = False
 
     def remember_disk(self) -> None:
         """Note how the files look now (call while holding the state lock, after writing)."""
@@ -113,7 +302,7 @@ class StateStore:
 
     def _disk_fingerprint(self) -> tuple[tuple[int, int, int] | None, ...]:
         keys: list[tuple[int, int, int] | None] = []
-        for path in (self.snapshot_path, self.journal_path):
+        for path in (self.db_path, self.journal_path):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -122,66 +311,135 @@ class StateStore:
                 keys.append((st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(keys)
 
-    def _load_snapshot(self) -> None:
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        # Autocommit: transactions are opened explicitly (_transaction). Not bound to one
+        # thread: the commit runs in the engine's executor, never beside another use.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            handle = open(self.snapshot_path, encoding="utf-8")  # noqa: SIM115
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StateError(f"cannot read state {self.snapshot_path}: {exc}") from None
-        try:
-            with handle:
-                self._read_snapshot(handle)
-        except OSError as exc:
-            raise StateError(f"cannot read state {self.snapshot_path}: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            # A damaged BASE must never cause deletions: set it aside and start as if new.
-            aside = self.snapshot_path.with_name(f"state.damaged-{int(time.time())}.json")
-            os.replace(self.snapshot_path, aside)
-            log.error("state %s is unusable (%s); moved to %s", self.snapshot_path, exc, aside)
-            self.base, self.hash_cache, self.open_uploads = {}, {}, {}
-            self.creating, self.sending = set(), {}
+            _configure(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
-    def _read_snapshot(self, handle: TextIO) -> None:
-        """Version 2: a header line, one line per path, an end line with the count; read a
-        line at a time, so loading never holds the file's text beside what it parsed (at
-        1 M files that text alone is ~200 MiB). Version 1 (one JSON object) still loads."""
-        header = json.loads(handle.readline())
-        version = header.get("version")
-        if version not in (1, FORMAT_VERSION):
-            raise ValueError(f"unknown state version {version!r}")
-        if header.get("remote") != self.remote_url or header.get("local_dir") != self.local_dir:
-            raise ValueError("state belongs to another remote/folder pair")
-        self.open_uploads = dict(header.get("open_uploads", {}))
-        self.creating = set(header.get("creating", []))
+    def _open_existing(self) -> None:
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        try:
+            _configure(db)
+            meta = self._read_meta(db)
+        except (sqlite3.DatabaseError, _Damaged, ValueError, TypeError) as exc:
+            db.close()
+            self._set_aside(self.db_path, exc)
+            return
+        if meta is None:  # created, killed before its first transaction ended: nothing in it
+            db.close()
+            self.db_path.unlink()
+            return
+        self._db = db
+        self.open_uploads = dict(json.loads(meta["open_uploads"]))
+        self.creating = set(json.loads(meta["creating"]))
         self.sending = {
             path: (int(size), str(digest), bool(executable))
-            for path, (size, digest, executable) in header.get("sending", {}).items()
+            for path, (size, digest, executable) in json.loads(meta["sending"]).items()
         }
-        if version == 1:
-            rows: Iterable[list[Any]] = _v1_rows(header)
-        else:
-            rows = _rows_of(handle)
-        base: dict[str, BaseEntry] = {}
-        hashes: dict[str, HashCacheEntry] = {}
-        # Strings interned, as the scan and the listing do: one object per path, hash,
-        # ETag and LastModified second however many maps hold it.
-        for index, row in enumerate(rows):
-            if isinstance(row, dict):  # the end line
-                if row.get("end") != index:
-                    raise ValueError(f"the state lists {index} paths, its end says {row}")
-                break
-            path, base_fields, hash_fields = row
-            path = intern(path)
-            if base_fields is not None:
-                base[path] = _base_entry(base_fields)
-            if hash_fields is not None:
-                size, mtime_ns, inode, digest = hash_fields
-                hashes[path] = (size, mtime_ns, inode, intern(digest))
-        else:
-            if version != 1:
-                raise ValueError("the state ends before its end line (cut short)")
-        self.base, self.hash_cache = base, hashes
+        for half in (self.base, self.hash_cache):
+            (half.count,) = db.execute(
+                f"SELECT count(*) FROM entries WHERE {half._present}"
+            ).fetchone()
+
+    def _read_meta(self, db: sqlite3.Connection) -> dict[str, str] | None:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if not tables:
+            return None
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != str(FORMAT_VERSION):
+            raise _Damaged(f"unknown state version {meta.get('format')!r}")
+        if meta.get("remote") != self.remote_url or meta.get("local_dir") != self.local_dir:
+            raise _Damaged("state belongs to another remote/folder pair")
+        db.execute("SELECT path FROM entries LIMIT 1").fetchall()  # the table is there
+        return meta
+
+    def _set_aside(self, path: Path, why: object) -> None:
+        """A damaged BASE must never cause deletions: set it aside and start as if new."""
+        stamp = int(time.time())
+        aside = path.with_name(f"state.damaged-{stamp}{path.suffix}")
+        os.replace(path, aside)
+        rollback = path.with_name(path.name + "-journal")
+        if rollback.exists():  # belongs to the damaged file, and to no new one
+            os.replace(rollback, aside.with_name(aside.name + "-journal"))
+        log.error("state %s is unusable (%s); moved to %s", path, why, aside)
+
+    def _create(self, path: Path) -> sqlite3.Connection:
+        """A new database at `path` with its schema and this pair's header, in one
+        transaction (a kill during it leaves a file with no tables: read as new)."""
+        db = self._connect(path)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", self._meta_rows().items())
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _meta_rows(self) -> dict[str, str]:
+        return {
+            "format": str(FORMAT_VERSION),
+            "remote": self.remote_url,
+            "local_dir": self.local_dir,
+            "written": repr(time.time()),
+            "open_uploads": json.dumps(self.open_uploads),
+            "creating": json.dumps(sorted(self.creating)),
+            "sending": json.dumps({path: list(fields) for path, fields in self.sending.items()}),
+        }
+
+    # ---- migration of versions 1 and 2 (state.json) --------------------------------------
+    def _migrate(self) -> None:
+        """state.json into a new state.db, a batch of rows at a time; the new file takes its
+        name only when whole, then state.json goes (a kill between: state.db is used)."""
+        tmp = self.db_path.with_name(f"state.db.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            handle = open(self.snapshot_path, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise StateError(f"cannot read state {self.snapshot_path}: {exc}") from None
+        db: sqlite3.Connection | None = None
+        try:
+            with handle:
+                header, rows = _read_snapshot_header(handle, self.remote_url, self.local_dir)
+                self.open_uploads = dict(header.get("open_uploads", {}))
+                self.creating = set(header.get("creating", []))
+                self.sending = {
+                    path: (int(size), str(digest), bool(executable))
+                    for path, (size, digest, executable) in header.get("sending", {}).items()
+                }
+                db = self._create(tmp)
+                db.execute("BEGIN IMMEDIATE")
+                while batch := list(islice(rows, 2048)):
+                    db.executemany(_UPSERT_BOTH, [_row_of_v2(row) for row in batch])
+                db.execute("COMMIT")
+        except (ValueError, KeyError, TypeError) as exc:
+            if db is not None:
+                db.close()
+            tmp.unlink(missing_ok=True)
+            self._reset()
+            self._set_aside(self.snapshot_path, exc)
+            return
+        except OSError as exc:
+            if db is not None:
+                db.close()
+            tmp.unlink(missing_ok=True)
+            raise StateError(f"cannot read state {self.snapshot_path}: {exc}") from None
+        assert db is not None
+        db.close()
+        _fsync_file(tmp)
+        os.replace(tmp, self.db_path)
+        _fsync_dir(self.directory)
+        self.snapshot_path.unlink()
+        log.info("state %s migrated into %s", self.snapshot_path, self.db_path)
 
     def _journal_records(self) -> Iterator[list[Any]]:
         try:
@@ -200,10 +458,10 @@ class StateStore:
     def _apply(self, record: list[Any]) -> None:
         op = record[0]
         if op == "set":
-            self.base[record[1]] = _base_entry(record[2:])
+            self.base.put(record[1], _base_entry(record[2:]))
             self.sending.pop(record[1], None)
         elif op == "del":
-            self.base.pop(record[1], None)
+            self.base.put(record[1], None)
             self.sending.pop(record[1], None)
         elif op == "sending":
             _, path, size, digest, executable = record
@@ -212,9 +470,9 @@ class StateStore:
             self.sending.pop(record[1], None)
         elif op == "hash":
             _, path, size, mtime_ns, inode, digest = record
-            self.hash_cache[path] = (size, mtime_ns, inode, digest)
+            self.hash_cache.put(path, (size, mtime_ns, inode, digest))
         elif op == "unhash":
-            self.hash_cache.pop(record[1], None)
+            self.hash_cache.put(record[1], None)
         elif op == "mpu-create":
             self.creating.add(record[1])
         elif op == "mpu-create-end":
@@ -236,6 +494,9 @@ class StateStore:
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]
+        if len(self.base.pending) + len(self.hash_cache.pending) >= FLUSH_AT:
+            self._write()
+            os.ftruncate(fd, 0)  # every record in it is in state.db now
 
     def _open_journal(self) -> int:
         if self._journal is not None:
@@ -283,11 +544,15 @@ class StateStore:
         if self.hash_cache.get(path) != entry:
             self._record(["hash", path, *entry])
 
-    def replace_hash_cache(self, entries: dict[str, HashCacheEntry]) -> None:
-        """After a scan: the cache is exactly what the scan saw (no journal: derivable)."""
-        if entries != self.hash_cache:
-            self.hash_cache = entries
-            self._dirty = True
+    def replace_hash_cache(self, entries: Mapping[str, HashCacheEntry]) -> None:
+        """After a scan: the cache is exactly what the scan saw (no journal: derivable). It is
+        written at the next commit, as the whole state was; until then lookups see it."""
+        if len(entries) == len(self.hash_cache) and all(
+            self.hash_cache.get(path) == entry for path, entry in entries.items()
+        ):
+            return
+        self.hash_cache.replace(entries)
+        self._dirty = True
 
     def write_sending(self, path: str, size: int, digest: str, executable: bool) -> None:
         """Before a write that creates or replaces an object is sent (PUT, Complete). Its
@@ -324,47 +589,89 @@ class StateStore:
 
     # ---- committing ----------------------------------------------------------------------
     def commit(self) -> bool:
-        """Write the snapshot atomically and empty the journal. False if nothing changed."""
+        """Write what changed into state.db in one transaction and empty the journal. False
+        if nothing changed."""
         self.close_journal()
         if not self._dirty:
             return False
-        header = {
-            "version": FORMAT_VERSION,
-            "remote": self.remote_url,
-            "local_dir": self.local_dir,
-            "written": time.time(),
-            "open_uploads": self.open_uploads,
-            "creating": sorted(self.creating),
-            "sending": {path: list(fields) for path, fields in self.sending.items()},
-        }
-        tmp = self.snapshot_path.with_name(f"state.json.tmp-{os.getpid()}")
-        # Written a line at a time: no second copy of BASE is built to be dumped.
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(_encode_record(header) + "\n")
-            count = 0
-            for path, entry in self.base.items():
-                cached = self.hash_cache.get(path)
-                handle.write(
-                    _encode_record([path, _base_fields(entry), cached and list(cached)]) + "\n"
-                )
-                count += 1
-            for path, cached in self.hash_cache.items():
-                if path not in self.base:
-                    handle.write(_encode_record([path, None, list(cached)]) + "\n")
-                    count += 1
-            handle.write(_encode_record({"end": count}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.snapshot_path)
-        _fsync_dir(self.directory)
+        self._write()
         self.journal_path.unlink(missing_ok=True)
         self._dirty = False
         return True
+
+    def _write(self) -> None:
+        """The pending changes, the header and (after a scan) the new hash cache into
+        state.db, in one transaction."""
+        db = self._db
+        if db is None:
+            db = self._db = self._create(self.db_path)
+            _fsync_dir(self.directory)
+        base, cache = self.base.pending, self.hash_cache.pending
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.hash_cache.replaced:
+                db.execute(
+                    "UPDATE entries SET c_size = NULL, c_mtime_ns = NULL, c_inode = NULL,"
+                    " c_hash = NULL"
+                )
+            db.executemany(
+                _UPSERT_BASE,
+                [(path, *_base_columns(entry)) for path, entry in base.items() if entry],
+            )
+            db.executemany(
+                "UPDATE entries SET size = NULL, hash = NULL, etags = NULL, executable = NULL,"
+                " last_modified = NULL, written_at = NULL WHERE path = ?",
+                [(path,) for path, entry in base.items() if entry is None],
+            )
+            db.executemany(
+                _UPSERT_CACHE,
+                [(path, *_cache_columns(entry)) for path, entry in cache.items() if entry],
+            )
+            db.executemany(
+                "UPDATE entries SET c_size = NULL, c_mtime_ns = NULL, c_inode = NULL,"
+                " c_hash = NULL WHERE path = ?",
+                [(path,) for path, entry in cache.items() if entry is None],
+            )
+            # Rows left with neither half: only those changed, never a scan of the table.
+            if self.hash_cache.replaced:
+                db.execute("DELETE FROM entries WHERE size IS NULL AND c_size IS NULL")
+            db.executemany(
+                "DELETE FROM entries WHERE path = ? AND size IS NULL AND c_size IS NULL",
+                [
+                    (path,)
+                    for half in (base, cache)
+                    for path, entry in half.items()
+                    if entry is None
+                ],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                self._meta_rows().items(),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.base.written()
+        self.hash_cache.written()
 
     def close_journal(self) -> None:
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _configure(db: sqlite3.Connection) -> None:
+    # A rollback journal and an fsync per commit: a transaction is all there or not at all
+    # after kill -9 or a power cut. Commits are rare (FLUSH_AT records, or a sync's end).
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("PRAGMA synchronous=FULL")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -375,9 +682,103 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # One encoder for every journal line: json.dumps with any option builds a new one per call
 # (a third of the journal's cost at two records per file).
 _encode_record = json.JSONEncoder(separators=(",", ":")).encode
+
+# ---- rows of state.db ------------------------------------------------------------------
+_UPSERT_BASE = (
+    "INSERT INTO entries(path, size, hash, etags, executable, last_modified, written_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET size = excluded.size,"
+    " hash = excluded.hash, etags = excluded.etags, executable = excluded.executable,"
+    " last_modified = excluded.last_modified, written_at = excluded.written_at"
+)
+_UPSERT_CACHE = (
+    "INSERT INTO entries(path, c_size, c_mtime_ns, c_inode, c_hash) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT(path) DO UPDATE SET c_size = excluded.c_size,"
+    " c_mtime_ns = excluded.c_mtime_ns, c_inode = excluded.c_inode, c_hash = excluded.c_hash"
+)
+_UPSERT_BOTH = "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _base_columns(entry: BaseEntry) -> tuple[Any, ...]:
+    # ETags as a JSON list: they come from XML and headers and may hold any text.
+    return (
+        entry.size,
+        entry.hash,
+        _encode_record(entry.etags),
+        int(entry.executable),
+        entry.last_modified,
+        entry.written_at,
+    )
+
+
+def _cache_columns(entry: HashCacheEntry) -> tuple[Any, ...]:
+    size, mtime_ns, inode, digest = entry
+    # SQLite integers are signed 64-bit; an inode may use all 64 bits (stored wrapped).
+    return size, mtime_ns, inode - _U64 if inode >= _U64 >> 1 else inode, digest
+
+
+def _base_of_row(row: Any) -> BaseEntry:
+    _path, size, digest, etags, executable, last_modified, written_at = row
+    return BaseEntry(
+        size, digest, tuple(json.loads(etags)), bool(executable), last_modified, written_at
+    )
+
+
+def _cache_of_row(row: Any) -> HashCacheEntry:
+    _path, size, mtime_ns, inode, digest = row
+    return size, mtime_ns, inode % _U64, digest
+
+
+def _row_of_v2(row: list[Any]) -> tuple[Any, ...]:
+    """A row of state.json (version 2: [path, base fields, hash fields]) as a row of state.db."""
+    path, base_fields, hash_fields = row
+    base = _base_columns(_base_entry(base_fields)) if base_fields is not None else (None,) * 6
+    if hash_fields is not None:
+        size, mtime_ns, inode, digest = hash_fields
+        cache = _cache_columns((int(size), int(mtime_ns), int(inode), str(digest)))
+    else:
+        cache = (None,) * 4
+    if not isinstance(path, str):
+        raise TypeError(f"a path that is no string: {path!r}")
+    return (path, *base, *cache)
+
+
+# ---- state.json, versions 1 and 2 (read once, to migrate) --------------------------------
+def _read_snapshot_header(
+    handle: TextIO, remote_url: str, local_dir: str
+) -> tuple[dict[str, Any], Iterator[list[Any]]]:
+    """Version 2: a header line, one line per path, an end line with the count; the rows come
+    a batch of lines at a time (raising ValueError if the file is cut short). Version 1 (one
+    JSON object) is read whole."""
+    header = json.loads(handle.readline())
+    version = header.get("version")
+    if version not in (1, 2):
+        raise ValueError(f"unknown state version {version!r}")
+    if header.get("remote") != remote_url or header.get("local_dir") != local_dir:
+        raise ValueError("state belongs to another remote/folder pair")
+    if version == 1:
+        return header, _v1_rows(header)
+    return header, _v2_rows(handle)
+
+
+def _v2_rows(handle: TextIO) -> Iterator[list[Any]]:
+    for index, row in enumerate(_rows_of(handle)):
+        if isinstance(row, dict):  # the end line
+            if row.get("end") != index:
+                raise ValueError(f"the state lists {index} paths, its end says {row}")
+            return
+        yield row
+    raise ValueError("the state ends before its end line (cut short)")
 
 
 def _rows_of(handle: TextIO, batch: int = 2048) -> Iterator[Any]:

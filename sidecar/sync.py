@@ -337,7 +337,7 @@ class SyncEngine:
             log.warning("shard %s: %s", config.shard, limit.message())
         if self.state.sending:
             await self._settle_pending_writes(store, listing.objects, path_filter)
-        base = self.state.base
+        base: Mapping[str, BaseEntry] = self.state.base
         if not all(map(path_filter.wants, base)):
             base = {p: e for p, e in base.items() if path_filter.wants(p)}
         # else BASE itself, not a copy of it (a million entries): what follows reads it, and
@@ -655,7 +655,7 @@ class SyncEngine:
         store: ObjectStore,
         local: dict[str, LocalFile],
         remote: dict[str, RemoteObject],
-        base: dict[str, BaseEntry],
+        base: Mapping[str, BaseEntry],
         direction: Direction,
     ) -> dict[str, RemoteObject]:
         """HEAD only the objects whose content hash could change a decision.
@@ -701,7 +701,7 @@ class SyncEngine:
         return remote
 
     def _remember_new_etags(
-        self, remote: dict[str, RemoteObject], base: dict[str, BaseEntry]
+        self, remote: dict[str, RemoteObject], base: Mapping[str, BaseEntry]
     ) -> None:
         """Learn how the server now shows an object that is unchanged by every test we can
         make (hash proven by a HEAD, or ETag known): its ETag and LastModified go into BASE,
@@ -720,7 +720,8 @@ class SyncEngine:
                 written_at=entry.written_at if not obj.last_modified else 0,
             )
             self.state.set_base(path, updated)
-            base[path] = updated
+            if isinstance(base, dict):  # a filtered copy; the store's own BASE has it now
+                base[path] = updated
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)
