@@ -120,8 +120,8 @@ class LocalS3:
                     args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
             finally:
-                if log is not subprocess.DEVNULL:
-                    log.close()  # type: ignore[union-attr]
+                if not isinstance(log, int):  # the file opened above, not DEVNULL
+                    log.close()
             try:
                 wait_for_http(self.endpoint + "/", timeout, self.process)
                 return self

@@ -190,6 +190,7 @@ class SyncEngine:
             await store.__aenter__()
             self._store, self._store_fingerprint = store, fingerprint
         if self.limits.active:
+            # A proxy (__getattr__) with ObjectStore's interface, not its class.
             return LimitedStore(self._store, self.limits)  # type: ignore[return-value]
         return self._store
 

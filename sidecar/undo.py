@@ -209,11 +209,10 @@ async def _apply(
     config = engine.config
     if side == "remote":
         mode = await engine.remote_backup_mode()
-        backup: RemoteBackup | LocalBackup = RemoteBackup(
-            store, config.prefix, mode, sync_id, engine.remote_backup_mode
-        )
+        remote_backup = RemoteBackup(store, config.prefix, mode, sync_id, engine.remote_backup_mode)
+        backup: RemoteBackup | LocalBackup = remote_backup
         for step in steps:
-            await _remote_step(store, config.prefix, backup, step, report)  # type: ignore[arg-type]
+            await _remote_step(store, config.prefix, remote_backup, step, report)
         _point_base_at_folder(engine, [e.path for e in backup.entries])
         await engine.commit_state()
         backup_name = str(mode)
