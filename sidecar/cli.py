@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sidecar.core.model import Direction
 from sidecar.core.options import (
@@ -24,6 +26,7 @@ from sidecar.core.options import (
     collect,
     serve_config,
     sync_config,
+    unknown_env,
 )
 from sidecar.logs import setup_logging
 
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "serve":
             values = collect(vars(args), env, "serve")
-            setup_logging(values["log_format"], values["log_level"])
+            _setup_logging(values, env)
             from sidecar.serve import run_serve
 
             config = serve_config(values, env)
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(config)
         if args.verb in ("pull", "finalize") and args.once:
             values = collect(vars(args), env, "sync")
-            setup_logging(values["log_format"], values["log_level"])
+            _setup_logging(values, env)
             once = sync_config(values, env)
             _check_key_file(once)
             summary_json = collect(vars(args), env, "once")["summary_json"]
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if undo_cli.runs_here(args):
                 values = collect(vars(args), env, "sync")
-                setup_logging(values["log_format"], values["log_level"])
+                _setup_logging(values, env)
                 return undo_cli.run_here(args, sync_config(values, env))
             values = collect(vars(args), env, "client")
             return undo_cli.run_via_daemon(args, values["control_url"])
@@ -133,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptionError, ValueError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _setup_logging(values: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    setup_logging(values["log_format"], values["log_level"])
+    for note in unknown_env(env):
+        logging.getLogger("sidecar").warning("%s; it is ignored", note)
 
 
 def _check_key_file(config: SyncConfig) -> None:

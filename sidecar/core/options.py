@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -636,6 +637,20 @@ def env_value(flag: str, env: Mapping[str, str]) -> Any:
     """One option from its env twin or its default, for a program with no flags of its own
     (the Jupyter extension's control URL)."""
     return _resolve(_BY_DEST[flag.lstrip("-").replace("-", "_")], None, env)
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """SIDECAR_* variables no row reads (a typo in a manifest would otherwise be ignored
+    without a word), each with the closest row's name when there is one."""
+    known = {option.env.removeprefix("SIDECAR_") for option in OPTIONS}
+    notes = []
+    for name in sorted(env):
+        suffix = name.removeprefix("SIDECAR_")
+        if name.startswith("SIDECAR_") and suffix not in known:
+            close = get_close_matches(suffix, known, n=1, cutoff=0.75)
+            hint = f" (did you mean SIDECAR_{close[0]}?)" if close else ""
+            notes.append(f"{name} is not an option{hint}")
+    return notes
 
 
 def _resolve(option: Option, raw: Any, env: Mapping[str, str]) -> Any:

@@ -19,6 +19,7 @@ from sidecar.core.options import (
     default_of,
     serve_config,
     sync_config,
+    unknown_env,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,4 +142,28 @@ def test_a_bad_part_size_stops_the_command_at_start_naming_it(
     error = capsys.readouterr().err
     assert (
         "--part-size (SIDECAR_PART_SIZE) from --part-size: must be between 5MiB and 5GiB" in error
+    )
+
+
+def test_unknown_sidecar_variables_are_named_with_the_closest_row() -> None:
+    env = {"SIDECAR_CONCURENCY": "8", "SIDECAR_CONCURRENCY": "8", "SIDECAR_ZZZ": "1", "HOME": "/"}
+    assert unknown_env(env) == [
+        "SIDECAR_CONCURENCY is not an option (did you mean SIDECAR_CONCURRENCY?)",
+        "SIDECAR_ZZZ is not an option",
+    ]
+
+
+def test_the_command_warns_of_a_misspelt_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.cli import EXIT_USAGE, main
+
+    monkeypatch.setenv("SIDECAR_PART_SIZ", "8MiB")
+    # A refused combination stops it right after logging is set up, before any request.
+    flags = ["--remote", "s3://b/", "--local-dir", str(tmp_path / "l"), "--sse-kms-key-id", "k"]
+    assert main(["pull", "--once", *flags]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert (
+        "SIDECAR_PART_SIZ is not an option (did you mean SIDECAR_PART_SIZE?); it is ignored"
+        in error
     )
