@@ -38,7 +38,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from sys import intern
@@ -172,6 +172,9 @@ class _Half(Mapping[str, V], Generic[V]):
     def __iter__(self) -> Iterator[str]:
         return (path for path, _ in self.ordered_items())
 
+    def items(self) -> ItemsView[str, V]:
+        return _OrderedItems(self)
+
     def ordered_items(self, batch: int = 1024) -> Iterator[tuple[str, V]]:
         """Every (path, value) in key order, read a batch of rows at a time (keyed by the last
         path read: safe while changes are made, which show or not)."""
@@ -220,6 +223,17 @@ class _Half(Mapping[str, V], Generic[V]):
         self.pending = {}
         self.replaced = False
         self._forget_window()
+
+
+class _OrderedItems(ItemsView[str, V]):
+    """items() of a _Half: its rows in key order, a batch at a time (not a lookup each)."""
+
+    def __init__(self, half: _Half[V]) -> None:
+        super().__init__(half)
+        self._half = half
+
+    def __iter__(self) -> Iterator[tuple[str, V]]:
+        return self._half.ordered_items()
 
 
 class StateStore:

@@ -7,11 +7,12 @@ that decides *what* happens lives here; the edges only carry the plan out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Set
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from sidecar.core.merge import OutOfOrder, merge
 from sidecar.core.model import (
     Action,
     ActionKind,
@@ -24,6 +25,8 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.paths import NamesInUse, conflict_name, folders_of, parent_dirs
+
+V = TypeVar("V")
 
 
 class Change(enum.Enum):
@@ -138,15 +141,13 @@ def plan(
     deletes: DeletePolicy | None = None,
 ) -> Plan:
     deletes = deletes or DeletePolicy()
-    result = Plan(direction)
-    taken = NamesInUse(local, remote)  # a conflict copy never takes a name either side has
-    paths = set(local)  # one set of every path, not one per side and their unions
-    paths.update(remote)
-    paths.update(base)
-    for path in sorted(paths):
-        _plan_path(
-            result, direction, path, local.get(path), remote.get(path), base.get(path), now, taken
-        )
+    try:
+        # The three sides in key order, merged: no set or sorted list of every path, and
+        # BASE (on disk) read in one pass. The scan, the listing and BASE all come in key
+        # order; when a side does not, the walk starts again with every side sorted.
+        result = _walk(direction, local, remote, base, now, in_order=True)
+    except OutOfOrder:
+        result = _walk(direction, local, remote, base, now, in_order=False)
     # The delete policy first: a file whose delete it withholds stays, and nothing may then be
     # written below it (pushing 'd/x' while the delete of 'd' was withheld left both in the
     # bucket for good).
@@ -154,6 +155,30 @@ def plan(
     _drop_type_clashes(result, direction, local, remote, withheld)
     _report_bucket_clashes(result, direction, remote)
     return result
+
+
+def _walk(
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    base: Mapping[str, BaseEntry],
+    now: datetime,
+    in_order: bool,
+) -> Plan:
+    """Every path's decision, in key order."""
+    result = Plan(direction)
+    taken = NamesInUse(local, remote)  # a conflict copy never takes a name either side has
+    if in_order:
+        triples = merge(local.items(), remote.items(), base.items())
+    else:
+        triples = merge(_sorted_items(local), _sorted_items(remote), _sorted_items(base))
+    for t in triples:
+        _plan_path(result, direction, t.path, t.local, t.remote, t.base, now, taken)
+    return result
+
+
+def _sorted_items(side: Mapping[str, V]) -> Iterator[tuple[str, V]]:
+    return ((path, side[path]) for path in sorted(side))
 
 
 def _plan_path(

@@ -1,16 +1,23 @@
 """The streaming merge (sidecar/core/merge.py): the triples a dict-based union gives, in key
-order, from three sorted iterators; and the folder hold that puts "W" after "W/...".
+order, from three sorted iterators; the folder hold that puts "W" after "W/..."; and the
+planner walking the merge decides exactly as it did over the union of every path.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.core import planner
 from sidecar.core.merge import OutOfOrder, Triple, hold_for_folders, merge
+from sidecar.core.model import BaseEntry, Direction, LocalFile, Plan, RemoteObject
+from sidecar.core.paths import NamesInUse
+from sidecar.core.planner import DeletePolicy, plan
 
 # Names that sort around "/" in every way that matters: "-" and "." before it, "0" after it,
 # and characters of 2, 3 and 4 UTF-8 bytes (string order must be byte order).
@@ -115,3 +122,71 @@ def test_a_flat_folder_is_held_one_path_at_a_time() -> None:
     for index, triple in zip(range(1000), stream, strict=False):
         assert triple.path == f"d/f{index:06d}"
         assert read <= index + 3  # the merge reads one ahead, the hold one more
+
+
+# ---- the planner walks the merge: the decisions of today's union of dicts ------------------
+_LOCALS = [None, LocalFile(3, 1, 1, False, "h-base"), LocalFile(4, 1, 1, False, "h-local")]
+_LOCALS.append(LocalFile(3, 1, 1, True, "h-base"))
+_REMOTES = [
+    None,
+    RemoteObject("k", 3, "e-base"),
+    RemoteObject("k", 5, "e-remote"),
+    RemoteObject("k", 4, "e-other", hash="h-local"),
+    RemoteObject("k", 0, "e-empty"),
+]
+_BASES = [None, BaseEntry(3, "h-base", ("e-base",))]
+_tree = st.dictionaries(
+    _path,
+    st.tuples(st.sampled_from(_LOCALS), st.sampled_from(_REMOTES), st.sampled_from(_BASES)),
+    max_size=30,
+)
+_NOW = datetime(2026, 12, 3, 15, 0, tzinfo=UTC)
+
+
+def _plan_by_union(
+    direction: Direction,
+    local: dict[str, LocalFile],
+    remote: dict[str, RemoteObject],
+    base: dict[str, BaseEntry],
+    deletes: DeletePolicy,
+) -> Plan:
+    """The planner before the merge: one set of every path, sorted, each side looked up."""
+    result = Plan(direction)
+    taken = NamesInUse(local, remote)
+    for path in sorted(set(local) | set(remote) | set(base)):
+        planner._plan_path(
+            result, direction, path, local.get(path), remote.get(path), base.get(path), _NOW, taken
+        )
+    withheld = planner._apply_delete_policy(result, direction, local, remote, deletes)
+    planner._drop_type_clashes(result, direction, local, remote, withheld)
+    planner._report_bucket_clashes(result, direction, remote)
+    return result
+
+
+@settings(max_examples=400, deadline=None)
+@given(_tree, st.sampled_from(list(Direction)), st.booleans(), st.randoms())
+def test_plan_over_the_merge_decides_as_the_union_did(
+    tree: dict[str, tuple[LocalFile | None, RemoteObject | None, BaseEntry | None]],
+    direction: Direction,
+    force: bool,
+    rng: random.Random,
+) -> None:
+    """Random trees with files and folders of one name, conflicts, deletes over the guard's
+    limit: the same Plan (actions, conflicts and their copies' names, errors, skipped,
+    deletes withheld) from sides in key order (the merge), from sides in any order (sorted
+    again), and from today's union of every path."""
+    sides: list[dict[str, object]] = [{}, {}, {}]
+    for path in sorted(tree):
+        for side, value in zip(sides, tree[path], strict=True):
+            if value is not None:
+                side[path] = value
+    local, remote, base = sides
+    deletes = DeletePolicy(max_fraction=0.3, force=force)
+    expected = _plan_by_union(direction, local, remote, base, deletes)  # type: ignore[arg-type]
+    assert plan(direction, local, remote, base, _NOW, deletes) == expected  # type: ignore[arg-type]
+    shuffled = []
+    for side in sides:
+        items = list(side.items())
+        rng.shuffle(items)
+        shuffled.append(dict(items))
+    assert plan(direction, *shuffled, _NOW, deletes) == expected  # type: ignore[arg-type]
