@@ -269,7 +269,7 @@ class Metrics:
         for name, help_text, value in (
             (
                 "sidecar_s3_inflight_budget",
-                "S3 requests allowed in flight now (cut on throttling, grown back on success).",
+                "S3 requests allowed in flight now (grows with throughput, cut on throttling).",
                 budget["current"],
             ),
             (

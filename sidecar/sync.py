@@ -156,10 +156,9 @@ class SyncEngine:
     @property
     def inflight_budget(self) -> dict[str, int]:
         """The store's in-flight budget (sidecar/s3/retry.py): current, max, in use, and
-        throttled answers seen; before the first request, the configured maximum."""
+        throttled answers seen; before the first request, the budget a store starts with."""
         if self._store is None:
-            most = self.client_settings.concurrency
-            return {"current": most, "max": most, "in_use": 0, "lowest": most, "throttled_total": 0}
+            return self.client_settings.fresh_budget().status()
         return self._store.budget.status()
 
     @property
@@ -616,9 +615,12 @@ class SyncEngine:
     async def _list(self, store: ObjectStore, path_filter: ShardFilter) -> _Listing:
         listing = _Listing()
         prefix = self.config.prefix
+        known = len(self.state.base)
         try:
             # As many keys as the last sync saw: a large prefix lists one round trip sooner.
-            async for page in store.list(prefix, expect_keys=len(self.state.base)):
+            # A first sync: every object listed is a download to come, its connection opened
+            # while the listing goes on (only on a long link).
+            async for page in store.list(prefix, expect_keys=known, warm=not known):
                 for item in page:
                     try:
                         relpath = key_to_relpath(prefix, item.key)

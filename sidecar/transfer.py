@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
-from sidecar.core.parts import part_ranges
+from sidecar.core.parts import part_ranges, range_size_for
 from sidecar.core.paths import NamesInUse, conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
 from sidecar.folder import (
@@ -183,7 +183,7 @@ class Transfers:
             self.progress.add_bytes(nbytes)
 
     async def _in_thread(self, fn: Callable[[*Args], T], *args: *Args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await finish_in_thread(self.executor, fn, *args)
 
     def _open_parent(self, relpath: str, create: bool) -> int:
         """An fd of relpath's folder, reached from the root without following a symlink."""
@@ -412,8 +412,9 @@ class Transfers:
         relpath = self._relpath_of(remote)
         key = self.prefix + relpath
         os.ftruncate(fd, remote.size)
-        ranges = part_ranges(remote.size, self.settings.part_size)
         pool = self._part_buffers
+        pool.use_size(range_size_for(self.settings.part_size, pool.budget, self.store.round_trip))
+        ranges = part_ranges(remote.size, pool.size)
         metadata: dict[str, str] = {}
         hasher = new_content_hasher()
         next_range = 0  # the next range a worker takes
@@ -436,11 +437,13 @@ class Transfers:
                 offset, length = ranges[index]
                 async with pool.borrow(length) as view:
                     metadata.update(await fetch(offset, view))
-                    _pwrite_all(fd, view, offset)
+                    # Writing and hashing on the I/O threads (both release the GIL): the
+                    # loop goes on receiving the other ranges meanwhile, on the other core.
+                    await self._in_thread(_pwrite_all, fd, view, offset)
                     if index != next_hash:
                         waiting[index] = asyncio.Event()
                         await waiting[index].wait()
-                    hasher.update(view)
+                    await self._in_thread(hasher.update, view)
                     next_hash += 1
                     if next_hash in waiting:
                         waiting.pop(next_hash).set()
@@ -824,6 +827,14 @@ class BufferPool:
         self._lent = 0
         self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._free: list[bytearray] = []
+        self._out = 0  # pooled buffers held by borrowers (granted but not yet served: not)
+
+    def use_size(self, size: int) -> None:
+        """Pool buffers of `size` from now on (ranged downloads on a long link use smaller
+        ones, parts.range_size_for); kept buffers of the old size are dropped."""
+        if size != self.size:
+            self.size = size
+            self._free.clear()
 
     def _fits(self, charge: int) -> bool:
         return self._lent == 0 or self._lent + charge <= self.budget
@@ -864,21 +875,28 @@ class BufferPool:
 
     @contextlib.asynccontextmanager
     async def borrow(self, length: int) -> AsyncIterator[memoryview]:
-        pooled = self.size // 2 < length <= self.size
-        charge = self.size if pooled else length
+        size = self.size
+        pooled = size // 2 < length <= size
+        charge = size if pooled else length
         await self._acquire(charge)
         try:
             if pooled:
-                buffer = self._free.pop() if self._free else bytearray(self.size)
+                buffer = self._free.pop() if self._free else bytearray(size)
+                self._out += 1
             else:
                 buffer = bytearray(length)
             try:
                 yield memoryview(buffer)[:length]
             finally:
-                # Keep a part buffer for reuse only while lent + kept stays within budget.
-                kept = (len(self._free) + 1) * self.size
-                if pooled and self._lent + kept <= self.budget + charge:
-                    self._free.append(buffer)
+                if pooled:
+                    self._out -= 1
+                    # Kept for reuse while the buffers in existence (out + kept) fit the
+                    # budget. Counting the bytes lent instead dropped a buffer whenever a
+                    # borrower had been granted but not yet served: 19 fresh 16 MiB buffers
+                    # (zero-filled, page-faulted) in a 1 GiB pull that needs 4.
+                    kept = (self._out + len(self._free) + 1) * size
+                    if size == self.size and kept <= self.budget:
+                        self._free.append(buffer)
         finally:
             self._release(charge)
 
@@ -919,6 +937,21 @@ def _os_reason(what: str, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"{what}: permission denied"
     return f"{what}: {exc.strerror or exc}"
+
+
+async def finish_in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on a worker thread. Cancelled meanwhile, this still waits for fn to return
+    before it raises: callers close the fd fn uses and give back the buffer it fills as soon
+    as the cancellation reaches them, and a thread still at work would then read or write
+    whatever file took the fd's number, or a buffer already lent to another transfer."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        raise
 
 
 async def gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

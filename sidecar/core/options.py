@@ -37,11 +37,13 @@ class OptionError(ValueError):
 
 
 def default_concurrency() -> int:
-    # Requests are latency-bound, not CPU-bound, so not per core: small files move at
-    # concurrency / RTT files per second. At 80 ms RTT 16 in flight pulled 2,000 small files
-    # in 11 s, 64 in 3.4 s (s5cmd: 1.5-1.9 s); on loopback 64 costs no more CPU than 16
-    # (tests/bench WAN profile, issue 16). 64 x 1 RTT stays far under S3's per-prefix rates.
-    return 64
+    # The most requests in flight; the budget starts at 64 and grows towards this while
+    # throughput grows with it (sidecar/s3/retry.py). Requests are latency-bound, not
+    # CPU-bound, so not per core: small files move at budget / RTT files per second. At 80 ms
+    # RTT 16 in flight pulled 2,000 small files in 11 s, 64 in 3.4 s (s5cmd: 1.5-1.9 s).
+    # Memory: each request in flight holds a connection (256 KiB staging buffer, only the
+    # touched pages count); large bodies are bounded by the part pool, not by this.
+    return 256
 
 
 def _bool(text: str) -> bool:
@@ -274,8 +276,9 @@ OPTIONS: tuple[Option, ...] = (
         "--concurrency",
         str(default_concurrency()),
         _positive_int,
-        "S3 requests in flight across all files: files moved at once, the ranges and parts "
-        "of one file and HEADs all draw from it; connections kept open follow it",
+        "the most S3 requests in flight across all files (the budget starts at 64 and grows "
+        "to this while throughput grows): files moved at once, the ranges and parts of one "
+        "file and HEADs all draw from it; connections kept open follow it",
         SYNC,
         unit="requests",
     ),

@@ -12,10 +12,16 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 from sidecar.s3.listing import decode_listed_key
 from sidecar.s3.objects import unquote_etag
+
+
+def escape(text: str) -> str:
+    """XML character data, as xml.sax.saxutils.escape makes it. Not that module itself: it
+    imports urllib.request (http.client, email...), ~10% of a one-shot sync's start-up."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
 
 S3_NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 
 def unquote_etag(etag: str) -> str:
@@ -17,6 +16,10 @@ def answer_seconds(headers: Mapping[str, str]) -> int:
     value = headers.get("date")
     if not value:
         return 0
+    # Imported on first use: email.utils brings email.*, calendar, random... into every
+    # start-up otherwise, and a pull never asks (only writes read the server's clock).
+    from email.utils import parsedate_to_datetime
+
     try:
         return int(parsedate_to_datetime(value).timestamp())
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -15,21 +15,36 @@ deadline in http11.
 Attempts is one request's tries against the policy; ObjectStore._exchange is its only user,
 and the only place retries are counted.
 
-InflightBudget is the store's bound on requests in flight (`--concurrency` at most), made
-adaptive on throttling the way botocore's `adaptive` mode and TCP's AIMD are: a throttled
-answer (503 SlowDown, 429, a throttling code) cuts the budget to BETA of itself (0.7,
-botocore's CUBIC beta), at most once per round of requests (a burst of 16 SlowDowns from one
-round cuts once, not 16 times: those requests were sent before the first cut); every
-success grows it by 1/budget, i.e. by one slot per budget's worth of successes. Never below
-1 nor above the configured concurrency. botocore limits a request *rate* (a token bucket);
-a budget of requests in flight is the same lever for a client whose requests vary from a
-HEAD to a 64 MiB part, and costs nothing while nothing is throttled.
+InflightBudget is the store's bound on requests in flight, `--concurrency` at most. It starts
+lower (START_BUDGET) and adapts both ways:
+- Throttling cuts it, the way botocore's `adaptive` mode and TCP's AIMD do: a throttled
+  answer (503 SlowDown, 429, a throttling code) cuts the budget to BETA of itself (0.7,
+  botocore's CUBIC beta), at most once per round of requests (a burst of 16 SlowDowns from
+  one round cuts once, not 16 times: those requests were sent before the first cut); every
+  success then grows it back by 1/budget, i.e. one slot per budget's worth of successes, up
+  to the level it had proven. Never below 1.
+- Throughput raises it, the way BBR probes for bandwidth: requests move at about
+  budget / round trip, so at 80 ms 64 in flight cap a small-file pull at ~800 files/s
+  whatever the link. While requests wait for a slot (the budget, not the work, is the
+  bottleneck), an epoch is one budget's worth of successes; after an epoch at the proven
+  level the budget is raised by GROWTH, and kept if the next epoch's completion rate grew by
+  at least GAIN, else put back (more in flight only adds memory and queueing) and left
+  alone for HOLD_EPOCHS epochs. On loopback, where a sync is CPU-bound, the probes fail and
+  the budget stays near its start; at a long round trip it climbs to `--concurrency`.
+- Errors other than throttling (5xx, timeouts, resets) end a probe and take back one step
+  of growth (never below the start): a struggling server gets no more requests than it was
+  handling.
+botocore limits a request *rate* (a token bucket); a budget of requests in flight is the
+same lever for a client whose requests vary from a HEAD to a 64 MiB part. Memory: the
+requests that hold large bodies (parts, ranges, whole PUTs) are bounded by the transfer
+engine's BufferPool, not by this count; a small request holds a connection's staging buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import time
 from collections.abc import Callable
@@ -39,6 +54,10 @@ from sidecar.s3.errors import S3Error
 from sidecar.s3.http11 import DEADLINE_RATE
 
 BETA = 0.7  # multiplicative decrease on throttling (botocore's CubicCalculator._BETA)
+START_BUDGET = 64  # requests in flight at first (or --concurrency, when that is lower)
+GROWTH = 1.5  # a probe raises the budget by half
+GAIN = 1.15  # ...and keeps the raise when the completion rate grew by this much
+HOLD_EPOCHS = 8  # epochs without a probe after one that did not pay
 DEADLINE_ATTEMPTS = 3  # a request's deadline, in attempt deadlines
 
 
@@ -120,34 +139,59 @@ class Attempts:
 
 
 class InflightBudget:
-    """A semaphore whose size adapts (AIMD, module docstring). acquire() returns the round
-    it was granted in; pass it back to throttled() so that one round cuts once."""
+    """A semaphore whose size adapts (module docstring). acquire() returns the round it was
+    granted in; pass it back to throttled() so that one round cuts once. A pure state
+    machine apart from the waiters: succeeded() takes the clock as an argument."""
 
     __slots__ = (
+        "_base_rate",
+        "_epoch_done",
+        "_epoch_start",
+        "_hold",
+        "_probe_from",
+        "_settling",
+        "_waited",
         "_waiters",
         "current",
+        "highest",
         "in_use",
         "limit",
         "lowest",
         "maximum",
+        "proven",
         "round",
+        "start",
         "throttles",
     )
 
-    def __init__(self, maximum: int) -> None:
+    def __init__(self, maximum: int, start: int | None = None) -> None:
         self.maximum = max(1, maximum)
-        self.limit = float(self.maximum)  # grows by fractions of a slot
-        self.current = self.maximum  # int(limit): the slots granted
-        self.lowest = self.maximum  # the smallest `current` so far
+        self.start = self.maximum if start is None else max(1, min(start, self.maximum))
+        self.proven = self.start  # the level throughput has shown worth holding
+        self.limit = float(self.start)  # grows by fractions of a slot after a cut
+        self.current = self.start  # int(limit): the slots granted
+        self.lowest = self.start  # the smallest `current` so far
+        self.highest = self.start  # the largest `current` so far
         self.in_use = 0
         self.round = 0  # bumped by each cut
         self.throttles = 0  # throttled answers seen
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # The throughput epoch: when it started, successes in it, whether any request had
+        # to wait for a slot in it, the completion rate at the proven level, and the level
+        # a probe raised the budget from (None: not probing).
+        self._epoch_start: float | None = None
+        self._epoch_done = 0
+        self._waited = False
+        self._base_rate = 0.0
+        self._probe_from: int | None = None
+        self._settling = False  # the first epoch after a raise: new connections, not judged
+        self._hold = 0
 
     async def acquire(self) -> int:
         if self.in_use < self.current and not self._waiters:
             self.in_use += 1
             return self.round
+        self.note_waiting()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -159,6 +203,10 @@ class InflightBudget:
                 self._waiters.remove(waiter)
             raise
         return self.round
+
+    def note_waiting(self) -> None:
+        """A request had to wait for a slot: the budget, not the work, held it back."""
+        self._waited = True
 
     def release(self) -> None:
         self.in_use -= 1
@@ -172,12 +220,67 @@ class InflightBudget:
                 self.in_use += 1  # handed over: the waiter holds it when it wakes
                 waiter.set_result(None)
 
-    def succeeded(self) -> None:
-        if self.limit < self.maximum:
-            self.limit = min(float(self.maximum), self.limit + 1 / self.limit)
+    def _set(self, level: int) -> None:
+        self.current = level
+        self.limit = float(level)
+        self.highest = max(self.highest, level)
+        if self._waiters:
+            self._wake()
+
+    def succeeded(self, now: float | None = None) -> None:
+        """A request went through; `now` is the monotonic clock (time.monotonic())."""
+        if self.current < self.proven:  # recovering from a cut: one slot per budget
+            self.limit = min(float(self.proven), self.limit + 1 / self.limit)
             self.current = int(self.limit)
             if self._waiters:
                 self._wake()
+            self._epoch_start = None  # rates while recovering say nothing about a probe
+            return
+        if self.proven >= self.maximum and self._probe_from is None:
+            return  # nothing to probe
+        now = time.monotonic() if now is None else now
+        if self._epoch_start is None:
+            self._new_epoch(now)
+            return
+        self._epoch_done += 1
+        if self._epoch_done >= self.current:
+            self._end_epoch(now)
+
+    def _new_epoch(self, now: float) -> None:
+        self._epoch_start = now
+        self._epoch_done = 0
+        self._waited = bool(self._waiters)
+
+    def _end_epoch(self, now: float) -> None:
+        assert self._epoch_start is not None
+        elapsed = now - self._epoch_start
+        saturated = self._waited
+        rate = self._epoch_done / elapsed if elapsed > 0 else 0.0
+        self._new_epoch(now)
+        if not saturated or rate <= 0:
+            return  # the budget was not what held requests back: nothing learnt
+        if self._settling:
+            # The raise's extra requests open connections (a handshake's round trip more):
+            # the first epoch after it would judge the handshakes, not the level.
+            self._settling = False
+            return
+        if self._probe_from is not None:  # a probe's verdict
+            if rate >= self._base_rate * GAIN:
+                self.proven = self.current
+                self._base_rate = rate
+            else:
+                self._set(self._probe_from)
+                self._hold = HOLD_EPOCHS
+            self._probe_from = None
+        else:
+            self._base_rate = rate
+            if self._hold:
+                self._hold -= 1
+                return
+        if self._probe_from is None and self._hold == 0 and self.proven < self.maximum:
+            self._probe_from = self.current
+            self._settling = True
+            self._set(min(self.maximum, math.ceil(self.current * GROWTH)))
 
     def throttled(self, granted_round: int) -> None:
         """A throttled answer to a request granted in `granted_round`."""
@@ -185,14 +288,35 @@ class InflightBudget:
         if granted_round != self.round:
             return  # sent before the last cut: that cut already answered this round
         self.round += 1
+        if self._probe_from is not None:
+            self.limit = float(self._probe_from)  # the probe found the server's limit
+            self._probe_from = None
         self.current = max(1, int(self.limit * BETA))
         self.limit = float(self.current)
         self.lowest = min(self.lowest, self.current)
+        self._epoch_start = None
+
+    def failed(self) -> None:
+        """A failed request that was not throttled (5xx, timeout, reset): end a probe and
+        take back one step of growth, never below the start."""
+        if self._probe_from is not None:
+            self._set(self._probe_from)
+            self._probe_from = None
+        stepped_back = max(self.start, int(self.proven / GROWTH))
+        if stepped_back < self.proven:
+            self.proven = stepped_back
+            if self.current > stepped_back:
+                self.current = stepped_back
+                self.limit = float(stepped_back)
+        self._hold = HOLD_EPOCHS
+        self._epoch_start = None
 
     def status(self) -> dict[str, int]:
         return {
             "current": self.current,
             "max": self.maximum,
+            "start": self.start,
+            "highest": self.highest,
             "in_use": self.in_use,
             "lowest": self.lowest,
             "throttled_total": self.throttles,

@@ -1,11 +1,11 @@
 """The object store: every S3 request the sidecar makes, over one signed transport.
 
 Every attempt of every request takes a slot of one in-flight budget (`--concurrency` at most,
-shared by all files, cut on throttling: sidecar/s3/retry.py); a request is retried by the one
-retry policy (retry.py: throttling, 5xx, timeouts, resets, a body cut mid-way; full-jitter
-backoff, an attempt cap and a deadline), and fails as an S3Error that names the key and the
-cause. botocore serves only as the credentials provider (sidecar.s3.credentials), imported
-lazily.
+shared by all files, grown while throughput grows, cut on throttling: sidecar/s3/retry.py); a
+request is retried by the one retry policy (retry.py: throttling, 5xx, timeouts, resets, a
+body cut mid-way; full-jitter backoff, an attempt cap and a deadline), and fails as an S3Error
+that names the key and the cause. botocore serves only as the credentials provider
+(sidecar.s3.credentials), imported lazily.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from sidecar.core.options import default_of
+from sidecar.core.parts import LONG_LINK_SECONDS
 from sidecar.s3 import answers
 from sidecar.s3 import metadata as meta
 from sidecar.s3.bucket_options import BucketOptions, SseCKey, operation_of, option_headers
@@ -45,7 +46,7 @@ from sidecar.s3.errors import (
 from sidecar.s3.fanout import DELIMITER, FanOutListing
 from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response
 from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written, answer_seconds, unquote_etag
-from sidecar.s3.retry import Attempts, InflightBudget, RetryPolicy
+from sidecar.s3.retry import START_BUDGET, Attempts, InflightBudget, RetryPolicy
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
 
 T = TypeVar("T")
@@ -79,6 +80,11 @@ class ClientSettings:
     def base_seconds(self) -> float:
         return 2 * self.read_timeout if self.deadline_base is None else self.deadline_base
 
+    def fresh_budget(self) -> InflightBudget:
+        """The in-flight budget a store starts with: START_BUDGET, or the concurrency when
+        lower, growing up to the concurrency (retry.py)."""
+        return InflightBudget(self.concurrency, START_BUDGET)
+
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             max_attempts=self.max_attempts,
@@ -100,7 +106,7 @@ class ObjectStore:
     def __init__(self, bucket: str, settings: ClientSettings) -> None:
         self.bucket = bucket
         self.settings = settings
-        self.budget = InflightBudget(settings.concurrency)
+        self.budget = settings.fresh_budget()
         self.retry_policy = settings.retry_policy()
         self.retries = 0  # counted in _exchange alone
         self.conditional_writes = True  # until the server says NotImplemented
@@ -121,6 +127,20 @@ class ObjectStore:
     @property
     def in_flight(self) -> int:
         return self.budget.in_use
+
+    def warm(self, requests: int) -> None:
+        """Requests are coming (`requests` of them, e.g. a first pull's listed objects): on a
+        long link, open connections for them ahead, as many as the budget lets fly at once,
+        so the first wave pays no handshake (on loopback one costs ~0.1 ms: not worth it)."""
+        round_trip = self.round_trip
+        if self._pool is None or round_trip is None or round_trip < LONG_LINK_SECONDS:
+            return
+        self._pool.warm(min(requests, self.budget.current))
+
+    @property
+    def round_trip(self) -> float | None:
+        """The quickest answer so far, in seconds (http11.ConnectionPool.round_trip)."""
+        return self._pool.round_trip if self._pool is not None else None
 
     async def __aenter__(self) -> ObjectStore:
         self._region = (
@@ -156,6 +176,11 @@ class ObjectStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+        log.debug(
+            "in-flight budget at the end: %s; quickest answer %s s",
+            self.budget.status(),
+            f"{self.round_trip:.4f}" if self.round_trip is not None else "-",
+        )
 
     def _follow_region(self, region: str) -> bool:
         """A redirect (301/307, or a 400 naming the region) says the bucket lives in
@@ -303,8 +328,7 @@ class ObjectStore:
                     try:
                         if response.status < 300:
                             result = await read(response)
-                            if budget.current < budget.maximum:
-                                budget.succeeded()
+                            self._went_through()
                             return result
                         body = await _read_all(response)
                         error = http_error(name, response.status, body, response.headers)
@@ -326,13 +350,25 @@ class ObjectStore:
             ):
                 followed = True
                 continue
-            if error.throttled:
-                budget.throttled(granted)
+            self._tell_budget(error, granted)
             if tries is None:
                 sent = (len(data) if data is not None else 0) + expected_bytes + work_bytes
                 tries = self._first_retry(error, name, sent, started)
             await tries.again(error)  # raises `error` when no more attempts are due
             self.retries += 1
+
+    def _went_through(self) -> None:
+        budget = self.budget
+        level = budget.current
+        budget.succeeded(time.monotonic())
+        if budget.current > level:  # raised: its new requests find connections ready
+            self.warm(budget.current)
+
+    def _tell_budget(self, error: S3Error, granted: int) -> None:
+        if error.throttled:
+            self.budget.throttled(granted)
+        elif error.retryable:
+            self.budget.failed()
 
     def _target(self, key: str | None, query: dict[str, str] | None) -> tuple[str, str]:
         """The path that is signed, and the request target (path and query, encoded)."""
@@ -359,6 +395,7 @@ class ObjectStore:
         prefix: str,
         pace: Callable[[], Awaitable[None]] | None = None,
         expect_keys: int = 0,
+        warm: bool = False,
     ) -> AsyncGenerator[list[ObjectInfo], None]:
         """Pages of the listing under prefix, in key order (metadata is never in listings).
 
@@ -368,6 +405,8 @@ class ObjectStore:
         handed on and requests sent no longer match one to one. `expect_keys` (e.g. how
         many the last sync of this prefix saw): above one page, the delimited listing is sent
         beside the first page (one round trip less; one request wasted if it was not needed).
+        `warm`: each object listed is a request to come (a first pull), so connections for
+        them are opened while the listing goes on (warm()).
         """
         fetch = self._list_page
         if pace is not None:
@@ -379,8 +418,12 @@ class ObjectStore:
                 return await self._list_page(prefix, token, start_after, delimited)
 
         listing = FanOutListing(fetch, speculate=expect_keys > self.list_page_keys)
+        listed = 0
         async with contextlib.aclosing(listing.pages(prefix)) as pages:
             async for page in pages:
+                if warm:
+                    listed += len(page)
+                    self.warm(listed)
                 yield page
 
     async def _list_page(

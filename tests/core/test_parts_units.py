@@ -7,6 +7,7 @@ from sidecar.core.parts import (
     MIN_PART_SIZE,
     part_ranges,
     part_size_for,
+    range_size_for,
     split_ranges,
 )
 from sidecar.core.units import format_bytes, format_duration, parse_size
@@ -60,3 +61,21 @@ def test_formatting() -> None:
     assert format_duration(5) == "5.0s"
     assert format_duration(125) == "2m05s"
     assert format_duration(3 * 3600 + 60) == "3h01m"
+
+
+@pytest.mark.parametrize(
+    ("part_size", "memory", "round_trip", "expected"),
+    [
+        (16 * MiB, 64 * MiB, None, 16 * MiB),  # nothing measured yet: as configured
+        (16 * MiB, 64 * MiB, 0.0002, 16 * MiB),  # loopback: fewer, larger requests
+        (16 * MiB, 64 * MiB, 0.02, 5 * MiB),  # 20 ms: 12 streams in the same memory
+        (16 * MiB, 64 * MiB, 0.08, 5 * MiB),
+        (16 * MiB, 128 * MiB, 0.08, 8 * MiB),  # 16 streams when the memory allows
+        (16 * MiB, 256 * MiB, 0.08, 16 * MiB),  # never above --part-size
+        (16 * MiB, 32 * MiB, 0.08, 5 * MiB),  # never below S3's part minimum
+    ],
+)
+def test_range_size_follows_the_round_trip(
+    part_size: int, memory: int, round_trip: float | None, expected: int
+) -> None:
+    assert range_size_for(part_size, memory, round_trip) == expected

@@ -843,3 +843,29 @@ async def test_downloads_take_the_same_valid_parts_as_uploads(
     assert pulled.ok, pulled.as_dict()
     assert (b / "big.bin").read_bytes() == data
     assert request_counter["get_object"] == 3, request_counter
+
+
+async def test_part_buffers_are_reused_when_borrowers_are_granted_before_they_run() -> None:
+    """Four 16-byte buffers fit the budget; however the releases and the grants interleave,
+    no more than four are ever made (a 1 GiB pull made 19 of 16 MiB when two releases came
+    before the borrowers they granted had run)."""
+    from sidecar.transfer import BufferPool
+
+    pool = BufferPool(16, 64)
+    made: dict[int, object] = {}  # holding each buffer keeps its id unique
+    gates = [asyncio.Event() for _ in range(12)]
+
+    async def borrower(index: int) -> None:
+        async with pool.borrow(16) as view:
+            made[id(view.obj)] = view.obj
+            await gates[index].wait()
+
+    tasks = [asyncio.create_task(borrower(i)) for i in range(12)]
+    await asyncio.sleep(0)
+    for first, second in ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)):
+        gates[first].set()  # two holders give back in one loop turn, before either
+        gates[second].set()  # borrower granted by them has run
+        for _ in range(3):
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert len(made) <= 4 and pool._lent == 0
