@@ -869,3 +869,34 @@ async def test_part_buffers_are_reused_when_borrowers_are_granted_before_they_ru
             await asyncio.sleep(0)
     await asyncio.gather(*tasks)
     assert len(made) <= 4 and pool._lent == 0
+
+
+async def test_a_cancelled_thread_call_returns_only_once_the_thread_is_done() -> None:
+    """The caller closes the fd and gives back the buffer as soon as the cancellation reaches
+    it: the thread (a pwrite, a preadv into a part buffer) must be done by then."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sidecar.transfer import finish_in_thread
+
+    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        started.set()
+        proceed.wait(30)
+        finished.set()
+
+    with ThreadPoolExecutor(1) as executor:
+        try:
+            call = asyncio.ensure_future(finish_in_thread(executor, work))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+            call.cancel()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not call.done(), "returned while the thread still works"
+            call.cancel()  # cancelled again meanwhile: still waits
+        finally:
+            proceed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert finished.is_set()
