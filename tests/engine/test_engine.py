@@ -330,7 +330,8 @@ async def test_dry_run_changes_nothing(moto: S3Server, workdir: Path) -> None:
         ("upload", "a.txt")
     ]
     assert moto.client().list_objects_v2(Bucket=bucket)["KeyCount"] == 0
-    assert not (workdir / "s").exists() or not any((workdir / "s").rglob("state.json"))
+    state = workdir / "s"
+    assert not state.exists() or not [*state.rglob("state.json"), *state.rglob("state.db")]
 
 
 async def test_unchanged_files_are_not_rehashed(
