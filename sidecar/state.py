@@ -115,6 +115,12 @@ class _Half(Mapping[str, V], Generic[V]):
             f"SELECT path, {listed} FROM entries WHERE path > ? AND {self._present} "
             "ORDER BY path LIMIT ?"
         )
+        self._keys_sql = (
+            f"SELECT path FROM entries WHERE path >= ? AND {self._present} ORDER BY path LIMIT ?"
+        )
+        self._keys_after_sql = (
+            f"SELECT path FROM entries WHERE path > ? AND {self._present} ORDER BY path LIMIT ?"
+        )
         self.pending: dict[str, V | None] = {}
         self.count = 0  # rows in the table, with pending changes counted in
         self.replaced = False  # pending is the whole content: the table's rows are gone
@@ -170,7 +176,7 @@ class _Half(Mapping[str, V], Generic[V]):
         return self.count
 
     def __iter__(self) -> Iterator[str]:
-        return (path for path, _ in self.ordered_items())
+        return self._keys()
 
     def items(self) -> ItemsView[str, V]:
         return _OrderedItems(self)
@@ -178,11 +184,23 @@ class _Half(Mapping[str, V], Generic[V]):
     def ordered_items(self, batch: int = 1024) -> Iterator[tuple[str, V]]:
         """Every (path, value) in key order, read a batch of rows at a time (keyed by the last
         path read: safe while changes are made, which show or not)."""
+        decode = self._decode
+        for path, row, pending in self._in_order(self._window_sql, self._after_sql, batch):
+            yield path, row if pending else decode(row)
+
+    def _keys(self, batch: int = 4096) -> Iterator[str]:
+        # The paths alone: no row decoded (a sync asks the filter about every BASE path).
+        for path, _row, _pending in self._in_order(self._keys_sql, self._keys_after_sql, batch):
+            yield path
+
+    def _in_order(self, first: str, after: str, batch: int) -> Iterator[tuple[str, Any, bool]]:
+        """(path, table row or pending value, whether pending) for every present path, in
+        key order: the table's rows a batch at a time, the pending changes merged in."""
         pending = sorted(self.pending.items())
         index = 0
         db = self._store._db
         rows: list[Any] = (
-            db.execute(self._window_sql, ("", batch)).fetchall()
+            db.execute(first, ("", batch)).fetchall()
             if db is not None and not self.replaced
             else []
         )
@@ -191,21 +209,21 @@ class _Half(Mapping[str, V], Generic[V]):
                 path = row[0]
                 while index < len(pending) and pending[index][0] < path:
                     if (value := pending[index][1]) is not None:
-                        yield pending[index][0], value
+                        yield pending[index][0], value, True
                     index += 1
                 if index < len(pending) and pending[index][0] == path:
                     if (value := pending[index][1]) is not None:
-                        yield path, value
+                        yield path, value, True
                     index += 1
                     continue
-                yield path, self._decode(row)
+                yield path, row, False
             db = self._store._db
             if len(rows) < batch or db is None:
                 break
-            rows = db.execute(self._after_sql, (rows[-1][0], batch)).fetchall()
+            rows = db.execute(after, (rows[-1][0], batch)).fetchall()
         for path, value in pending[index:]:
             if value is not None:
-                yield path, value
+                yield path, value, True
 
     # ---- changes -------------------------------------------------------------------------
     def put(self, path: str, value: V | None) -> None:
