@@ -6,6 +6,7 @@ process; stop() ends it by its own handle, never by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,10 +26,34 @@ class LocalS3Error(RuntimeError):
     pass
 
 
+# How long a port free_port() handed out stays claimed: time for the child it was meant for
+# to bind it (a loaded machine starts a Python server in seconds, not a minute).
+PORT_CLAIM_SECONDS = 60.0
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on and that no free_port() call, in any process of
+    this user, handed out in the last PORT_CLAIM_SECONDS. The kernel gives a port released
+    by one caller to the next one soon enough, and parallel test workers each start servers
+    on the ports they picked: without the claim two children race for one port and the
+    loser's client talks to the winner."""
+    claims = Path(tempfile.gettempdir()) / f"netvol-port-claims-{os.getuid()}"
+    claims.mkdir(exist_ok=True)
+    for _attempt in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        claim = claims / str(port)
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return port
+        except FileExistsError:
+            # Only an exclusive create grants a port: a stale claim is removed and the
+            # next round asks the kernel again, so two callers never both take it over.
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - claim.stat().st_mtime > PORT_CLAIM_SECONDS:
+                    claim.unlink()
+    raise LocalS3Error(f"no unclaimed free port after 100 tries (claims in {claims})")
 
 
 def find_rclone() -> str:

@@ -79,16 +79,24 @@ def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    for attempt in range(3):  # a free port can be taken between probe and bind
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/", 30, process)
+            break
+        except LocalS3Error:
+            _stop(process)
+            if attempt == 2:
+                log.close()
+                raise
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/", 30, process)
         yield S3Server(f"http://127.0.0.1:{port}", "testing-key", "testing-secret", "moto")
     finally:
         _stop(process)

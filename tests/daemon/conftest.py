@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -59,38 +60,54 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         index = len(started)
         local_dir = tmp_path / f"local{index}"
         local_dir.mkdir(exist_ok=True)
-        control_port, probe_port = free_port(), free_port()
-        log_path = tmp_path / f"daemon{index}.log"
-        command = [
-            sys.executable, "-m", "sidecar", "serve",
-            "--remote", f"s3://{bucket}/",
-            "--local-dir", str(local_dir),
-            "--state-dir", str(tmp_path / f"state{index}"),
-            "--control-addr", f"{control_host}:{control_port}",
-            "--probe-addr", f"127.0.0.1:{probe_port}",
-            "--log-format", "json",
-            *flags,
-        ]  # fmt: skip
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=environ_with({**s3.env(), **(env or {})}),
-                preexec_fn=preexec_fn,
+
+        def launch(attempt: int) -> Daemon:
+            control_port, probe_port = free_port(), free_port()
+            log_path = tmp_path / f"daemon{index}{f'.retry{attempt}' if attempt else ''}.log"
+            command = [
+                sys.executable, "-m", "sidecar", "serve",
+                "--remote", f"s3://{bucket}/",
+                "--local-dir", str(local_dir),
+                "--state-dir", str(tmp_path / f"state{index}"),
+                "--control-addr", f"{control_host}:{control_port}",
+                "--probe-addr", f"127.0.0.1:{probe_port}",
+                "--log-format", "json",
+                *flags,
+            ]  # fmt: skip
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=environ_with({**s3.env(), **(env or {})}),
+                    preexec_fn=preexec_fn,
+                )
+            return Daemon(
+                process=process,
+                control=f"http://127.0.0.1:{control_port}",
+                probe=f"http://127.0.0.1:{probe_port}",
+                local_dir=local_dir,
+                bucket_dir=s3.root / bucket if isinstance(s3, LocalS3) else None,
+                log_path=log_path,
             )
-        daemon = Daemon(
-            process=process,
-            control=f"http://127.0.0.1:{control_port}",
-            probe=f"http://127.0.0.1:{probe_port}",
-            local_dir=local_dir,
-            bucket_dir=s3.root / bucket if isinstance(s3, LocalS3) else None,
-            log_path=log_path,
-        )
-        started.append(daemon)
-        daemon.wait_until(lambda: answers_ok(daemon.probe + "/healthz"), 30, "the listeners")
-        return daemon
+
+        for attempt in range(3):
+            daemon = launch(attempt)
+            try:
+                daemon.wait_until(partial(answers_ok, daemon.probe + "/healthz"), 30, "listeners")
+            except AssertionError:
+                # A port picked free, then taken before the daemon bound it (by a program
+                # that does not claim ports as free_port does): again on new ports. Any
+                # other failure is the test's.
+                if attempt == 2 or "cannot listen on" not in daemon.log():
+                    daemon.process.kill()
+                    daemon.process.wait()
+                    raise
+                continue
+            started.append(daemon)
+            return daemon
+        raise AssertionError("unreachable")
 
     yield start
     for daemon in started:
