@@ -16,6 +16,7 @@ from sidecar.core.options import (
     ServeConfig,
     SyncConfig,
     collect,
+    default_concurrency,
     default_of,
     serve_config,
     sync_config,
@@ -70,7 +71,7 @@ def test_configs_defaults_are_the_rows_defaults(tmp_path: Path) -> None:
     assert from_table == direct
     assert sync_config(collect(flags, {}, "sync"), {}) == direct.sync
     assert direct.sync.part_size == default_of("--part-size") == 16 * 1024**2
-    assert direct.sync.concurrency == default_of("--concurrency") == 64
+    assert direct.sync.concurrency == default_of("--concurrency") == default_concurrency()
 
 
 def _env_reads(tree: ast.AST) -> list[ast.expr]:
