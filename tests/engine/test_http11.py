@@ -671,10 +671,10 @@ async def test_a_pull_from_a_trickling_server_fails_by_name_in_bounded_time(
     async with serving(handler) as (_server, port):
         endpoint_env(port)
         async with SyncEngine(config, FAST_DEADLINES) as engine:
-            started = asyncio.get_running_loop().time()
+            # Bounded: the deadline ends it (named below); wait_for only turns a hang into a
+            # failure, never a slow machine's run.
             result = await asyncio.wait_for(engine.run(Direction.PULL), 120)
-            took = asyncio.get_running_loop().time() - started
-    assert not result.ok and took < 120
+    assert not result.ok
     if trickled == "listing":
         assert result.fatal and "listing" in result.fatal and "deadline" in result.fatal
     else:

@@ -182,18 +182,15 @@ async def test_a_request_past_its_deadline_fails_naming_the_key_not_retrying_for
     settings = ClientSettings(concurrency=2, read_timeout=1, max_attempts=1000, deadline_base=0.5)
     async with serving(answering_always(answer(500, error))) as (server, port):
         endpoint_env(port)
-        started = time.monotonic()
         async with ObjectStore(BUCKET, settings) as store:
             with pytest.raises(S3Error) as failed:
                 await store.get_object("vol/never.bin", None, lambda data: None)
-        elapsed = time.monotonic() - started
     message = str(failed.value)
     assert message.startswith("vol/never.bin: InternalError (HTTP 500)"), message
     assert "gave up at its deadline (1.5s), after" in message, message
     assert failed.value.key == "vol/never.bin"
     assert 2 <= len(server.requests) < 100, "retried, but not a thousand times"
     assert store.retries == len(server.requests) - 1, "every retry counted once"
-    assert elapsed < 30
 
 
 def cut_once_then_whole(body: bytes) -> Callable[..., object]:
