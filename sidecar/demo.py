@@ -85,7 +85,7 @@ async def _seed_bucket(staging: Path, state: Path) -> str | None:
     """Push the staging folder into the bucket with the engine; None or the failure."""
     from sidecar.core.model import Direction
     from sidecar.core.options import SyncConfig
-    from sidecar.sync import SyncEngine
+    from sidecar.engine.sync import SyncEngine
 
     config = SyncConfig(bucket=BUCKET, prefix="", local_dir=staging, state_dir=state)
     async with SyncEngine(config) as engine:

@@ -25,11 +25,11 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import sidecar.sync as sync_module
+import sidecar.engine.sync as sync_module
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
+from sidecar.engine.sync import SyncEngine
 from sidecar.locals3 import LocalS3
-from sidecar.sync import SyncEngine
 
 _snapshots: list[tracemalloc.Snapshot] = []
 

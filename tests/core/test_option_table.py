@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import build_parser
+from sidecar.cli.main import build_parser
 from sidecar.core.options import (
     OPTIONS,
     ServeConfig,
@@ -134,7 +134,7 @@ def test_every_sidecar_variable_in_docs_and_manifests_is_a_row() -> None:
 def test_a_bad_part_size_stops_the_command_at_start_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar.cli import EXIT_USAGE, main
+    from sidecar.cli.main import EXIT_USAGE, main
 
     # Were the value let through, the sync would fail fast here, never reach AWS.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -157,7 +157,7 @@ def test_unknown_sidecar_variables_are_named_with_the_closest_row() -> None:
 def test_the_command_warns_of_a_misspelt_variable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar.cli import EXIT_USAGE, main
+    from sidecar.cli.main import EXIT_USAGE, main
 
     monkeypatch.setenv("SIDECAR_PART_SIZ", "8MiB")
     # A refused combination stops it right after logging is set up, before any request.

@@ -18,7 +18,7 @@ from sidecar.core.shard import (
     speedup_limit,
     temp_tag,
 )
-from sidecar.state import state_path_for
+from sidecar.engine.state import state_path_for
 
 PATHS = [
     *(f"models/llama/shard-{i:05d}.safetensors" for i in range(300)),

@@ -10,11 +10,11 @@ import pytest
 from daemon_support import FakeEngine, failed
 from watchfiles import Change
 
-from sidecar import autosync
-from sidecar.autosync import AutoSync, ChangeFilter
 from sidecar.core.model import Direction
 from sidecar.core.paths import temp_name
-from sidecar.daemon import Coordinator
+from sidecar.daemon import autosync
+from sidecar.daemon.autosync import AutoSync, ChangeFilter
+from sidecar.daemon.coordinator import Coordinator
 
 
 class Clock:

@@ -9,8 +9,8 @@ from daemon_support import FakeEngine, failed
 
 from sidecar.core.model import Direction, FileError
 from sidecar.core.result import SyncResult
-from sidecar.daemon import Coordinator, Refused
-from sidecar.metrics import Metrics
+from sidecar.daemon.coordinator import Coordinator, Refused
+from sidecar.daemon.metrics import Metrics
 
 PULL, FINALIZE = Direction.PULL, Direction.FINALIZE
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from sidecar import web as sidecar_web
-from sidecar.listeners import ConnectionGuard, GuardedSite, connection_cap
+from sidecar.daemon import web as sidecar_web
+from sidecar.daemon.listeners import ConnectionGuard, GuardedSite, connection_cap
 from sidecar.locals3 import free_port
 
 

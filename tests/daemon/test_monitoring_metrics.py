@@ -8,8 +8,8 @@ import time
 
 from daemon_support import StartDaemon, http
 
+from sidecar.daemon.metrics import Metrics
 from sidecar.locals3 import LocalS3
-from sidecar.metrics import Metrics
 from tests.deploy.monitoring import exposed_names, expressions, metric_names
 
 

@@ -1,4 +1,4 @@
-"""PullQueue (sidecar/pullqueue.py) with a scripted work function: order, one large file at a
+"""PullQueue (sidecar/daemon/pullqueue.py) with a scripted work function: order, one large file at a
 time after the priority set, boosts, and a stop that lets files in flight land for a grace
 period and then cancels them. No servers, no sleeping on the wall clock beyond a tiny grace."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sidecar.core.model import Action, ActionKind, FileError, RemoteObject
 from sidecar.core.priority import PriorityRules
-from sidecar.pullqueue import PullQueue
+from sidecar.daemon.pullqueue import PullQueue
 
 BIG = 100
 
@@ -89,8 +89,8 @@ async def test_a_stop_lets_files_in_flight_land_then_cancels_what_is_stuck() -> 
 def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from sidecar.autosync import ChangeFilter
-    from sidecar.pullqueue import PriorityPull
+    from sidecar.daemon.autosync import ChangeFilter
+    from sidecar.daemon.pullqueue import PriorityPull
 
     pull = PriorityPull(
         SimpleNamespace(ready=True),  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> No
 
 
 def test_sidecar_status_shows_the_background_pull() -> None:
-    from sidecar.client import describe_status
+    from sidecar.cli.client import describe_status
 
     background = {
         "enabled": True,

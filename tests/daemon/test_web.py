@@ -12,12 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from daemon_support import FakeEngine, failed, non_loopback_ipv4
 
-from sidecar import web as sidecar_web
-from sidecar.client import describe_status
+from sidecar.cli.client import describe_status
 from sidecar.core.model import Direction, FileError
 from sidecar.core.result import SyncResult
-from sidecar.daemon import Coordinator
-from sidecar.metrics import Metrics
+from sidecar.daemon import web as sidecar_web
+from sidecar.daemon.coordinator import Coordinator
+from sidecar.daemon.metrics import Metrics
 
 
 @pytest.fixture

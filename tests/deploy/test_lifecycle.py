@@ -89,7 +89,7 @@ while True:
 
 def _needs_daemon() -> None:
     try:
-        import sidecar.serve  # noqa: F401
+        import sidecar.daemon.service  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"the daemon (`sidecar serve`) is not available yet: {exc}")
 

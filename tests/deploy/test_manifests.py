@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.cli import build_parser
+from sidecar.cli.main import build_parser
 from sidecar.core.options import OPTIONS, collect, serve_config, sync_config
 
 from .crd_schemas import is_custom, validate_custom

@@ -27,9 +27,9 @@ from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import TEMP_PREFIX, folders_of, parent_dirs
 from sidecar.core.result import SyncResult
-from sidecar.hashing import content_hash_bytes
+from sidecar.engine.hashing import content_hash_bytes
+from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import META_HASH, META_MODE, META_MTIME
-from sidecar.sync import SyncEngine
 from tests.conftest import S3Server
 
 PREFIX = "vol/"

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.core.model import BaseEntry
-from sidecar.hashing import content_hash_bytes
-from sidecar.state import StateStore, state_path_for
+from sidecar.engine.hashing import content_hash_bytes
+from sidecar.engine.state import StateStore, state_path_for
 from tests.conftest import sidecar_args
 from tests.engine.test_cli_e2e import SIZING, TEMP_PREFIX, Run, Volume, data_of, sha, temps, tree
 

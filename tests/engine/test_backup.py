@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.backup import RemoteBackup
 from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode
 from sidecar.core.model import Direction
+from sidecar.engine.backup import RemoteBackup
+from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore
-from sidecar.sync import SyncEngine
 from tests.conftest import S3Server
 from tests.engine.test_engine import config, write
 

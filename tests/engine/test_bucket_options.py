@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from sidecar.cli import EXIT_USAGE, main
+from sidecar.cli.main import EXIT_USAGE, main
 from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
+from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import BucketOptions, ObjectStore, S3Error
 from sidecar.s3 import bucket_options as bo
 from sidecar.s3.http11 import ConnectionPool
-from sidecar.sync import SyncEngine
 from tests.conftest import S3Server
 from tests.engine.test_engine import config, tree, write
 

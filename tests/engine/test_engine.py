@@ -14,9 +14,9 @@ from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import temp_name
+from sidecar.engine.sync import SyncEngine
+from sidecar.engine.transfer import Transfers
 from sidecar.s3 import ObjectStore
-from sidecar.sync import SyncEngine
-from sidecar.transfer import Transfers
 from tests.conftest import S3Server
 
 MiB = 1024 * 1024
@@ -337,7 +337,7 @@ async def test_dry_run_changes_nothing(moto: S3Server, workdir: Path) -> None:
 async def test_unchanged_files_are_not_rehashed(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.scan
+    import sidecar.engine.scan
 
     bucket = moto.new_bucket()
     local = workdir / "l"
@@ -346,13 +346,13 @@ async def test_unchanged_files_are_not_rehashed(
     cfg = config(bucket, local, workdir / "s")
     assert (await sync(cfg, FIN)).ok
     hashed: list[str] = []
-    original = sidecar.scan._hash_one
+    original = sidecar.engine.scan._hash_one
 
     def spy(root: Path, rel: str) -> Any:
         hashed.append(rel)
         return original(root, rel)
 
-    monkeypatch.setattr(sidecar.scan, "_hash_one", spy)
+    monkeypatch.setattr(sidecar.engine.scan, "_hash_one", spy)
     os.utime(local / "f3")  # touched, content unchanged: re-hashed, not re-sent
     result = await sync(cfg, FIN)
     assert hashed == ["f3"]
@@ -473,7 +473,7 @@ async def test_not_enough_space_fails_before_touching_anything(
 ) -> None:
     import shutil
 
-    import sidecar.sync
+    import sidecar.engine.sync
 
     bucket = moto.new_bucket()
     s3 = moto.client()
@@ -486,7 +486,7 @@ async def test_not_enough_space_fails_before_touching_anything(
         usage = real(path)
         return type(usage)(usage.total, usage.total - 1000, 1000)
 
-    monkeypatch.setattr(sidecar.sync.shutil, "disk_usage", tiny_disk)
+    monkeypatch.setattr(sidecar.engine.sync.shutil, "disk_usage", tiny_disk)
     result = await sync(config(bucket, local, workdir / "s"), PULL)
     assert result.fatal and "needs 2.9 KiB, 1000 B free" in result.fatal
     assert tree(local) == {"mine.txt": b"mine"}
@@ -511,18 +511,18 @@ async def test_new_files_are_read_once_and_hashed_only_where_a_decision_needs_it
 ) -> None:
     """A first finalize hashes the bytes it sends, not the files beforehand; files that meet
     an object or a BASE entry are hashed before planning; big files before their upload."""
-    import sidecar.scan
-    import sidecar.transfer
+    import sidecar.engine.scan
+    import sidecar.engine.transfer
 
     hashed: list[str] = []
-    original = sidecar.scan.content_hash_file
+    original = sidecar.engine.scan.content_hash_file
 
     def counting(path: Any) -> str:
         hashed.append(Path(path).name)
         return original(path)
 
-    monkeypatch.setattr(sidecar.scan, "content_hash_file", counting)
-    monkeypatch.setattr(sidecar.transfer, "content_hash_file", counting)
+    monkeypatch.setattr(sidecar.engine.scan, "content_hash_file", counting)
+    monkeypatch.setattr(sidecar.engine.transfer, "content_hash_file", counting)
     bucket = moto.new_bucket()
     a, b = workdir / "a", workdir / "b"
     for i in range(20):
@@ -557,7 +557,7 @@ async def test_new_files_are_read_once_and_hashed_only_where_a_decision_needs_it
 
 
 def test_umask_is_read_without_being_changed() -> None:
-    from sidecar.transfer import _current_umask
+    from sidecar.engine.transfer import _current_umask
 
     previous = os.umask(0o027)
     try:
@@ -570,7 +570,7 @@ def test_umask_is_read_without_being_changed() -> None:
 async def test_part_buffers_are_handed_out_in_the_order_asked() -> None:
     """Ranged downloads hold a buffer until the ranges before them are hashed; that always
     ends only because the pool serves borrowers first come, first served (no barging)."""
-    from sidecar.transfer import BufferPool
+    from sidecar.engine.transfer import BufferPool
 
     pool = BufferPool(16, 1)
     order: list[str] = []
@@ -597,7 +597,7 @@ async def test_buffer_pool_lends_bytes_within_budget_and_survives_cancellation()
     """Bodies of any length share one byte budget: small ones go side by side, one larger
     than the budget waits until nothing is lent and then goes alone, and a borrower
     cancelled while queued neither leaks its charge nor blocks those behind it."""
-    from sidecar.transfer import BufferPool
+    from sidecar.engine.transfer import BufferPool
 
     pool = BufferPool(16, 64)
     held: list[int] = []
@@ -639,15 +639,17 @@ def test_short_writes_are_completed_not_left_as_holes(
 ) -> None:
     """pwrite may write less than asked; downloads hash from memory, so the file must get
     every byte (or the error)."""
-    import sidecar.transfer
+    import sidecar.engine.transfer
 
     real_pwrite = os.pwrite
     monkeypatch.setattr(
-        sidecar.transfer.os, "pwrite", lambda fd, data, offset: real_pwrite(fd, data[:3], offset)
+        sidecar.engine.transfer.os,
+        "pwrite",
+        lambda fd, data, offset: real_pwrite(fd, data[:3], offset),
     )
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
-        sidecar.transfer._pwrite_all(fd, b"0123456789", 5)
+        sidecar.engine.transfer._pwrite_all(fd, b"0123456789", 5)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"0123456789"
@@ -850,7 +852,7 @@ async def test_part_buffers_are_reused_when_borrowers_are_granted_before_they_ru
     """Four 16-byte buffers fit the budget; however the releases and the grants interleave,
     no more than four are ever made (a 1 GiB pull made 19 of 16 MiB when two releases came
     before the borrowers they granted had run)."""
-    from sidecar.transfer import BufferPool
+    from sidecar.engine.transfer import BufferPool
 
     pool = BufferPool(16, 64)
     made: dict[int, object] = {}  # holding each buffer keeps its id unique
@@ -878,7 +880,7 @@ async def test_a_cancelled_thread_call_returns_only_once_the_thread_is_done() ->
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from sidecar.transfer import finish_in_thread
+    from sidecar.engine.transfer import finish_in_thread
 
     started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
 

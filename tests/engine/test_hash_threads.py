@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import threads
 from sidecar.core.options import OptionError, SyncConfig, collect, sync_config
-from sidecar.sync import SyncEngine
+from sidecar.engine import threads
+from sidecar.engine.sync import SyncEngine
 
 
 def engine_threads(config: SyncConfig) -> int:

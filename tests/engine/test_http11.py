@@ -16,9 +16,9 @@ import pytest
 
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
+from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error
 from sidecar.s3.http11 import AnswerLost, ConnectError, ConnectionPool, ProtocolError, _Connection
-from sidecar.sync import SyncEngine
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 

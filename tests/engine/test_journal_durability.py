@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from sidecar.core.model import BaseEntry
-from sidecar.state import StateStore
+from sidecar.engine.state import StateStore
 from tests.bench.countproxy import CountingProxy
 from tests.conftest import S3Server, sidecar_args
 from tests.engine.test_cli_e2e import (

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sidecar.hashing import content_hash_bytes
+from sidecar.engine.hashing import content_hash_bytes
 from tests.conftest import S3Server, sidecar_args
 from tests.engine.faultproxy import Fault, FaultProxy, Request
 from tests.engine.replicas import THRESHOLD, MiB, Replica, World
@@ -335,7 +335,7 @@ class Chaos(World):
 
 
 def holds_lock(state: Path, pid: int) -> bool:
-    """The sync took its state lock (sidecar/lock.py writes the holder's pid in `lock`)."""
+    """The sync took its state lock (sidecar/engine/lock.py writes the holder's pid in `lock`)."""
     for lock in state.glob("*/lock"):
         try:
             if json.loads(lock.read_text()).get("pid") == pid:

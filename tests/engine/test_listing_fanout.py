@@ -214,7 +214,7 @@ async def test_max_requests_per_second_charges_each_listing_request_sent(
 ) -> None:
     """--max-requests-per-second charges a fanned-out listing per request sent (folders
     listed side by side), not per page handed on: the two differ once a listing fans out."""
-    from sidecar.limits import LimitedStore, Limits
+    from sidecar.engine.limits import LimitedStore, Limits
 
     client = moto.client()
     bucket = moto.new_bucket()

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from sidecar import folder as folder_module
 from sidecar.core.model import Direction
+from sidecar.engine import folder as folder_module
+from sidecar.engine.state import StateStore
+from sidecar.engine.transfer import Transfers
 from sidecar.s3 import ObjectStore
-from sidecar.state import StateStore
-from sidecar.transfer import Transfers
 from tests.conftest import S3Server
 from tests.engine.test_engine import config, sync, tree, write
 
@@ -35,8 +35,8 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
         def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
             return FROZEN
 
-    monkeypatch.setattr("sidecar.sync.datetime", Frozen)
-    monkeypatch.setattr("sidecar.transfer.datetime", Frozen)
+    monkeypatch.setattr("sidecar.engine.sync.datetime", Frozen)
+    monkeypatch.setattr("sidecar.engine.transfer.datetime", Frozen)
 
 
 def conflict_copies(root: Path) -> dict[str, bytes]:

@@ -18,8 +18,8 @@ import trustme
 
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
+from sidecar.engine.sync import SyncEngine
 from sidecar.locals3 import LocalS3
-from sidecar.sync import SyncEngine
 
 MiB = 1024 * 1024
 # A name only the proxy resolves: a request that went around the proxy cannot succeed.

@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sidecar.hashing import content_hash_bytes
+from sidecar.engine.hashing import content_hash_bytes
+from sidecar.engine.transfer import Transfers
 from sidecar.s3 import META_HASH, ObjectStore
 from sidecar.s3.http11 import ConnectionPool
-from sidecar.transfer import Transfers
 from tests.conftest import S3Server
 from tests.engine.faultproxy import Fault, FaultProxy, Request
 from tests.engine.test_engine import FIN, PULL, MiB, config, sync, tree, write
@@ -340,7 +340,7 @@ async def test_a_multipart_etag_is_never_compared_with_a_local_md5(
     def no_md5(path: Any) -> str:
         raise AssertionError(f"MD5 of {path} taken to compare with ETag {etag}")
 
-    monkeypatch.setattr("sidecar.sync.md5_file", no_md5)
+    monkeypatch.setattr("sidecar.engine.sync.md5_file", no_md5)
     local = workdir / "l"
     write(local / "model.bin", mine)
     result = await sync(config(bucket, local, workdir / "s"), direction)

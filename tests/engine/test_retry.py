@@ -16,9 +16,9 @@ import pytest
 
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
+from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error
 from sidecar.s3.retry import BETA, Attempts, InflightBudget, RetryPolicy
-from sidecar.sync import SyncEngine
 from tests.conftest import S3Server
 from tests.engine.faultproxy import Fault, FaultProxy, Request
 from tests.engine.test_http11 import (

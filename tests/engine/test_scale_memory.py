@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-import sidecar.state as state_module
+import sidecar.engine.state as state_module
 from sidecar.core.filters import PathFilter
 from sidecar.core.model import UNHASHED, BaseEntry, LocalFile
-from sidecar.scan import scan
-from sidecar.state import StateStore
-from sidecar.sync import _cache_entry, _cache_holds
+from sidecar.engine.scan import scan
+from sidecar.engine.state import StateStore
+from sidecar.engine.sync import _cache_entry, _cache_holds
 
 PATHS = 20_000
 REMOTE = "s3://b/p/"
@@ -282,8 +282,8 @@ async def test_first_sync_over_existing_data_asks_with_a_bounded_pool(
     """A first pull into a folder that holds the bucket's files already HEADs every object
     (equal or not is unknown): through `--concurrency` workers, never a task per object
     (~2 KiB each: 186 -> 107 MiB peak RSS for 50,000 files)."""
+    from sidecar.engine.sync import SyncEngine
     from sidecar.s3 import ObjectStore
-    from sidecar.sync import SyncEngine
     from tests.engine.test_engine import PULL, config, write
 
     bucket = moto.new_bucket()
@@ -311,7 +311,7 @@ _WRITER = """
 import sys
 from pathlib import Path
 from sidecar.core.model import BaseEntry
-from sidecar.state import StateStore
+from sidecar.engine.state import StateStore
 state = StateStore(Path(sys.argv[1]), sys.argv[2], Path("/data"))
 state.load()
 count = int(sys.argv[3])

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.filters import PathFilter
+from sidecar.engine.scan import ScanResult, walk_in_key_order
 from sidecar.s3.fanout import key_order
-from sidecar.scan import ScanResult, walk_in_key_order
 
 NAME = st.text(alphabet=["a", "b", "-", ".", "0", " ", "\u00e9", "~"], min_size=1, max_size=4)
 # Paths as lists of segments; a path whose folder is another path's file is dropped.

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from sidecar.core.model import Direction
-from sidecar.sync import SyncEngine
+from sidecar.engine.sync import SyncEngine
 from tests.bench.countproxy import CountingProxy
 from tests.conftest import S3Server, sidecar_args
 from tests.engine.test_cli_e2e import (
@@ -126,8 +126,8 @@ async def test_a_cancelled_sync_keeps_its_locks_until_its_state_commit_thread_en
     import asyncio
     import threading
 
-    from sidecar.lock import LockBusy, SyncLock
-    from sidecar.state import StateStore
+    from sidecar.engine.lock import LockBusy, SyncLock
+    from sidecar.engine.state import StateStore
 
     s3_env(mvol.server)
     local, state = workdir / "local", workdir / "state"

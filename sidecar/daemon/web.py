@@ -23,9 +23,9 @@ from aiohttp import web
 
 from sidecar.core.model import Direction
 from sidecar.core.result import SyncResult
-from sidecar.daemon import Coordinator, Refused, Ticket
-from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sidecar.metrics import Metrics
+from sidecar.daemon.coordinator import Coordinator, Refused, Ticket
+from sidecar.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.daemon.metrics import Metrics
 
 # Requests carry everything in the query string; a body is tolerated (curl -d '') but small.
 MAX_BODY = 4096
@@ -41,7 +41,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATUS = web.AppKey("status", StatusFn)
 READINESS = web.AppKey("readiness", ReadinessFn)
 WATCH_HINT = web.AppKey("watch_hint", str)
-WAITS = web.AppKey("waits", object)  # sidecar.pullqueue.PriorityPull, or None: no /wait
+WAITS = web.AppKey("waits", object)  # sidecar.daemon.pullqueue.PriorityPull, or None: no /wait
 
 _SYNC_PARAMS = frozenset({"wait", "progress", "dry_run"})
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
@@ -310,7 +310,7 @@ def control_app(
     app.router.add_post("/finalize", _sync_handler(Direction.FINALIZE))
     app.router.add_get("/status", status_handler)
     if waits is not None:
-        from sidecar.waitapi import wait_handler  # issue 13: GET /wait
+        from sidecar.daemon.waitapi import wait_handler  # issue 13: GET /wait
 
         app[WAITS] = waits
         app.router.add_get("/wait", wait_handler)

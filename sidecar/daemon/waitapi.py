@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.core.units import format_bytes
-from sidecar.pullqueue import PriorityPull, WaitAnswer
-from sidecar.web import WAITS, _error, _flag, _json, _params, progress_bar, progress_stream
+from sidecar.daemon.pullqueue import PriorityPull, WaitAnswer
+from sidecar.daemon.web import WAITS, _error, _flag, _json, _params, progress_bar, progress_stream
 
 
 def _timeout(request: web.Request) -> float | None:

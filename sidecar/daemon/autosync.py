@@ -34,7 +34,7 @@ from watchfiles import Change, awatch
 from sidecar.core.filters import DEFAULT_EXCLUDED_DIRS
 from sidecar.core.model import Direction
 from sidecar.core.paths import is_temp_name
-from sidecar.daemon import Coordinator, Refused
+from sidecar.daemon.coordinator import Coordinator, Refused
 
 log = logging.getLogger("sidecar.autosync")
 

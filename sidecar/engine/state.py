@@ -46,7 +46,7 @@ from typing import Any, Generic, TextIO, TypeVar
 
 from sidecar.core.model import BaseEntry
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.state")  # logger name kept from before the move
 
 FORMAT_VERSION = 3  # 1: one JSON object, 2: a line per path (both migrated); 3: state.db
 HashCacheEntry = tuple[int, int, int, str]  # size, mtime_ns, inode, hash

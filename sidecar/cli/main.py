@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sidecar.cli.logs import setup_logging
 from sidecar.core.model import Direction
 from sidecar.core.options import (
     OPTIONS,
@@ -28,7 +29,6 @@ from sidecar.core.options import (
     sync_config,
     unknown_env,
 )
-from sidecar.logs import setup_logging
 
 EXIT_OK = 0
 EXIT_SYNC_FAILED = 1
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_options(sub, "once")
         _add_client_only_options(sub)
 
-    from sidecar.undo_cli import add_verbs
+    from sidecar.cli.undo import add_verbs
 
     for sub in add_verbs(verbs):  # history, undo, restore (issue 14)
         _add_options(sub, "sync")
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "serve":
             values = collect(vars(args), env, "serve")
             _setup_logging(values, env)
-            from sidecar.serve import run_serve
+            from sidecar.daemon.service import run_serve
 
             config = serve_config(values, env)
             _check_key_file(config.sync)
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary_json = collect(vars(args), env, "once")["summary_json"]
             return _run_once(Direction(args.verb), once, args.dry_run, summary_json)
         if args.verb in ("history", "undo", "restore"):
-            from sidecar import undo_cli
+            from sidecar.cli import undo as undo_cli
 
             if undo_cli.runs_here(args):
                 values = collect(vars(args), env, "sync")
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(workdir=args.workdir, control_port=args.port)
         values = collect(vars(args), env, "client")
-        from sidecar.client import run_client
+        from sidecar.cli.client import run_client
 
         return run_client(
             args.verb,
@@ -157,7 +157,7 @@ def _check_key_file(config: SyncConfig) -> None:
 
 
 def _run_once(direction: Direction, config: SyncConfig, dry_run: bool, summary_json: bool) -> int:
-    from sidecar.sync import SyncEngine
+    from sidecar.engine.sync import SyncEngine
 
     async def run() -> int:
         async with SyncEngine(config) as engine:

@@ -23,17 +23,6 @@ from pathlib import Path
 from sys import intern
 from typing import Any, Protocol, TypeVar
 
-from sidecar.backup import (
-    LOCAL_COPY_CAP,
-    BackupFailed,
-    History,
-    LocalBackup,
-    Pruner,
-    RemoteBackup,
-    new_record,
-    resolve_mode,
-    same_filesystem,
-)
 from sidecar.core.backup import BackupMode, UndoReport, Version, is_bookkeeping, new_sync_id
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
@@ -54,9 +43,24 @@ from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
 from sidecar.core.units import format_bytes
-from sidecar.hashing import md5_file, new_content_hasher
-from sidecar.limits import LimitedStore, Limits
-from sidecar.lock import LockBusy, SyncLock
+from sidecar.engine.backup import (
+    LOCAL_COPY_CAP,
+    BackupFailed,
+    History,
+    LocalBackup,
+    Pruner,
+    RemoteBackup,
+    new_record,
+    resolve_mode,
+    same_filesystem,
+)
+from sidecar.engine.hashing import md5_file, new_content_hasher
+from sidecar.engine.limits import LimitedStore, Limits
+from sidecar.engine.lock import LockBusy, SyncLock
+from sidecar.engine.scan import ScanResult, hash_files, scan
+from sidecar.engine.state import StateError, StateStore, state_path_for
+from sidecar.engine.threads import SettlingExecutor, default_io_threads
+from sidecar.engine.transfer import Settings, TransferError, Transfers, gather_or_cancel
 from sidecar.s3 import (
     BucketOptions,
     ClientSettings,
@@ -65,12 +69,8 @@ from sidecar.s3 import (
     credentials_fingerprint,
     read_labels,
 )
-from sidecar.scan import ScanResult, hash_files, scan
-from sidecar.state import StateError, StateStore, state_path_for
-from sidecar.threads import SettlingExecutor, default_io_threads
-from sidecar.transfer import Settings, TransferError, Transfers, gather_or_cancel
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.sync")  # logger name kept from before the move
 
 T = TypeVar("T")
 
@@ -138,7 +138,7 @@ class SyncEngine:
             max_workers=config.hash_threads or default_io_threads(), thread_name_prefix="sidecar-io"
         )
         # A pull's downloads in another order than biggest first, drained by its own workers
-        # (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
+        # (the daemon's priority-ready pull, sidecar/daemon/pullqueue.py); None: biggest first.
         self.download_order: DownloadOrder | None = None
         self._backup_mode: BackupMode | None = None  # --backup, auto resolved on first use
         self._pruner: Pruner | None = None  # of the running sync (sees .netvol/ listed)
@@ -223,9 +223,9 @@ class SyncEngine:
         log.log(level, result.one_line(), extra={"summary": result.as_dict()})
         return result
 
-    # ---- undo, restore, history (issue 14; the work is in sidecar/undo.py) -----------------
+    # ---- undo, restore, history (issue 14; the work is in sidecar/engine/undo.py) --------------
     async def undo(self, sync_id: str, *, dry_run: bool = False, force: bool = False) -> UndoReport:
-        from sidecar import undo
+        from sidecar.engine import undo
 
         return await self._locked_undo(
             f"undo {sync_id}",
@@ -236,7 +236,7 @@ class SyncEngine:
     async def restore(
         self, path: str, at: datetime, *, local: bool = False, dry_run: bool = False
     ) -> UndoReport:
-        from sidecar import undo
+        from sidecar.engine import undo
 
         return await self._locked_undo(
             f"restore {path}",
@@ -245,7 +245,7 @@ class SyncEngine:
         )
 
     async def history(self, limit: int | None = None) -> tuple[list[Any], list[str]]:
-        from sidecar import undo
+        from sidecar.engine import undo
 
         return await undo.history(self, limit)
 
@@ -276,7 +276,7 @@ class SyncEngine:
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, direction: Direction, dry_run: bool) -> AsyncIterator[None]:
-        """The whole sync under the state lock and the folder lock (sidecar/lock.py), waiting
+        """The whole sync under the state lock and the folder lock (sidecar/engine/lock.py), waiting
         up to --lock-timeout for another sync to end. The state is (re)loaded under the lock:
         another process may have synced since our last run (the daemon keeps BASE in memory)."""
         config = self.config
@@ -307,7 +307,7 @@ class SyncEngine:
             await self._executor.settle()
         except BaseException:
             # A failed or cancelled sync's running threads (a commit, a rename) end under
-            # its locks: the next sync must not start beside them (sidecar/threads.py).
+            # its locks: the next sync must not start beside them (sidecar/engine/threads.py).
             await self._executor.settle(drop_queued=True)
             raise
         finally:

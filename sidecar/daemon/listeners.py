@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.web import Handler
+from sidecar.daemon.web import Handler
 
 log = logging.getLogger("sidecar.listeners")
 

@@ -28,7 +28,7 @@ from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObj
 from sidecar.core.parts import part_ranges, range_size_for
 from sidecar.core.paths import NamesInUse, conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
-from sidecar.folder import (
+from sidecar.engine.folder import (
     Durability,
     Folder,
     UnsafeFolder,
@@ -36,12 +36,13 @@ from sidecar.folder import (
     rename_noreplace,
     same_file,
 )
-from sidecar.hashing import (
+from sidecar.engine.hashing import (
     content_hash_bytes,
     content_hash_fd,
     content_hash_file,
     new_content_hasher,
 )
+from sidecar.engine.state import StateStore
 from sidecar.s3 import (
     ObjectStore,
     S3Error,
@@ -49,9 +50,8 @@ from sidecar.s3 import (
     labels_for,
     read_labels,
 )
-from sidecar.state import StateStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.transfer")  # logger name kept from before the move
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
 
@@ -166,8 +166,8 @@ class Transfers:
         # At least two parts in flight, whatever the settings.
         budget = max(2 * settings.part_size, settings.part_memory_budget)
         self._part_buffers = BufferPool(settings.part_size, budget)
-        # A pull's local backup (sidecar.backup.LocalBackup.keep): moves a file it is about to
-        # replace or delete aside; True when the file is gone from the folder.
+        # A pull's local backup (sidecar.engine.backup.LocalBackup.keep): moves a file it is
+        # about to replace or delete aside; True when the file is gone from the folder.
         self.keep_local: Callable[[str, int, str, LocalFile | None], bool] | None = None
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ from sidecar.core.filters import parse_syncignore
 from sidecar.core.model import Action, Direction, FileError
 from sidecar.core.priority import SYNCPRIORITY, Phase, PriorityRules, covers, normalize_wait_path
 from sidecar.core.units import format_bytes
-from sidecar.daemon import Coordinator, Refused
+from sidecar.daemon.coordinator import Coordinator, Refused
 
 log = logging.getLogger("sidecar.priority")
 

@@ -43,7 +43,7 @@ from sidecar.core.backup import (
 from sidecar.core.model import Action, BaseEntry, LocalFile
 from sidecar.s3 import ObjectStore, S3Error
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.backup")  # logger name kept from before the move
 
 PRUNE_PER_SYNC = 200  # expired backup objects or files removed at the end of one sync
 LOCAL_COPY_CAP = 64 * 1024**2  # state folder on another filesystem: copy only smaller files

@@ -20,9 +20,9 @@ from pathlib import Path
 from sidecar.core.filters import PathFilter
 from sidecar.core.model import UNHASHED, FileError, LocalFile
 from sidecar.core.paths import BadKey, check_relpath, is_temp_name
-from sidecar.hashing import content_hash_file
+from sidecar.engine.hashing import content_hash_file
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.scan")  # logger name kept from before the move
 
 # (size, mtime_ns, inode) -> hash, per relative path: the local hash cache kept in the state.
 StatKey = tuple[int, int, int]

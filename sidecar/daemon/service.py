@@ -25,18 +25,18 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.autosync import AutoSync
 from sidecar.core.model import Direction
 from sidecar.core.options import ServeConfig, SyncConfig
 from sidecar.core.priority import PriorityRules
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.units import format_bytes
-from sidecar.daemon import Coordinator, Job, Refused
-from sidecar.listeners import ConnectionGuard, GuardedSite, connection_cap
-from sidecar.metrics import Metrics
-from sidecar.pullqueue import PriorityPull
-from sidecar.web import control_app, default_readiness, probe_app
+from sidecar.daemon.autosync import AutoSync
+from sidecar.daemon.coordinator import Coordinator, Job, Refused
+from sidecar.daemon.listeners import ConnectionGuard, GuardedSite, connection_cap
+from sidecar.daemon.metrics import Metrics
+from sidecar.daemon.pullqueue import PriorityPull
+from sidecar.daemon.web import control_app, default_readiness, probe_app
 
 log = logging.getLogger("sidecar.serve")
 
@@ -54,7 +54,7 @@ class ListenError(RuntimeError):
 
 
 def run_serve(config: ServeConfig) -> int:
-    from sidecar.sync import SyncEngine
+    from sidecar.engine.sync import SyncEngine
 
     try:
         return asyncio.run(serve(config, SyncEngine))
@@ -214,7 +214,7 @@ def _priority_pull(
     config: ServeConfig, coord: Coordinator, engine: Any, started: float
 ) -> PriorityPull:
     """/wait in any case; with --ready-when priority also the engine's download order."""
-    from sidecar.sync import read_syncignore
+    from sidecar.engine.sync import read_syncignore
 
     priority = PriorityPull(
         coord,

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.lock")  # logger name kept from before the move
 
 LOCK_FILE = "lock"
 POLL_SECONDS = 0.2

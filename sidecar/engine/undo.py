@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.backup import BackupFailed, History, LocalBackup, RemoteBackup, new_record
 from sidecar.core.backup import (
     BACKUP_DIR,
     BackupMode,
@@ -41,12 +40,13 @@ from sidecar.core.backup import (
     versions_at,
 )
 from sidecar.core.model import BaseEntry
-from sidecar.folder import Folder, UnsafeFolder
-from sidecar.hashing import content_hash_file
+from sidecar.engine.backup import BackupFailed, History, LocalBackup, RemoteBackup, new_record
+from sidecar.engine.folder import Folder, UnsafeFolder
+from sidecar.engine.hashing import content_hash_file
 from sidecar.s3 import ObjectStore, S3Error, read_labels
 
 if TYPE_CHECKING:
-    from sidecar.sync import SyncEngine
+    from sidecar.engine.sync import SyncEngine
 
 
 async def undo(engine: SyncEngine, sync_id: str, *, dry_run: bool, force: bool) -> UndoReport:

@@ -51,7 +51,7 @@ def runs_here(args: argparse.Namespace) -> bool:
 
 
 def run_here(args: argparse.Namespace, config: SyncConfig) -> int:
-    from sidecar.sync import SyncEngine
+    from sidecar.engine.sync import SyncEngine
 
     async def work() -> int:
         async with SyncEngine(config) as engine:
@@ -73,7 +73,7 @@ def run_here(args: argparse.Namespace, config: SyncConfig) -> int:
 
 
 def run_via_daemon(args: argparse.Namespace, control_url: str) -> int:
-    from sidecar import client
+    from sidecar.cli import client
 
     try:
         if args.verb == "history":

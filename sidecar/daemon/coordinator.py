@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from sidecar.core.model import Direction, FileError
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
-from sidecar.metrics import Metrics, outcome
+from sidecar.daemon.metrics import Metrics, outcome
 
 log = logging.getLogger("sidecar.daemon")
 
