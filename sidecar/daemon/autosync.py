@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,10 @@ from sidecar.daemon.coordinator import Coordinator, Refused
 log = logging.getLogger("sidecar.autosync")
 
 MAX_RETRY_DELAY = 60.0
+# The source of change batches: watchfiles.awatch's signature (folder, then keywords: the
+# filter, debounce, stop event, polling). Tests inject one that yields the batches they
+# script, so they wait on the batch being taken in instead of sleeping.
+Watch = Callable[..., AsyncIterator[set[tuple[Change, str]]]]
 FOLDER_POLL = 1.0  # how often to look for a missing folder or a replaced one
 WATCH_RETRY = 5.0  # pause before watching again after the watcher failed
 
@@ -84,6 +88,7 @@ class AutoSync:
     watcher_state: str = "not started"  # waiting for the folder, watching, restarting, stopped
     watcher_restarts: int = 0
     own_write: Callable[[str], bool] | None = None  # see ChangeFilter
+    watch: Watch = awatch
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _watcher: asyncio.Task[None] | None = None
 
@@ -240,7 +245,7 @@ class AutoSync:
                 log.info("auto-sync watching %s", self.folder)
                 if self.coordinator.ready:
                     self.note_changes(0)  # whatever changed while nothing watched
-                async for changes in awatch(
+                async for changes in self.watch(
                     self.folder,
                     watch_filter=ChangeFilter(str(self.folder), self.own_write),
                     debounce=200,

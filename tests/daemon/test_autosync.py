@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_support import FakeEngine, failed
-from watchfiles import Change
+from watchfiles import Change, awatch
 
 from sidecar.core.model import Direction
 from sidecar.core.paths import temp_name
@@ -65,6 +66,51 @@ async def ready(engine: FakeEngine) -> AsyncIterator[Coordinator]:
         yield coordinator
 
 
+class ScriptedWatch:
+    """An injected watcher (AutoSync.watch): yields the batches the test sends, filtered with
+    the filter AutoSync gives it as watchfiles.awatch filters them, and send() returns once
+    AutoSync has taken the batch in. So a test proves "this change is no reason to push" by
+    waiting for its batch to be handled, not by sleeping and seeing nothing."""
+
+    def __init__(self) -> None:
+        self.batches: asyncio.Queue[set[tuple[Change, str]]] = asyncio.Queue()
+        self.started = 0  # watches started (AutoSync restarts them)
+
+    async def send(self, *changes: tuple[Change, Path]) -> None:
+        await self.batches.put({(change, str(path)) for change, path in changes})
+        await self.batches.join()
+
+    async def __call__(
+        self, _folder: Path, *, watch_filter: ChangeFilter, stop_event: asyncio.Event, **_: Any
+    ) -> AsyncIterator[set[tuple[Change, str]]]:
+        self.started += 1
+        while not stop_event.is_set():
+            batch = asyncio.ensure_future(self.batches.get())
+            stopped = asyncio.ensure_future(stop_event.wait())
+            await asyncio.wait({batch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not batch.done():
+                batch.cancel()
+                return
+            kept = {change for change in batch.result() if watch_filter(*change)}
+            if kept:
+                yield kept  # resumed once AutoSync noted the batch: then it is taken in
+            self.batches.task_done()
+
+
+class CountingWatch:
+    """The real watcher, counting the watches started: each one registers its inotify watch
+    before its first await, so `started == n` means the n-th watch sees every later write."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> AsyncIterator[set[tuple[Change, str]]]:
+        self.started += 1
+        async for changes in awatch(*args, **kwargs):
+            yield changes
+
+
 async def wait_for_pushes(auto: AutoSync, count: int) -> None:
     """Until `count` pushes have finished (polling: AutoSync has no event for this)."""
     async with asyncio.timeout(10):
@@ -75,18 +121,23 @@ async def wait_for_pushes(auto: AutoSync, count: int) -> None:
 async def test_changes_are_pushed_once_they_settle(
     tmp_path: Path, engine: FakeEngine, ready: Coordinator
 ) -> None:
-    auto = AutoSync(ready, tmp_path, debounce=0.3, max_delay=5)
+    watch = ScriptedWatch()
+    auto = AutoSync(ready, tmp_path, debounce=0.3, max_delay=5, watch=watch)
     stop = asyncio.Event()
     loop = asyncio.create_task(auto.run(stop))
     try:
         # Watching started after readiness: one catch-up push for what nobody saw.
         await wait_for_pushes(auto, 1)
-        (tmp_path / temp_name()).write_bytes(b"ours: never a reason to push")
-        (tmp_path / "__pycache__").mkdir()
-        (tmp_path / "__pycache__" / "m.pyc").write_bytes(b"cache")
-        await asyncio.sleep(0.8)
+        await watch.send(
+            (Change.added, tmp_path / temp_name()),  # ours: never a reason to push
+            (Change.added, tmp_path / "__pycache__"),
+            (Change.added, tmp_path / "__pycache__" / "m.pyc"),
+        )
+        # Taken in, and nothing noted: no push is due, none ran.
+        assert auto.pending_changes == 0 and auto.due_at() is None
         assert engine.calls == [(Direction.PULL, False), (Direction.FINALIZE, False)]
-        (tmp_path / "notes.txt").write_bytes(b"hello")
+        await watch.send((Change.added, tmp_path / "notes.txt"))
+        assert auto.pending_changes == 1
         await wait_for_pushes(auto, 2)
         assert auto.pushes == 2 and auto.last_push is not None and auto.last_push["ok"]
         assert auto.pending_changes == 0
@@ -100,12 +151,12 @@ async def test_failed_push_is_retried_with_backoff(
     tmp_path: Path, engine: FakeEngine, ready: Coordinator
 ) -> None:
     engine.results = [failed(Direction.FINALIZE, fatal="503 SlowDown")]
-    auto = AutoSync(ready, tmp_path, debounce=0.1, max_delay=1)
+    watch = ScriptedWatch()
+    auto = AutoSync(ready, tmp_path, debounce=0.1, max_delay=1, watch=watch)
     stop = asyncio.Event()
     loop = asyncio.create_task(auto.run(stop))
     try:
-        await asyncio.sleep(0.3)
-        (tmp_path / "a.txt").write_bytes(b"a")
+        await watch.send((Change.added, tmp_path / "a.txt"))
         await wait_for_pushes(auto, 2)
         assert auto.failures_in_row == 0
         assert [call[0] for call in engine.calls].count(Direction.FINALIZE) == 2
@@ -126,7 +177,7 @@ async def test_folder_created_after_start_is_watched_and_pushed(
         stop = asyncio.Event()
         loop = asyncio.create_task(auto.run(stop))
         try:
-            await asyncio.sleep(0.2)
+            await wait_for(lambda: auto.watcher_state == "waiting for the folder")
             waiting = auto.status()
             folder.mkdir()  # what the initial pull does
             await coordinator.submit(Direction.PULL).result()
@@ -149,16 +200,17 @@ async def test_replaced_folder_and_dead_watcher_are_watched_again(
     monkeypatch.setattr(autosync, "WATCH_RETRY", 0.05, raising=False)
     folder = tmp_path / "vol"
     folder.mkdir()
-    auto = AutoSync(ready, folder, debounce=0.1, max_delay=1)
+    watch = CountingWatch()
+    auto = AutoSync(ready, folder, debounce=0.1, max_delay=1, watch=watch)
     stop = asyncio.Event()
     loop = asyncio.create_task(auto.run(stop))
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
+        await wait_for(lambda: watch.started == 1, "the first watch")
         (folder / "first.txt").write_bytes(b"first")
         await wait_for_pushes(auto, 1)
         folder.rename(tmp_path / "old")
         folder.mkdir()  # same path, another folder: the old watch sees nothing here
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: watch.started == 2, "a watch of the new folder")
         pushes = auto.pushes
         (folder / "a.txt").write_bytes(b"a")
         await wait_for_pushes(auto, pushes + 1)
@@ -172,8 +224,7 @@ async def test_replaced_folder_and_dead_watcher_are_watched_again(
         while not watcher.done():
             watcher.cancel()
             await asyncio.sleep(0.05)
-        await wait_for(lambda: auto.watcher_restarts > restarts and auto.watching)
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: auto.watcher_restarts > restarts and watch.started == 3)
         pushes = auto.pushes
         (folder / "b.txt").write_bytes(b"b")
         await wait_for_pushes(auto, pushes + 1)
