@@ -32,7 +32,8 @@ from typing import Any, Protocol
 from sidecar.core.model import Direction, FileError
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
-from sidecar.daemon.metrics import Metrics, outcome
+from sidecar.daemon.metrics import SyncCounters, outcome
+from sidecar.daemon.policy import Fate, Running, running_fate
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -147,7 +148,11 @@ def _set_event() -> asyncio.Event:
 class Coordinator:
     engine: Engine
     read_only: bool = False
-    metrics: Metrics | None = None
+    # Called when a request has to wait for the running sync: a pull that only goes on in
+    # the background (--ready-when priority) then stops early and resumes after it. True
+    # when it did stop one.
+    preempt: Callable[[], bool] | None = None
+    counters: SyncCounters = field(default_factory=SyncCounters)  # every finished sync
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     current: Run | None = None
@@ -164,10 +169,6 @@ class Coordinator:
     _ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=_set_event)
     _worker: asyncio.Task[None] | None = None
-    # Called when a request has to wait for the running sync: a pull that only goes on in
-    # the background (--ready-when priority) then stops early and resumes after it. True
-    # when it did stop one.
-    preempt: Callable[[], bool] | None = None
 
     async def __aenter__(self) -> Coordinator:
         self._worker = asyncio.create_task(self._work(), name="sync-coordinator")
@@ -268,9 +269,7 @@ class Coordinator:
         # A background pull stops at a file boundary instead (its files in flight get a few
         # seconds): what arrived is committed, and no step is cut in the middle.
         stops = current is not None and self.preempt is not None and self.preempt()
-        if current is not None and (
-            cancel_running or (current.job.direction is Direction.PULL and not stops)
-        ):
+        if running_fate(self.running(stops=stops), cut_short=cancel_running) is Fate.CANCELLED:
             self.cancel_current(reason)
 
     async def idle(self) -> None:
@@ -317,6 +316,15 @@ class Coordinator:
 
     def running_operation(self) -> str | None:
         return None if self.current is None else str(self.current.job.direction)
+
+    def running(self, *, stops: bool) -> Running:
+        """The running sync as a stop sees it; `stops`: a background pull that stops at a
+        file boundary when asked (`preempt`)."""
+        if self.current is None:
+            return Running.NOTHING
+        if self.current.job.direction is Direction.FINALIZE:
+            return Running.FINALIZE
+        return Running.BACKGROUND_PULL if stops else Running.PULL
 
     # -- the worker -----------------------------------------------------------------------
 
@@ -400,8 +408,7 @@ class Coordinator:
                     "at": finished,
                     "message": _error_message(result),
                 }
-            if self.metrics is not None:
-                self.metrics.record(result, finished)
+            self.counters.record(result, finished)
             _log_details(run, result)
             if run.job == Job(Direction.PULL):
                 self._note_pull(result, finished)

@@ -63,10 +63,53 @@ class _Histogram:
                 self.counts[index] += 1
 
 
-@dataclass
-class Metrics:
-    """Counters fed by the coordinator after every sync, plus live gauges read on scrape."""
+class SyncSource(Protocol):
+    """What the metrics read of the coordinator (sidecar.daemon.coordinator.Coordinator)."""
 
+    counters: SyncCounters
+    ready: bool
+    degraded: dict[str, Any] | None
+    engine: Any  # in_flight, retries_total; inflight_budget, fleet_status when it has them
+
+    def running_operation(self) -> str | None: ...
+
+
+@dataclass
+class SyncCounters:
+    """What finished syncs add up to: the coordinator records each one (it owns these from
+    its construction), the metrics render them."""
+
+    counters: dict[str, dict[Labels, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    durations: dict[Labels, _Histogram] = field(default_factory=dict)
+    last_success: dict[Labels, float] = field(default_factory=dict)
+
+    def record(self, result: SyncResult, finished_at: float) -> None:
+        """Count one finished sync; `finished_at` is wall-clock seconds since the epoch."""
+        op = (("operation", str(result.operation)),)
+        self.counters["syncs_total"][(*op, ("outcome", outcome(result)))] += 1
+        self.counters["conflicts_total"][op] += len(result.conflicts)
+        self.counters["errors_total"][op] += len(result.errors) + (1 if result.fatal else 0)
+        if not result.dry_run:
+            self.counters["bytes_transferred_total"][op] += result.bytes_transferred
+            self.counters["objects_transferred_total"][op] += result.files_transferred
+            self.counters["objects_deleted_total"][op] += result.files_deleted
+        histogram = self.durations.setdefault(op, _Histogram(DURATION_BUCKETS))
+        histogram.observe(result.seconds)
+        if result.ok and not result.dry_run:
+            self.last_success[op] = finished_at
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The sync counters plus live gauges, read through callables at scrape time.
+
+    Every source is given at construction (`Metrics.of` for a daemon's coordinator); the
+    defaults stand for "not known" or "off", so a test can build one with what it needs.
+    """
+
+    counters: SyncCounters = field(default_factory=SyncCounters)
     volume: str | None = None
     in_flight: Callable[[], int] = lambda: 0
     retries: Callable[[], int] = lambda: 0
@@ -82,31 +125,30 @@ class Metrics:
     # SyncEngine.fleet_status: shard, limits, seconds waited on them; None: not known.
     fleet: Callable[[], dict[str, Any] | None] = lambda: None
     started_at: float | None = None  # wall-clock start of the daemon
-    time_to_ready: float | None = None  # seconds from start to ready; None until then
+    # Seconds from start to ready; None until then.
+    time_to_ready: Callable[[], float | None] = lambda: None
     # --ready-when priority: seconds from start until nothing of the initial pull is pending,
     # and (files, bytes) still pending; None: not known (or --ready-when all).
     time_to_complete: Callable[[], float | None] = lambda: None
     background: Callable[[], tuple[int, int] | None] = lambda: None
-    _counters: dict[str, dict[Labels, float]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(float))
-    )
-    _durations: dict[Labels, _Histogram] = field(default_factory=dict)
-    _last_success: dict[Labels, float] = field(default_factory=dict)
 
-    def record(self, result: SyncResult, finished_at: float) -> None:
-        """Count one finished sync; `finished_at` is wall-clock seconds since the epoch."""
-        op = (("operation", str(result.operation)),)
-        self._counters["syncs_total"][(*op, ("outcome", outcome(result)))] += 1
-        self._counters["conflicts_total"][op] += len(result.conflicts)
-        self._counters["errors_total"][op] += len(result.errors) + (1 if result.fatal else 0)
-        if not result.dry_run:
-            self._counters["bytes_transferred_total"][op] += result.bytes_transferred
-            self._counters["objects_transferred_total"][op] += result.files_transferred
-            self._counters["objects_deleted_total"][op] += result.files_deleted
-        histogram = self._durations.setdefault(op, _Histogram(DURATION_BUCKETS))
-        histogram.observe(result.seconds)
-        if result.ok and not result.dry_run:
-            self._last_success[op] = finished_at
+    @classmethod
+    def of(cls, coordinator: SyncSource, **live: Any) -> Metrics:
+        """The metrics of a daemon around `coordinator`: its counters, readiness and running
+        operation, its engine's gauges, plus the `live` sources of the other parts."""
+        engine = coordinator.engine
+        fleet = getattr(engine, "fleet_status", None)
+        return cls(
+            counters=coordinator.counters,
+            in_flight=lambda: engine.in_flight,
+            retries=lambda: engine.retries_total,
+            budget=lambda: getattr(engine, "inflight_budget", None),
+            fleet=fleet if fleet is not None else (lambda: None),
+            ready=lambda: coordinator.ready,
+            degraded=lambda: coordinator.degraded,
+            running=coordinator.running_operation,
+            **live,
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -120,14 +162,18 @@ class Metrics:
         )
         for name, help_text in counters:
             lines += _family(
-                f"sidecar_{name}", "counter", help_text, self._counters[name].items(), self.volume
+                f"sidecar_{name}",
+                "counter",
+                help_text,
+                self.counters.counters[name].items(),
+                self.volume,
             )
         lines += self._render_durations()
         lines += _family(
             "sidecar_last_success_timestamp_seconds",
             "gauge",
             "Wall-clock time of the last successful sync, by operation.",
-            self._last_success.items(),
+            self.counters.last_success.items(),
             self.volume,
         )
         lines += self._render_lifecycle()
@@ -225,12 +271,13 @@ class Metrics:
                 [((), self.started_at)],
                 self.volume,
             )
-        if self.time_to_ready is not None:
+        time_to_ready = self.time_to_ready()
+        if time_to_ready is not None:
             lines += _family(
                 "sidecar_time_to_ready_seconds",
                 "gauge",
                 "Seconds from the daemon's start until it was ready (initial pull done).",
-                [((), self.time_to_ready)],
+                [((), time_to_ready)],
                 self.volume,
             )
         complete = self.time_to_complete()
@@ -347,7 +394,7 @@ class Metrics:
             f"# HELP {name} How long syncs took, by operation.",
             f"# TYPE {name} histogram",
         ]
-        for labels, histogram in sorted(self._durations.items()):
+        for labels, histogram in sorted(self.counters.durations.items()):
             base = _with_volume(labels, self.volume)
             for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
                 lines.append(f"{name}_bucket{_labels((*base, ('le', _number(bound))))} {count}")

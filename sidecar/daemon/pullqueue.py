@@ -345,11 +345,15 @@ class PriorityPull:
             return placed == (st.st_size, st.st_mtime_ns)
         return relpath in self._placed_dirs and stat.S_ISDIR(st.st_mode)
 
+    def can_stop(self) -> bool:
+        """Whether the running pull is a background one, which `preempt` would stop."""
+        return self.queue is not None and self.coordinator.ready and self._background_run()
+
     def preempt(self) -> bool:
         """Coordinator.preempt: a request waits for the running sync (or the daemon stops).
         True when the running pull is a background one and now stops taking files."""
         queue = self.queue
-        if queue is None or not self.coordinator.ready or not self._background_run():
+        if queue is None or not self.can_stop():
             return False
         if queue.stopped is None:
             reason = "a request is waiting; the rest resumes after it"

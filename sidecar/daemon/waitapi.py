@@ -23,7 +23,7 @@ from aiohttp import web
 
 from sidecar.core.units import format_bytes
 from sidecar.daemon.pullqueue import PriorityPull, WaitAnswer
-from sidecar.daemon.web import WAITS, _error, _flag, _json, _params, progress_bar, progress_stream
+from sidecar.daemon.web import SERVICE, _error, _flag, _json, _params, progress_bar, progress_stream
 
 
 def _timeout(request: web.Request) -> float | None:
@@ -49,7 +49,7 @@ async def wait_handler(request: web.Request) -> web.StreamResponse:
         return _error(400, "give at least one path: GET /wait?path=notebooks/&path=data/x.bin")
     timeout = _timeout(request)
     stream = _flag(request, "progress", False)
-    waits: PriorityPull = request.app[WAITS]  # type: ignore[assignment]
+    waits: PriorityPull = request.app[SERVICE].priority
     try:
         waits.progress(paths)  # checks every path before anything waits
     except ValueError as exc:

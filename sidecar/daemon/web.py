@@ -9,6 +9,9 @@ POST /restore?path=P&at=TIME (issue 14).
     200 ok, 409 refused by configuration (read-only), 503 not now (not ready, shutting down),
     500 the sync ran and failed (the summary names each error), 4xx for bad requests.
 Probe app: GET /healthz, /readyz, /status, /metrics. No route on it changes anything.
+
+Both apps answer for one daemon (`Service`, the SidecarService of service.py): readiness and
+status are its answers, the handlers only render them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -26,6 +29,8 @@ from sidecar.core.result import SyncResult
 from sidecar.daemon.coordinator import Coordinator, Refused, Ticket
 from sidecar.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.daemon.metrics import Metrics
+from sidecar.daemon.policy import Readiness
+from sidecar.daemon.pullqueue import PriorityPull
 
 # Requests carry everything in the query string; a body is tolerated (curl -d '') but small.
 MAX_BODY = 4096
@@ -33,15 +38,26 @@ BODY_TIMEOUT = 10.0  # seconds to send that body; a client that trickles it is c
 PROGRESS_INTERVAL = 1.0
 BAR_WIDTH = 24
 
-StatusFn = Callable[[], dict[str, Any]]
-ReadinessFn = Callable[[], str | None]  # None when ready, else why not
 
-COORDINATOR = web.AppKey("coordinator", Coordinator)
-METRICS = web.AppKey("metrics", Metrics)
-STATUS = web.AppKey("status", StatusFn)
-READINESS = web.AppKey("readiness", ReadinessFn)
+class Service(Protocol):
+    """What the apps ask of the daemon (service.SidecarService)."""
+
+    @property
+    def coordinator(self) -> Coordinator: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def priority(self) -> PriorityPull: ...  # GET /wait
+
+    def status(self) -> dict[str, Any]: ...
+
+    def readiness(self) -> Readiness: ...
+
+
+SERVICE = web.AppKey("service", Service)
 WATCH_HINT = web.AppKey("watch_hint", str)
-WAITS = web.AppKey("waits", object)  # sidecar.daemon.pullqueue.PriorityPull, or None: no /wait
 
 _SYNC_PARAMS = frozenset({"wait", "progress", "dry_run"})
 _TRUE = frozenset({"", "1", "true", "yes", "on"})
@@ -161,7 +177,7 @@ def _sync_handler(direction: Direction) -> Handler:
         wait = _flag(request, "wait", True)
         stream = _flag(request, "progress", False)
         dry_run = _flag(request, "dry_run", False)
-        coordinator = request.app[COORDINATOR]
+        coordinator = request.app[SERVICE].coordinator
         try:
             ticket = coordinator.submit(direction, dry_run=dry_run)
         except Refused as exc:
@@ -236,7 +252,7 @@ async def _stream(
 
 @_params(frozenset())
 async def status_handler(request: web.Request) -> web.Response:
-    return _json(request.app[STATUS]())
+    return _json(request.app[SERVICE].status())
 
 
 # -- history, undo, restore (issue 14) --------------------------------------------------------
@@ -244,7 +260,7 @@ async def status_handler(request: web.Request) -> web.Response:
 
 def _undoer(request: web.Request) -> Any:
     """The engine, for history/undo/restore (they take the sync locks themselves)."""
-    coordinator = request.app[COORDINATOR]
+    coordinator = request.app[SERVICE].coordinator
     if request.method == "POST" and coordinator.read_only:
         raise web.HTTPConflict(
             text=json.dumps({"ok": False, "refused": "this sidecar runs with --read-only"}),
@@ -295,25 +311,16 @@ async def restore_handler(request: web.Request) -> web.Response:
     return _report(await asyncio.shield(work))
 
 
-def control_app(
-    coordinator: Coordinator,
-    *,
-    status: StatusFn | None = None,
-    watch_hint: str = "GET /status",
-    waits: Any = None,
-) -> web.Application:
+def control_app(service: Service, *, watch_hint: str = "GET /status") -> web.Application:
+    from sidecar.daemon.waitapi import wait_handler  # issue 13: GET /wait (it imports this module)
+
     app = web.Application(middlewares=[loopback_only, strict_requests], client_max_size=MAX_BODY)
-    app[COORDINATOR] = coordinator
-    app[STATUS] = status or coordinator.status
+    app[SERVICE] = service
     app[WATCH_HINT] = watch_hint
     app.router.add_post("/pull", _sync_handler(Direction.PULL))
     app.router.add_post("/finalize", _sync_handler(Direction.FINALIZE))
     app.router.add_get("/status", status_handler)
-    if waits is not None:
-        from sidecar.daemon.waitapi import wait_handler  # issue 13: GET /wait
-
-        app[WAITS] = waits
-        app.router.add_get("/wait", wait_handler)
+    app.router.add_get("/wait", wait_handler)
     app.router.add_get("/history", history_handler)
     app.router.add_post("/undo", undo_handler)
     app.router.add_post("/restore", restore_handler)
@@ -331,49 +338,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 @_params(frozenset())
 async def readyz(request: web.Request) -> web.Response:
-    reason = request.app[READINESS]()
-    if reason is None:
-        degraded = request.app[COORDINATOR].degraded
-        if degraded is not None:
-            # Still 200: the notebook may start; what was left out is on /status and metrics.
-            return web.Response(text=f"ready, degraded: {degraded['message']}\n")
-        return web.Response(text="ready\n")
-    return web.Response(status=503, text=f"not ready: {reason}\n")
+    answer = request.app[SERVICE].readiness()
+    return web.Response(status=answer.status, text=answer.text + "\n")
 
 
 @_params(frozenset())
 async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(
-        body=request.app[METRICS].render().encode(),
+        body=request.app[SERVICE].metrics.render().encode(),
         headers={"Content-Type": METRICS_CONTENT_TYPE},
     )
 
 
-def default_readiness(coordinator: Coordinator) -> ReadinessFn:
-    def readiness() -> str | None:
-        if coordinator.closing:
-            return "shutting down"
-        if coordinator.ready:
-            return None
-        if coordinator.last_error is not None:
-            return f"initial pull failed: {coordinator.last_error['message']}"
-        return "initial pull not finished"
-
-    return readiness
-
-
-def probe_app(
-    coordinator: Coordinator,
-    metrics: Metrics,
-    *,
-    status: StatusFn | None = None,
-    readiness: ReadinessFn | None = None,
-) -> web.Application:
+def probe_app(service: Service) -> web.Application:
     app = web.Application(middlewares=[strict_requests], client_max_size=MAX_BODY)
-    app[COORDINATOR] = coordinator
-    app[METRICS] = metrics
-    app[STATUS] = status or coordinator.status
-    app[READINESS] = readiness or default_readiness(coordinator)
+    app[SERVICE] = service
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_handler)

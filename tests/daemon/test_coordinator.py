@@ -188,8 +188,8 @@ async def test_cancelling_a_waiter_does_not_cancel_the_sync(engine: FakeEngine) 
 
 
 async def test_cancel_current_reports_a_cancelled_result(engine: FakeEngine) -> None:
-    metrics = Metrics()
-    async with Coordinator(engine, metrics=metrics) as coordinator:
+    async with Coordinator(engine) as coordinator:
+        metrics = Metrics.of(coordinator)
         ticket = coordinator.submit(PULL)
         await engine.wait_calls(1)
         assert coordinator.cancel_current("test") is ticket.run
@@ -281,9 +281,8 @@ async def test_pull_that_applied_all_it_safely_could_makes_ready_but_degraded(
         ),
         SyncResult(PULL),
     ]
-    metrics = Metrics()
-    async with Coordinator(engine, metrics=metrics) as coordinator:
-        metrics.degraded = lambda: coordinator.degraded
+    async with Coordinator(engine) as coordinator:
+        metrics = Metrics.of(coordinator)
         await coordinator.submit(PULL).result()
         assert not coordinator.ready
         await coordinator.submit(PULL).result()

@@ -62,8 +62,12 @@ def test_lifecycle_gauges_render_only_once_known() -> None:
     ):
         assert name not in exposed_names(text), name  # absent, not a misleading 0
 
-    metrics.started_at, metrics.time_to_ready = 1_700_000_000.0, 12.5
-    metrics.unpushed = lambda: (3, 42.25)
+    metrics = Metrics(
+        volume="v",
+        started_at=1_700_000_000.0,
+        time_to_ready=lambda: 12.5,
+        unpushed=lambda: (3, 42.25),
+    )
     text = metrics.render()
     assert 'sidecar_start_time_seconds{volume="v"} 1700000000' in text
     assert 'sidecar_time_to_ready_seconds{volume="v"} 12.5' in text
@@ -107,8 +111,7 @@ def test_status_and_metrics_show_the_shard_the_limits_and_the_time_waited(
 
 
 def test_unsharded_unlimited_daemon_shows_none() -> None:
-    metrics = Metrics(volume="v")
-    metrics.fleet = lambda: {
+    fleet = {
         "shard": None,
         "limits": {
             "download_bytes_per_second": None,
@@ -117,6 +120,7 @@ def test_unsharded_unlimited_daemon_shows_none() -> None:
         },
         "limit_waited_seconds": {"download": 0.0, "upload": 0.0, "requests": 0.0},
     }
+    metrics = Metrics(volume="v", fleet=lambda: fleet)
     names = exposed_names(metrics.render())
     assert "sidecar_shard_index" not in names and "sidecar_bwlimit_bytes_per_second" not in names
     assert "sidecar_limit_wait_seconds_total" in names  # 0: a counter that exists from the start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -14,24 +15,29 @@ from daemon_support import FakeEngine, failed, non_loopback_ipv4
 
 from sidecar.cli.client import describe_status
 from sidecar.core.model import Direction, FileError
+from sidecar.core.options import ServeConfig, SyncConfig
 from sidecar.core.result import SyncResult
 from sidecar.daemon import web as sidecar_web
 from sidecar.daemon.coordinator import Coordinator
-from sidecar.daemon.metrics import Metrics
+from sidecar.daemon.service import SidecarService
+
+
+def serve_config(tmp_path: Path, *, read_only: bool = False) -> ServeConfig:
+    sync = SyncConfig("vol", "", tmp_path / "local", tmp_path / "state", volume="vol")
+    return ServeConfig(sync, read_only=read_only)
 
 
 @pytest.fixture
-async def coordinator(engine: FakeEngine) -> AsyncIterator[Coordinator]:
-    metrics = Metrics(
-        volume="vol",
-        in_flight=lambda: engine.in_flight,
-        retries=lambda: engine.retries_total,
-        budget=lambda: getattr(engine, "inflight_budget", None),
-    )
-    async with Coordinator(engine, metrics=metrics) as coordinator:
-        metrics.ready = lambda: coordinator.ready
-        metrics.running = coordinator.running_operation
-        yield coordinator
+async def service(engine: FakeEngine, tmp_path: Path) -> AsyncIterator[SidecarService]:
+    """The daemon's service object around the fake engine, not started: the tests drive the
+    coordinator themselves."""
+    async with SidecarService(serve_config(tmp_path), engine) as service:
+        yield service
+
+
+@pytest.fixture
+def coordinator(service: SidecarService) -> Coordinator:
+    return service.coordinator
 
 
 async def make_ready(coordinator: Coordinator, engine: FakeEngine) -> None:
@@ -42,16 +48,14 @@ async def make_ready(coordinator: Coordinator, engine: FakeEngine) -> None:
 
 
 @pytest.fixture
-async def control(coordinator: Coordinator) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(sidecar_web.control_app(coordinator))) as client:
+async def control(service: SidecarService) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(sidecar_web.control_app(service))) as client:
         yield client
 
 
 @pytest.fixture
-async def probe(coordinator: Coordinator) -> AsyncIterator[TestClient]:
-    assert coordinator.metrics is not None
-    app = sidecar_web.probe_app(coordinator, coordinator.metrics)
-    async with TestClient(TestServer(app)) as client:
+async def probe(service: SidecarService) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(sidecar_web.probe_app(service))) as client:
         yield client
 
 
@@ -171,10 +175,10 @@ async def test_dry_run_reaches_the_engine(control: TestClient, engine: FakeEngin
     assert engine.calls == [(Direction.PULL, True)]
 
 
-async def test_read_only_finalize_is_409(engine: FakeEngine) -> None:
+async def test_read_only_finalize_is_409(engine: FakeEngine, tmp_path: Path) -> None:
     async with (
-        Coordinator(engine, read_only=True) as coordinator,
-        TestClient(TestServer(sidecar_web.control_app(coordinator))) as client,
+        SidecarService(serve_config(tmp_path, read_only=True), engine) as service,
+        TestClient(TestServer(sidecar_web.control_app(service))) as client,
     ):
         response = await client.post("/finalize")
         assert response.status == 409
@@ -242,8 +246,8 @@ def test_loopback_addresses() -> None:
         assert not sidecar_web.is_loopback(remote), remote
 
 
-async def test_non_loopback_peer_is_refused(coordinator: Coordinator) -> None:
-    app = sidecar_web.control_app(coordinator)
+async def test_non_loopback_peer_is_refused(service: SidecarService) -> None:
+    app = sidecar_web.control_app(service)
     transport = mock.Mock()
     transport.get_extra_info.return_value = ("10.1.2.3", 40000)
     request = make_mocked_request("POST", "/pull", app=app, transport=transport)
@@ -257,12 +261,12 @@ async def test_non_loopback_peer_is_refused(coordinator: Coordinator) -> None:
 
 
 async def test_control_bound_to_all_interfaces_still_refuses_remote_peers(
-    coordinator: Coordinator, engine: FakeEngine
+    service: SidecarService, engine: FakeEngine
 ) -> None:
     address = non_loopback_ipv4()
     if address is None:
         pytest.skip("no non-loopback IPv4 address on this machine")
-    server = TestServer(sidecar_web.control_app(coordinator), host="0.0.0.0")
+    server = TestServer(sidecar_web.control_app(service), host="0.0.0.0")
     async with TestClient(server) as client:
         url = f"http://{address}:{server.port}/pull"
         async with client.session.post(url) as response:
