@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -90,7 +91,7 @@ async def loopback_only(request: web.Request, handler: Handler) -> web.StreamRes
 @web.middleware
 async def strict_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route
-    allowed: frozenset[str] = getattr(route.handler, "allowed_params", frozenset())
+    allowed = _ALLOWED_PARAMS.get(route.handler, frozenset())
     unknown = sorted(set(request.query) - allowed)
     if unknown and request.match_info.http_exception is None:
         known = ", ".join(sorted(allowed)) or "none"
@@ -107,9 +108,13 @@ async def strict_requests(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+# The query parameters each handler takes (_params); weak: an app's handlers go with it.
+_ALLOWED_PARAMS: weakref.WeakKeyDictionary[Handler, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
 def _params(names: frozenset[str]) -> Callable[[Handler], Handler]:
     def mark(handler: Handler) -> Handler:
-        handler.allowed_params = names  # type: ignore[attr-defined]
+        _ALLOWED_PARAMS[handler] = names
         return handler
 
     return mark
