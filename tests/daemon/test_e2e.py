@@ -231,7 +231,14 @@ def test_never_ready_with_wrong_credentials(s3: LocalS3, start_daemon: StartDaem
     assert state["last_error"]["operation"] == "pull"
     refused = http_json("POST", daemon.control + "/finalize")
     assert refused[0] == 503 and "initial pull has not succeeded" in refused[1]["refused"]
-    time.sleep(1.5)  # a retry or two later: still not ready
+    # A retry later (it ran and failed, not just a sleep): still not ready.
+    tried = state["initial_pull"]["attempts"]
+
+    def failed_again() -> bool:
+        pull = daemon.status()["initial_pull"]
+        return pull["attempts"] > tried and pull["state"] == "retrying"
+
+    daemon.wait_until(failed_again, 30, "a retry of the initial pull to fail")
     assert http("GET", daemon.probe + "/readyz")[0] == 503
     assert any("initial pull failed" in r["message"] for r in daemon.records())
     assert daemon.stop() == 0
@@ -380,7 +387,14 @@ def test_sigkill_with_auto_sync_loses_nothing_older_than_the_window(
     write(daemon.local_dir, "work/__pycache__/x.pyc", b"compiled")
     (daemon.local_dir / ".ipynb_checkpoints").mkdir()
     write(daemon.local_dir, ".ipynb_checkpoints/nb-checkpoint.ipynb", b"{}")
-    time.sleep(debounce + 2.5)  # the window, plus a generous allowance for the push itself
+    # The window has passed once a push took every change in and nothing is pending (an
+    # ignored file counted as a change would leave auto-sync settling or pushing again).
+    notebook = daemon.bucket_dir / "work/notebook.ipynb"
+    daemon.wait_until(
+        lambda: notebook.exists() and daemon.status()["auto_sync"]["state"] == "idle",
+        60,
+        "the push of the window",
+    )
     daemon.process.kill()
     daemon.process.wait()
     assert (daemon.bucket_dir / "work/notebook.ipynb").read_bytes() == b'{"cells": []}'
