@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Protocol
 
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
 MAX_PATH_BYTES = 4096 - 1  # PATH_MAX including the terminating NUL
@@ -125,6 +126,19 @@ def folders_of(relpaths: Iterable[str]) -> set[str]:
             folders.add(folder)
             folder = folder.rpartition("/")[0]
     return folders
+
+
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+def folder_markers(listed: Mapping[str, _Sized]) -> list[str]:
+    """The listed paths that are folder markers, not files: rclone lists a 'dir/' marker as a
+    0-byte 'dir' beside 'dir/...'. A real file and folder of one name (the file has bytes)
+    both stay: hiding the file made every later sync see it as deleted; the planner reports
+    the clash and decides each path as usual."""
+    return sorted(d for d in folders_of(listed) if d in listed and listed[d].size == 0)
 
 
 # An extension longer than this is not kept whole in a conflict copy's name: it is part of
