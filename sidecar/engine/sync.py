@@ -23,6 +23,13 @@ from pathlib import Path
 from sys import intern
 from typing import Any, Protocol, TypeVar
 
+from sidecar.core.agreement import (
+    agreed,
+    base_after,
+    cache_entry,
+    cache_holds,
+    learn_from_listing,
+)
 from sidecar.core.backup import BackupMode, UndoReport, Version, is_bookkeeping, new_sync_id
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
@@ -37,8 +44,15 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, NamesInUse, folders_of, key_to_relpath, parent_dirs
-from sidecar.core.planner import Change, DeletePolicy, needs_remote_hash, plan, remote_change
+from sidecar.core.paths import BadKey, NamesInUse, folder_markers, key_to_relpath
+from sidecar.core.phases import (
+    TRANSFER_KINDS,
+    action_bytes,
+    biggest_first,
+    drop_below,
+    phases,
+)
+from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
@@ -356,9 +370,9 @@ class SyncEngine:
             ],
             self._executor,
         )
-        if not _cache_holds(self.state.hash_cache, scanned.files):
+        if not cache_holds(self.state.hash_cache, scanned.files):
             self.state.replace_hash_cache(
-                {p: _cache_entry(f) for p, f in scanned.files.items() if f.hash != UNHASHED}
+                {p: cache_entry(f) for p, f in scanned.files.items() if f.hash != UNHASHED}
             )
         remote = await self._resolve_remote_hashes(
             store, scanned.files, listing.objects, base, direction
@@ -383,7 +397,7 @@ class SyncEngine:
         if dry_run:
             result.planned = list(the_plan.actions)
             result.files_transferred = sum(1 for a in the_plan.actions if a.kind in TRANSFER_KINDS)
-            result.bytes_transferred = sum(_action_bytes(a) for a in the_plan.actions)
+            result.bytes_transferred = sum(action_bytes(a) for a in the_plan.actions)
             return
         if direction is Direction.PULL:
             self._check_free_space(the_plan.of_kind(ActionKind.DOWNLOAD))
@@ -561,9 +575,7 @@ class SyncEngine:
             labels = read_labels(info.metadata)
             if labels.hash == digest and labels.executable == executable:
                 log.info("%s: the write an interrupted run sent had landed; recorded", obj.key)
-                state.set_base(
-                    path, BaseEntry(size, digest, (obj.etag,), executable, obj.last_modified)
-                )
+                state.set_base(path, agreed(size, digest, executable, obj))
             else:
                 state.write_settled(path)
 
@@ -645,12 +657,8 @@ class SyncEngine:
             if exc.fatal or exc.not_found:
                 raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
             raise FatalSync(f"listing {self.config.remote_url} failed: {exc.message}") from None
-        # rclone lists a 'dir/' marker as a 0-byte 'dir': a folder, not a file. A real file
-        # and folder of one name stay in the listing: hiding the file made every later sync
-        # see it as deleted; the planner reports the clash and decides each path as usual.
-        for path in [d for d in folders_of(listing.objects) if d in listing.objects]:
-            if listing.objects[path].size == 0:
-                del listing.objects[path]
+        for path in folder_markers(listing.objects):
+            del listing.objects[path]
         return listing
 
     async def _resolve_remote_hashes(
@@ -706,25 +714,11 @@ class SyncEngine:
     def _remember_new_etags(
         self, remote: dict[str, RemoteObject], base: Mapping[str, BaseEntry]
     ) -> None:
-        """Learn how the server now shows an object that is unchanged by every test we can
-        make (hash proven by a HEAD, or ETag known): its ETag and LastModified go into BASE,
-        so the next sync decides from the listing alone, with no HEAD."""
-        for path, obj in remote.items():
-            entry = base.get(path)
-            if entry is None or remote_change(obj, entry) is not Change.UNCHANGED:
-                continue
-            etags = entry.etags if obj.etag in entry.etags else (*entry.etags, obj.etag)[-4:]
-            if etags == entry.etags and obj.last_modified in ("", entry.last_modified):
-                continue
-            updated = replace(
-                entry,
-                etags=etags,
-                last_modified=obj.last_modified,
-                written_at=entry.written_at if not obj.last_modified else 0,
-            )
-            self.state.set_base(path, updated)
+        """What the listing teaches about unchanged objects goes into BASE (core.agreement)."""
+        for path, entry in learn_from_listing(remote, base):
+            self.state.set_base(path, entry)
             if isinstance(base, dict):  # a filtered copy; the store's own BASE has it now
-                base[path] = updated
+                base[path] = entry
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)
@@ -737,9 +731,7 @@ class SyncEngine:
                 f"{format_bytes(needed)}, {format_bytes(free)} free; nothing was changed"
             )
 
-    # C901 waived until _execute becomes a short dispatch over action kinds (issue 17 item 3,
-    # under way); then the cap of 12 applies to it too.
-    async def _execute(  # noqa: C901
+    async def _execute(
         self,
         actions: list[Action],
         transfers: Transfers,
@@ -747,192 +739,237 @@ class SyncEngine:
         result: SyncResult,
         backup: RemoteBackup | LocalBackup | None = None,
     ) -> None:
-        state = self.state
-        remote_backup = backup if isinstance(backup, RemoteBackup) else None
-        moving = [a for a in actions if a.kind in REQUEST_KINDS]
-        progress.files_total = len(moving)
-        progress.bytes_total = sum(_action_bytes(a) for a in moving)
+        execution = Execution(
+            self.state,
+            transfers,
+            progress,
+            result,
+            backup,
+            workers=self.config.files_in_flight,
+            order=self.download_order,
+        )
+        await execution.run(actions)
 
-        def agreed(action: Action, executable: bool) -> None:
-            """Both sides now hold the same bytes with this mode: that is the new BASE."""
-            assert action.local is not None and action.remote is not None
-            state.set_base(
-                action.path,
-                BaseEntry(
-                    action.local.size,
-                    action.local.hash,
-                    (action.remote.etag,),
-                    executable,
-                    action.remote.last_modified,
-                ),
-            )
 
-        for action in actions:
-            if action.kind is ActionKind.ADOPT:
-                assert action.remote is not None
-                # The bucket's mode: a local mode that differs is then a local change, which
-                # the next finalize pushes (BASE with the local mode would hide it for good).
-                agreed(action, bool(action.remote.executable))
-                result.files_adopted += 1
-            elif action.kind is ActionKind.FORGET:
-                state.drop_base(action.path)
-            elif action.kind is ActionKind.SET_MODE_LOCAL:
-                assert action.remote is not None
-                try:
-                    if not transfers.set_mode_local(action):
-                        continue  # written to since the scan: the next pull sees it again
-                except TransferError as exc:
-                    result.errors.append(exc.error)
-                    continue
-                agreed(action, bool(action.remote.executable))
-                result.files_transferred += 1  # the mode came over; no bytes had to
+class DownloadOrder(Protocol):
+    async def run(
+        self,
+        downloads: list[Action],
+        work: Callable[[Action], Awaitable[FileError | None]],
+        workers: int,
+    ) -> set[str]:
+        """Carry out `work` for the downloads in its own order, `workers` at a time; the
+        paths it left alone on purpose."""
+        ...
 
-        # Deletions first: a folder the bucket replaced by a file (or back) must be gone
-        # before the new version can land.
-        kept_files: set[str] = set()  # deletes that did not happen: these stay files
-        for action in actions:
-            try:
-                if action.kind is ActionKind.DELETE_LOCAL:
-                    if transfers.delete_local(action):
-                        # Dropped from BASE once the delete is on disk: a crash before that
-                        # must not leave a file that BASE says was deleted (it would be
-                        # pushed as new, or its absence pushed as a delete, wrongly).
-                        await transfers.durable.then(partial(state.drop_base, action.path))
-                        if backup is not None:
-                            backup.done(action.path, None)
-                        result.files_deleted += 1
-                    else:
-                        kept_files.add(action.path)
-                        result.conflicts.append(
-                            Conflict(
-                                action.path,
-                                "modified-deleted",
-                                "kept the local file: it changed during the pull",
-                            )
-                        )
-                elif action.kind is ActionKind.DELETE_REMOTE:
-                    if remote_backup is not None:
-                        await remote_backup.keep_action(action, state.base.get(action.path))
-                    await transfers.delete_remote(action)
-                    state.drop_base(action.path)
-                    if backup is not None:
-                        backup.done(action.path, None)
-                    result.files_deleted += 1
-            except BackupFailed as exc:
-                kept_files.add(action.path)
-                result.errors.append(FileError(exc.path, exc.reason))
-            except TransferError as exc:
-                kept_files.add(action.path)
-                result.errors.append(exc.error)
-        if kept_files:
-            moving = _drop_below(moving, kept_files, result)
-            progress.files_total = len(moving)
-            progress.bytes_total = sum(_action_bytes(a) for a in moving)
 
-        # Big files first: their parts spread over all slots while small files fill gaps.
-        queue = sorted(moving, key=lambda a: -_action_bytes(a))
-        known_conflicts = {c.path for c in result.conflicts}
+class Execution:
+    """One plan carried out against one sync's transfers; the outcome goes to `result`.
 
-        async def do_one(action: Action) -> FileError | None:
-            try:
-                if action.kind is ActionKind.DOWNLOAD:
-                    done = await transfers.download(action)
-                    assert action.remote is not None
-                    entry = BaseEntry(
-                        done.local.size,
-                        done.local.hash,
-                        (done.etag,),
-                        done.local.executable,
-                        action.remote.last_modified,
-                    )
+    `order`: a pull's downloads in another order than biggest first, drained by its own
+    workers (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
+    """
 
-                    def record(path: str = action.path, local: LocalFile = done.local) -> None:
-                        state.set_base(path, entry)
-                        state.set_hash(path, _cache_entry(local))
+    def __init__(
+        self,
+        state: StateStore,
+        transfers: Transfers,
+        progress: Progress,
+        result: SyncResult,
+        backup: RemoteBackup | LocalBackup | None,
+        *,
+        workers: int,
+        order: DownloadOrder | None = None,
+    ) -> None:
+        self.state = state
+        self.transfers = transfers
+        self.progress = progress
+        self.result = result
+        self.backup = backup
+        self.remote_backup = backup if isinstance(backup, RemoteBackup) else None
+        self.workers = workers
+        self.order = order
+        self._known_conflicts: set[str] = set()
 
-                    # BASE claims the file only once its bytes and its name are on disk.
-                    await transfers.durable.then(record)
-                    if done.equal_already:
-                        result.files_adopted += 1
-                        return None
-                    if backup is not None:
-                        backup.done(action.path, _version_of(done.local, done.etag))
-                    if done.conflict_copy and action.path not in known_conflicts:
-                        result.conflicts.append(
-                            Conflict(
-                                action.path,
-                                "both-modified",
-                                "the local file changed during the pull; it was kept as the copy",
-                                done.conflict_copy,
-                            )
-                        )
-                    else:
-                        _copy_kept_at(result, action, done.conflict_copy)
-                    result.files_transferred += 1
-                    result.bytes_transferred += done.local.size
-                else:
-                    uploading = action.kind is ActionKind.UPLOAD
-                    if uploading and remote_backup is not None:
-                        await remote_backup.keep_action(action, state.base.get(action.path))
-                    up = await (
-                        transfers.upload(action) if uploading else transfers.set_mode_remote(action)
-                    )
-                    if uploading and remote_backup is not None:
-                        remote_backup.done(action.path, _version_of(up.local, up.etags[0]))
-                    # LastModified of the new object is learnt from the next listing; until
-                    # then the server's clock at the write tells a later rewrite from ours.
-                    state.set_base(
-                        action.path,
-                        BaseEntry(
-                            up.local.size,
-                            up.local.hash,
-                            up.etags,
-                            up.local.executable,
-                            written_at=up.written_at,
-                        ),
-                    )
-                    state.set_hash(action.path, _cache_entry(up.local))
-                    _copy_kept_at(result, action, up.conflict_copy)
-                    result.files_transferred += 1
-                    result.bytes_transferred += up.local.size if up.content_sent else 0
-            except TransferError as exc:
-                result.errors.append(exc.error)
-                return exc.error
-            except BackupFailed as exc:
-                error = FileError(exc.path, exc.reason)
-                result.errors.append(error)
-                return error
-            finally:
-                progress.files_done += 1
-            return None
+    async def run(self, actions: list[Action]) -> None:
+        split = phases(actions)
+        self._count(split.transfers)
+        for action in split.in_place:
+            self._in_place(action)
+        kept_files = {a.path for a in split.deletes if not await self._delete(a)}
+        moving = split.transfers
+        if kept_files:  # deletes that did not happen: these stay files
+            moving, errors = drop_below(moving, kept_files)
+            self.result.errors.extend(errors)
+            self._count(moving)
+        self._known_conflicts = {c.path for c in self.result.conflicts}
+        await self._transfer(biggest_first(moving))
 
-        order = self.download_order
-        if order is None or result.operation is not Direction.PULL or not queue:
-            await _run_bounded(queue, do_one, self.config.files_in_flight)
+    def _count(self, moving: list[Action]) -> None:
+        self.progress.files_total = len(moving)
+        self.progress.bytes_total = sum(map(action_bytes, moving))
+
+    # ---- phase 1: in place ------------------------------------------------------------
+    def _in_place(self, action: Action) -> None:
+        result = self.result
+        if action.kind is ActionKind.FORGET:
+            self.state.drop_base(action.path)
             return
-        left_alone = await order.run(queue, do_one, self.config.files_in_flight)
+        if action.kind is ActionKind.SET_MODE_LOCAL:
+            try:
+                if not self.transfers.set_mode_local(action):
+                    return  # written to since the scan: the next pull sees it again
+            except TransferError as exc:
+                result.errors.append(exc.error)
+                return
+            result.files_transferred += 1  # the mode came over; no bytes had to
+        else:
+            result.files_adopted += 1
+        self.state.set_base(action.path, base_after(action))
+
+    # ---- phase 2: deletes ----------------------------------------------------------------
+    async def _delete(self, action: Action) -> bool:
+        """Whether the path is gone; False: it stays a file (the reason is in the result)."""
+        try:
+            if action.kind is ActionKind.DELETE_LOCAL:
+                return await self._delete_local(action)
+            await self._delete_remote(action)
+            return True
+        except BackupFailed as exc:
+            self.result.errors.append(FileError(exc.path, exc.reason))
+        except TransferError as exc:
+            self.result.errors.append(exc.error)
+        return False
+
+    async def _delete_local(self, action: Action) -> bool:
+        if not self.transfers.delete_local(action):
+            self.result.conflicts.append(
+                Conflict(
+                    action.path,
+                    "modified-deleted",
+                    "kept the local file: it changed during the pull",
+                )
+            )
+            return False
+        # Dropped from BASE once the delete is on disk: a crash before that must not leave a
+        # file that BASE says was deleted (it would be pushed as new, or its absence pushed as
+        # a delete, wrongly).
+        await self.transfers.durable.then(partial(self.state.drop_base, action.path))
+        self._deleted(action)
+        return True
+
+    async def _delete_remote(self, action: Action) -> None:
+        if self.remote_backup is not None:
+            await self.remote_backup.keep_action(action, self.state.base.get(action.path))
+        await self.transfers.delete_remote(action)
+        self.state.drop_base(action.path)
+        self._deleted(action)
+
+    def _deleted(self, action: Action) -> None:
+        if self.backup is not None:
+            self.backup.done(action.path, None)
+        self.result.files_deleted += 1
+
+    # ---- phase 3: transfers --------------------------------------------------------------
+    async def _transfer(self, queue: list[Action]) -> None:
+        result = self.result
+        if self.order is None or result.operation is not Direction.PULL or not queue:
+            await _run_bounded(queue, self._transfer_one, self.workers)
+            return
+        left_alone = await self.order.run(queue, self._transfer_one, self.workers)
         if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
             result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
             result.files_skipped += len(left_alone)
-            progress.files_done += len(left_alone)
+            self.progress.files_done += len(left_alone)
+
+    async def _transfer_one(self, action: Action) -> FileError | None:
+        error: FileError | None = None
+        try:
+            if action.kind is ActionKind.DOWNLOAD:
+                await self._download(action)
+            else:
+                await self._upload(action)
+        except TransferError as exc:
+            error = exc.error
+        except BackupFailed as exc:
+            error = FileError(exc.path, exc.reason)
+        finally:
+            self.progress.files_done += 1
+        if error is not None:
+            self.result.errors.append(error)
+        return error
+
+    async def _download(self, action: Action) -> None:
+        result, state = self.result, self.state
+        done = await self.transfers.download(action)
+        entry = base_after(action, done.local, (done.etag,))
+
+        def record(path: str = action.path, local: LocalFile = done.local) -> None:
+            state.set_base(path, entry)
+            state.set_hash(path, cache_entry(local))
+
+        # BASE claims the file only once its bytes and its name are on disk.
+        await self.transfers.durable.then(record)
+        if done.equal_already:
+            result.files_adopted += 1
+            return
+        if self.backup is not None:
+            self.backup.done(action.path, _version_of(done.local, done.etag))
+        if done.conflict_copy and action.path not in self._known_conflicts:
+            result.conflicts.append(
+                Conflict(
+                    action.path,
+                    "both-modified",
+                    "the local file changed during the pull; it was kept as the copy",
+                    done.conflict_copy,
+                )
+            )
+        else:
+            _copy_kept_at(result, action, done.conflict_copy)
+        result.files_transferred += 1
+        result.bytes_transferred += done.local.size
+
+    async def _upload(self, action: Action) -> None:
+        """UPLOAD, or SET_MODE_REMOTE (the object's metadata rewritten in place)."""
+        state, remote_backup = self.state, self.remote_backup
+        uploading = action.kind is ActionKind.UPLOAD
+        if uploading and remote_backup is not None:
+            await remote_backup.keep_action(action, state.base.get(action.path))
+        transfers = self.transfers
+        up = await (transfers.upload(action) if uploading else transfers.set_mode_remote(action))
+        if uploading and remote_backup is not None:
+            remote_backup.done(action.path, _version_of(up.local, up.etags[0]))
+        state.set_base(action.path, base_after(action, up.local, up.etags, up.written_at))
+        state.set_hash(action.path, cache_entry(up.local))
+        _copy_kept_at(self.result, action, up.conflict_copy)
+        self.result.files_transferred += 1
+        self.result.bytes_transferred += up.local.size if up.content_sent else 0
 
 
 def _version_of(local: LocalFile, etag: str) -> Version:
     return Version(local.size, local.hash, etag, local.executable)
 
 
-def _drop_below(actions: list[Action], files: set[str], result: SyncResult) -> list[Action]:
-    """Writes below a file whose planned delete failed: never a file and a folder at once."""
-    kept: list[Action] = []
-    for action in actions:
-        clash = next((d for d in parent_dirs(action.path) if d in files), None)
-        if clash is None:
-            kept.append(action)
-        else:
-            result.errors.append(
-                FileError(action.path, f"not sent: {clash!r} is still a file (its delete failed)")
-            )
-    return kept
+def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
+    """The planned conflict copy's name was taken meanwhile: report where it really is."""
+    if copy is None or copy == action.conflict_copy:
+        return
+    for index, conflict in enumerate(result.conflicts):
+        if conflict.path == action.path and conflict.copy == action.conflict_copy:
+            result.conflicts[index] = replace(conflict, copy=copy)
+
+
+async def _run_bounded(
+    items: list[T], work: Callable[[T], Awaitable[object]], workers: int
+) -> None:
+    """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
+    iterator = iter(items)
+
+    async def worker() -> None:
+        for item in iterator:
+            await work(item)
+
+    await gather_or_cancel([worker() for _ in range(min(workers, len(items)))])
 
 
 async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObject:
@@ -954,34 +991,6 @@ async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObje
     if size != obj.size:
         return obj  # another version than the listed one: leave it to the transfer's checks
     return replace(obj, hash=hasher.hexdigest())
-
-
-def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
-    """The planned conflict copy's name was taken meanwhile: report where it really is."""
-    if copy is None or copy == action.conflict_copy:
-        return
-    for index, conflict in enumerate(result.conflicts):
-        if conflict.path == action.path and conflict.copy == action.conflict_copy:
-            result.conflicts[index] = replace(conflict, copy=copy)
-
-
-def _cache_entry(local: LocalFile) -> tuple[int, int, int, str]:
-    return (local.size, local.mtime_ns, local.inode, local.hash)
-
-
-def _cache_holds(
-    cache: Mapping[str, tuple[int, int, int, str]], files: dict[str, LocalFile]
-) -> bool:
-    """Whether the hash cache is exactly what the scan saw (the no-op case), checked without
-    building a second map of a million entries to compare."""
-    hashed = 0
-    for path, local in files.items():
-        if local.hash == UNHASHED:
-            continue
-        hashed += 1
-        if cache.get(path) != _cache_entry(local):
-            return False
-    return hashed == len(cache)
 
 
 class _UnusableSyncignore(Exception):
@@ -1032,48 +1041,3 @@ def _file_kind(mode: int) -> str:
         stat.S_IFSOCK: "socket",
     }
     return kinds.get(stat.S_IFMT(mode), "special file")
-
-
-# Actions that carry a change across (files_transferred), and those that send requests.
-TRANSFER_KINDS = frozenset(
-    {
-        ActionKind.DOWNLOAD,
-        ActionKind.UPLOAD,
-        ActionKind.SET_MODE_LOCAL,
-        ActionKind.SET_MODE_REMOTE,
-    }
-)
-REQUEST_KINDS = frozenset({ActionKind.DOWNLOAD, ActionKind.UPLOAD, ActionKind.SET_MODE_REMOTE})
-
-
-def _action_bytes(action: Action) -> int:
-    if action.kind is ActionKind.DOWNLOAD and action.remote is not None:
-        return action.remote.size
-    if action.kind is ActionKind.UPLOAD and action.local is not None:
-        return action.local.size
-    return 0
-
-
-class DownloadOrder(Protocol):
-    async def run(
-        self,
-        downloads: list[Action],
-        work: Callable[[Action], Awaitable[FileError | None]],
-        workers: int,
-    ) -> set[str]:
-        """Carry out `work` for the downloads in its own order, `workers` at a time; the
-        paths it left alone on purpose."""
-        ...
-
-
-async def _run_bounded(
-    items: list[T], work: Callable[[T], Awaitable[object]], workers: int
-) -> None:
-    """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
-    iterator = iter(items)
-
-    async def worker() -> None:
-        for item in iterator:
-            await work(item)
-
-    await gather_or_cancel([worker() for _ in range(min(workers, len(items)))])

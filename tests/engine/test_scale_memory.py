@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 
 import sidecar.engine.state as state_module
+from sidecar.core.agreement import cache_entry as _cache_entry
+from sidecar.core.agreement import cache_holds as _cache_holds
 from sidecar.core.filters import PathFilter
 from sidecar.core.model import UNHASHED, BaseEntry, LocalFile
 from sidecar.engine.scan import scan
 from sidecar.engine.state import StateStore
-from sidecar.engine.sync import _cache_entry, _cache_holds
 
 PATHS = 20_000
 REMOTE = "s3://b/p/"
