@@ -18,26 +18,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from sys import intern
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from sidecar.core.agreement import (
     agreed,
-    base_after,
     cache_entry,
     cache_holds,
     learn_from_listing,
 )
-from sidecar.core.backup import BackupMode, UndoReport, Version, is_bookkeeping, new_sync_id
+from sidecar.core.backup import BackupMode, UndoReport, is_bookkeeping, new_sync_id
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
     UNHASHED,
     Action,
     ActionKind,
     BaseEntry,
-    Conflict,
     Direction,
     FileError,
     LocalFile,
@@ -48,9 +45,6 @@ from sidecar.core.paths import BadKey, NamesInUse, folder_markers, key_to_relpat
 from sidecar.core.phases import (
     TRANSFER_KINDS,
     action_bytes,
-    biggest_first,
-    drop_below,
-    phases,
 )
 from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.progress import Progress
@@ -59,7 +53,6 @@ from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
 from sidecar.core.units import format_bytes
 from sidecar.engine.backup import (
     LOCAL_COPY_CAP,
-    BackupFailed,
     History,
     LocalBackup,
     Pruner,
@@ -68,13 +61,14 @@ from sidecar.engine.backup import (
     resolve_mode,
     same_filesystem,
 )
+from sidecar.engine.execute import DownloadOrder, Execution, run_bounded
 from sidecar.engine.hashing import md5_file, new_content_hasher
 from sidecar.engine.limits import LimitedStore, Limits
 from sidecar.engine.lock import LockBusy, SyncLock
 from sidecar.engine.scan import ScanResult, hash_files, scan
 from sidecar.engine.state import StateError, StateStore, state_path_for
 from sidecar.engine.threads import SettlingExecutor, default_io_threads
-from sidecar.engine.transfer import Settings, TransferError, Transfers, gather_or_cancel
+from sidecar.engine.transfer import Settings, Transfers, gather_or_cancel
 from sidecar.s3 import (
     BucketOptions,
     ClientSettings,
@@ -85,8 +79,6 @@ from sidecar.s3 import (
 )
 
 log = logging.getLogger("sidecar.sync")  # logger name kept from before the move
-
-T = TypeVar("T")
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -708,7 +700,7 @@ class SyncEngine:
         # was a second map of every object, ~40 MiB at 1 M files, just for a few changes).
         # A bounded pool of workers, not a task per object: a first sync over a folder that
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
-        await _run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
+        await run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
         return remote
 
     def _remember_new_etags(
@@ -749,227 +741,6 @@ class SyncEngine:
             order=self.download_order,
         )
         await execution.run(actions)
-
-
-class DownloadOrder(Protocol):
-    async def run(
-        self,
-        downloads: list[Action],
-        work: Callable[[Action], Awaitable[FileError | None]],
-        workers: int,
-    ) -> set[str]:
-        """Carry out `work` for the downloads in its own order, `workers` at a time; the
-        paths it left alone on purpose."""
-        ...
-
-
-class Execution:
-    """One plan carried out against one sync's transfers; the outcome goes to `result`.
-
-    `order`: a pull's downloads in another order than biggest first, drained by its own
-    workers (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
-    """
-
-    def __init__(
-        self,
-        state: StateStore,
-        transfers: Transfers,
-        progress: Progress,
-        result: SyncResult,
-        backup: RemoteBackup | LocalBackup | None,
-        *,
-        workers: int,
-        order: DownloadOrder | None = None,
-    ) -> None:
-        self.state = state
-        self.transfers = transfers
-        self.progress = progress
-        self.result = result
-        self.backup = backup
-        self.remote_backup = backup if isinstance(backup, RemoteBackup) else None
-        self.workers = workers
-        self.order = order
-        self._known_conflicts: set[str] = set()
-
-    async def run(self, actions: list[Action]) -> None:
-        split = phases(actions)
-        self._count(split.transfers)
-        for action in split.in_place:
-            self._in_place(action)
-        kept_files = {a.path for a in split.deletes if not await self._delete(a)}
-        moving = split.transfers
-        if kept_files:  # deletes that did not happen: these stay files
-            moving, errors = drop_below(moving, kept_files)
-            self.result.errors.extend(errors)
-            self._count(moving)
-        self._known_conflicts = {c.path for c in self.result.conflicts}
-        await self._transfer(biggest_first(moving))
-
-    def _count(self, moving: list[Action]) -> None:
-        self.progress.files_total = len(moving)
-        self.progress.bytes_total = sum(map(action_bytes, moving))
-
-    # ---- phase 1: in place ------------------------------------------------------------
-    def _in_place(self, action: Action) -> None:
-        result = self.result
-        if action.kind is ActionKind.FORGET:
-            self.state.drop_base(action.path)
-            return
-        if action.kind is ActionKind.SET_MODE_LOCAL:
-            try:
-                if not self.transfers.set_mode_local(action):
-                    return  # written to since the scan: the next pull sees it again
-            except TransferError as exc:
-                result.errors.append(exc.error)
-                return
-            result.files_transferred += 1  # the mode came over; no bytes had to
-        else:
-            result.files_adopted += 1
-        self.state.set_base(action.path, base_after(action))
-
-    # ---- phase 2: deletes ----------------------------------------------------------------
-    async def _delete(self, action: Action) -> bool:
-        """Whether the path is gone; False: it stays a file (the reason is in the result)."""
-        try:
-            if action.kind is ActionKind.DELETE_LOCAL:
-                return await self._delete_local(action)
-            await self._delete_remote(action)
-            return True
-        except BackupFailed as exc:
-            self.result.errors.append(FileError(exc.path, exc.reason))
-        except TransferError as exc:
-            self.result.errors.append(exc.error)
-        return False
-
-    async def _delete_local(self, action: Action) -> bool:
-        if not self.transfers.delete_local(action):
-            self.result.conflicts.append(
-                Conflict(
-                    action.path,
-                    "modified-deleted",
-                    "kept the local file: it changed during the pull",
-                )
-            )
-            return False
-        # Dropped from BASE once the delete is on disk: a crash before that must not leave a
-        # file that BASE says was deleted (it would be pushed as new, or its absence pushed as
-        # a delete, wrongly).
-        await self.transfers.durable.then(partial(self.state.drop_base, action.path))
-        self._deleted(action)
-        return True
-
-    async def _delete_remote(self, action: Action) -> None:
-        if self.remote_backup is not None:
-            await self.remote_backup.keep_action(action, self.state.base.get(action.path))
-        await self.transfers.delete_remote(action)
-        self.state.drop_base(action.path)
-        self._deleted(action)
-
-    def _deleted(self, action: Action) -> None:
-        if self.backup is not None:
-            self.backup.done(action.path, None)
-        self.result.files_deleted += 1
-
-    # ---- phase 3: transfers --------------------------------------------------------------
-    async def _transfer(self, queue: list[Action]) -> None:
-        result = self.result
-        if self.order is None or result.operation is not Direction.PULL or not queue:
-            await _run_bounded(queue, self._transfer_one, self.workers)
-            return
-        left_alone = await self.order.run(queue, self._transfer_one, self.workers)
-        if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
-            result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
-            result.files_skipped += len(left_alone)
-            self.progress.files_done += len(left_alone)
-
-    async def _transfer_one(self, action: Action) -> FileError | None:
-        error: FileError | None = None
-        try:
-            if action.kind is ActionKind.DOWNLOAD:
-                await self._download(action)
-            else:
-                await self._upload(action)
-        except TransferError as exc:
-            error = exc.error
-        except BackupFailed as exc:
-            error = FileError(exc.path, exc.reason)
-        finally:
-            self.progress.files_done += 1
-        if error is not None:
-            self.result.errors.append(error)
-        return error
-
-    async def _download(self, action: Action) -> None:
-        result, state = self.result, self.state
-        done = await self.transfers.download(action)
-        entry = base_after(action, done.local, (done.etag,))
-
-        def record(path: str = action.path, local: LocalFile = done.local) -> None:
-            state.set_base(path, entry)
-            state.set_hash(path, cache_entry(local))
-
-        # BASE claims the file only once its bytes and its name are on disk.
-        await self.transfers.durable.then(record)
-        if done.equal_already:
-            result.files_adopted += 1
-            return
-        if self.backup is not None:
-            self.backup.done(action.path, _version_of(done.local, done.etag))
-        if done.conflict_copy and action.path not in self._known_conflicts:
-            result.conflicts.append(
-                Conflict(
-                    action.path,
-                    "both-modified",
-                    "the local file changed during the pull; it was kept as the copy",
-                    done.conflict_copy,
-                )
-            )
-        else:
-            _copy_kept_at(result, action, done.conflict_copy)
-        result.files_transferred += 1
-        result.bytes_transferred += done.local.size
-
-    async def _upload(self, action: Action) -> None:
-        """UPLOAD, or SET_MODE_REMOTE (the object's metadata rewritten in place)."""
-        state, remote_backup = self.state, self.remote_backup
-        uploading = action.kind is ActionKind.UPLOAD
-        if uploading and remote_backup is not None:
-            await remote_backup.keep_action(action, state.base.get(action.path))
-        transfers = self.transfers
-        up = await (transfers.upload(action) if uploading else transfers.set_mode_remote(action))
-        if uploading and remote_backup is not None:
-            remote_backup.done(action.path, _version_of(up.local, up.etags[0]))
-        state.set_base(action.path, base_after(action, up.local, up.etags, up.written_at))
-        state.set_hash(action.path, cache_entry(up.local))
-        _copy_kept_at(self.result, action, up.conflict_copy)
-        self.result.files_transferred += 1
-        self.result.bytes_transferred += up.local.size if up.content_sent else 0
-
-
-def _version_of(local: LocalFile, etag: str) -> Version:
-    return Version(local.size, local.hash, etag, local.executable)
-
-
-def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
-    """The planned conflict copy's name was taken meanwhile: report where it really is."""
-    if copy is None or copy == action.conflict_copy:
-        return
-    for index, conflict in enumerate(result.conflicts):
-        if conflict.path == action.path and conflict.copy == action.conflict_copy:
-            result.conflicts[index] = replace(conflict, copy=copy)
-
-
-async def _run_bounded(
-    items: list[T], work: Callable[[T], Awaitable[object]], workers: int
-) -> None:
-    """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
-    iterator = iter(items)
-
-    async def worker() -> None:
-        for item in iterator:
-            await work(item)
-
-    await gather_or_cancel([worker() for _ in range(min(workers, len(items)))])
 
 
 async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObject:
