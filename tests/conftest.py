@@ -1,10 +1,17 @@
-"""Shared fixtures: real S3-compatible servers on loopback, started as child processes on
-free ports and stopped by their own handles.
+"""The one set of server fixtures of every tier: real S3-compatible servers on loopback,
+started as child processes on free ports and stopped by their own handles.
 
+Shared by the session (buckets made per test through the API, `S3Server.new_bucket`):
 - `rclone_s3`: `rclone serve s3` (the end-to-end server, with its quirks).
 - `moto_s3`: moto's server (fast, honours conditional writes, 206 ranged GETs).
 - `seaweed_s3`: SeaweedFS `weed mini` (the closest to AWS here: conditional writes, `-N`
   multipart ETags in HEAD and listings, 206 ranges, versioning); ~2-10 s to start, once.
+One per test:
+- `s3`: an `rclone serve s3` of the test's own (a LocalS3, bucket `vol` made) whose backing
+  folder the test may write into directly (FRESH_LISTINGS): the daemon and deploy tests.
+In-process engines pointed at a session server (`s3_env` set): `server` (moto and rclone),
+`moto`, `seaweed`, `conditional` (moto and SeaweedFS), `each_server` (all three).
+Real `sidecar serve` processes: `start_daemon`; the daemon's scripted fake engine: `engine`.
 """
 
 from __future__ import annotations
@@ -16,15 +23,27 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
 
-from sidecar.locals3 import LocalS3, LocalS3Error, aws_env, free_port, wait_for_http
+from sidecar.locals3 import (
+    LocalS3,
+    LocalS3Error,
+    aws_env,
+    environ_with,
+    free_port,
+    wait_for_http,
+)
+from sidecar.s3 import ObjectStore
+from tests.support.daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
 
 _bucket_numbers = itertools.count()
 
@@ -263,6 +282,184 @@ def workdir(tmp_path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     else:
         yield tmp_path  # type: ignore[misc]
+
+
+# ---- the fixtures of the tiers: in-process engines, the daemon, one server per test ----
+
+
+@pytest.fixture
+def server(any_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(any_s3)
+    return any_s3
+
+
+@pytest.fixture
+def moto(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(moto_s3)
+    return moto_s3
+
+
+def operation(method: str, query: dict[str, str], headers: dict[str, str]) -> str:
+    """The S3 operation (botocore's name) of a request the store sends."""
+    if "list-type" in query:
+        return "list_objects_v2"
+    if "uploads" in query:
+        return "list_multipart_uploads" if method == "GET" else "create_multipart_upload"
+    if "uploadId" in query:
+        if "partNumber" in query:
+            return "upload_part"
+        return {"POST": "complete_multipart_upload", "DELETE": "abort_multipart_upload"}[method]
+    if method == "PUT" and "x-amz-copy-source" in headers:
+        return "copy_object"
+    return {
+        "GET": "get_object",
+        "HEAD": "head_object",
+        "PUT": "put_object",
+        "DELETE": "delete_object",
+    }[method]
+
+
+@pytest.fixture
+def seaweed(seaweed_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    s3_env(seaweed_s3)
+    return seaweed_s3
+
+
+@pytest.fixture(params=["moto", "seaweed"])
+def conditional(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    """The servers that answer a failed condition with 412 (tests/integration/test_s3_servers.py
+    says which condition each honours): races on conditional writes run on both."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_s3")
+    s3_env(server)
+    return server
+
+
+@pytest.fixture(params=["moto", "rclone", "seaweed"])
+def each_server(request: pytest.FixtureRequest, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    """All three servers, for the few end-to-end cases where each one's ETags and ranges
+    matter (rclone's two ETags of one multipart object, SeaweedFS's `-N` ones and 206s)."""
+    server: S3Server = request.getfixturevalue(f"{request.param}_s3")
+    s3_env(server)
+    return server
+
+
+@pytest.fixture
+def request_counter(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts every S3 request the engine sends, by operation (a spy: requests still go out)."""
+    counts: Counter[str] = Counter()
+    original_exchange = ObjectStore._exchange
+
+    async def counting_exchange(
+        self: ObjectStore, method: str, key: str | None, read: Any, **kwargs: Any
+    ) -> Any:
+        counts[operation(method, kwargs.get("query") or {}, kwargs.get("headers") or {})] += 1
+        return await original_exchange(self, method, key, read, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "_exchange", counting_exchange)
+    return counts
+
+
+# `rclone serve s3` flags for a server whose backing folder tests write into directly: its
+# VFS must not serve a listing it cached before that. Not "--dir-cache-time 0s": rclone
+# (v1.75.2) then re-arms its directory-cache cleanup with a zero delay, forgetting the cache
+# back to back ("forgetting directory cache" ~70,000 times a second at -vv), and burns ~1.6
+# cores for as long as it runs: requests stalled for seconds, a CopyObject for over the 30 s
+# read timeout (tests/integration/test_rclone_fixture.py). 1 ms is as fresh for a test, at
+# no cost.
+FRESH_LISTINGS = ("--dir-cache-time", "1ms")
+BUCKET = "vol"  # the bucket of the `s3` fixture
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path / "s3", log_path=tmp_path / "rclone.log")
+    # Tests write objects straight into the backing folder; rclone must not serve a
+    # directory listing it cached before that.
+    server.start(extra_args=FRESH_LISTINGS)
+    server.make_bucket(BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """start_daemon(s3, *extra_flags, env=..., control_host=..., bucket=..., preexec_fn=...)
+    -> a listening Daemon. `s3` is the rclone `s3` fixture or a tests/conftest.py S3Server
+    (moto: keys no file system can hold; give its `bucket`)."""
+    started: list[Daemon] = []
+
+    def start(
+        s3: LocalS3 | S3Endpoint,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        control_host: str = "127.0.0.1",
+        bucket: str = BUCKET,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Daemon:
+        index = len(started)
+        local_dir = tmp_path / f"local{index}"
+        local_dir.mkdir(exist_ok=True)
+
+        def launch(attempt: int) -> Daemon:
+            control_port, probe_port = free_port(), free_port()
+            log_path = tmp_path / f"daemon{index}{f'.retry{attempt}' if attempt else ''}.log"
+            command = [
+                sys.executable, "-m", "sidecar", "serve",
+                "--remote", f"s3://{bucket}/",
+                "--local-dir", str(local_dir),
+                "--state-dir", str(tmp_path / f"state{index}"),
+                "--control-addr", f"{control_host}:{control_port}",
+                "--probe-addr", f"127.0.0.1:{probe_port}",
+                "--log-format", "json",
+                *flags,
+            ]  # fmt: skip
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=environ_with({**s3.env(), **(env or {})}),
+                    preexec_fn=preexec_fn,
+                )
+            return Daemon(
+                process=process,
+                control=f"http://127.0.0.1:{control_port}",
+                probe=f"http://127.0.0.1:{probe_port}",
+                local_dir=local_dir,
+                bucket_dir=s3.root / bucket if isinstance(s3, LocalS3) else None,
+                log_path=log_path,
+            )
+
+        for attempt in range(3):
+            daemon = launch(attempt)
+            try:
+                daemon.wait_until(partial(answers_ok, daemon.probe + "/healthz"), 30, "listeners")
+            except AssertionError:
+                # A port picked free, then taken before the daemon bound it (by a program
+                # that does not claim ports as free_port does): again on new ports. Any
+                # other failure is the test's.
+                if attempt == 2 or "cannot listen on" not in daemon.log():
+                    daemon.process.kill()
+                    daemon.process.wait()
+                    raise
+                continue
+            started.append(daemon)
+            return daemon
+        raise AssertionError("unreachable")
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
 
 
 def sidecar_args(verb: str, remote: str, local: Path, state: Path, *extra: str) -> list[str]:

@@ -6,7 +6,7 @@ Pure: `collect()` turns flag values and an environment mapping into parsed value
 style for every bad value) before anything starts. The configs' defaults are the rows'
 defaults (`default_of`); the engine, the store, the transfers and the daemon take the parts
 they need from the config (ClientSettings, transfer.Settings, Limits are views of it). No
-other module reads a SIDECAR_* variable (tests/core/test_option_table.py).
+other module reads a SIDECAR_* variable (tests/unit/test_option_table.py).
 """
 
 from __future__ import annotations

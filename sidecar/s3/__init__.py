@@ -1,4 +1,4 @@
-"""Everything that speaks S3, and the only package that does (tests/engine/test_s3_fence.py).
+"""Everything that speaks S3, and the only package that does (tests/unit/test_s3_fence.py).
 
 The rest of the sidecar sees the bucket through this package's public face: ObjectStore
 (list, head, get, put, multipart, copy, delete), what it returns (ObjectInfo, Written), its

@@ -2,7 +2,7 @@
 
 Pure and small, so the per-object hot path (GET, HEAD, PUT, list) costs tens of microseconds
 of CPU instead of botocore's ~1.7 ms of event hooks, endpoint rules and user-agent building.
-Checked against botocore's signer in tests/engine/test_sigv4.py.
+Checked against botocore's signer in tests/unit/test_sigv4.py.
 """
 
 from __future__ import annotations

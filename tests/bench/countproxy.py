@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
-from tests.proxyserver import ThreadedProxy
+from tests.support.proxyserver import ThreadedProxy
 
 _READ_SIZE = 1 << 18
 

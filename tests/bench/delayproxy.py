@@ -30,7 +30,7 @@ import asyncio
 import collections
 import contextlib
 
-from tests.proxyserver import ThreadedProxy
+from tests.support.proxyserver import ThreadedProxy
 
 _READ_SIZE = 1 << 18
 DEFAULT_WINDOW = 4 << 20

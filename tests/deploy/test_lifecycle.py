@@ -22,7 +22,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -328,13 +327,6 @@ class Kubelet:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-
-
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[LocalS3]:
-    server = LocalS3(tmp_path / "s3", log_path=tmp_path / "rclone.log")
-    with server:
-        yield server
 
 
 def _pod(manifest: Manifest, pod_name: str, tmp_path: Path, s3: LocalS3) -> Kubelet:

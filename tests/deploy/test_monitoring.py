@@ -1,7 +1,7 @@
 """k8s/monitoring/: the PrometheusRule passes `promtool check rules` and its own unit tests
 (`promtool test rules`, tests/deploy/monitoring_rules_test.yaml), every alert says what to do,
 and the Grafana dashboard is well formed. That every metric they use exists in a running
-daemon's /metrics is tests/daemon/test_monitoring_metrics.py. Schemas: test_manifests.py."""
+daemon's /metrics is tests/e2e/test_monitoring_metrics.py. Schemas: test_manifests.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Real processes: `sidecar` verbs and daemons as subprocesses, kill -9, JupyterLab."""

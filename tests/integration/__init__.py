@@ -1,0 +1,1 @@
+"""In-process tests against real servers (moto, rclone, SeaweedFS) and scripted loopback ones."""

@@ -1,0 +1,1 @@
+"""Pure tests, milliseconds each: no servers, no processes, no sleeping."""
