@@ -1,4 +1,5 @@
-"""The daemon tests' `rclone serve s3` stays idle when nothing is asked of it.
+"""The daemon tests' fixtures: `rclone serve s3` stays idle when nothing is asked of it, and
+start_daemon survives a port taken under it.
 
 With `--dir-cache-time 0s` rclone's directory-cache cleanup re-ran back to back and took
 ~1.6 cores for the server's whole life: every request slowed to seconds and, on a busy
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
+
+import pytest
+from daemon_support import StartDaemon
 
 from sidecar.locals3 import LocalS3
 from sidecar.s3 import ClientSettings, ObjectStore
@@ -46,3 +51,25 @@ def test_the_fixture_server_does_not_spin_when_idle(s3: LocalS3) -> None:
     # An idle server uses next to nothing; the spinning one used more than a core. A loaded
     # machine can only lower what a spinning server gets, never raise an idle one's.
     assert used < 0.25 * elapsed, f"rclone used {used:.2f}s of CPU in {elapsed:.1f}s idle"
+
+
+def test_start_daemon_retries_a_port_taken_before_the_daemon_binds_it(
+    s3: LocalS3, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parallel test workers: a port picked free can be taken before the daemon binds it (by
+    a program that does not claim ports as free_port does). The daemon exits saying it
+    cannot listen, and start_daemon starts it again on other ports instead of failing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        offered = iter([port])
+        real = start_daemon.__globals__["free_port"]  # the fixture module's own name
+        monkeypatch.setitem(
+            start_daemon.__globals__, "free_port", lambda: next(offered, 0) or real()
+        )
+        daemon = start_daemon(s3)
+        assert f":{port}" not in daemon.control
+        first_try = daemon.log_path.with_name("daemon0.log")  # the retry logs beside it
+        assert "cannot listen on" in first_try.read_text()
+        daemon.wait_ready()
