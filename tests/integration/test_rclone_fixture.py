@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import StartDaemon
 
 from sidecar.locals3 import LocalS3
 from sidecar.s3 import ClientSettings, ObjectStore
+from tests.support.daemon_support import StartDaemon
 
 BUCKET = "vol"
 IDLE_SECONDS = 2.0
