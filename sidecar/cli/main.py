@@ -99,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(values, env)
             from sidecar.daemon.service import run_serve
 
-            config = serve_config(values, env)
+            config = serve_config(values, env, os.getcwd())
             _check_key_file(config.sync)
             return run_serve(config)
         if args.verb in ("pull", "finalize") and args.once:
             values = collect(vars(args), env, "sync")
             _setup_logging(values, env)
-            once = sync_config(values, env)
+            once = sync_config(values, env, os.getcwd())
             _check_key_file(once)
             summary_json = collect(vars(args), env, "once")["summary_json"]
             return _run_once(Direction(args.verb), once, args.dry_run, summary_json)
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if undo_cli.runs_here(args):
                 values = collect(vars(args), env, "sync")
                 _setup_logging(values, env)
-                return undo_cli.run_here(args, sync_config(values, env))
+                return undo_cli.run_here(args, sync_config(values, env, os.getcwd()))
             values = collect(vars(args), env, "client")
             return undo_cli.run_via_daemon(args, values["control_url"])
         if args.verb == "demo":

@@ -11,7 +11,7 @@ other module reads a SIDECAR_* variable (tests/unit/test_option_table.py).
 
 from __future__ import annotations
 
-import os
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -685,20 +685,36 @@ def default_state_root(env: Mapping[str, str]) -> Path:
     return Path(base) / "netvol-sidecar"
 
 
-def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig:
+def _absolute(flag: str, path: str, cwd: str | None) -> Path:
+    """os.path.abspath without asking the process: relative paths are taken from `cwd`."""
+    if not posixpath.isabs(path):
+        if cwd is None:
+            option = _BY_DEST[flag.lstrip("-").replace("-", "_")]
+            raise OptionError(f"{flag} ({option.env}): {path!r} must be an absolute path")
+        path = posixpath.join(cwd, path)
+    return Path(posixpath.normpath(path))
+
+
+def sync_config(
+    values: Mapping[str, Any], env: Mapping[str, str], cwd: str | None = None
+) -> SyncConfig:
+    """`cwd`: the working folder relative paths are taken from (the CLI's); None: paths
+    must be absolute."""
     if not values.get("remote"):
         raise OptionError("--remote (SIDECAR_REMOTE) is required, e.g. s3://my-volume/")
     if not values.get("local_dir"):
         raise OptionError("--local-dir (SIDECAR_LOCAL_DIR) is required, e.g. /workspace/data")
     bucket, prefix = parse_remote(values["remote"])
-    local_dir = Path(os.path.abspath(values["local_dir"]))
+    local_dir = _absolute("--local-dir", values["local_dir"], cwd)
     try:
         check_mount_folder(str(local_dir))
         if values.get("volume"):
             check_volume_name(values["volume"])
     except ValueError as exc:
         raise OptionError(str(exc)) from None
-    state_dir = Path(os.path.abspath(values.get("state_dir") or default_state_root(env)))
+    state_dir = _absolute(
+        "--state-dir", str(values.get("state_dir") or default_state_root(env)), cwd
+    )
     if state_dir == local_dir or local_dir in state_dir.parents:
         raise OptionError(
             f"--state-dir (SIDECAR_STATE_DIR) {state_dir} is inside the synced folder "
@@ -740,7 +756,9 @@ def sync_config(values: Mapping[str, Any], env: Mapping[str, str]) -> SyncConfig
         expected_bucket_owner=value("expected_bucket_owner"),
         sse=value("sse"),
         sse_kms_key_id=value("sse_kms_key_id"),
-        sse_c_key_file=Path(os.path.abspath(sse_c_key_file)) if sse_c_key_file else None,
+        sse_c_key_file=_absolute("--sse-c-key-file", sse_c_key_file, cwd)
+        if sse_c_key_file
+        else None,
         no_sign_request=bool(value("no_sign_request")),
     )
 
@@ -763,7 +781,9 @@ def _check_encryption(values: Mapping[str, Any]) -> None:
         )
 
 
-def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConfig:
+def serve_config(
+    values: Mapping[str, Any], env: Mapping[str, str], cwd: str | None = None
+) -> ServeConfig:
     value = partial(_value, values)
     debounce = value("auto_sync_debounce")
     max_delay = value("auto_sync_max_delay")
@@ -773,7 +793,7 @@ def serve_config(values: Mapping[str, Any], env: Mapping[str, str]) -> ServeConf
             f"({debounce}s)"
         )
     return ServeConfig(
-        sync=sync_config(values, env),
+        sync=sync_config(values, env, cwd),
         control_addr=value("control_addr"),
         probe_addr=value("probe_addr"),
         shutdown_timeout=value("shutdown_timeout"),

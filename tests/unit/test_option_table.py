@@ -13,6 +13,7 @@ import pytest
 from sidecar.cli.main import build_parser
 from sidecar.core.options import (
     OPTIONS,
+    OptionError,
     ServeConfig,
     SyncConfig,
     collect,
@@ -168,3 +169,24 @@ def test_the_command_warns_of_a_misspelt_variable(
         "SIDECAR_PART_SIZ is not an option (did you mean SIDECAR_PART_SIZE?); it is ignored"
         in error
     )
+
+
+def test_relative_paths_are_taken_from_the_given_working_folder() -> None:
+    flags = {"remote": "s3://b/", "local_dir": "work/../data", "state_dir": "st"}
+    config = sync_config(collect(flags, {}, "sync"), {}, "/home/u")
+    assert (config.local_dir, config.state_dir) == (Path("/home/u/data"), Path("/home/u/st"))
+    with pytest.raises(OptionError, match=r"--local-dir \(SIDECAR_LOCAL_DIR\): 'work/../data'"):
+        sync_config(collect(flags, {}, "sync"), {})
+
+
+def test_the_table_is_pure() -> None:
+    """No process state: the working folder and the environment are handed in."""
+    tree = ast.parse(TABLE.read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"os", "sys", "io", "asyncio", "subprocess", "socket"}, imported
