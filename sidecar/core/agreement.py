@@ -1,6 +1,7 @@
 """What BASE records, decided as values: the entry a carried-out action leaves, what a
 listing teaches about an object that did not change, and when the hash cache's snapshot is
-stale. The engine only stores what these return (sidecar/sync.py).
+stale. The engine only stores what these return (sidecar/engine/sync.py and
+sidecar/engine/execute.py).
 """
 
 from __future__ import annotations

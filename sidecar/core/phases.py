@@ -1,5 +1,5 @@
 """In which order a plan is carried out, decided as values: the engine runs the phases one
-after the other and only dispatches each action to its handler (sidecar/sync.py).
+after the other and only dispatches each action to its handler (sidecar/engine/execute.py).
 
 1. In place: ADOPT, FORGET, SET_MODE_LOCAL; no request, BASE and a chmod only.
 2. Deletes: a folder the bucket replaced by a file (or back) must be gone before the new

@@ -39,7 +39,7 @@ class Execution:
     """One plan carried out against one sync's transfers; the outcome goes to `result`.
 
     `order`: a pull's downloads in another order than biggest first, drained by its own
-    workers (the daemon's priority-ready pull, sidecar/pullqueue.py); None: biggest first.
+    workers (the daemon's priority-ready pull, sidecar/daemon/pullqueue.py); None: biggest first.
     """
 
     def __init__(
