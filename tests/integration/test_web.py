@@ -104,7 +104,17 @@ async def test_concurrent_requests_join_and_queue(
     second = asyncio.ensure_future(control.post("/pull"))
     third = asyncio.ensure_future(control.post("/finalize"))
     fourth = asyncio.ensure_future(control.post("/finalize"))
-    await asyncio.sleep(0.1)
+
+    def all_in() -> bool:  # the second pull joined the first, the finalizes share one run
+        current = coordinator.current
+        queued = [run.requesters for run in coordinator.pending]
+        return current is not None and current.requesters == 2 and queued == [2]
+
+    # Waits for the three requests to reach the coordinator; a 0.1 s sleep here was outrun on
+    # a loaded machine (the first pull scanned before the second arrived: a hang).
+    async with asyncio.timeout(30):
+        while not all_in():  # noqa: ASYNC110 (the coordinator has no event for this)
+            await asyncio.sleep(0.01)
     assert len(engine.calls) == 2, "one sync at a time"
     engine.before_scan.set()
     engine.release()
