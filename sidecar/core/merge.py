@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 L = TypeVar("L")
 R = TypeVar("R")
@@ -45,25 +45,24 @@ def merge(
 ) -> Iterator[Triple[L, R, B]]:
     """One Triple per path of the three inputs, in key order; each input must be in strictly
     increasing key order (OutOfOrder otherwise, naming the side and the paths)."""
-    sides: list[_Ordered[Any]] = [
-        _Ordered(local, "local scan"),
-        _Ordered(remote, "listing"),
-        _Ordered(base, "BASE"),
-    ]
-    heads = [side.next() for side in sides]
+    # One head per side, each with its own type (a list of the three could not say which).
+    lo, ro, bo = _Ordered(local, "local scan"), _Ordered(remote, "listing"), _Ordered(base, "BASE")
+    lh, rh, bh = lo.next(), ro.next(), bo.next()
     while True:
-        present = [head[0] for head in heads if head is not None]
+        present = [head[0] for head in (lh, rh, bh) if head is not None]
         if not present:
             return
         path = min(present)
-        values: list[object] = []
-        for index, head in enumerate(heads):
-            if head is not None and head[0] == path:
-                values.append(head[1])
-                heads[index] = sides[index].next()
-            else:
-                values.append(None)
-        yield Triple(path, values[0], values[1], values[2])  # type: ignore[arg-type]
+        lv: L | None = None
+        rv: R | None = None
+        bv: B | None = None
+        if lh is not None and lh[0] == path:
+            lv, lh = lh[1], lo.next()
+        if rh is not None and rh[0] == path:
+            rv, rh = rh[1], ro.next()
+        if bh is not None and bh[0] == path:
+            bv, bh = bh[1], bo.next()
+        yield Triple(path, lv, rv, bv)
 
 
 class _Ordered(Generic[L]):
