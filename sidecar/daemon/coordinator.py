@@ -7,6 +7,9 @@
   share one later run, so a burst of triggers costs one sync, not a backlog.
 - `join_running=False` (auto-sync, the shutdown push) never joins a run that is already
   under way, whatever its phase.
+- An undo or restore (issue 14, `submit_work`) takes the sync locks too: it takes its turn
+  in the same queue (never joined nor coalesced) instead of waiting on the engine's lock
+  beside the coordinator and failing after --lock-timeout with the daemon as the holder.
 - It remembers the current progress, the last result per operation, the last error and
   readiness. Read-only daemons refuse finalize.
 - Ready: a real (non-dry-run) pull has applied everything it safely could (`pull_verdict`).
@@ -24,10 +27,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sidecar.core.model import Direction, FileError
 from sidecar.core.progress import Progress
@@ -100,9 +103,14 @@ class Refused(Exception):
 class Job:
     direction: Direction
     dry_run: bool = False
+    work: str = ""  # an undo or restore ("undo ID", "restore PATH"): not a sync
+
+    @property
+    def operation(self) -> str:
+        return self.work.split(maxsplit=1)[0] if self.work else str(self.direction)
 
     def __str__(self) -> str:
-        return f"{self.direction}{' (dry run)' if self.dry_run else ''}"
+        return f"{self.work or self.direction}{' (dry run)' if self.dry_run else ''}"
 
 
 @dataclass(eq=False)
@@ -111,12 +119,13 @@ class Run:
 
     job: Job
     origin: str  # who asked first: api, initial, auto-sync, shutdown
-    future: asyncio.Future[SyncResult]
+    future: asyncio.Future[Any]  # a SyncResult; an undo's or restore's report for `work`
     queued_at: float
     started_at: float | None = None
     progress: Progress | None = None
     requesters: int = 1
-    task: asyncio.Task[SyncResult] | None = None
+    task: asyncio.Task[Any] | None = None
+    work: Callable[[], Awaitable[Any]] | None = None  # an undo or restore instead of a sync
 
     @property
     def unscanned(self) -> bool:
@@ -124,6 +133,9 @@ class Run:
         return self.progress is None or self.progress.phase == NOT_YET_SCANNED
 
     async def result(self) -> SyncResult:
+        return cast(SyncResult, await self.outcome())
+
+    async def outcome(self) -> Any:
         # shield: a caller that goes away (client disconnect) must not cancel a sync others
         # are waiting for.
         return await asyncio.shield(self.future)
@@ -233,6 +245,29 @@ class Coordinator:
         self._wakeup.set()
         return Ticket(run, "queued" if current is not None or len(self.pending) > 1 else "started")
 
+    def submit_work(
+        self, name: str, work: Callable[[], Awaitable[Any]], *, dry_run: bool = False
+    ) -> Ticket:
+        """Queue an undo or restore (`name`: "undo ID", "restore PATH"): it takes the engine's
+        sync locks, so it takes its turn like a sync; its outcome is what `work` returns."""
+        if self.closing or self.closed:
+            raise Refused("the daemon is shutting down", retry_later=True)
+        if self.current is not None and self.preempt is not None:
+            self.preempt()
+        run = Run(
+            job=Job(Direction.FINALIZE, dry_run, name),
+            origin="api",
+            future=asyncio.get_running_loop().create_future(),
+            queued_at=self.clock(),
+            work=work,
+        )
+        self.pending.append(run)
+        self._idle.clear()
+        self._wakeup.set()
+        return Ticket(
+            run, "queued" if self.current is not None or len(self.pending) > 1 else "started"
+        )
+
     async def wait_ready(self) -> None:
         await self._ready_event.wait()
 
@@ -262,7 +297,11 @@ class Coordinator:
         for run in list(self.pending):
             if run.job != keep:
                 self.pending.remove(run)
-                self._finish(run, _cancelled_result(run.job, reason), record=False)
+                if run.work is not None:
+                    refused = Refused(f"{run.job} cancelled: {reason}", retry_later=True)
+                    self._finish(run, None, error=refused)
+                else:
+                    self._finish(run, _cancelled_result(run.job, reason), record=False)
         current = self.current
         if current is None and not self.pending:
             self._idle.set()
@@ -298,7 +337,7 @@ class Coordinator:
             "current": current,
             "queued": [
                 {
-                    "operation": str(run.job.direction),
+                    "operation": run.job.operation,
                     "dry_run": run.job.dry_run,
                     "origin": run.origin,
                     "waiting_seconds": round(now - run.queued_at, 3),
@@ -315,14 +354,14 @@ class Coordinator:
         }
 
     def running_operation(self) -> str | None:
-        return None if self.current is None else str(self.current.job.direction)
+        return None if self.current is None else self.current.job.operation
 
     def running(self, *, stops: bool) -> Running:
         """The running sync as a stop sees it; `stops`: a background pull that stops at a
         file boundary when asked (`preempt`)."""
         if self.current is None:
             return Running.NOTHING
-        if self.current.job.direction is Direction.FINALIZE:
+        if self.current.job.direction is Direction.FINALIZE:  # undo and restore too
             return Running.FINALIZE
         return Running.BACKGROUND_PULL if stops else Running.PULL
 
@@ -346,6 +385,9 @@ class Coordinator:
 
     async def _execute(self, run: Run) -> None:
         job = run.job
+        if run.work is not None:
+            await self._execute_work(run, run.work)
+            return
         if job.direction is Direction.FINALIZE and not job.dry_run and not self.ready:
             # Queued behind an initial pull that then failed: pushing a folder that was never
             # filled would upload a partial view as if it were the user's work.
@@ -377,6 +419,28 @@ class Coordinator:
         result.seconds = self.clock() - run.started_at
         log.error(result.one_line(), extra={"summary": result.as_dict(), "origin": run.origin})
         self._finish(run, result)
+
+    async def _execute_work(self, run: Run, work: Callable[[], Awaitable[Any]]) -> None:
+        """An undo or restore: it logs its own summary line; the syncs' records (last results,
+        counters, readiness) are not about it."""
+        run.started_at = self.clock()
+        run.progress = Progress(
+            operation=run.job.operation, started=run.started_at, phase="running"
+        )
+
+        async def call() -> Any:
+            return await work()
+
+        run.task = asyncio.create_task(call(), name=f"sidecar-{run.job.operation}")
+        await asyncio.wait({run.task})
+        if run.task.cancelled():
+            refused = Refused(f"{run.job} cancelled before it finished", retry_later=True)
+            self._finish(run, None, error=refused)
+        elif (exc := run.task.exception()) is not None:
+            log.error("%s crashed: %r", run.job, exc, exc_info=exc)
+            self._finish(run, None, error=Exception(f"{run.job} crashed: {exc!r}"))
+        elif not run.future.done():
+            run.future.set_result(run.task.result())
 
     def _finish(
         self,

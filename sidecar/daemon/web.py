@@ -264,7 +264,7 @@ async def status_handler(request: web.Request) -> web.Response:
 
 
 def _undoer(request: web.Request) -> Any:
-    """The engine, for history/undo/restore (they take the sync locks themselves)."""
+    """The engine, for history/undo/restore."""
     coordinator = request.app[SERVICE].coordinator
     if request.method == "POST" and coordinator.read_only:
         raise web.HTTPConflict(
@@ -284,6 +284,19 @@ async def history_handler(request: web.Request) -> web.Response:
     return _json({"syncs": [r.summary() for r in records], "problems": problems})
 
 
+async def _take_turn(
+    request: web.Request, name: str, dry_run: bool, work: Callable[[], Awaitable[Any]]
+) -> web.Response:
+    """Undo and restore take the sync locks: they queue behind the running sync like a
+    /finalize behind a /pull, instead of waiting on the lock beside the coordinator."""
+    coordinator = request.app[SERVICE].coordinator
+    try:
+        ticket = coordinator.submit_work(name, work, dry_run=dry_run)
+        return _report(await ticket.run.outcome())
+    except Refused as exc:
+        return _refused(exc)
+
+
 def _report(report: Any) -> web.Response:
     body = report.as_dict()
     if report.fatal and report.fatal.startswith("no sync "):
@@ -298,7 +311,12 @@ async def undo_handler(request: web.Request) -> web.Response:
         return _error(400, "which sync? POST /undo?sync=SYNC_ID (GET /history lists them)")
     engine = _undoer(request)
     dry_run, force = _flag(request, "dry_run", False), _flag(request, "force", False)
-    return _report(await asyncio.shield(engine.undo(sync_id, dry_run=dry_run, force=force)))
+    return await _take_turn(
+        request,
+        f"undo {sync_id}",
+        dry_run,
+        lambda: engine.undo(sync_id, dry_run=dry_run, force=force),
+    )
 
 
 @_params(frozenset({"path", "at", "local", "dry_run"}))
@@ -312,8 +330,13 @@ async def restore_handler(request: web.Request) -> web.Response:
     path = request.query.get("path", "").strip("/")
     engine = _undoer(request)
     local, dry_run = _flag(request, "local", False), _flag(request, "dry_run", False)
-    work = engine.restore("" if path == "." else path, at, local=local, dry_run=dry_run)
-    return _report(await asyncio.shield(work))
+    path = "" if path == "." else path
+    return await _take_turn(
+        request,
+        f"restore {path or '.'}",
+        dry_run,
+        lambda: engine.restore(path, at, local=local, dry_run=dry_run),
+    )
 
 
 def control_app(service: Service, *, watch_hint: str = "GET /status") -> web.Application:

@@ -126,6 +126,44 @@ async def test_concurrent_requests_join_and_queue(
     assert [call[0] for call in engine.calls] == [Direction.PULL] * 2 + [Direction.FINALIZE]
 
 
+async def test_undo_and_restore_take_their_turn_behind_the_running_sync(
+    control: TestClient, coordinator: Coordinator, engine: FakeEngine
+) -> None:
+    """They take the engine's sync locks: called beside a running sync they waited on the
+    lock held by the daemon itself, then failed after --lock-timeout naming it."""
+    engine.auto_release = True
+    await make_ready(coordinator, engine)
+    engine.auto_release = False
+    push = asyncio.ensure_future(control.post("/finalize"))
+    await engine.wait_calls(2)
+    undo = asyncio.ensure_future(control.post("/undo?sync=S1"))
+    restore = asyncio.ensure_future(control.post("/restore?path=a.txt&at=2026-12-03T12:00:00Z"))
+    async with asyncio.timeout(30):
+        while len((await (await control.get("/status")).json())["queued"]) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    status = await (await control.get("/status")).json()
+    assert [q["operation"] for q in status["queued"]] == ["undo", "restore"]
+    assert engine.undone == [], "nothing runs beside the finalize"
+    engine.release()
+    assert (await push).status == 200
+    answers = [await (await task).json() for task in (undo, restore)]
+    assert [a["operation"] for a in answers] == ["undo", "restore"], answers
+    assert answers[0]["sync_id"] == "undo-of-S1"
+    assert engine.undone == ["S1", "a.txt"]
+    assert (await (await control.post("/pull?wait=false")).json())["state"] == "started"
+    await engine.wait_calls(3)
+    engine.release()
+
+
+async def test_undo_while_shutting_down_is_503(
+    control: TestClient, coordinator: Coordinator
+) -> None:
+    coordinator.close("test")
+    response = await control.post("/undo?sync=S1")
+    assert response.status == 503
+    assert (await response.json())["refused"] == "the daemon is shutting down"
+
+
 async def test_wait_false_answers_202_with_where_to_watch(
     control: TestClient, engine: FakeEngine
 ) -> None:

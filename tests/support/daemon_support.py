@@ -13,9 +13,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from sidecar.core.backup import UndoReport, format_utc
 from sidecar.core.model import Direction
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
@@ -37,6 +39,17 @@ class FakeEngine:
     auto_release: bool = False
     called: asyncio.Condition = field(default_factory=asyncio.Condition)
     before_scan: asyncio.Event | None = None
+    undone: list[str] = field(default_factory=list)  # undo and restore targets, in order
+
+    async def undo(self, sync_id: str, *, dry_run: bool = False, force: bool = False) -> UndoReport:
+        self.undone.append(sync_id)
+        return UndoReport("undo", sync_id, dry_run=dry_run, sync_id="undo-of-" + sync_id)
+
+    async def restore(
+        self, path: str, at: datetime, *, local: bool = False, dry_run: bool = False
+    ) -> UndoReport:
+        self.undone.append(path)
+        return UndoReport("restore", f"{path} at {format_utc(at)}", dry_run=dry_run)
 
     async def run(
         self, direction: Direction, *, dry_run: bool = False, progress: Progress | None = None
