@@ -355,29 +355,50 @@ class History:
 
 class Pruner:
     """Expired backups and records, seen in the sync's own listing (no extra request) and in
-    the state folder; removed at the end of a sync, at most PRUNE_PER_SYNC each time."""
+    the state folder; removed at the end of a sync, at most PRUNE_PER_SYNC each time. A large
+    listing does not descend into .netvol/ (`missed`): then its oldest keys are listed here,
+    up to the first that has not expired (sync ids sort by time)."""
 
     def __init__(self, prefix: str, retention: float, now: datetime | None = None) -> None:
         self.prefix = prefix
         self.cutoff = (now or datetime.now(UTC)) - timedelta(seconds=retention)
         self.expired_keys: list[str] = []
+        self.missed = False  # the sync's listing skipped .netvol/
 
     def expired(self, sync_id: str) -> bool:
         moment = sync_id_time(sync_id)
         return moment is not None and moment < self.cutoff
 
-    def saw(self, relpath: str) -> None:
-        """A listed key under .netvol/ (relative to the prefix)."""
+    def saw(self, relpath: str) -> bool:
+        """A listed key under .netvol/ (relative to the prefix); False once the keys met are
+        no longer expired (or enough are) in a listing of backup/ or history/."""
         if len(self.expired_keys) >= PRUNE_PER_SYNC:
-            return
+            return False
         for top in (BACKUP_DIR, HISTORY_DIR):
             if relpath.startswith(top):
                 sync_id = relpath[len(top) :].split("/", 1)[0].removesuffix(RECORD_SUFFIX)
-                if self.expired(sync_id):
+                if not self.expired(sync_id):
+                    return False
+                if self.prefix + relpath not in self.expired_keys:
                     self.expired_keys.append(self.prefix + relpath)
-                return
+                return True
+        return True
+
+    async def find_missed(self, store: ObjectStore) -> None:
+        if not self.missed:
+            return
+        for top in (BACKUP_DIR, HISTORY_DIR):
+            async with contextlib.aclosing(store.list(self.prefix + top)) as pages:
+                async for page in pages:
+                    start = len(self.prefix)
+                    if not all(self.saw(item.key[start:]) for item in page):
+                        break
 
     async def prune_remote(self, store: ObjectStore) -> int:
+        try:
+            await self.find_missed(store)
+        except S3Error as exc:
+            log.warning("could not list the expired backups: %s", exc.message)
         removed = 0
         for key in self.expired_keys:
             try:

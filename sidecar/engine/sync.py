@@ -28,7 +28,13 @@ from sidecar.core.agreement import (
     cache_holds,
     learn_from_listing,
 )
-from sidecar.core.backup import BackupMode, UndoReport, is_bookkeeping, new_sync_id
+from sidecar.core.backup import (
+    NETVOL_PREFIX,
+    BackupMode,
+    UndoReport,
+    is_bookkeeping,
+    new_sync_id,
+)
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
 from sidecar.core.model import (
     UNHASHED,
@@ -624,7 +630,16 @@ class SyncEngine:
             # As many keys as the last sync saw: a large prefix lists one round trip sooner.
             # A first sync: every object listed is a download to come, its connection opened
             # while the listing goes on (only on a long link).
-            async for page in store.list(prefix, expect_keys=known, warm=not known):
+            # The fan-out leaves .netvol/ out (backups may outnumber the data); the pruner
+            # then lists the oldest of them itself.
+            pages = store.list(
+                prefix,
+                expect_keys=known,
+                warm=not known,
+                skip=frozenset({prefix + NETVOL_PREFIX}),
+                skipped=self._listing_skipped,
+            )
+            async for page in pages:
                 for item in page:
                     try:
                         relpath = key_to_relpath(prefix, item.key)
@@ -652,6 +667,10 @@ class SyncEngine:
         for path in folder_markers(listing.objects):
             del listing.objects[path]
         return listing
+
+    def _listing_skipped(self, _sub_prefix: str) -> None:
+        if self._pruner is not None:
+            self._pruner.missed = True
 
     async def _resolve_remote_hashes(
         self,

@@ -24,6 +24,10 @@ large listing costs two round trips before the fan-out instead of three. If the 
 turns out to hold it all, the delimited request is cancelled (or its answer dropped): one
 request wasted, counted in `wasted`. Small prefixes are never speculated on: a second request
 for every one-page listing would double the requests of a small volume.
+
+`skip`: sub-prefixes the fan-out does not descend into (the sidecar's own `.netvol/`, whose
+backups may outnumber the data). The flat first page may still hold some of their keys: the
+caller filters those.
 """
 
 from __future__ import annotations
@@ -61,12 +65,19 @@ class FanOutListing:
     """Pages of the listing under one prefix, in key order, listed LOOKAHEAD-wide."""
 
     def __init__(
-        self, fetch: FetchPage, lookahead: int | None = None, *, speculate: bool = False
+        self,
+        fetch: FetchPage,
+        lookahead: int | None = None,
+        *,
+        speculate: bool = False,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
         self._fetch = fetch
         self._free = LOOKAHEAD if lookahead is None else lookahead  # lookahead slots not taken
         self._speculate = speculate
+        self._skip = skip
         self.wasted = 0  # speculative delimited requests whose answer was not needed
+        self.skipped: list[str] = []  # sub-prefixes of `skip` the fan-out met and left out
 
     async def pages(self, prefix: str) -> AsyncGenerator[list[ObjectInfo], None]:
         async with contextlib.aclosing(self._walk(prefix, None, self._speculate)) as pages:
@@ -126,7 +137,7 @@ class FanOutListing:
                 entries, prefixes, token = _parse(prefix, await fetch)
                 if token:  # the server lists the next page while we read this one
                     fetch = asyncio.ensure_future(self._fetch(prefix, token, None, True))
-                items = _in_order(entries, prefixes, bound)
+                items = _in_order(entries, [p for p in prefixes if not self._left_out(p)], bound)
                 children = [item for item in items if isinstance(item, _Child)]
                 self._start_ahead(children)
                 run: list[ObjectInfo] = []
@@ -151,6 +162,12 @@ class FanOutListing:
                 fetch.cancel()
             for child in children:
                 child.cancel()
+
+    def _left_out(self, sub: str) -> bool:
+        if sub in self._skip:
+            self.skipped.append(sub)
+            return True
+        return False
 
     def _start_ahead(self, children: list[_Child]) -> None:
         for child in children:

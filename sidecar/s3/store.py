@@ -396,6 +396,8 @@ class ObjectStore:
         pace: Callable[[], Awaitable[None]] | None = None,
         expect_keys: int = 0,
         warm: bool = False,
+        skip: frozenset[str] = frozenset(),
+        skipped: Callable[[str], None] | None = None,
     ) -> AsyncGenerator[list[ObjectInfo], None]:
         """Pages of the listing under prefix, in key order (metadata is never in listings).
 
@@ -407,6 +409,8 @@ class ObjectStore:
         beside the first page (one round trip less; one request wasted if it was not needed).
         `warm`: each object listed is a request to come (a first pull), so connections for
         them are opened while the listing goes on (warm()).
+        `skip`: sub-prefixes a large listing does not descend into (`skipped` is told each one
+        left out); the first page may still hold some of their keys.
         """
         fetch = self._list_page
         if pace is not None:
@@ -417,7 +421,7 @@ class ObjectStore:
                 await pace()
                 return await self._list_page(prefix, token, start_after, delimited)
 
-        listing = FanOutListing(fetch, speculate=expect_keys > self.list_page_keys)
+        listing = FanOutListing(fetch, speculate=expect_keys > self.list_page_keys, skip=skip)
         listed = 0
         async with contextlib.aclosing(listing.pages(prefix)) as pages:
             async for page in pages:
@@ -425,6 +429,9 @@ class ObjectStore:
                     listed += len(page)
                     self.warm(listed)
                 yield page
+        if skipped is not None:
+            for sub in listing.skipped:
+                skipped(sub)
 
     async def _list_page(
         self, prefix: str, token: str | None, start_after: str | None, delimited: bool

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode
+from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode, new_sync_id
 from sidecar.core.model import Direction
 from sidecar.engine.backup import RemoteBackup
 from sidecar.engine.sync import SyncEngine
@@ -363,3 +363,42 @@ async def test_restore_in_a_versioned_bucket_also_undoes_other_writers(
         report = await engine.restore("", moment)
         assert report.ok, report.as_dict()
     assert data(objects(conditional, bucket)) == {"a.txt": b"a one", "b.txt": b"b one"}
+
+
+async def test_a_large_listing_does_not_list_the_backup_area(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync's listing fans out over the prefix's folders but not into .netvol/ (copy
+    backups may outnumber the data); the pruner lists only its oldest page of backup/ and of
+    history/, and still removes what expired."""
+    bucket = moto.new_bucket()
+    s3 = moto.client()
+    for i in range(12):
+        s3.put_object(Bucket=bucket, Key=f"vol/d{i % 3}/f{i}.txt", Body=b"data %d" % i)
+    sync_ids = [new_sync_id(datetime.now(UTC)) for _ in range(6)]
+    for sync_id in sync_ids:
+        for i in range(10):
+            s3.put_object(Bucket=bucket, Key=f"vol/{BACKUP_DIR}{sync_id}/d{i}/f.txt", Body=b"old")
+    monkeypatch.setattr(ObjectStore, "list_page_keys", 5)
+    listed: list[str] = []
+    original = ObjectStore._list_page
+
+    async def spy(self: ObjectStore, prefix: str, *args: Any) -> bytes:
+        listed.append(prefix)
+        return await original(self, prefix, *args)
+
+    monkeypatch.setattr(ObjectStore, "_list_page", spy)
+    local, state = workdir / "local", workdir / "state"
+    async with SyncEngine(config(bucket, local, state, backup=BackupMode.COPY)) as engine:
+        pulled = await run(engine, PULL)
+    assert pulled.files_transferred == 12 and not (local / ".netvol").exists()
+    backup_area = [p for p in listed if p.startswith("vol/.netvol/")]
+    # The pruner's first page of backup/ (its oldest key has not expired) and of history/.
+    assert backup_area == [f"vol/{BACKUP_DIR}", f"vol/{HISTORY_DIR}"], listed
+    assert len(listed) <= 12, listed  # the data's folders; 60 backup keys were ~20 more
+
+    listed.clear()
+    expiring = config(bucket, local, state, backup=BackupMode.COPY, backup_retention=0.0)
+    async with SyncEngine(expiring) as engine:
+        await run(engine, PULL)
+    assert not any(k.startswith(".netvol/") for k in objects(moto, bucket))
