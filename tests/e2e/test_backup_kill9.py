@@ -42,6 +42,18 @@ def recoverable(vol: Volume, originals: dict[str, str]) -> list[str]:
     ]
 
 
+def settled(vol: Volume) -> dict[str, str]:
+    """The bucket once the server is done with what a killed run sent (a request it had
+    fully received is still applied after the kill)."""
+    last = vol.objects()
+    while True:
+        time.sleep(0.5)
+        now = vol.objects()
+        if now == last:
+            return now
+        last = now
+
+
 def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volume) -> None:  # noqa: F811
     local, state = mvol.work / "local", mvol.work / "state"
     files = {f"f{i:03d}.bin": data_of(2000 + i, i) for i in range(FILES)}
@@ -70,6 +82,14 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
     _wait_until(proc, some_backups, "the first backup copy", logs)
     _sigkill(proc)
     assert recoverable(mvol, originals) == []
+    # How many objects the killed run replaced before the kill landed depends on the
+    # machine's load (a loaded one lets it replace several): the rerun replaces the rest.
+    objects = settled(mvol)
+    left = sum(
+        objects.get(f"{mvol.prefix}/{path}") == originals[path]
+        for i, path in enumerate(files)
+        if i % 5
+    )
 
     rerun = mvol.finalize(local, state, "--force-delete", env=env)
     assert rerun.code == 0, rerun.err
@@ -83,7 +103,7 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
     )
     assert history.returncode == 0, history.stderr
     newest = json.loads(history.stdout)["syncs"][0]
-    assert (newest["operation"], newest["replaced"]) == ("finalize", FILES - FILES // 5)
+    assert (newest["operation"], newest["replaced"]) == ("finalize", left)
 
     # The rerun is undone in one go; then nothing of the first push is missing.
     undo = sidecar_args("undo", mvol.remote, local, state)
