@@ -103,10 +103,6 @@ def key_to_relpath(prefix: str, key: str) -> str | None:
     return relpath
 
 
-def relpath_to_key(prefix: str, relpath: str) -> str:
-    return prefix + relpath
-
-
 def parent_dirs(relpath: str) -> list[str]:
     """'a/b/c' -> ['a', 'a/b']."""
     segments = relpath.split("/")[:-1]

@@ -1,6 +1,6 @@
 """The three-way planner: LOCAL and REMOTE each compared with BASE, then combined.
 
-Pure: takes maps of path -> state, returns a Plan. Every rule of DESIGN.md "Sync semantics"
+Pure: takes maps of path -> state, returns a Plan. Every rule of README "How a sync decides"
 that decides *what* happens lives here; the edges only carry the plan out.
 """
 

@@ -24,9 +24,6 @@ from sidecar.engine.hashing import content_hash_file
 
 log = logging.getLogger("sidecar.scan")  # logger name kept from before the move
 
-# (size, mtime_ns, inode) -> hash, per relative path: the local hash cache kept in the state.
-StatKey = tuple[int, int, int]
-
 
 @dataclass(slots=True)
 class ScanResult:

@@ -103,8 +103,3 @@ def listing_entries(body: bytes, prefixes: int = 0) -> list[ObjectInfo]:
     ):
         raise ValueError(f"KeyCount says {int(key_count)} objects, the page lists {len(page)}")
     return page
-
-
-def parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
-    token = listing_token(body)
-    return listing_entries(body), token

@@ -3,8 +3,8 @@
 
 What a user of the CLI sees: exit codes, one `error\tPATH: reason` line per failed file, the JSON
 summary (SIDECAR_SUMMARY_JSON=1), and the bytes on both sides. Covers the round trip around every
-size threshold, interoperability with aws cli, every bad input of DESIGN.md, resume after
-SIGKILL, the free-space check and symlinks.
+size threshold, interoperability with aws cli, every bad input of README "How a sync decides",
+resume after SIGKILL, the free-space check and symlinks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Model-based stateful test of the sync engine (issue 9): random local edits, outside writers
-and syncs against moto, with the promises of DESIGN.md checked after every sync.
+and syncs against moto, with the promises of README "How a sync decides" checked after every sync.
 
 Hypothesis drives a `SyncWorld` (tests/support/model_world.py): one replica (a local folder, a
 state dir and an in-process SyncEngine) and an outside writer (boto3, with or without our

@@ -116,7 +116,7 @@ async def test_copy_and_delete_of_keys_that_trip_encoders(server: S3Server) -> N
 async def test_a_conditional_delete_of_a_changed_object_is_refused(
     conditional: S3Server,
 ) -> None:
-    """moto and SeaweedFS honour If-Match on DELETE (rclone ignores it: DESIGN.md)."""
+    """moto and SeaweedFS honour If-Match on DELETE (rclone ignores it: README, Tests)."""
     bucket = conditional.new_bucket()
     s3 = conditional.client()
     key = KEYS[0]

@@ -140,8 +140,8 @@ def test_etags_ranges_and_metadata_rewrites(each: S3Server) -> None:
 
 
 def test_keys_held_as_sent(each: S3Server) -> None:
-    """Keys the engine must survive (DESIGN: keys that would escape the folder, a file and a
-    folder of one name): what each server stores, lists, or refuses."""
+    """Keys the engine must survive (README "How a sync decides": keys that would escape the
+    folder, a file and a folder of one name): what each server stores, lists, or refuses."""
     s3, bucket = each.client(Config(retries={"max_attempts": 1})), each.new_bucket()
     refused = {}
     for key in ("a//b", "../x", "/abs", "a/./b", "d", "d/x", "e/y", "e", "dir/"):

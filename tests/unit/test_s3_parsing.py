@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from sidecar.s3.errors import http_error
-from sidecar.s3.listing import decode_listed_key, parse_listing
+from sidecar.s3.listing import decode_listed_key, listing_entries, listing_token
 from sidecar.s3.metadata import Labels, from_headers, labels_for, read_labels, to_headers
+from sidecar.s3.objects import ObjectInfo
+
+
+def parse_listing(body: bytes) -> tuple[list[ObjectInfo], str | None]:
+    """One page as the store reads it: the token first (a damaged page fails there), then
+    the entries."""
+    token = listing_token(body)
+    return listing_entries(body), token
 
 
 def test_listed_keys_decode_like_botocore() -> None:
