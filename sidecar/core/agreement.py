@@ -9,14 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
-from sidecar.core.model import UNHASHED, Action, ActionKind, BaseEntry, LocalFile, RemoteObject
+from sidecar.core.model import (
+    UNHASHED,
+    Action,
+    ActionKind,
+    BaseEntry,
+    HashCacheEntry,
+    LocalFile,
+    RemoteObject,
+)
 from sidecar.core.planner import Change, remote_change
 
 # The last ETags the server showed for one content (a multipart upload's own, then rclone's
 # MD5, ...): bounded, so a server that keeps renaming one object never grows its entry.
 ETAGS_KEPT = 4
-
-HashCacheEntry = tuple[int, int, int, str]  # size, mtime_ns, inode, hash
 
 
 def agreed(size: int, digest: str, executable: bool, obj: RemoteObject) -> BaseEntry:

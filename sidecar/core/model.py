@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class Direction(enum.StrEnum):
@@ -15,6 +16,31 @@ class Direction(enum.StrEnum):
 UNHASHED = ""
 
 
+# A file's identity: (size, mtime_ns, inode). Equal identities: the file was not written
+# since (the hash cache, and every "changed since the scan?" check before a write).
+Identity = tuple[int, int, int]
+# The hash cache's row of a path: the file's identity, then its content hash at that identity.
+HashCacheEntry = tuple[int, int, int, str]
+_OWNER_EXECUTES = 0o100  # stat.S_IXUSR: the mode bit the sync carries as "executable"
+
+
+class Stat(Protocol):
+    """What the sync reads of an os.stat_result."""
+
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
+
+
+def identity_of(st: Stat) -> Identity:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 @dataclass(frozen=True, slots=True)
 class LocalFile:
     size: int
@@ -22,6 +48,17 @@ class LocalFile:
     inode: int
     executable: bool
     hash: str
+
+    @property
+    def identity(self) -> Identity:
+        return (self.size, self.mtime_ns, self.inode)
+
+    @classmethod
+    def of(cls, st: Stat, digest: str) -> LocalFile:
+        """The file as stat saw it, with this content hash (UNHASHED: not read)."""
+        return cls(
+            st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & _OWNER_EXECUTES), digest
+        )
 
 
 @dataclass(frozen=True, slots=True)

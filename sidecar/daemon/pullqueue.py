@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.core.filters import parse_syncignore
-from sidecar.core.model import Action, Direction, FileError
+from sidecar.core.model import Action, Direction, FileError, Identity, identity_of
 from sidecar.core.priority import SYNCPRIORITY, Phase, PriorityRules, covers, normalize_wait_path
 from sidecar.core.units import format_bytes
 from sidecar.daemon.coordinator import Coordinator, Refused
@@ -229,7 +229,7 @@ class PriorityPull:
     ready_after: float | None = None  # seconds from start to the priority set being local
     complete_after: float | None = None  # seconds from start to nothing pending
     track_own_writes: bool = False  # auto-sync is on: remember what arrives (own_write)
-    _placed: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> size, mtime
+    _placed: dict[str, Identity] = field(default_factory=dict)  # path -> as placed
     _placed_dirs: set[str] = field(default_factory=set)  # folders arrivals went into
     _planned: asyncio.Event = field(default_factory=asyncio.Event)
     _run_ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -342,7 +342,7 @@ class PriorityPull:
         except OSError:
             return False  # gone: a delete is the user's
         if placed is not None:
-            return placed == (st.st_size, st.st_mtime_ns)
+            return placed == identity_of(st)
         return relpath in self._placed_dirs and stat.S_ISDIR(st.st_mode)
 
     def can_stop(self) -> bool:
@@ -375,7 +375,7 @@ class PriorityPull:
         if self.track_own_writes and self.coordinator.ready:  # auto-sync pushes from then on
             with contextlib.suppress(OSError):
                 st = os.stat(os.path.join(self.local_dir, action.path), follow_symlinks=False)
-                self._placed[action.path] = (st.st_size, st.st_mtime_ns)
+                self._placed[action.path] = identity_of(st)
                 folder = action.path.rpartition("/")[0]
                 while folder and folder not in self._placed_dirs:
                     self._placed_dirs.add(folder)

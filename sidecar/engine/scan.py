@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sidecar.core.filters import PathFilter
-from sidecar.core.model import UNHASHED, FileError, LocalFile
+from sidecar.core.model import UNHASHED, FileError, LocalFile, identity_of
 from sidecar.core.paths import BadKey, check_relpath, is_temp_name
 from sidecar.engine.hashing import content_hash_file
 
@@ -143,12 +143,11 @@ def _wanted_file(
         return None
     rel = sys.intern(rel)
     cached = hash_cache.get(rel)
-    size, mtime_ns, inode = st.st_size, st.st_mtime_ns, st.st_ino
-    executable = bool(st.st_mode & stat_mod.S_IXUSR)
-    if cached is not None and cached[:3] == (size, mtime_ns, inode):
+    if cached is not None and cached[:3] == identity_of(st):
         # The cache's own int objects: mtime_ns and inode are 32 bytes each.
+        executable = bool(st.st_mode & stat_mod.S_IXUSR)
         return rel, LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
-    return rel, LocalFile(size, mtime_ns, inode, executable, UNHASHED)
+    return rel, LocalFile.of(st, UNHASHED)
 
 
 def _hash_one(root: Path, rel: str) -> str | FileError:

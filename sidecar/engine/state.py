@@ -44,12 +44,11 @@ from pathlib import Path
 from sys import intern
 from typing import Any, Generic, TextIO, TypeVar
 
-from sidecar.core.model import BaseEntry
+from sidecar.core.model import BaseEntry, HashCacheEntry, identity_of
 
 log = logging.getLogger("sidecar.state")  # logger name kept from before the move
 
 FORMAT_VERSION = 3  # 1: one JSON object, 2: a line per path (both migrated); 3: state.db
-HashCacheEntry = tuple[int, int, int, str]  # size, mtime_ns, inode, hash
 # Records held in memory before they go into state.db in one transaction (and the journal is
 # emptied): a few MiB at most, and one fsync per this many transfers.
 FLUSH_AT = 4096
@@ -340,7 +339,7 @@ class StateStore:
             except FileNotFoundError:
                 keys.append(None)
             else:
-                keys.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                keys.append(identity_of(st))
         return tuple(keys)
 
     def _connect(self, path: Path) -> sqlite3.Connection:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
-from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject
+from sidecar.core.model import UNHASHED, Action, FileError, LocalFile, RemoteObject, identity_of
 from sidecar.core.parts import part_ranges, range_size_for
 from sidecar.core.paths import NamesInUse, conflict_name, parent_dirs, temp_name
 from sidecar.core.progress import Progress
@@ -103,14 +103,6 @@ class Uploaded:
     content_sent: bool = True  # False: only the metadata was rewritten
     written_at: int = 0  # the server's clock when it answered (Written.at)
     conflict_copy: str | None = None  # where the bucket's version in the way was kept
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _local_key(local: LocalFile) -> tuple[int, int, int]:
-    return (local.size, local.mtime_ns, local.inode)
 
 
 def _current_umask() -> int:
@@ -275,7 +267,7 @@ class Transfers:
                 break
             if stat_mod.S_ISDIR(current.st_mode):
                 raise TransferError(relpath, "is a folder here, the bucket has a file")
-            changed_since_scan = planned is None or _stat_key(current) != _local_key(planned)
+            changed_since_scan = planned is None or identity_of(current) != planned.identity
             if not action.keep_conflict_copy and not changed_since_scan:
                 if self.keep_local is not None:
                     self.keep_local(relpath, dir_fd, name, planned)
@@ -297,9 +289,7 @@ class Transfers:
             raise TransferError(relpath, "kept being re-created while the download was placed")
         self.durable.changed(dir_fd)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        local = LocalFile(
-            st.st_size, st.st_mtime_ns, st.st_ino, bool(st.st_mode & stat_mod.S_IXUSR), digest
-        )
+        local = LocalFile.of(st, digest)
         return Downloaded(local, remote.etag, conflict_copy=conflict_copy)
 
     def _check_still_there(self, relpath: str, dir_fd: int) -> None:
@@ -320,7 +310,7 @@ class Transfers:
     ) -> LocalFile | None:
         """The file in the way as a LocalFile if it already holds the downloaded bytes."""
         planned = action.local
-        if planned is not None and _stat_key(current) == _local_key(planned):
+        if planned is not None and identity_of(current) == planned.identity:
             return planned if planned.hash == digest else None
         assert action.remote is not None
         if not stat_mod.S_ISREG(current.st_mode) or current.st_size != action.remote.size:
@@ -339,15 +329,9 @@ class Transfers:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if found != digest or _stat_key(after) != _stat_key(before):
+        if found != digest or identity_of(after) != identity_of(before):
             return None
-        return LocalFile(
-            after.st_size,
-            after.st_mtime_ns,
-            after.st_ino,
-            bool(after.st_mode & stat_mod.S_IXUSR),
-            digest,
-        )
+        return LocalFile.of(after, digest)
 
     def _keep_aside(self, action: Action, dir_fd: int, name: str) -> str:
         """Move the file in the way to a conflict-copy name nobody has; returns its relpath."""
@@ -523,16 +507,7 @@ class Transfers:
             st = os.stat(path)
         except OSError as exc:
             raise TransferError(relpath, _os_reason("cannot read", exc)) from None
-        if _stat_key(st) == _local_key(planned):
-            local = planned
-        else:
-            local = LocalFile(
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ino,
-                bool(st.st_mode & stat_mod.S_IXUSR),
-                UNHASHED,
-            )
+        local = planned if identity_of(st) == planned.identity else LocalFile.of(st, UNHASHED)
         if local.size < self.settings.multipart_threshold or local.hash:
             return local
         try:
@@ -544,7 +519,7 @@ class Transfers:
 
     def _unchanged(self, relpath: str, local: LocalFile) -> bool:
         try:
-            return _stat_key(os.stat(self._abs(relpath))) == _local_key(local)
+            return identity_of(os.stat(self._abs(relpath))) == local.identity
         except OSError:
             return False
 
@@ -674,7 +649,7 @@ class Transfers:
             os.close(dir_fd)
         try:
             st = os.fstat(fd)
-            if _stat_key(st) != _local_key(planned) or not stat_mod.S_ISREG(st.st_mode):
+            if identity_of(st) != planned.identity or not stat_mod.S_ISREG(st.st_mode):
                 return False
             os.fchmod(fd, _mode_for(remote.executable, self._umask))
         except OSError as exc:
@@ -762,7 +737,7 @@ class Transfers:
             st = lstat_at(name, dir_fd)
             if st is None:
                 return True
-            if planned is not None and _stat_key(st) != _local_key(planned):
+            if planned is not None and identity_of(st) != planned.identity:
                 return False  # written to since the scan: keep it, it is news
             if self.keep_local is None or not self.keep_local(action.path, dir_fd, name, planned):
                 os.unlink(name, dir_fd=dir_fd)

@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sidecar.core.model import Identity, identity_of
 from sidecar.s3.errors import S3Error
 
 PUT = "put_object"
@@ -125,7 +126,7 @@ class SseCKey:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen: tuple[int, int, int] | None = None
+        self._seen: Identity | None = None
         self._headers: dict[str, str] = {}
 
     def headers(self) -> dict[str, str]:
@@ -133,7 +134,7 @@ class SseCKey:
         One stat per request: the read happens only when the file changed."""
         try:
             info = os.stat(self.path)
-            seen = (info.st_ino, info.st_mtime_ns, info.st_size)
+            seen = identity_of(info)
             if seen != self._seen:
                 with open(self.path, "rb") as file:
                     key = parse_sse_c_key(file.read())
