@@ -41,7 +41,7 @@ from sidecar.core.backup import (
     sync_id_time,
 )
 from sidecar.core.model import Action, BaseEntry, LocalFile
-from sidecar.s3 import ObjectStore, S3Error
+from sidecar.s3 import ObjectStore, S3Error, read_labels
 
 log = logging.getLogger("sidecar.backup")  # logger name kept from before the move
 
@@ -121,7 +121,7 @@ class RemoteBackup:
             if self.mode is BackupMode.VERSIONS:
                 info, version_id = await self.store.head_version(key, if_match=etag or None)
                 if version_id:
-                    known = hash_ or info.metadata.get("xxh3-128", "")
+                    known = hash_ or read_labels(info.metadata).hash or ""
                     kept = Version(size, known, etag, executable, version_id=version_id)
                     self._before[path] = kept
                     return kept

@@ -29,7 +29,7 @@ from sidecar.core.paths import TEMP_PREFIX, folders_of, parent_dirs
 from sidecar.core.result import SyncResult
 from sidecar.engine.hashing import content_hash_bytes
 from sidecar.engine.sync import SyncEngine
-from sidecar.s3 import META_HASH, META_MODE, META_MTIME
+from sidecar.s3 import labels_for, read_labels
 from tests.conftest import S3Server
 
 PREFIX = "vol/"
@@ -170,7 +170,7 @@ class SyncWorld:
         modes = {}
         for path in paths:
             head = self.s3.head_object(Bucket=self.bucket, Key=PREFIX + path)
-            modes[path] = head.get("Metadata", {}).get(META_MODE) == "755"
+            modes[path] = read_labels(head.get("Metadata", {})).executable
         return modes
 
     # ---- local edits -----------------------------------------------------------------------
@@ -236,11 +236,7 @@ class SyncWorld:
         time.sleep(wait)
 
     def _metadata(self, content: bytes, executable: bool) -> dict[str, str]:
-        return {
-            META_HASH: content_hash_bytes(content),
-            META_MTIME: str(time.time_ns()),
-            META_MODE: "755" if executable else "644",
-        }
+        return labels_for(content_hash_bytes(content), time.time_ns(), executable)
 
     def outside_put(
         self, path: str, content: bytes, our_metadata: bool, executable: bool, keep_clash: bool
