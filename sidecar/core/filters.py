@@ -71,6 +71,13 @@ class PathFilter:
             return False
         return self._exclude is None or not self._exclude(reldir + "/")
 
+    def sees_change(self, relpath: str) -> bool:
+        """Whether a change at relpath can matter to a sync, relpath being a file or a folder
+        (a watcher does not say which): not if the path is hidden as a file or as a folder
+        (temp files, default-excluded folders and all in them, the sidecar's bookkeeping).
+        Asks without keeping a verdict: a watcher asks for as long as the daemon lives."""
+        return self._decide(relpath) and self.wants_dir(relpath)
+
 
 def in_excluded_dir(reldir: str) -> bool:
     """Whether the folder reldir ('' = the top) is, or is inside, a default-excluded one."""

@@ -31,9 +31,8 @@ from typing import Any
 
 from watchfiles import Change, awatch
 
-from sidecar.core.filters import DEFAULT_EXCLUDED_DIRS
+from sidecar.core.filters import PathFilter
 from sidecar.core.model import Direction
-from sidecar.core.paths import is_temp_name
 from sidecar.daemon.coordinator import Coordinator, Refused
 
 log = logging.getLogger("sidecar.autosync")
@@ -56,17 +55,18 @@ class ChangeFilter:
     # The daemon's own writes (PriorityPull.own_write: files its background pull placed):
     # not user changes, so arrivals do not trigger pushes that would keep stopping the pull.
     own_write: Callable[[str], bool] | None = None
+    # The sync's own path rules (sidecar/core/filters.py), defaults only: a change they hide
+    # is no change to push.
+    paths: PathFilter = field(default_factory=PathFilter)
 
     def __call__(self, change: Change, path: str) -> bool:
         relative = os.path.relpath(path, self.root)
         if relative == "." or relative.startswith(".." + os.sep):
             return False
-        parts = relative.split(os.sep)
-        if not DEFAULT_EXCLUDED_DIRS.isdisjoint(parts):
+        relpath = relative.replace(os.sep, "/")
+        if not self.paths.sees_change(relpath):
             return False
-        if is_temp_name(parts[-1]):
-            return False
-        return self.own_write is None or not self.own_write("/".join(parts))
+        return self.own_write is None or not self.own_write(relpath)
 
 
 @dataclass

@@ -39,6 +39,16 @@ def test_filter_ignores_checkpoints_caches_and_our_temp_files() -> None:
     assert not keep(Change.added, "/data/__pycache__/vol2/a.txt")
 
 
+def test_filter_ignores_the_sidecars_bookkeeping_as_the_sync_does() -> None:
+    """The change filter is the sync's PathFilter: .netvol/ at the top is never synced, so a
+    change there triggers no push (it did, a no-op one, while the filter was its own copy)."""
+    root = "/data/vol"
+    keep = ChangeFilter(root)
+    assert not keep(Change.added, f"{root}/.netvol/history/x")
+    assert not keep(Change.added, f"{root}/.netvol")
+    assert keep(Change.added, f"{root}/sub/.netvol")
+
+
 def test_push_is_due_after_quiet_or_at_max_delay() -> None:
     clock = Clock()
     auto = AutoSync(Coordinator(FakeEngine()), Path("/x"), debounce=2, max_delay=5, clock=clock)

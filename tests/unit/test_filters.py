@@ -148,3 +148,38 @@ def test_a_filter_never_raises_on_a_pattern_git_refuses() -> None:
     assert pattern_problem("*.tmp") is None and pattern_problem("# \\") is None
     f = PathFilter(exclude=["\\", "*.tmp"], syncignore_text="\\\nscratch/")
     assert not f.wants("a.tmp") and not f.wants("scratch/x") and f.wants("b.txt")
+
+
+# (path a watcher reports, relative) -> whether a change there can matter to a sync
+CHANGES = [
+    ("a.txt", True),
+    ("nb/analysis.ipynb", True),
+    (".git/index", True),  # users' repositories are synced
+    (".netvol-tmp.notours", True),  # not our pattern: a user file
+    ("nb", True),  # a folder (or a file) of the user's
+    ("__pycache__", False),  # the excluded folder itself...
+    ("__pycache__/a.cpython-311.pyc", False),  # ...and all in it, at any depth
+    ("pkg/__pycache__/a.cpython-311.pyc", False),
+    ("nb/.ipynb_checkpoints", False),
+    ("nb/.ipynb_checkpoints/x-checkpoint.ipynb", False),
+    (f"models/{temp_name()}", False),  # our temp files
+    (temp_name(), False),
+    (".netvol", False),  # the sidecar's bookkeeping: never synced, so no change to push
+    (".netvol/history/x", False),
+    ("sub/.netvol", True),  # bookkeeping only at the top
+]
+
+
+def test_sees_change_is_the_sync_rules_for_a_file_or_a_folder() -> None:
+    rules = PathFilter()
+    for relpath, seen in CHANGES:
+        assert rules.sees_change(relpath) is seen, relpath
+        # A change the filter sees is at a path the sync sees, as a file and as a folder.
+        assert seen == (rules.wants(relpath) and rules.wants_dir(relpath)), relpath
+
+
+def test_sees_change_keeps_no_verdict() -> None:
+    rules = PathFilter()
+    for n in range(100):
+        rules.sees_change(f"d/{n}.txt")
+    assert rules._verdicts == {}
