@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from typing import Any, TextIO
 
+from sidecar.cli.summary import write_summary
 from sidecar.core.units import format_bytes, format_duration
 
 EXIT_OK = 0
@@ -137,14 +138,7 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> int:
     if "refused" in summary:
         print(f"sidecar: {summary['refused']}", file=sys.stderr)
         return EXIT_FAILED
-    for step in summary.get("plan", []):
-        copy = f" (conflict copy: {step['conflict_copy']})" if step.get("conflict_copy") else ""
-        out.write(f"{step['action']}\t{step['path']}{copy}\n")
-    for conflict in summary.get("conflicts", []):
-        out.write(f"conflict\t{conflict['path']}: {conflict['kind']}, {conflict['resolution']}\n")
-    for error in summary.get("errors", []):
-        print(f"error\t{error['path']}: {error['reason']}", file=sys.stderr)
-    out.write(summary.get("summary", json.dumps(summary)) + "\n")
+    write_summary(summary, out, sys.stderr)
     return EXIT_OK if summary.get("ok") else EXIT_FAILED
 
 

@@ -157,26 +157,14 @@ def _check_key_file(config: SyncConfig) -> None:
 
 
 def _run_once(direction: Direction, config: SyncConfig, dry_run: bool, summary_json: bool) -> int:
+    from sidecar.cli.summary import write_summary
     from sidecar.engine.sync import SyncEngine
 
     async def run() -> int:
         async with SyncEngine(config) as engine:
             result = await engine.run(direction, dry_run=dry_run)
-        if dry_run:
-            for action in result.planned:
-                extra = f" (conflict copy: {action.conflict_copy})" if action.conflict_copy else ""
-                print(f"{action.kind}\t{action.path}{extra}")
-        for note in result.notes:
-            print(f"note\t{note}")
-        for conflict in result.conflicts:
-            print(f"conflict\t{conflict.path}: {conflict.kind}, {conflict.resolution}")
-        for error in result.errors:
-            print(f"error\t{error}", file=sys.stderr)
-        if result.fatal:
-            print(f"sidecar: {direction} failed: {result.fatal}", file=sys.stderr)
-        if result.deletes_blocked:
-            print(f"sidecar: {result.deletes_blocked}", file=sys.stderr)
-        print(result.one_line())
+        summary = {**result.as_dict(), "summary": result.one_line()}
+        write_summary(summary, sys.stdout, sys.stderr)
         if summary_json:
             print(json.dumps(result.as_dict()))
         return EXIT_OK if result.ok else EXIT_SYNC_FAILED
