@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, rule
 
+from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from tests.conftest import S3Server
 from tests.support.model_world import PATHS, STATS, SyncWorld
@@ -211,6 +212,7 @@ class SyncMachine(RuleBasedStateMachine):
     # Set by _run before each run.
     server: S3Server
     scratch: Path
+    backup: BackupMode = BackupMode.OFF
 
     def __init__(self) -> None:
         super().__init__()
@@ -220,7 +222,9 @@ class SyncMachine(RuleBasedStateMachine):
     @initialize(force_delete=st.booleans())
     def start(self, force_delete: bool) -> None:
         # Half the runs keep the delete guard (>50% of the other side withholds deletes).
-        self.world = SyncWorld(self.server, self.scratch, force_delete=force_delete)
+        self.world = SyncWorld(
+            self.server, self.scratch, force_delete=force_delete, backup=self.backup
+        )
         self.history = [f"start(force_delete={force_delete})"]
 
     @rule(step=STEPS)
@@ -258,12 +262,13 @@ def _run(
     caplog: pytest.LogCaptureFixture,
     run_settings: settings,
     run_seed: int | None,
+    machine: type[SyncMachine] = SyncMachine,
 ) -> None:
     # The engine logs every sync; thousands of them would bury the shrunk steps of a failure.
     caplog.set_level(logging.CRITICAL, logger="sidecar")
-    SyncMachine.server = server
-    SyncMachine.scratch = scratch
-    test = get_state_machine_test(SyncMachine, settings=run_settings)
+    machine.server = server
+    machine.scratch = scratch
+    test = get_state_machine_test(machine, settings=run_settings)
     if run_seed is not None:
         test = seed(run_seed)(test)
     test()
@@ -305,6 +310,50 @@ def test_model_based_long(  # type: ignore[no-untyped-def]
             run_seed=None,
         )
     print(f"model-based long run: {dict(STATS)}")
+
+
+class BackupMachine(SyncMachine):
+    """Copy backups on: after each sync, every object it replaced or deleted is recoverable
+    through its history record (SyncWorld._check_backups)."""
+
+    backup = BackupMode.COPY
+
+
+def test_model_based_with_backups_short(  # type: ignore[no-untyped-def]
+    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3_env(moto_s3)
+    STATS.clear()
+    # Few steps: the default run stays fast; the slow variant below runs more.
+    _run(
+        moto_s3,
+        workdir,
+        caplog,
+        settings(max_examples=6, stateful_step_count=40, **_COMMON),
+        run_seed=20261204,
+        machine=BackupMachine,
+    )
+    print(f"model-based run with backups: {dict(STATS)}")
+    assert STATS["backups checked"] > 5, STATS
+
+
+@pytest.mark.slow
+def test_model_based_with_backups_long(  # type: ignore[no-untyped-def]
+    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3_env(moto_s3)
+    wanted = int(os.environ.get("SIDECAR_MODEL_STEPS", "20000")) // 4
+    STATS.clear()
+    while STATS["steps"] < wanted:
+        _run(
+            moto_s3,
+            workdir,
+            caplog,
+            settings(max_examples=50, stateful_step_count=100, **_COMMON),
+            run_seed=None,
+            machine=BackupMachine,
+        )
+    print(f"model-based long run with backups: {dict(STATS)}")
 
 
 # ---- failures the model found, kept as their shrunk steps ----------------------------------

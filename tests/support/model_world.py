@@ -22,11 +22,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.core.backup import BackupMode
+from sidecar.core.backup import BackupMode, is_bookkeeping
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import TEMP_PREFIX, folders_of, parent_dirs
 from sidecar.core.result import SyncResult
+from sidecar.engine.backup import History
 from sidecar.engine.hashing import content_hash_bytes
 from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import labels_for, read_labels
@@ -73,7 +74,14 @@ Remote = dict[str, Listed]
 
 
 class SyncWorld:
-    def __init__(self, server: S3Server, scratch: Path, *, force_delete: bool) -> None:
+    def __init__(
+        self,
+        server: S3Server,
+        scratch: Path,
+        *,
+        force_delete: bool,
+        backup: BackupMode = BackupMode.OFF,
+    ) -> None:
         self.s3 = _client(server)
         self.bucket = f"model{os.getpid()}x{next(_runs)}"
         self.s3.create_bucket(Bucket=self.bucket)
@@ -87,7 +95,8 @@ class SyncWorld:
             state_dir=self.root / "state",
             concurrency=4,
             force_delete=force_delete,
-            backup=BackupMode.OFF,  # the model knows no .netvol/ (tests/conftest.py)
+            # Off as the suite (tests/conftest.py); on, each sync's backups are checked.
+            backup=backup,
         )
         self.loop = asyncio.new_event_loop()
         self.engine: SyncEngine | None = None
@@ -160,6 +169,8 @@ class SyncWorld:
             for item in page.get("Contents", []):
                 key: str = item["Key"]
                 path = key[len(PREFIX) :]
+                if is_bookkeeping(path):
+                    continue  # backups and history: checked by _check_backups
                 assert TEMP_PREFIX not in key, f"temp object visible: {key}"
                 etag = item["ETag"].strip('"')
                 assert etag in self.known, f"{key} holds bytes nobody wrote (ETag {etag})"
@@ -304,6 +315,8 @@ class SyncWorld:
         after, _ = self.local_snapshot()
         after_remote = self.remote_snapshot()
         context += f"\nafter: local={after} remote={_contents(after_remote)}"
+        if self.config.backup is not BackupMode.OFF:
+            self._check_backups(result, remote, after_remote, context)
 
         # Nothing lost: each newest version is at its path or in a conflict copy, either side.
         for path, content in sorted(newest):
@@ -358,6 +371,31 @@ class SyncWorld:
         self._update_agreed(after, after_remote)
         self._after_sync(direction, result, after, after_remote, context)
         return result
+
+    def _check_backups(
+        self, result: SyncResult, before: Remote, after: Remote, context: str
+    ) -> None:
+        """Every object this sync replaced or deleted is in its history record, and the
+        backup the record names holds the bytes it replaced."""
+        gone = {p: r for p, r in before.items() if p not in after or after[p].etag != r.etag}
+        if not gone:
+            return
+        STATS["backups checked"] += len(gone)
+        assert result.sync_id is not None, f"no sync id for replacing {sorted(gone)}\n{context}"
+        record = self.loop.run_until_complete(self._record(result.sync_id))
+        kept = {e.path: e.before for e in record.entries if e.before is not None}
+        for path, listed in sorted(gone.items()):
+            version = kept.get(path)
+            assert version is not None and version.key, (
+                f"{path!r} replaced without a backup in {record}\n{context}"
+            )
+            body = self.s3.get_object(Bucket=self.bucket, Key=version.key)["Body"].read()
+            assert body == listed.content, f"backup {version.key} holds {body!r}\n{context}"
+
+    async def _record(self, sync_id: str) -> Any:
+        engine = self._engine()
+        history = History(await engine.store(), PREFIX, engine.state.directory)
+        return await history.read(sync_id, "remote")
 
     def _after_sync(
         self, direction: Direction, result: SyncResult, local: Local, remote: Remote, context: str
