@@ -188,7 +188,7 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close("daemon stopped", cancel_running=True)
-        self.closed = True
+        self.refuse_new_work()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle(), 30)
         if self._worker is not None:
@@ -310,6 +310,11 @@ class Coordinator:
         stops = current is not None and self.preempt is not None and self.preempt()
         if running_fate(self.running(stops=stops), cut_short=cancel_running) is Fate.CANCELLED:
             self.cancel_current(reason)
+
+    def refuse_new_work(self) -> None:
+        """The shutdown push is over, or will not happen: refuse every request from now on,
+        finalize included (`close` still lets the shutdown's own finalize in)."""
+        self.closed = True
 
     async def idle(self) -> None:
         """Until nothing runs or waits."""

@@ -330,7 +330,7 @@ class SidecarService:
             return await self._final_push(plan, signals)
         coord.close(plan.close_reason)
         await _bounded(coord.idle(), CANCEL_GRACE)
-        coord.closed = True
+        coord.refuse_new_work()
         log.info("exiting; %s", plan.why_no_push)
         assert plan.exit_code is not None
         return plan.exit_code
@@ -348,7 +348,7 @@ class SidecarService:
         )
         hurry.cancel()
         if waiter in done:
-            coord.closed = True
+            coord.refuse_new_work()
             result = waiter.result()
             end = push_end(
                 finished=True, ok=result.ok, only_known_problems=coord.only_known_problems(result)
@@ -363,7 +363,7 @@ class SidecarService:
         _log_cut_short(reason, progress)
         if lists_unpushed(signals.count):
             await _log_unpushed(coord)
-        coord.closed = True
+        coord.refuse_new_work()
         return exit_code(PushEnd.CUT_SHORT)
 
 

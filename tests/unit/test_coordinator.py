@@ -225,7 +225,7 @@ async def test_close_drops_queued_runs_cancels_pull_and_keeps_taking_finalize(
             coordinator.submit(PULL)
         engine.auto_release = True
         assert (await coordinator.submit(FINALIZE).result()).ok
-        coordinator.closed = True
+        coordinator.refuse_new_work()
         with pytest.raises(Refused):
             coordinator.submit(FINALIZE)
     finally:
