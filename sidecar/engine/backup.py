@@ -41,7 +41,7 @@ from sidecar.core.backup import (
     sync_id_time,
 )
 from sidecar.core.model import Action, BaseEntry, LocalFile
-from sidecar.s3 import ObjectStore, S3Error, read_labels
+from sidecar.s3 import S3Error, Store, read_labels
 
 log = logging.getLogger("sidecar.backup")  # logger name kept from before the move
 
@@ -67,7 +67,7 @@ def host_name() -> str:
     return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
-async def resolve_mode(store: ObjectStore, mode: BackupMode) -> BackupMode:
+async def resolve_mode(store: Store, mode: BackupMode) -> BackupMode:
     """auto: versions when the bucket has versioning enabled, else copy. A server that cannot
     say (rclone answers no versioning) gets copies."""
     mode = BackupMode(mode)
@@ -90,7 +90,7 @@ class RemoteBackup:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: Store,
         prefix: str,
         mode: BackupMode,
         sync_id: str,
@@ -261,7 +261,7 @@ class History:
     """Reads and writes sync records: the bucket's (finalize, undo of a finalize) and this
     state folder's (pull, undo of a pull)."""
 
-    def __init__(self, store: ObjectStore, prefix: str, state_folder: Path) -> None:
+    def __init__(self, store: Store, prefix: str, state_folder: Path) -> None:
         self.store = store
         self.prefix = prefix
         self.local_root = state_folder / "history"
@@ -384,7 +384,7 @@ class Pruner:
                 return True
         return True
 
-    async def find_missed(self, store: ObjectStore) -> None:
+    async def find_missed(self, store: Store) -> None:
         if not self.missed:
             return
         for top in (BACKUP_DIR, HISTORY_DIR):
@@ -394,7 +394,7 @@ class Pruner:
                     if not all(self.saw(item.key[start:]) for item in page):
                         break
 
-    async def prune_remote(self, store: ObjectStore) -> int:
+    async def prune_remote(self, store: Store) -> int:
         try:
             await self.find_missed(store)
         except S3Error as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 from sidecar.core.options import SyncConfig
 from sidecar.core.tokenbucket import TokenBucket
+from sidecar.s3 import Store
 
 
 @dataclass
@@ -99,14 +100,15 @@ class Limits:
 
 class LimitedStore:
     """An ObjectStore whose every call first passes the process's limits; everything else
-    (attributes, settings, counters) is the store's own."""
+    (attributes, settings, counters) is the store's own. The engine holds it as a
+    sidecar.s3.Store: its operations come through `__getattr__`, so mypy takes it for one."""
 
-    def __init__(self, store: Any, limits: Limits) -> None:
+    def __init__(self, store: Store, limits: Limits) -> None:
         self._store = store
         self._limits = limits
 
     @property
-    def unlimited(self) -> Any:
+    def unlimited(self) -> Store:
         return self._store
 
     def __getattr__(self, name: str) -> Any:

@@ -80,6 +80,7 @@ from sidecar.s3 import (
     ClientSettings,
     ObjectStore,
     S3Error,
+    Store,
     credentials_fingerprint,
     read_labels,
 )
@@ -191,7 +192,7 @@ class SyncEngine:
             store, self._store = self._store, None
             await store.__aexit__(None, None, None)
 
-    async def _get_store(self) -> ObjectStore:
+    async def _get_store(self) -> Store:
         fingerprint = credentials_fingerprint()
         if self._store is not None and fingerprint != self._store_fingerprint:
             log.info("credentials file changed; reconnecting with the new keys")
@@ -201,8 +202,7 @@ class SyncEngine:
             await store.__aenter__()
             self._store, self._store_fingerprint = store, fingerprint
         if self.limits.active:
-            # A proxy (__getattr__) with ObjectStore's interface, not its class.
-            return LimitedStore(self._store, self.limits)  # type: ignore[return-value]
+            return LimitedStore(self._store, self.limits)
         return self._store
 
     async def run(
@@ -275,7 +275,7 @@ class SyncEngine:
         log.log(level, report.one_line(), extra={"summary": report.as_dict()})
         return report
 
-    async def store(self) -> ObjectStore:
+    async def store(self) -> Store:
         return await self._get_store()
 
     async def remote_backup_mode(self) -> BackupMode:
@@ -420,7 +420,7 @@ class SyncEngine:
 
     async def _start_backup(
         self,
-        store: ObjectStore,
+        store: Store,
         direction: Direction,
         transfers: Transfers,
         result: SyncResult,
@@ -456,7 +456,7 @@ class SyncEngine:
 
     async def _finish_backup(
         self,
-        store: ObjectStore,
+        store: Store,
         direction: Direction,
         backup: RemoteBackup | LocalBackup | None,
         result: SyncResult,
@@ -495,7 +495,7 @@ class SyncEngine:
 
     def _transfers(
         self,
-        store: ObjectStore,
+        store: Store,
         progress: Progress,
         local: dict[str, LocalFile],
         remote: dict[str, RemoteObject],
@@ -552,7 +552,7 @@ class SyncEngine:
         return text, [FileError(SYNCIGNORE, problem) for problem in problems], []
 
     async def _settle_pending_writes(
-        self, store: ObjectStore, remote: dict[str, RemoteObject], path_filter: PathFilter
+        self, store: Store, remote: dict[str, RemoteObject], path_filter: PathFilter
     ) -> None:
         """Writes a killed run sent without learning their outcome: where the object now
         holds exactly what was sent (our hash and mode in its metadata), it is our own write
@@ -585,7 +585,7 @@ class SyncEngine:
             ]
         )
 
-    async def _abort_leftover_uploads(self, store: ObjectStore) -> None:
+    async def _abort_leftover_uploads(self, store: Store) -> None:
         """Multipart uploads a killed run started and never ended: abort, never orphan."""
         for upload_id, key in list(self.state.open_uploads.items()):
             try:
@@ -622,7 +622,7 @@ class SyncEngine:
             log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
         return scanned
 
-    async def _list(self, store: ObjectStore, path_filter: ShardFilter) -> _Listing:
+    async def _list(self, store: Store, path_filter: ShardFilter) -> _Listing:
         listing = _Listing()
         prefix = self.config.prefix
         known = len(self.state.base)
@@ -674,7 +674,7 @@ class SyncEngine:
 
     async def _resolve_remote_hashes(
         self,
-        store: ObjectStore,
+        store: Store,
         local: dict[str, LocalFile],
         remote: dict[str, RemoteObject],
         base: Mapping[str, BaseEntry],
@@ -762,7 +762,7 @@ class SyncEngine:
         await execution.run(actions)
 
 
-async def _hash_by_download(store: ObjectStore, obj: RemoteObject) -> RemoteObject:
+async def _hash_by_download(store: Store, obj: RemoteObject) -> RemoteObject:
     """The object with the hash of its bytes, read (pinned to the listed ETag) and hashed
     as they stream; as it was (content unknown) if it cannot be read."""
     hasher = new_content_hasher()

@@ -44,8 +44,8 @@ from sidecar.engine.hashing import (
 )
 from sidecar.engine.state import StateStore
 from sidecar.s3 import (
-    ObjectStore,
     S3Error,
+    Store,
     Written,
     labels_for,
     read_labels,
@@ -131,7 +131,7 @@ def metadata_for(local: LocalFile) -> dict[str, str]:
 class Transfers:
     def __init__(
         self,
-        store: ObjectStore,
+        store: Store,
         root: Path,
         prefix: str,
         settings: Settings,

@@ -43,7 +43,7 @@ from sidecar.core.model import BaseEntry
 from sidecar.engine.backup import BackupFailed, History, LocalBackup, RemoteBackup, new_record
 from sidecar.engine.folder import Folder, UnsafeFolder
 from sidecar.engine.hashing import content_hash_file
-from sidecar.s3 import ObjectStore, S3Error, read_labels
+from sidecar.s3 import S3Error, Store, read_labels
 
 if TYPE_CHECKING:
     from sidecar.engine.sync import SyncEngine
@@ -120,7 +120,7 @@ async def history(engine: SyncEngine, limit: int | None) -> tuple[list[SyncRecor
     return await History(store, engine.config.prefix, engine.state.directory).records(limit)
 
 
-async def _unrecorded(store: ObjectStore, prefix: str, recorded: set[str]) -> list[SyncRecord]:
+async def _unrecorded(store: Store, prefix: str, recorded: set[str]) -> list[SyncRecord]:
     """Syncs that kept backups but wrote no record (killed mid-way): their backup copies, as
     records dated by the sync's start."""
     start = prefix + BACKUP_DIR
@@ -157,7 +157,7 @@ def _inside(relpath: str, folder: str) -> bool:
 
 
 async def _current(
-    engine: SyncEngine, store: ObjectStore, paths: list[str], side: str
+    engine: SyncEngine, store: Store, paths: list[str], side: str
 ) -> dict[str, Version | None]:
     if side == "local":
         return {p: _local_version(engine.config.local_dir, p) for p in paths}
@@ -195,7 +195,7 @@ def _local_version(root: Path, path: str) -> Version | None:
 
 async def _apply(
     engine: SyncEngine,
-    store: ObjectStore,
+    store: Store,
     side: str,
     steps: list[Step],
     report: UndoReport,
@@ -255,7 +255,7 @@ def dry_run_only(report: UndoReport, steps: list[Step]) -> bool:
 
 
 async def _remote_step(
-    store: ObjectStore, prefix: str, backup: RemoteBackup, step: Step, report: UndoReport
+    store: Store, prefix: str, backup: RemoteBackup, step: Step, report: UndoReport
 ) -> None:
     key = prefix + step.path
     now = step.current

@@ -1,7 +1,8 @@
 """Everything that speaks S3, and the only package that does (tests/unit/test_s3_fence.py).
 
 The rest of the sidecar sees the bucket through this package's public face: ObjectStore
-(list, head, get, put, multipart, copy, delete), what it returns (ObjectInfo, Written), its
+(list, head, get, put, multipart, copy, delete) and Store, the Protocol of those operations
+the engine is typed against, what it returns (ObjectInfo, Written), its
 one error type (S3Error), its settings, and the object-metadata format (labels_for,
 read_labels). Inside: the signer (sigv4), the HTTP/1.1 client (http11), endpoint and
 the files credentials come from (endpoint), errors (errors), the retry policy and the
@@ -22,6 +23,7 @@ from sidecar.s3.metadata import (
     read_labels,
 )
 from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written
+from sidecar.s3.protocol import Store
 from sidecar.s3.store import ClientSettings, ObjectStore
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "ObjectVersion",
     "S3Error",
     "SseCKey",
+    "Store",
     "Written",
     "credentials_fingerprint",
     "labels_for",
