@@ -158,3 +158,70 @@ async def test_a_cancelled_sync_keeps_its_locks_until_its_state_commit_thread_en
         await other.acquire_state("test")  # free once the thread has ended
         await other.acquire_folder()
         other.release()
+
+
+async def test_a_sync_that_times_out_on_the_lock_leaves_the_holders_journal_alone(
+    mvol: Volume, s3_env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Two engines on one state folder (two syncs in one process, as a CronJob run and a
+    manual Job on one PVC are in two): the one that never got the lock must not close,
+    truncate or unlink the journal the holder is writing, and says the lock was busy."""
+    import asyncio
+    import os
+    from dataclasses import replace
+
+    from sidecar.engine.state import StateStore
+    from sidecar.engine.transfer import Transfers
+
+    s3_env(mvol.server)
+    local, state = workdir / "local", workdir / "state"
+    held = {rel for rel in FILES if rel.startswith("d2/")}
+    release = asyncio.Event()
+    real_download = Transfers.download
+
+    async def gated_download(self: Transfers, action):  # type: ignore[no-untyped-def]
+        if action.path in held:
+            await release.wait()
+        return await real_download(self, action)
+
+    monkeypatch.setattr(Transfers, "download", gated_download)
+    cfg = config(mvol.bucket, local, state, prefix="pre/")
+    async with SyncEngine(cfg) as holder, SyncEngine(replace(cfg, lock_timeout=0.3)) as waiter:
+        running = asyncio.create_task(holder.run(Direction.PULL))
+        journal = holder.state.journal_path
+        try:
+            for _ in range(600):  # the finished downloads' records reach the journal
+                if journal.exists() and journal.read_bytes().count(b"\n") >= 5:
+                    break
+                assert not running.done(), running.result().as_dict()
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the holder never journaled its first downloads")
+            fd = holder.state._journal
+            assert fd is not None
+            before = (journal.read_bytes(), os.stat(journal).st_ino)
+
+            refused = await waiter.run(Direction.PULL)
+
+            assert refused.fatal is not None and refused.fatal.startswith(
+                "another sync is running:"
+            ), refused.as_dict()
+            assert "(--lock-timeout)" in refused.fatal, refused.fatal
+            assert (journal.read_bytes(), os.stat(journal).st_ino) == before
+            assert holder.state._journal == fd and os.fstat(fd).st_ino == before[1]
+            # Killed now, the holder's next run replays the same records.
+            replayed = StateStore(state.parent / "replay", cfg.remote_url, local)
+            replayed.directory.mkdir()
+            (replayed.directory / journal.name).write_bytes(before[0])
+            replayed.load()
+            assert len(replayed.base) == before[0].count(b'["set"')
+        finally:
+            release.set()
+        result = await running
+    assert result.ok and result.files_transferred == len(FILES), result.as_dict()
+    assert tree(local) == hashed(FILES)
+    assert not journal.exists(), "committed and emptied at the end"
+    async with SyncEngine(cfg) as after:
+        again = await after.run(Direction.PULL)
+    assert again.ok and again.files_transferred == 0 and again.conflicts == [], again.as_dict()
+    assert len(after.state.base) == len(FILES)
