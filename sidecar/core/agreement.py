@@ -1,12 +1,12 @@
 """What BASE records, decided as values: the entry a carried-out action leaves, what a
 listing teaches about an object that did not change, and when the hash cache's snapshot is
-stale. The engine only stores what these return (sidecar/engine/sync.py and
-sidecar/engine/execute.py).
+stale. The engine only stores what these return (sidecar/engine/sync.py, where the planner's
+walk asks `learned` of each listed object, and sidecar/engine/execute.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 
 from sidecar.core.model import (
@@ -78,17 +78,6 @@ def learned(entry: BaseEntry | None, obj: RemoteObject) -> BaseEntry | None:
         # A listed LastModified replaces our write's clock; without one, the clock stays.
         written_at=entry.written_at if not obj.last_modified else 0,
     )
-
-
-def learn_from_listing(
-    remote: Mapping[str, RemoteObject], base: Mapping[str, BaseEntry]
-) -> Iterator[tuple[str, BaseEntry]]:
-    """Every (path, new entry) the listing teaches, in listing order. A generator: a caller
-    may store each one in `base` as it comes (values of existing keys only)."""
-    for path, obj in remote.items():
-        entry = learned(base.get(path), obj)
-        if entry is not None:
-            yield path, entry
 
 
 def cache_entry(local: LocalFile) -> HashCacheEntry:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
-from sidecar.core.merge import OutOfOrder, merge
+from sidecar.core.merge import OutOfOrder, Triple, merge
 from sidecar.core.model import (
     Action,
     ActionKind,
@@ -140,7 +140,6 @@ def plan(
     now: datetime,
     deletes: DeletePolicy | None = None,
 ) -> Plan:
-    deletes = deletes or DeletePolicy()
     try:
         # The three sides in key order, merged: no set or sorted list of every path, and
         # BASE (on disk) read in one pass. The scan, the listing and BASE all come in key
@@ -148,6 +147,18 @@ def plan(
         result = _walk(direction, local, remote, base, now, in_order=True)
     except OutOfOrder:
         result = _walk(direction, local, remote, base, now, in_order=False)
+    return finish(result, local, remote, deletes)
+
+
+def finish(
+    result: Plan,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    deletes: DeletePolicy | None = None,
+) -> Plan:
+    """The rules over the whole plan, once every path is decided (Walk.decide)."""
+    deletes = deletes or DeletePolicy()
+    direction = result.direction
     # The delete policy first: a file whose delete it withholds stays, and nothing may then be
     # written below it (pushing 'd/x' while the delete of 'd' was withheld left both in the
     # bucket for good).
@@ -155,6 +166,42 @@ def plan(
     _drop_type_clashes(result, direction, local, remote, withheld)
     _report_bucket_clashes(result, direction, remote)
     return result
+
+
+def triples(
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    base: Mapping[str, BaseEntry],
+    in_order: bool = True,
+) -> Iterator[Triple[LocalFile, RemoteObject, BaseEntry]]:
+    """The three sides merged, one triple per path in key order; in_order=False sorts each
+    side first (after an OutOfOrder)."""
+    if in_order:
+        return merge(local.items(), remote.items(), base.items())
+    return merge(_sorted_items(local), _sorted_items(remote), _sorted_items(base))
+
+
+class Walk:
+    """Every path's decision, made one path at a time in key order: by plan(), and by the
+    engine's one pass over BASE (sidecar/engine/sync.py), which asks the bucket about a few
+    paths between the merge and their decision."""
+
+    def __init__(
+        self,
+        direction: Direction,
+        local: Mapping[str, LocalFile],
+        remote: Mapping[str, RemoteObject],
+        now: datetime,
+    ) -> None:
+        self.plan = Plan(direction)
+        self._now = now
+        self._taken = NamesInUse(local, remote)  # a conflict copy takes no name either side has
+
+    def decide(
+        self, path: str, lf: LocalFile | None, ro: RemoteObject | None, be: BaseEntry | None
+    ) -> None:
+        plan_ = self.plan
+        _plan_path(plan_, plan_.direction, path, lf, ro, be, self._now, self._taken)
 
 
 def _walk(
@@ -166,15 +213,10 @@ def _walk(
     in_order: bool,
 ) -> Plan:
     """Every path's decision, in key order."""
-    result = Plan(direction)
-    taken = NamesInUse(local, remote)  # a conflict copy never takes a name either side has
-    if in_order:
-        triples = merge(local.items(), remote.items(), base.items())
-    else:
-        triples = merge(_sorted_items(local), _sorted_items(remote), _sorted_items(base))
-    for t in triples:
-        _plan_path(result, direction, t.path, t.local, t.remote, t.base, now, taken)
-    return result
+    walk = Walk(direction, local, remote, now)
+    for t in triples(local, remote, base, in_order):
+        walk.decide(t.path, t.local, t.remote, t.base)
+    return walk.plan
 
 
 def _sorted_items(side: Mapping[str, V]) -> Iterator[tuple[str, V]]:

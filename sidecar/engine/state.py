@@ -129,11 +129,17 @@ class _Half(Mapping[str, V], Generic[V]):
     def _forget_window(self) -> None:
         self._lo: str | None = None
         self._hi: str | None = None  # None with _lo set: the window runs to the table's end
-        self._rows: dict[str, V] = {}
+        self._rows: dict[str, Any] = {}
         self._span = self._SMALLEST
         self._served = 0
 
     def _from_table(self, path: str) -> V | None:
+        row = self._row(path)
+        return None if row is None else self._decode(row)
+
+    def _row(self, path: str) -> Any:
+        """The table's row of `path` (None: none), undecoded: a window's rows are decoded
+        only when looked up, and a write asks only whether the row is there."""
         lo = self._lo
         if lo is not None and lo <= path and (self._hi is None or path <= self._hi):
             self._served += 1
@@ -148,7 +154,7 @@ class _Half(Mapping[str, V], Generic[V]):
         elif self._served * 4 < len(self._rows):
             self._span = max(self._span // 2, self._SMALLEST)
         rows = db.execute(self._window_sql, (path, self._span)).fetchall()
-        self._rows = {row[0]: self._decode(row) for row in rows}
+        self._rows = {row[0]: row for row in rows}
         self._lo = path
         self._hi = rows[-1][0] if len(rows) == self._span else None
         self._served = 1
@@ -169,7 +175,12 @@ class _Half(Mapping[str, V], Generic[V]):
         return value
 
     def __contains__(self, path: object) -> bool:
-        return isinstance(path, str) and self.get(path) is not None
+        return isinstance(path, str) and self._has(path)
+
+    def _has(self, path: str) -> bool:
+        if path in self.pending:
+            return self.pending[path] is not None
+        return self._row(path) is not None  # not decoded: only whether it is there
 
     def __len__(self) -> int:
         return self.count
@@ -226,8 +237,7 @@ class _Half(Mapping[str, V], Generic[V]):
 
     # ---- changes -------------------------------------------------------------------------
     def put(self, path: str, value: V | None) -> None:
-        was = self.get(path) is not None
-        self.count += (value is not None) - was
+        self.count += (value is not None) - self._has(path)
         self.pending[path] = value
 
     def replace(self, content: Mapping[str, V]) -> None:

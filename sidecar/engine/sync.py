@@ -20,14 +20,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from sys import intern
-from typing import Any
+from typing import Any, ClassVar
 
-from sidecar.core.agreement import (
-    agreed,
-    cache_entry,
-    cache_holds,
-    learn_from_listing,
-)
+from sidecar.core.agreement import agreed, cache_entry, cache_holds, learned
 from sidecar.core.backup import (
     NETVOL_PREFIX,
     BackupMode,
@@ -36,6 +31,7 @@ from sidecar.core.backup import (
     new_sync_id,
 )
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
+from sidecar.core.merge import OutOfOrder, Triple
 from sidecar.core.model import (
     UNHASHED,
     Action,
@@ -44,6 +40,7 @@ from sidecar.core.model import (
     Direction,
     FileError,
     LocalFile,
+    Plan,
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
@@ -52,7 +49,7 @@ from sidecar.core.phases import (
     TRANSFER_KINDS,
     action_bytes,
 )
-from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
+from sidecar.core.planner import DeletePolicy, Walk, finish, needs_remote_hash, triples
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
@@ -88,6 +85,23 @@ from sidecar.s3 import (
 log = logging.getLogger("sidecar.sync")  # logger name kept from before the move
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(slots=True)
+class _Held:
+    """Paths of the planner's walk waiting for HEADs: the ones asked about and every path
+    after the first of them (decided in key order once the answers are in)."""
+
+    triples: list[Triple[LocalFile, RemoteObject, BaseEntry]] = field(default_factory=list)
+    asking: list[str] = field(default_factory=list)
+
+    # A batch of HEADs at a time (enough to keep --concurrency busy), and never more than
+    # this many paths held: a first sync over a folder that has the data asks about each.
+    ASK_BATCH: ClassVar[int] = 1024
+    HOLD_MAX: ClassVar[int] = 8192
+
+    def full(self) -> bool:
+        return len(self.asking) >= self.ASK_BATCH or len(self.triples) >= self.HOLD_MAX
 
 
 class FatalSync(Exception):
@@ -372,10 +386,7 @@ class SyncEngine:
             self.state.replace_hash_cache(
                 {p: cache_entry(f) for p, f in scanned.files.items() if f.hash != UNHASHED}
             )
-        remote = await self._resolve_remote_hashes(
-            store, scanned.files, listing.objects, base, direction
-        )
-        self._remember_new_etags(remote, base)
+        remote = listing.objects  # HEADs update it in place (_ask_bucket)
 
         progress.phase = "planning"
         # Without the patterns of an unusable .syncignore, paths it hid are visible: never
@@ -387,7 +398,7 @@ class SyncEngine:
             max_fraction=config.max_delete_fraction,
             force=config.force_delete,
         )
-        the_plan = plan(direction, scanned.files, remote, base, datetime.now(UTC), policy)
+        the_plan = await self._plan(store, direction, scanned.files, remote, base, policy)
         result.errors.extend(input_errors + the_plan.errors)
         result.conflicts.extend(the_plan.conflicts)
         result.files_skipped = the_plan.skipped
@@ -672,14 +683,94 @@ class SyncEngine:
         if self._pruner is not None:
             self._pruner.missed = True
 
-    async def _resolve_remote_hashes(
+    async def _plan(
         self,
         store: Store,
+        direction: Direction,
         local: dict[str, LocalFile],
         remote: dict[str, RemoteObject],
         base: Mapping[str, BaseEntry],
+        policy: DeletePolicy,
+    ) -> Plan:
+        """The planner's walk, and in it what BASE learns from the listing and the HEADs a
+        decision needs (planner.needs_remote_hash): one pass over BASE, each row read (and
+        its ETags parsed) once; three passes cost ~10 us a file on a no-op."""
+        try:
+            walk = await self._walk(store, direction, local, remote, base, in_order=True)
+        except OutOfOrder:
+            # Again with every side sorted: the same decisions. What the first try learnt
+            # and asked stays in BASE and `remote`.
+            walk = await self._walk(store, direction, local, remote, base, in_order=False)
+        return finish(walk.plan, local, remote, policy)
+
+    async def _walk(
+        self,
+        store: Store,
         direction: Direction,
-    ) -> dict[str, RemoteObject]:
+        local: dict[str, LocalFile],
+        remote: dict[str, RemoteObject],
+        base: Mapping[str, BaseEntry],
+        in_order: bool,
+    ) -> Walk:
+        """Every path decided in key order. A path whose decision waits for a HEAD holds the
+        paths after it until a batch of HEADs is answered (a bounded number), so decisions
+        (and the conflict copies they name) come in the same order as with no HEAD at all."""
+        walk = Walk(direction, local, remote, datetime.now(UTC))
+        held = _Held()
+        for t in triples(local, remote, base, in_order):
+            if needs_remote_hash(t.local, t.remote, t.base):
+                held.asking.append(t.path)
+            elif not held.triples:
+                self._decide(walk, t.path, t.local, t.remote, t.base)
+                continue
+            held.triples.append(t)
+            if held.full():
+                await self._decide_held(store, direction, walk, local, remote, held)
+        await self._decide_held(store, direction, walk, local, remote, held)
+        return walk
+
+    async def _decide_held(
+        self,
+        store: Store,
+        direction: Direction,
+        walk: Walk,
+        local: dict[str, LocalFile],
+        remote: dict[str, RemoteObject],
+        held: _Held,
+    ) -> None:
+        """Ask the bucket about the held paths that need it, then decide every held path in
+        key order (and let them go)."""
+        await self._ask_bucket(store, local, remote, held.asking, direction)
+        for t in held.triples:
+            # The listed object, or what the HEAD made of it (updated in place).
+            ro = remote.get(t.path) if t.remote is not None else None
+            self._decide(walk, t.path, t.local, ro, t.base)
+        held.triples.clear()
+        held.asking.clear()
+
+    def _decide(
+        self,
+        walk: Walk,
+        path: str,
+        lf: LocalFile | None,
+        ro: RemoteObject | None,
+        be: BaseEntry | None,
+    ) -> None:
+        """Record what the listing teaches about this unchanged object (core.agreement),
+        then plan the path on BASE as it now is."""
+        if ro is not None and (entry := learned(be, ro)) is not None:
+            self.state.set_base(path, entry)
+            be = entry
+        walk.decide(path, lf, ro, be)
+
+    async def _ask_bucket(
+        self,
+        store: Store,
+        local: Mapping[str, LocalFile],
+        remote: dict[str, RemoteObject],
+        wanted: list[str],
+        direction: Direction,
+    ) -> None:
         """HEAD only the objects whose content hash could change a decision.
 
         An ETag is the MD5 of the bytes only for a single-part object stored without SSE-KMS
@@ -687,11 +778,8 @@ class SyncEngine:
         a pull downloads and compares (the download decides, Transfers._place); a finalize
         reads the object and hashes it here, as it would otherwise upload equal bytes over
         the object and keep a needless conflict copy of it."""
-        wanted = [
-            p for p, obj in remote.items() if needs_remote_hash(local.get(p), obj, base.get(p))
-        ]
         if not wanted:
-            return remote
+            return
 
         async def resolve(path: str) -> None:
             obj = remote[path]
@@ -720,16 +808,6 @@ class SyncEngine:
         # A bounded pool of workers, not a task per object: a first sync over a folder that
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
         await run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
-        return remote
-
-    def _remember_new_etags(
-        self, remote: dict[str, RemoteObject], base: Mapping[str, BaseEntry]
-    ) -> None:
-        """What the listing teaches about unchanged objects goes into BASE (core.agreement)."""
-        for path, entry in learn_from_listing(remote, base):
-            self.state.set_base(path, entry)
-            if isinstance(base, dict):  # a filtered copy; the store's own BASE has it now
-                base[path] = entry
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)

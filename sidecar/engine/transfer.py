@@ -609,7 +609,7 @@ class Transfers:
         # returned. No HEAD here to learn it: on rclone that HEAD makes the server MD5 the
         # whole object at once (~0.45 s of its CPU per 256 MiB, inside the push). The next
         # sync meets the unknown ETag, proves the content by the hash in the metadata (one
-        # HEAD, once) and remembers it (SyncEngine._remember_new_etags).
+        # HEAD, once) and remembers it (SyncEngine._decide).
         return Uploaded(local, (written.etag,), written_at=written.at)
 
     async def _upload_part(

@@ -35,15 +35,15 @@ _snapshots: list[tracemalloc.Snapshot] = []
 
 
 def _spy_plan() -> None:
-    original = sync_module.plan
+    """A snapshot when every path is decided (the planner's walk ends in `finish`)."""
+    original = sync_module.finish
 
-    def plan(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
+    def finish(*args: Any, **kwargs: Any) -> Any:
         if tracemalloc.is_tracing():
             _snapshots.append(tracemalloc.take_snapshot())
-        return result
+        return original(*args, **kwargs)
 
-    sync_module.plan = plan  # type: ignore[assignment]
+    sync_module.finish = finish  # type: ignore[assignment]
 
 
 def _make(root: Path, count: int) -> None:
@@ -72,14 +72,14 @@ def _child(row: str, scratch: Path, top: int, files: int, trace: bool) -> None:
         config = SyncConfig("bench", "vol/", scratch / "fresh", state, concurrency=32)
     if trace:
         tracemalloc.start(1)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     result = asyncio.run(_run(config, direction))
-    seconds = time.monotonic() - started
+    seconds, cpu = time.monotonic() - started, time.process_time() - cpu
     peak = tracemalloc.get_traced_memory()[1] if trace else 0
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     traced = f", traced peak {peak / 2**20:.1f} MiB (2-3x slower)" if trace else ""
-    print(f"\n== {row}: {seconds:.1f} s, peak RSS {rss:.0f} MiB{traced}")
+    print(f"\n== {row}: {seconds:.1f} s, CPU {cpu:.2f} s, peak RSS {rss:.0f} MiB{traced}")
     print(f"   {result.one_line()}")
     if _snapshots:
         stats = _snapshots[-1].statistics("lineno")

@@ -13,7 +13,6 @@ from sidecar.core.agreement import (
     base_after,
     cache_entry,
     cache_holds,
-    learn_from_listing,
     learned,
     written,
 )
@@ -147,25 +146,11 @@ def test_etags_kept_is_bounded_whatever_the_history() -> None:
         entry = new
 
 
-def test_learn_from_listing_yields_only_what_changes_in_listing_order() -> None:
-    remote = {
-        "c": ro("e2", digest="h"),  # learnt
-        "a": ro(),  # known
-        "b": ro("e2"),  # modified
-        "d": ro(),  # no BASE
-    }
-    base = {"a": BASE_LM, "b": BASE_LM, "c": BASE_LM}
-    assert list(learn_from_listing(remote, base)) == [
-        ("c", BaseEntry(3, "h", ("e", "e2"), False, LM))
-    ]
-
-
-def test_learn_from_listing_may_store_as_it_goes() -> None:
-    base = {p: BASE_LM for p in "abc"}
-    remote = {p: ro("e2", digest="h") for p in "abc"}
-    for path, entry in learn_from_listing(remote, base):
-        base[path] = entry
-    assert set(base.values()) == {BaseEntry(3, "h", ("e", "e2"), False, LM)}
+def test_learned_is_none_unless_the_listing_teaches_something() -> None:
+    assert learned(BASE_LM, ro("e2", digest="h")) == BaseEntry(3, "h", ("e", "e2"), False, LM)
+    assert learned(BASE_LM, ro()) is None  # known
+    assert learned(BASE_LM, ro("e2")) is None  # modified
+    assert learned(None, ro()) is None  # no BASE
 
 
 # ---- the hash cache's snapshot ----------------------------------------------------------
