@@ -1,0 +1,298 @@
+"""The state store's promises (sidecar/engine/state.py) that the round trip, migration and
+memory tests (test_scale_memory.py) and the journal's durability tests
+(e2e/test_journal_durability.py) leave open: a journal left by a killed run is replayed by
+the next StateStore, whatever kind its records are, and only its whole records count; a
+commit with nothing changed writes nothing; a state folder is one (remote, local folder)
+pair's and never another's; the hash cache is what the last scan saw, no more.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import sidecar.engine.state as state_module
+from sidecar.core.model import BaseEntry, HashCacheEntry
+from sidecar.engine.state import StateStore, state_path_for
+
+REMOTE = "s3://b/p/"
+LOCAL = Path("/data")
+
+
+def entry(size: int, tag: str = "a") -> BaseEntry:
+    return BaseEntry(size, f"{size:032x}", (f"etag-{tag}",), size % 2 == 1, "", 0)
+
+
+def cached(size: int) -> HashCacheEntry:
+    return (size, 1_796_000_000_000_000_000 + size, 10**6 + size, f"{size:032x}")
+
+
+def opened(directory: Path, remote: str = REMOTE, local: Path = LOCAL) -> StateStore:
+    state = StateStore(directory, remote, local)
+    state.load()
+    return state
+
+
+def killed(state: StateStore) -> None:
+    """What kill -9 leaves: the journal's fd closed by the kernel, no commit."""
+    state.close_journal()
+    state._close_db()
+
+
+def identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+# ---- the journal after a kill ------------------------------------------------------------
+def test_every_kind_of_record_is_replayed_by_the_next_store(tmp_path: Path) -> None:
+    """A run killed before its commit: the next load sees every change it recorded, on top of
+    what state.db held, and its commit makes them state.db's and empties the journal."""
+    first = opened(tmp_path)
+    first.set_base("kept", entry(1))
+    first.set_base("gone", entry(2))
+    first.set_hash("kept", cached(1))
+    first.set_hash("gone", cached(2))
+    assert first.commit()
+    first.set_base("new", entry(3))
+    first.set_base("kept", entry(4, "b"))  # replaced
+    first.drop_base("gone")
+    first.set_hash("new", cached(3))
+    first.write_sending("sent", 5, "5" * 32, True)
+    killed(first)
+    assert (tmp_path / "journal.jsonl").stat().st_size > 0
+
+    second = opened(tmp_path)
+    assert dict(second.base) == {"kept": entry(4, "b"), "new": entry(3)}
+    assert dict(second.hash_cache) == {"kept": cached(1), "gone": cached(2), "new": cached(3)}
+    assert second.sending == {"sent": (5, "5" * 32, True)}
+    assert second.commit(), "replayed records are changes state.db does not hold yet"
+    assert not (tmp_path / "journal.jsonl").exists()
+    killed(second)
+
+    third = opened(tmp_path)
+    assert dict(third.base) == {"kept": entry(4, "b"), "new": entry(3)}
+    assert third.sending == {"sent": (5, "5" * 32, True)}
+    assert not third.commit(), "nothing was replayed, nothing changed"
+
+
+async def test_open_multipart_uploads_are_recorded_and_forgotten(tmp_path: Path) -> None:
+    """An upload's id survives a kill until upload_ended, then no run is told of it; a create
+    whose id never came back is remembered until upload_create_ended, in the journal and in
+    state.db alike."""
+    state = opened(tmp_path)
+    await state.upload_creating("big/a.bin")
+    await state.upload_started("id-a", "big/a.bin")
+    await state.upload_creating("big/b.bin")  # no id back: killed in CreateMultipartUpload
+    await state.upload_creating("big/c.bin")
+    await state.upload_started("id-c", "big/c.bin")
+    killed(state)
+
+    replayed = opened(tmp_path)
+    assert replayed.open_uploads == {"id-a": "big/a.bin", "id-c": "big/c.bin"}
+    assert replayed.creating == {"big/b.bin"}, "an id that came back ends its create"
+    replayed.upload_ended("id-a")
+    assert replayed.commit()
+    killed(replayed)
+
+    committed = opened(tmp_path)  # from state.db's header this time: no journal left
+    assert not (tmp_path / "journal.jsonl").exists()
+    assert committed.open_uploads == {"id-c": "big/c.bin"}
+    assert committed.creating == {"big/b.bin"}
+    committed.upload_ended("id-c")
+    committed.upload_create_ended("big/b.bin")
+    killed(committed)
+
+    done = opened(tmp_path)
+    assert done.open_uploads == {} and done.creating == set()
+
+
+def test_a_journal_cut_anywhere_yields_exactly_its_whole_records(tmp_path: Path) -> None:
+    """kill -9 mid-write may cut the last line at any byte: load applies every record before
+    it and ignores the torn rest, wherever the cut falls (inside a string, a number, the
+    list of ETags, right before the newline)."""
+    state = opened(tmp_path / "whole")
+    state.set_base("a", entry(1))
+    state.set_base("b/é", entry(2))
+    state.set_hash("a", cached(1))
+    state.close_journal()
+    prefix = (tmp_path / "whole" / "journal.jsonl").read_bytes()
+    state.set_base("last", entry(123456, "torn"))
+    state.close_journal()
+    whole = (tmp_path / "whole" / "journal.jsonl").read_bytes()
+    last_line = whole[len(prefix) :]
+    assert last_line.endswith(b"\n")
+    for cut in range(1, len(last_line)):
+        directory = tmp_path / f"cut-{cut}"
+        directory.mkdir()
+        (directory / "journal.jsonl").write_bytes(prefix + last_line[:cut])
+        again = opened(directory)
+        expected = {"a": entry(1), "b/é": entry(2)}
+        if cut == len(last_line) - 1:  # the record is whole, only its newline is missing
+            expected["last"] = entry(123456, "torn")
+        assert dict(again.base) == expected, f"cut after {last_line[:cut]!r}"
+        assert dict(again.hash_cache) == {"a": cached(1)}
+        killed(again)
+
+
+def test_replaying_records_state_db_holds_already_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At FLUSH_AT records the store writes them into state.db and empties the journal; a kill
+    between the two leaves a journal of records state.db holds, and replaying it (sets and
+    removals both) gives the same state."""
+    monkeypatch.setattr(state_module, "FLUSH_AT", 6)
+    state = opened(tmp_path)
+    state.set_base("old", entry(9))
+    assert state.commit()
+    journal = tmp_path / "journal.jsonl"
+    lines: list[bytes] = []
+    for index in range(5):
+        state.set_base(f"f{index}", entry(index))
+        lines = journal.read_bytes().splitlines(keepends=True)
+    state.drop_base("old")
+    assert journal.stat().st_size == 0, "the sixth record flushed all six into state.db"
+    lines.append(b'["del","old"]\n')
+    expected = {f"f{index}": entry(index) for index in range(5)}
+    assert dict(opened(tmp_path).base) == expected
+    killed(state)
+
+    journal.write_bytes(b"".join(lines))  # killed after the commit, before the truncation
+    again = opened(tmp_path)
+    assert dict(again.base) == expected
+    assert len(again.base) == len(expected), "a replayed set must not count a row twice"
+    killed(again)
+
+
+# ---- nothing changed, nothing written ------------------------------------------------------
+def test_a_commit_with_nothing_changed_writes_nothing(tmp_path: Path) -> None:
+    """Re-recording what BASE and the cache hold, dropping what is not there, and a scan that
+    saw what the cache holds are no changes: no journal line, and commit touches no file."""
+    state = opened(tmp_path)
+    state.set_base("a", entry(1))
+    state.set_hash("a", cached(1))
+    state.set_hash("b", cached(2))
+    assert state.commit()
+    state.remember_disk()  # as the engine does after its commit, under the state lock
+    db = tmp_path / "state.db"
+    before = identity(db)
+    written = "SELECT value FROM meta WHERE key = 'written'"
+    header = sqlite3.connect(db).execute(written).fetchall()
+
+    state.set_hash("a", cached(1))
+    state.drop_base("never-there")
+    state.write_settled("never-sent")
+    state.upload_create_ended("never-created")
+    state.replace_hash_cache({"b": cached(2), "a": cached(1)})
+    assert not (tmp_path / "journal.jsonl").exists()
+    assert not state.commit()
+    assert identity(db) == before
+    assert sqlite3.connect(db).execute(written).fetchall() == header
+    assert not state.changed_on_disk()
+    killed(state)
+
+
+def test_another_process_writing_the_state_is_noticed(tmp_path: Path) -> None:
+    """A --once beside the daemon: what the daemon loaded is stale once the other one records
+    or commits, and remember_disk() takes the new look as its own."""
+    daemon = opened(tmp_path)
+    daemon.set_base("a", entry(1))
+    assert daemon.commit()
+    daemon.remember_disk()
+    assert not daemon.changed_on_disk()
+    once = opened(tmp_path)
+    once.set_base("b", entry(2))
+    once.close_journal()
+    assert daemon.changed_on_disk(), "a journal record of another process"
+    assert once.commit()
+    daemon.remember_disk()
+    once.set_base("c", entry(3))
+    assert once.commit()
+    assert daemon.changed_on_disk(), "a commit of another process"
+    killed(daemon)
+    killed(once)
+
+
+# ---- one state folder per pair -------------------------------------------------------------
+def test_a_state_folder_is_one_pairs_and_never_reused_for_another(tmp_path: Path) -> None:
+    """Another pair's BASE would read as 'everything deleted': state_path_for gives each
+    (remote, folder, shard) its own folder, and a state.db found under another pair's name is
+    set aside whole, never read as this pair's BASE."""
+    folders = {
+        state_path_for(tmp_path, REMOTE, LOCAL),
+        state_path_for(tmp_path, "s3://b/other/", LOCAL),
+        state_path_for(tmp_path, "s3://c/p/", LOCAL),
+        state_path_for(tmp_path, REMOTE, Path("/elsewhere")),
+        state_path_for(tmp_path, REMOTE, LOCAL, shard="0/2"),
+        state_path_for(tmp_path, REMOTE, LOCAL, shard="1/2"),
+    }
+    assert len(folders) == 6
+    assert state_path_for(tmp_path, REMOTE, LOCAL) in folders  # the same pair, the same one
+
+    directory = tmp_path / "moved"
+    original = opened(directory)
+    original.set_base("a", entry(1))
+    original.set_hash("a", cached(1))
+    assert original.commit()
+    killed(original)
+    for remote, local in (("s3://b/other/", LOCAL), (REMOTE, Path("/elsewhere"))):
+        reused = opened(directory, remote, local)
+        assert dict(reused.base) == {} and dict(reused.hash_cache) == {}, (remote, local)
+        assert not (directory / "state.db").exists()
+        aside = list(directory.glob("state.damaged-*.db"))
+        assert len(aside) == 1, (remote, local)
+        # Set aside, not deleted: the first pair's BASE is still there to be looked at.
+        rows = sqlite3.connect(aside[0]).execute("SELECT path FROM entries").fetchall()
+        assert rows == [("a",)]
+        aside[0].unlink()
+        killed(reused)
+        (directory / "state.db").unlink(missing_ok=True)
+        again = opened(directory)  # rebuilt for the first pair for the next round
+        again.set_base("a", entry(1))
+        assert again.commit()
+        killed(again)
+
+
+def test_a_state_db_killed_before_its_first_transaction_reads_as_new(tmp_path: Path) -> None:
+    """A state.db with no tables (the create was killed) holds nothing: read as new, not as
+    damaged, and the next commit makes a whole one."""
+    (tmp_path / "state.db").write_bytes(b"")
+    state = opened(tmp_path)
+    assert dict(state.base) == {} and not list(tmp_path.glob("state.damaged-*"))
+    state.set_base("a", entry(1))
+    assert state.commit()
+    killed(state)
+    assert dict(opened(tmp_path).base) == {"a": entry(1)}
+
+
+# ---- the hash cache is the last scan's -----------------------------------------------------
+def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Path) -> None:
+    """After a scan the cache is exactly what it saw: a vanished path's entry goes (its BASE
+    row stays: the sync decides about it), an unchanged one stays, a new one comes."""
+    state = opened(tmp_path)
+    for index in range(4):
+        state.set_base(f"f{index}", entry(index))
+        state.set_hash(f"f{index}", cached(index))
+    state.set_hash("cache-only", cached(9))
+    assert state.commit()
+
+    seen = {"f1": cached(1), "f3": cached(33), "new": cached(5)}
+    state.replace_hash_cache(seen)
+    assert dict(state.hash_cache) == seen, "lookups see the scan's cache before the commit"
+    assert len(state.hash_cache) == 3
+    assert state.commit()
+    killed(state)
+
+    again = opened(tmp_path)
+    assert dict(again.hash_cache) == seen
+    assert set(again.base) == {"f0", "f1", "f2", "f3"}
+    rows = sqlite3.connect(tmp_path / "state.db").execute("SELECT path FROM entries").fetchall()
+    assert sorted(rows) == [("f0",), ("f1",), ("f2",), ("f3",), ("new",)], (
+        "a path in neither half leaves no row behind"
+    )
+    again.set_hash("f1", cached(1))
+    assert not (tmp_path / "journal.jsonl").exists(), "an unchanged entry is no record"
+    killed(again)
