@@ -600,17 +600,28 @@ class Transfers:
             )
             completed = True
         finally:
-            if not completed:
-                # Shielded: a cancelled sync must still not leave the upload behind.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.abort_multipart(key, upload_id))
-            self.state.upload_ended(upload_id)
+            if completed or await self._abort(key, upload_id):
+                self.state.upload_ended(upload_id)
         # Some servers (rclone) list a multipart object with another ETag than Complete
         # returned. No HEAD here to learn it: on rclone that HEAD makes the server MD5 the
         # whole object at once (~0.45 s of its CPU per 256 MiB, inside the push). The next
         # sync meets the unknown ETag, proves the content by the hash in the metadata (one
         # HEAD, once) and remembers it (SyncEngine._decide).
         return Uploaded(local, (written.etag,), written_at=written.at)
+
+    async def _abort(self, key: str, upload_id: str) -> bool:
+        """Abort an upload that will not complete. False if the server could not be told:
+        its record then stays, and the next sync aborts it (SyncEngine._abort_leftover_uploads)
+        instead of leaving its parts billed on the server with no record naming them."""
+        try:
+            # Shielded: a cancelled sync must still not leave the upload behind.
+            await asyncio.shield(self.store.abort_multipart(key, upload_id))
+        except Exception as exc:
+            log.warning(
+                "%s: could not abort upload %s now (%s); the next sync will", key, upload_id, exc
+            )
+            return False
+        return True
 
     async def _upload_part(
         self, fd: int, key: str, upload_id: str, number: int, offset: int, length: int

@@ -20,7 +20,7 @@ from sidecar.core.paths import is_temp_name
 from sidecar.engine.hashing import content_hash_bytes
 from sidecar.engine.state import StateStore
 from sidecar.engine.transfer import CHANGED_IN_BUCKET, Settings, TransferError, Transfers
-from sidecar.s3 import ClientSettings, ObjectStore, labels_for
+from sidecar.s3 import ClientSettings, ObjectStore, S3Error, labels_for
 from tests.conftest import S3Server
 from tests.integration.test_engine import write
 
@@ -407,3 +407,38 @@ async def test_a_new_file_never_replaces_an_object_that_appeared_meanwhile(
     assert caught.value.error.reason == CHANGED_IN_BUCKET
     got = conditional.client().get_object(Bucket=bucket, Key=PREFIX + "f.txt")
     assert got["Body"].read() == b"theirs"
+
+
+async def test_an_upload_that_cannot_be_aborted_keeps_its_record_for_the_next_run(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link fails mid-upload and the abort with it: the upload is still on the server,
+    so its record must stay for the next run to abort (SyncEngine._abort_leftover_uploads
+    keeps a record whose abort failed; the transfer dropped it, orphaning billed parts)."""
+    bucket = moto.new_bucket()
+    write(workdir / "local" / "big.bin", os.urandom(12 * MiB))
+    original = ObjectStore.upload_part
+    down = S3Error("vol/big.bin", "ConnectionResetError", "reset by peer", transient=True)
+
+    async def failing(self: ObjectStore, key: str, upload_id: str, number: int, body: Any) -> Any:
+        if number == 2:
+            raise down
+        return await original(self, key, upload_id, number, body)
+
+    async def unreachable(*args: Any) -> None:
+        raise down
+
+    monkeypatch.setattr(ObjectStore, "upload_part", failing)
+    monkeypatch.setattr(ObjectStore, "abort_multipart", unreachable)
+    async with transfers(workdir, bucket) as engine:
+        with pytest.raises(TransferError) as caught:
+            await engine.upload(upload(workdir / "local", "big.bin"))
+    assert caught.value.error.path == "big.bin"
+    [listed] = open_uploads(moto, bucket)
+    next_run = StateStore(workdir / "state", f"s3://{bucket}/{PREFIX}", workdir / "local")
+    next_run.load()
+    assert next_run.open_uploads == {listed["UploadId"]: PREFIX + "big.bin"}
+    next_run.close_journal()
+    moto.client().abort_multipart_upload(
+        Bucket=bucket, Key=PREFIX + "big.bin", UploadId=listed["UploadId"]
+    )
