@@ -1,8 +1,9 @@
 """Local scan: walk the folder, stat every file; hashes come from the cache of the last scan,
 and hash_files() computes the rest, only for the paths whose decision needs one.
 
-Symlinks are never followed and never synced (documented in README); special files are
-skipped; stale temp files of an interrupted run are removed.
+Symlinks are never followed and never synced (documented in README); special files (FIFO,
+socket, device) are skipped unopened and counted, for the sync's log line; stale temp files
+of an interrupted run are removed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ScanResult:
     errors: list[FileError] = field(default_factory=list)
     temps_removed: int = 0
     symlinks_skipped: int = 0
+    specials_skipped: int = 0  # FIFOs, sockets, devices the filter wants: never opened
 
 
 def _walk(
@@ -118,9 +120,9 @@ def _wanted_file(
     out: ScanResult,
     enter: Callable[[str], None],
 ) -> tuple[str, LocalFile] | None:
-    """A regular file the filter wants, else None: a wanted folder is entered, a symlink
-    counted as skipped, a bad name or a failed stat reported in `out`. One call per entry:
-    this is the scan's inner loop."""
+    """A regular file the filter wants, else None: a wanted folder is entered, a symlink or
+    a wanted special file counted as skipped, a bad name or a failed stat reported in `out`.
+    One call per entry: this is the scan's inner loop."""
     try:
         if entry.is_symlink():
             out.symlinks_skipped += 1
@@ -130,7 +132,9 @@ def _wanted_file(
                 enter(rel)
             return None
         if not entry.is_file(follow_symlinks=False):
-            return None  # fifo, socket, device: not content
+            # A FIFO, socket or device: no content to sync (opening a FIFO would block).
+            out.specials_skipped += path_filter.wants(rel)
+            return None
         if not path_filter.wants(rel):
             return None
         check_relpath(rel, what="local file")

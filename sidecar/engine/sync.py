@@ -631,6 +631,11 @@ class SyncEngine:
             log.info("removed %d temp file(s) of an interrupted run", scanned.temps_removed)
         if scanned.symlinks_skipped:
             log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
+        if scanned.specials_skipped:
+            log.info(
+                "skipped %d special file(s) (FIFO, socket, device): only regular files are synced",
+                scanned.specials_skipped,
+            )
         return scanned
 
     async def _list(self, store: Store, path_filter: ShardFilter) -> _Listing:

@@ -1,5 +1,5 @@
 """The local scan's promises (sidecar/engine/scan.py) beside its order (test_scan_order.py):
-symlinks are never followed nor synced, special files are skipped and never opened, a path
+symlinks are never followed nor synced, special files are skipped, counted and never opened, a path
 that cannot be listed, read or named is reported by path and cause while the scan goes on, a
 cached hash serves only a file whose size, mtime and inode all match, and a folder the filter
 prunes is never listed, a file it excludes never stat'ed.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -22,10 +23,12 @@ from typing import Any
 import pytest
 
 from sidecar.core.filters import PathFilter
-from sidecar.core.model import UNHASHED
+from sidecar.core.model import UNHASHED, Direction
 from sidecar.engine.hashing import content_hash_file
 from sidecar.engine.scan import ScanResult, hash_files, scan
+from tests.conftest import S3Server
 from tests.e2e.test_cli_e2e import _drop_file_permission_override
+from tests.integration.test_engine import config, sync
 
 EVERYTHING = PathFilter((), (), "")
 
@@ -85,17 +88,19 @@ async def test_symlinks_of_every_kind_are_counted_and_never_followed(tmp_path: P
 
 
 # ---- special files -------------------------------------------------------------------------
-async def test_fifo_and_socket_are_skipped_and_never_opened(tmp_path: Path) -> None:
+async def test_fifo_and_socket_are_skipped_counted_and_never_opened(tmp_path: Path) -> None:
     """Opening a FIFO for reading blocks until a writer comes: the scan and the hashing must
     pass it by. The scan runs in a thread; should it hang there, a writer is let in so the
     test fails instead of hanging."""
     tree(tmp_path, {"a.txt": b"a", "sub/b.txt": b"b"})
     fifo = tmp_path / "sub" / "pipe"
     os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "excluded.fifo")  # the filter does not want it: not even counted
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(tmp_path / "sock"))
     result: list[ScanResult] = []
-    worker = threading.Thread(target=lambda: result.append(asyncio.run(scanned(tmp_path))))
+    only = PathFilter((), ("*.fifo",), "")
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(scanned(tmp_path, only))))
     try:
         worker.start()
         worker.join(timeout=60)
@@ -109,8 +114,35 @@ async def test_fifo_and_socket_are_skipped_and_never_opened(tmp_path: Path) -> N
     (out,) = result
     assert sorted(out.files) == ["a.txt", "sub/b.txt"]
     assert out.errors == [], "a FIFO or socket is no content, and no failure either"
+    assert out.specials_skipped == 2, "each skipped, counted for the sync's log line"
     with pytest.raises(OSError):  # ENXIO: no reader holds the FIFO open
         os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+
+async def test_a_sync_beside_special_files_says_so_and_succeeds(
+    moto: S3Server, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finalize of a folder holding a FIFO, a socket and a symlink uploads the regular
+    file only, with no error, and its log names why the others were left out."""
+    local = workdir / "local"
+    tree(local, {"data.txt": b"data"})
+    os.mkfifo(local / "pipe")
+    os.symlink("data.txt", local / "link")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(local / "sock"))
+    bucket = moto.new_bucket()
+    caplog.set_level(logging.INFO, logger="sidecar")
+    try:
+        result = await asyncio.wait_for(
+            sync(config(bucket, local, workdir / "state"), Direction.FINALIZE), timeout=60
+        )
+    finally:
+        server.close()
+    assert result.ok and result.errors == [], result.as_dict()
+    listed = moto.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert [item["Key"] for item in listed] == ["vol/data.txt"]
+    assert "skipped 2 special file(s) (FIFO, socket, device)" in caplog.text
+    assert "skipped 1 symlink(s)" in caplog.text
 
 
 # ---- what cannot be read or named ----------------------------------------------------------
