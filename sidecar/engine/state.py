@@ -12,10 +12,11 @@ Crash safety: state.db changes only in SQLite transactions (rollback journal,
 synchronous=FULL), so kill -9 or a power cut between two writes leaves the old or the new
 content, never a mix. Between transactions every completed transfer is appended to
 journal.jsonl, so an interrupted sync resumes without re-sending what it finished; a torn last
-line is ignored on load. When FLUSH_AT records are held in memory they go into state.db in one
-transaction and the journal is emptied: every record sets or removes a value, so replaying a
-journal whose records state.db holds already changes nothing, and a kill between the commit
-and the truncation is harmless.
+line is ignored on load, as is any line that is no record (bytes a power cut left in the
+file's tail): a journal never makes load fail. When FLUSH_AT records are held in memory they
+go into state.db in one transaction and the journal is emptied: every record sets or removes
+a value, so replaying a journal whose records state.db holds already changes nothing, and a
+kill between the commit and the truncation is harmless.
 
 Every journal record is handed to the OS by its own write(2) as it is made: the page cache
 survives the process being killed (kill -9, OOM), the failure resume is for, so no record is
@@ -318,10 +319,7 @@ class StateStore:
             raise StateError(f"cannot read state {self.db_path}: {exc}") from None
         except OSError as exc:
             raise StateError(f"cannot read state {self.directory}: {exc}") from None
-        replayed = 0
-        for record in self._journal_records():
-            self._apply(record)
-            replayed += 1
+        replayed = self._replay()
         if replayed:
             self._dirty = True
             log.info("resuming: replayed %d journal record(s) from an interrupted sync", replayed)
@@ -483,18 +481,39 @@ class StateStore:
         log.info("state %s migrated into %s", self.snapshot_path, self.db_path)
 
     def _journal_records(self) -> Iterator[list[Any]]:
+        """The journal's records; a line that is none (torn by a kill, or bytes a power cut
+        left in the file's tail) is skipped with a warning, never fatal."""
         try:
-            with open(self.journal_path) as handle:
-                lines = handle.read().split("\n")
+            with open(self.journal_path, "rb") as handle:
+                lines = handle.read().split(b"\n")
         except FileNotFoundError:
             return
         for line in lines:
             if not line:
                 continue
             try:
-                yield json.loads(line)
-            except ValueError:
+                record = json.loads(line.decode())
+            except ValueError:  # UnicodeDecodeError too
                 log.warning("ignoring a torn journal line (interrupted write)")
+                continue
+            if isinstance(record, list) and record and isinstance(record[0], str):
+                yield record
+            else:
+                log.warning("ignoring a journal line that is no record: %.80r", line)
+
+    def _replay(self) -> int:
+        """Apply the journal's records; the count applied. A record whose fields do not fit
+        its kind is skipped: what it stood for is redone or re-checked by the next sync, and
+        a load that raised would fail every sync until the file was removed by hand."""
+        replayed = 0
+        for record in self._journal_records():
+            try:
+                self._apply(record)
+            except (IndexError, KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring a malformed journal record %.80r: %s", record, exc)
+                continue
+            replayed += 1
+        return replayed
 
     def _apply(self, record: list[Any]) -> None:
         op = record[0]

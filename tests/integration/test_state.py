@@ -138,6 +138,35 @@ def test_a_journal_cut_anywhere_yields_exactly_its_whole_records(tmp_path: Path)
         killed(again)
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xfe\x00garbage\x80",  # bytes of another file a power cut left in the tail
+        b"12345",  # JSON, but no record
+        b'{"op": "set"}',
+        b"[]",
+        b'["set"]',  # a record too short for its kind
+        b'["mpu", "id-only"]',
+        b'["hash", "p", "not", "numbers"]',
+    ],
+)
+def test_a_journal_line_that_is_no_record_is_skipped_not_fatal(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    """Whatever a crash or a bad disk leaves in the journal, load keeps every whole record
+    around it and goes on: a load that raises fails every sync until someone deletes the
+    file by hand."""
+    state = opened(tmp_path)
+    state.set_base("before", entry(1))
+    state.close_journal()
+    with open(tmp_path / "journal.jsonl", "ab") as journal:
+        journal.write(garbage + b"\n" + b'["set","after",2,"%s",["e"],false,""]\n' % (b"0" * 32))
+    again = opened(tmp_path)
+    assert set(again.base) == {"before", "after"}
+    assert again.open_uploads == {} and dict(again.hash_cache) == {}
+    killed(again)
+
+
 def test_replaying_records_state_db_holds_already_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
