@@ -191,6 +191,38 @@ async def test_ranged_downloads_in_flight_stay_within_the_memory_budget(
     assert (workdir / "local" / "big.bin").read_bytes() == data
 
 
+async def test_a_local_version_written_since_the_scan_is_kept_aside_not_overwritten(
+    moto: S3Server, workdir: Path
+) -> None:
+    bucket = moto.new_bucket()
+    remote = put_object(moto, bucket, "f.txt", b"the bucket's version")
+    path = write(workdir / "local" / "f.txt", b"what the scan saw", MTIME_NS)
+    planned = LocalFile.of(path.stat(), content_hash_bytes(b"what the scan saw"))
+    rewrite(path, b"saved during the pull", MTIME_NS + 10**9)
+    async with transfers(workdir, bucket) as engine:
+        done = await engine.download(download("f.txt", remote, planned))
+    assert done.conflict_copy is not None and done.conflict_copy != "f.txt"
+    assert (workdir / "local" / done.conflict_copy).read_bytes() == b"saved during the pull"
+    assert path.read_bytes() == b"the bucket's version"
+    assert temp_files(workdir / "local") == []
+
+
+async def test_a_local_file_equal_to_the_download_is_kept_as_is(
+    moto: S3Server, workdir: Path
+) -> None:
+    """Written during the pull with the very bytes of the object (another pull, a copy by
+    hand): not a conflict, no copy, and the file in place is not replaced."""
+    bucket = moto.new_bucket()
+    remote = put_object(moto, bucket, "f.txt", b"same bytes")
+    path = write(workdir / "local" / "f.txt", b"same bytes", MTIME_NS)
+    inode = path.stat().st_ino
+    async with transfers(workdir, bucket) as engine:
+        done = await engine.download(download("f.txt", remote))
+    assert done.equal_already and done.conflict_copy is None
+    assert sorted(p.name for p in (workdir / "local").iterdir()) == ["f.txt"]
+    assert path.stat().st_ino == inode
+
+
 # ---- uploads -----------------------------------------------------------------------------
 
 
