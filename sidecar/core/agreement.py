@@ -80,19 +80,43 @@ def learned(entry: BaseEntry | None, obj: RemoteObject) -> BaseEntry | None:
     )
 
 
+# How much older than the hashing a file's mtime must be for its cache row to be trusted
+# ("racy clean", as git calls it): a write in the same timestamp tick as the hash leaves size,
+# mtime and inode as they were, and the stale hash would hide the edit for good. A tick is a
+# jiffy (1-10 ms) before Linux 6.13, 1 s on ext3/HFS+, 2 s on FAT/exFAT, the coarsest we meet;
+# the margin also absorbs the kernel's coarse clock lagging the one we read. A file changed
+# within it is hashed again by the next scan, once it has aged: a no-op sync of an old tree
+# still hashes nothing. Not covered: a network filesystem whose server clock is >2 s behind.
+RACY_MARGIN_NS = 2_000_000_000
+
+
+def racy(mtime_ns: int, hashed_at_ns: int) -> bool:
+    """Whether a file with this mtime, hashed from `hashed_at_ns` on (a clock read before its
+    bytes were read), could still be rewritten with the same mtime: its hash is not cached."""
+    return mtime_ns >= hashed_at_ns - RACY_MARGIN_NS
+
+
 def cache_entry(local: LocalFile) -> HashCacheEntry:
     """The hash cache's row of a hashed file: its identity and the hash it had then."""
     return (local.size, local.mtime_ns, local.inode, local.hash)
 
 
-def cache_holds(cache: Mapping[str, HashCacheEntry], files: Mapping[str, LocalFile]) -> bool:
+def cacheable(local: LocalFile, hashed_at_ns: int) -> bool:
+    """Whether a scanned file's hash belongs in the cache: hashed, and not racy."""
+    return local.hash != UNHASHED and not racy(local.mtime_ns, hashed_at_ns)
+
+
+def cache_holds(
+    cache: Mapping[str, HashCacheEntry], files: Mapping[str, LocalFile], hashed_at_ns: int
+) -> bool:
     """Whether the hash cache is exactly what the scan saw (the no-op case: its snapshot need
-    not be rewritten), checked without building a second map of a million entries."""
-    hashed = 0
+    not be rewritten), checked without building a second map of a million entries. Rows
+    from the cache were trusted when written, so they pass `cacheable` with a later clock."""
+    kept = 0
     for path, local in files.items():
-        if local.hash == UNHASHED:
+        if not cacheable(local, hashed_at_ns):
             continue
-        hashed += 1
+        kept += 1
         if cache.get(path) != cache_entry(local):
             return False
-    return hashed == len(cache)
+    return kept == len(cache)

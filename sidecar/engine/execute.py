@@ -10,7 +10,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Protocol, TypeVar
 
-from sidecar.core.agreement import base_after, cache_entry
+from sidecar.core.agreement import base_after, cache_entry, cacheable
 from sidecar.core.backup import Version
 from sidecar.core.model import Action, ActionKind, Conflict, Direction, FileError, LocalFile
 from sidecar.core.phases import action_bytes, biggest_first, drop_below, phases
@@ -51,6 +51,7 @@ class Execution:
         backup: RemoteBackup | LocalBackup | None,
         *,
         workers: int,
+        hashed_at: int,
         order: DownloadOrder | None = None,
     ) -> None:
         self.state = state
@@ -61,6 +62,9 @@ class Execution:
         self.remote_backup = backup if isinstance(backup, RemoteBackup) else None
         self.workers = workers
         self.order = order
+        # The clock read before the scan hashed anything: no hash this run took is older, so
+        # judging a transfer's file by it errs on the safe side (sidecar/core/agreement.racy).
+        self.hashed_at = hashed_at
         self._known_conflicts: set[str] = set()
 
     async def run(self, actions: list[Action]) -> None:
@@ -178,7 +182,7 @@ class Execution:
 
         def record(path: str = action.path, local: LocalFile = done.local) -> None:
             state.set_base(path, entry)
-            state.set_hash(path, cache_entry(local))
+            self._cache(path, local)
 
         # BASE claims the file only once its bytes and its name are on disk.
         await self.transfers.durable.then(record)
@@ -201,6 +205,13 @@ class Execution:
         result.files_transferred += 1
         result.bytes_transferred += done.local.size
 
+    def _cache(self, path: str, local: LocalFile) -> None:
+        """The file's hash into the cache, or out of it when racy: the next scan hashes it."""
+        if cacheable(local, self.hashed_at):
+            self.state.set_hash(path, cache_entry(local))
+        else:
+            self.state.drop_hash(path)
+
     async def _upload(self, action: Action) -> None:
         """UPLOAD, or SET_MODE_REMOTE (the object's metadata rewritten in place)."""
         state, remote_backup = self.state, self.remote_backup
@@ -212,7 +223,7 @@ class Execution:
         if uploading and remote_backup is not None:
             remote_backup.done(action.path, _version_of(up.local, up.etags[0]))
         state.set_base(action.path, base_after(action, up.local, up.etags, up.written_at))
-        state.set_hash(action.path, cache_entry(up.local))
+        self._cache(action.path, up.local)
         _copy_kept_at(self.result, action, up.conflict_copy)
         self.result.files_transferred += 1
         self.result.bytes_transferred += up.local.size if up.content_sent else 0

@@ -604,6 +604,10 @@ class StateStore:
         if self.hash_cache.get(path) != entry:
             self._record(["hash", path, *entry])
 
+    def drop_hash(self, path: str) -> None:
+        if path in self.hash_cache:
+            self._record(["unhash", path])
+
     def replace_hash_cache(self, entries: Mapping[str, HashCacheEntry]) -> None:
         """After a scan: the cache is exactly what the scan saw (no journal: derivable). It is
         written at the next commit, as the whole state was; until then lookups see it."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from sys import intern
 from typing import Any, ClassVar
 
-from sidecar.core.agreement import agreed, cache_entry, cache_holds, learned
+from sidecar.core.agreement import agreed, cache_entry, cache_holds, cacheable, learned
 from sidecar.core.backup import (
     NETVOL_PREFIX,
     BackupMode,
@@ -372,6 +372,7 @@ class SyncEngine:
         # Hashes only where a decision needs one: a file with no BASE entry and no object at
         # its path is sent whatever it holds, and its upload hashes the bytes it sends (a
         # first finalize of 5,000 small files read each one once instead of twice).
+        hashed_at = time.time_ns()  # before any byte is read: the racy rule's clock
         await hash_files(
             config.local_dir,
             scanned,
@@ -382,9 +383,9 @@ class SyncEngine:
             ],
             self._executor,
         )
-        if not cache_holds(self.state.hash_cache, scanned.files):
+        if not cache_holds(self.state.hash_cache, scanned.files, hashed_at):
             self.state.replace_hash_cache(
-                {p: cache_entry(f) for p, f in scanned.files.items() if f.hash != UNHASHED}
+                {p: cache_entry(f) for p, f in scanned.files.items() if cacheable(f, hashed_at)}
             )
         remote = listing.objects  # HEADs update it in place (_ask_bucket)
 
@@ -418,7 +419,9 @@ class SyncEngine:
             raise FatalSync(f"cannot open local folder {config.local_dir}: {exc}") from None
         backup = await self._start_backup(store, direction, transfers, result)
         try:
-            await self._execute(the_plan.actions, transfers, progress, result, backup)
+            await self._execute(
+                the_plan.actions, transfers, progress, result, backup, hashed_at=hashed_at
+            )
             await transfers.durable.flush()
         except BaseException:
             transfers.durable.flush_now()  # what is on disk gets its records, even now
@@ -832,6 +835,8 @@ class SyncEngine:
         progress: Progress,
         result: SyncResult,
         backup: RemoteBackup | LocalBackup | None = None,
+        *,
+        hashed_at: int,
     ) -> None:
         execution = Execution(
             self.state,
@@ -841,6 +846,7 @@ class SyncEngine:
             backup,
             workers=self.config.files_in_flight,
             order=self.download_order,
+            hashed_at=hashed_at,
         )
         await execution.run(actions)
 

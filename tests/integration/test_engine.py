@@ -20,6 +20,8 @@ from sidecar.s3 import ObjectStore
 from tests.conftest import S3Server
 
 MiB = 1024 * 1024
+# An mtime long past: the file's hash is cached (a fresh one is racy, hashed again once).
+OLD_NS = 1_600_000_000 * 10**9
 PULL, FIN = Direction.PULL, Direction.FINALIZE
 
 
@@ -342,7 +344,7 @@ async def test_unchanged_files_are_not_rehashed(
     bucket = moto.new_bucket()
     local = workdir / "l"
     for i in range(5):
-        write(local / f"f{i}", os.urandom(100))
+        write(local / f"f{i}", os.urandom(100), mtime_ns=OLD_NS)
     cfg = config(bucket, local, workdir / "s")
     assert (await sync(cfg, FIN)).ok
     hashed: list[str] = []
@@ -357,6 +359,84 @@ async def test_unchanged_files_are_not_rehashed(
     result = await sync(cfg, FIN)
     assert hashed == ["f3"]
     assert result.files_transferred == 0
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """New bytes of the same size in the same inode, its mtime put back: only the content
+    tells (an edit in the timestamp tick of the last hash looks exactly like this)."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+
+
+async def test_an_edit_in_the_tick_of_the_hash_is_pushed(moto: S3Server, workdir: Path) -> None:
+    """Racy clean (as git calls it): a file hashed within the timestamp granularity of its
+    mtime may be rewritten with size, mtime and inode kept. Its hash is not cached, so the
+    next sync hashes it again and pushes the edit (before: the stale hash hid it for good)."""
+    bucket = moto.new_bucket()
+    local = workdir / "l"
+    write(local / "old", b"old file", mtime_ns=OLD_NS)
+    write(local / "new", b"version 1")  # mtime: now, as the sync hashes it
+    cfg = config(bucket, local, workdir / "s")
+    assert (await sync(cfg, FIN)).ok
+    rewrite_in_place(local / "new", b"version 2")
+    result = await sync(cfg, FIN)
+    assert result.ok and result.files_transferred == 1, result.as_dict()
+    body = moto.client().get_object(Bucket=bucket, Key="vol/new")["Body"].read()
+    assert body == b"version 2"
+    # The scan's own hashes: touched, same bytes (hashed by the scan, nothing sent), then
+    # rewritten in the tick of that hash.
+    os.utime(local / "old")
+    assert (await sync(cfg, FIN)).files_transferred == 0
+    rewrite_in_place(local / "old", b"new file")
+    result = await sync(cfg, FIN)
+    assert result.ok and result.files_transferred == 1, result.as_dict()
+    body = moto.client().get_object(Bucket=bucket, Key="vol/old")["Body"].read()
+    assert body == b"new file"
+
+
+async def test_a_file_hashed_racy_is_hashed_again_once_it_is_old(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The racy rule costs one hash more per fresh file, never one each sync: an old tree's
+    no-op hashes nothing; a file pulled just now (its mtime ours) is hashed by the next sync
+    and, once older than the margin, cached for good."""
+    import sidecar.engine.scan
+
+    hashed: list[str] = []
+    original = sidecar.engine.scan._hash_one
+
+    def spy(root: Path, rel: str) -> Any:
+        hashed.append(rel)
+        return original(root, rel)
+
+    monkeypatch.setattr(sidecar.engine.scan, "_hash_one", spy)
+    bucket = moto.new_bucket()
+    moto.client().put_object(Bucket=bucket, Key="vol/pulled", Body=b"from the bucket")
+    local = workdir / "l"
+    write(local / "old", b"old file", mtime_ns=OLD_NS)
+    cfg = config(bucket, local, workdir / "s")
+    assert (await sync(cfg, PULL)).ok
+    # The download has no mtime label: it is as fresh as the sync, not cached yet.
+    hashed.clear()
+    assert (await sync(cfg, PULL)).ok
+    assert "old" not in hashed and "pulled" in hashed
+    # Aged past the margin (its mtime moved back, as time would): hashed once more and cached.
+    aged = (local / "pulled").stat().st_mtime_ns - 10 * 10**9
+    os.utime(local / "pulled", ns=(aged, aged))
+    hashed.clear()
+    assert (await sync(cfg, PULL)).ok
+    assert hashed == ["pulled"]
+    hashed.clear()
+    result = await sync(cfg, PULL)
+    assert result.ok and result.files_transferred == 0 and hashed == []
 
 
 async def test_resume_after_cancel_does_not_resend(
@@ -526,8 +606,8 @@ async def test_new_files_are_read_once_and_hashed_only_where_a_decision_needs_it
     bucket = moto.new_bucket()
     a, b = workdir / "a", workdir / "b"
     for i in range(20):
-        write(a / f"small{i}.txt", f"content {i}".encode())
-    write(a / "big.bin", os.urandom(6 * MiB))
+        write(a / f"small{i}.txt", f"content {i}".encode(), mtime_ns=OLD_NS)
+    write(a / "big.bin", os.urandom(6 * MiB), mtime_ns=OLD_NS)
 
     first = await sync(config(bucket, a, workdir / "sa"), FIN)
     assert first.ok and first.files_transferred == 21, first.as_dict()

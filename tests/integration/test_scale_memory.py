@@ -309,7 +309,7 @@ def test_cache_holds_is_dict_equality() -> None:
         for _ in range(rng.randrange(3)):
             cache[f"p{rng.randrange(7)}"] = (rng.randrange(2), 5, 7, rng.choice(["a" * 32, "c"]))
         wanted = {p: _cache_entry(f) for p, f in files.items() if f.hash != UNHASHED}
-        assert _cache_holds(cache, files) == (cache == wanted)
+        assert _cache_holds(cache, files, 10 * 10**9) == (cache == wanted)  # mtime 5: old
 
 
 async def test_first_sync_over_existing_data_asks_with_a_bounded_pool(

@@ -9,11 +9,14 @@ import pytest
 
 from sidecar.core.agreement import (
     ETAGS_KEPT,
+    RACY_MARGIN_NS,
     agreed,
     base_after,
     cache_entry,
     cache_holds,
+    cacheable,
     learned,
+    racy,
     written,
 )
 from sidecar.core.model import UNHASHED, Action, ActionKind, BaseEntry, LocalFile, RemoteObject
@@ -161,6 +164,40 @@ def test_cache_entry_is_identity_and_hash() -> None:
 
 
 FILES = {"a": lf("ha"), "b": lf(UNHASHED), "c": lf("hc", 4)}
+LATER = 7 + RACY_MARGIN_NS + 1  # a hashing clock at which mtime 7 is safely old
+SECOND = 1_000_000_000
+NOW = 1_700_000_000 * SECOND
+
+# (mtime_ns, hashed_at_ns) -> racy: a write after the hash could keep this mtime, so the
+# cached hash is not trusted (git's "racy clean")
+RACY = [
+    (NOW - 3600 * SECOND, NOW, False),  # an old tree: cached, a no-op hashes nothing
+    (NOW - 2 * SECOND - 1, NOW, False),  # just past the margin
+    (NOW - 2 * SECOND, NOW, True),  # on the margin: a FAT tick (2 s) could still match
+    (NOW - SECOND, NOW, True),  # a 1 s tick (ext3, HFS+)
+    (NOW - 4_000_000, NOW, True),  # a jiffy (Linux < 6.13)
+    (NOW, NOW, True),  # written in the tick of the hash
+    (NOW + 5 * SECOND, NOW, True),  # from the future (a skewed clock, a label): not trusted
+    (0, 0, True),  # no clock known: nothing is trusted
+]
+
+
+@pytest.mark.parametrize(("mtime_ns", "hashed_at_ns", "want"), RACY)
+def test_racy(mtime_ns: int, hashed_at_ns: int, want: bool) -> None:
+    assert racy(mtime_ns, hashed_at_ns) is want
+
+
+def test_cacheable_is_hashed_and_not_racy() -> None:
+    assert cacheable(lf("h"), LATER)
+    assert not cacheable(lf(UNHASHED), LATER)
+    assert not cacheable(lf("h"), 7)  # hashed in the tick it was written
+
+
+def test_a_racy_file_is_not_expected_in_the_cache() -> None:
+    """The no-op check agrees with the snapshot the scan writes: a racy file left out."""
+    fresh = {"a": lf("ha"), "n": LocalFile(3, LATER, 9, False, "hn")}
+    assert cache_holds({"a": (3, 7, 9, "ha")}, fresh, LATER)
+    assert not cache_holds({"a": (3, 7, 9, "ha"), "n": (3, LATER, 9, "hn")}, fresh, LATER)
 
 
 # (cache) -> whether it is exactly the scan's hashed files
@@ -178,7 +215,7 @@ HOLDS = [
 
 @pytest.mark.parametrize(("cache", "want"), HOLDS)
 def test_cache_holds(cache: dict[str, tuple[int, int, int, str]], want: bool) -> None:
-    assert cache_holds(cache, FILES) is want
+    assert cache_holds(cache, FILES, LATER) is want
 
 
 def test_cache_holds_is_dict_equality_on_every_small_case() -> None:
@@ -189,4 +226,4 @@ def test_cache_holds_is_dict_equality_on_every_small_case() -> None:
         wanted = {p: cache_entry(f) for p, f in files.items() if f.hash != UNHASHED}
         for cache_shape in itertools.product([None, *rows], repeat=2):
             cache = {p: r for p, r in zip("ab", cache_shape, strict=True) if r is not None}
-            assert cache_holds(cache, files) == (cache == wanted), (files, cache)
+            assert cache_holds(cache, files, LATER) == (cache == wanted), (files, cache)
