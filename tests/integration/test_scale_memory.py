@@ -71,9 +71,9 @@ def _entry(index: int, generation: int = 0) -> BaseEntry:
 def _in_forked_child(test: Callable[..., None]) -> Callable[..., None]:
     """Run the test in a forked child and fail with its traceback. tracemalloc counts the
     allocations of every thread in the process, and a pytest-xdist worker that ran other
-    tests first may still run their threads (proxies, servers' loops): 928 B/file measured
-    in a full run where the scan alone keeps ~195. A forked child has only the forking
-    thread."""
+    tests first may still run their threads (proxies, servers' loops); a forked child has
+    only the forking thread. A guard: the 928 B/file once seen in full runs was not this
+    but the interned-strings table growing (see the scan test)."""
 
     @functools.wraps(test)
     def run_alone(*args: Any, **kwargs: Any) -> None:
