@@ -35,6 +35,7 @@ from typing import Any, Protocol, cast
 from sidecar.core.model import Direction, FileError
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
+from sidecar.core.units import format_duration
 from sidecar.daemon.metrics import SyncCounters, outcome
 from sidecar.daemon.policy import Fate, Running, running_fate
 
@@ -326,13 +327,7 @@ class Coordinator:
         now = self.clock()
         current = None
         if self.current is not None and self.current.progress is not None:
-            current = {
-                **self.current.progress.as_dict(now),
-                "line": self.current.progress.line(now),
-                "dry_run": self.current.job.dry_run,
-                "origin": self.current.origin,
-                "requesters": self.current.requesters,
-            }
+            current = _current(self.current, self.current.progress, now)
         return {
             "ready": self.ready,
             "degraded": self.degraded is not None,
@@ -526,6 +521,22 @@ class Coordinator:
         if self.last_error is not None:
             reason += f" (last error: {self.last_error['message']})"
         return reason + "; pushing a folder that was never filled could overwrite newer data"
+
+
+def _current(run: Run, progress: Progress, now: float) -> dict[str, Any]:
+    """/status's `current`: the running sync's progress, or the undo or restore that runs."""
+    current = {
+        **progress.as_dict(now),
+        "line": progress.line(now),
+        "dry_run": run.job.dry_run,
+        "origin": run.origin,
+        "requesters": run.requesters,
+    }
+    if run.job.work:
+        # It counts no files nor bytes: say what it undoes or restores instead of "0/0 files".
+        current["work"] = run.job.work
+        current["line"] = f"{run.job}: running for {format_duration(now - progress.started)}"
+    return current
 
 
 def _degraded(result: SyncResult, finished: float) -> dict[str, Any]:

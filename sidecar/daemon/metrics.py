@@ -22,6 +22,10 @@ DURATION_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900
 
 Labels = tuple[tuple[str, str], ...]
 
+# What the coordinator runs one at a time: the syncs, and undo and restore (they take the
+# sync locks, so they queue with them): each is a `sidecar_sync_running` series.
+RUNNING_OPERATIONS = ("pull", "finalize", "undo", "restore")
+
 
 class Listener(Protocol):
     """What the metrics read of a listener's connection guard."""
@@ -255,8 +259,8 @@ class Metrics:
         lines += _family(
             "sidecar_sync_running",
             "gauge",
-            "1 for the operation running now.",
-            [((("operation", op),), float(op == running)) for op in ("pull", "finalize")],
+            "1 for the operation running now (an undo or restore takes the sync's turn).",
+            [((("operation", op),), float(op == running)) for op in RUNNING_OPERATIONS],
             self.volume,
         )
         return "\n".join(lines) + "\n"

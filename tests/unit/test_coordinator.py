@@ -261,6 +261,38 @@ async def test_status_shows_progress_queue_results_and_errors(engine: FakeEngine
         await coordinator.__aexit__(None, None, None)
 
 
+async def test_a_running_undo_shows_in_status_and_the_running_metric(engine: FakeEngine) -> None:
+    """An undo or restore takes the sync's turn (submit_work): while it runs, /status says
+    what runs and `sidecar_sync_running` is 1 for it (it read 0 for every operation)."""
+    coordinator = await ready_coordinator(engine)
+    metrics = Metrics.of(coordinator, volume="vol")
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def undo() -> str:
+        started.set()
+        await done.wait()
+        return "undone"
+
+    try:
+        ticket = coordinator.submit_work("undo S1", undo)
+        async with asyncio.timeout(30):
+            await started.wait()
+        current = coordinator.status()["current"]
+        assert (current["operation"], current["work"]) == ("undo", "undo S1")
+        assert current["line"].startswith("undo S1: running for "), current["line"]
+        text = metrics.render()
+        assert 'sidecar_sync_running{volume="vol",operation="undo"} 1' in text
+        assert 'sidecar_sync_running{volume="vol",operation="pull"} 0' in text
+        assert 'sidecar_sync_running{volume="vol",operation="restore"} 0' in text
+        done.set()
+        assert await ticket.run.outcome() == "undone"
+        await coordinator.idle()
+        assert 'sidecar_sync_running{volume="vol",operation="undo"} 0' in metrics.render()
+        assert coordinator.status()["current"] is None
+    finally:
+        await coordinator.__aexit__(None, None, None)
+
+
 def bad_key(path: str) -> FileError:
     return FileError(path, "skipped: key would escape the folder or has an empty segment")
 
