@@ -13,10 +13,11 @@ synchronous=FULL), so kill -9 or a power cut between two writes leaves the old o
 content, never a mix. Between transactions every completed transfer is appended to
 journal.jsonl, so an interrupted sync resumes without re-sending what it finished; a torn last
 line is ignored on load, as is any line that is no record (bytes a power cut left in the
-file's tail): a journal never makes load fail. When FLUSH_AT records are held in memory they
-go into state.db in one transaction and the journal is emptied: every record sets or removes
-a value, so replaying a journal whose records state.db holds already changes nothing, and a
-kill between the commit and the truncation is harmless.
+file's tail) or a record whose fields have the wrong types (journal_records.check_record): a
+journal never makes load, nor the commit after it, fail. When FLUSH_AT records are held in
+memory they go into state.db in one transaction and the journal is emptied: every record sets
+or removes a value, so replaying a journal whose records state.db holds already changes
+nothing, and a kill between the commit and the truncation is harmless.
 
 Every journal record is handed to the OS by its own write(2) as it is made: the page cache
 survives the process being killed (kill -9, OOM), the failure resume is for, so no record is
@@ -46,6 +47,7 @@ from sys import intern
 from typing import Any, Generic, TextIO, TypeVar
 
 from sidecar.core.model import BaseEntry, HashCacheEntry, identity_of
+from sidecar.engine.journal_records import check_record
 
 log = logging.getLogger("sidecar.state")  # logger name kept from before the move
 
@@ -480,37 +482,55 @@ class StateStore:
         self.snapshot_path.unlink()
         log.info("state %s migrated into %s", self.snapshot_path, self.db_path)
 
-    def _journal_records(self) -> Iterator[list[Any]]:
-        """The journal's records; a line that is none (torn by a kill, or bytes a power cut
-        left in the file's tail) is skipped with a warning, never fatal."""
+    def _journal_records(self) -> Iterator[tuple[int, list[Any]]]:
+        """The journal's records with their line numbers; a line that is none (torn by a
+        kill, or bytes a power cut left in the file's tail) is skipped with a warning, never
+        fatal."""
         try:
             with open(self.journal_path, "rb") as handle:
                 lines = handle.read().split(b"\n")
         except FileNotFoundError:
             return
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             if not line:
                 continue
             try:
                 record = json.loads(line.decode())
             except ValueError:  # UnicodeDecodeError too
-                log.warning("ignoring a torn journal line (interrupted write)")
+                log.warning(
+                    "%s line %d: ignoring a torn line (interrupted write)",
+                    self.journal_path,
+                    number,
+                )
                 continue
             if isinstance(record, list) and record and isinstance(record[0], str):
-                yield record
+                yield number, record
             else:
-                log.warning("ignoring a journal line that is no record: %.80r", line)
+                log.warning(
+                    "%s line %d: ignoring a line that is no record: %.80r",
+                    self.journal_path,
+                    number,
+                    line,
+                )
 
     def _replay(self) -> int:
         """Apply the journal's records; the count applied. A record whose fields do not fit
-        its kind is skipped: what it stood for is redone or re-checked by the next sync, and
-        a load that raised would fail every sync until the file was removed by hand."""
+        its kind (their number or their types: `check_record`) is skipped: what it stood for
+        is redone or re-checked by the next sync, and a load or a commit that raised would
+        fail every sync until the file was removed by hand."""
         replayed = 0
-        for record in self._journal_records():
+        for number, record in self._journal_records():
             try:
+                check_record(record)
                 self._apply(record)
             except (IndexError, KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring a malformed journal record %.80r: %s", record, exc)
+                log.warning(
+                    "%s line %d: ignoring a malformed record %.80r: %s",
+                    self.journal_path,
+                    number,
+                    record,
+                    exc,
+                )
                 continue
             replayed += 1
         return replayed

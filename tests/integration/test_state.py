@@ -167,6 +167,61 @@ def test_a_journal_line_that_is_no_record_is_skipped_not_fatal(
     killed(again)
 
 
+HASH = '"' + "0" * 32 + '"'  # a hash as a journal line holds it
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        '["set","p","twelve",HASH,["e"],false,""]',  # a size that is a string
+        '["set","p",true,HASH,["e"],false,""]',  # a size that is a boolean
+        '["set","p",-1,HASH,["e"],false,""]',
+        '["set","p",12,HASH,"e",false,""]',  # ETags that are no list
+        '["set","p",12,HASH,["e"],false,7]',  # a Last-Modified that is a number
+        '["set","p",12,HASH,["e"],false,"",1e+30]',  # written_at no integer
+        '["set","p",12,HASH,["e"],false,"",1000000000000000000000000000000]',
+        '["set",7,12,HASH,["e"],false,""]',  # a path that is a number
+        '["set","\\ud800",12,HASH,["e"],false,""]',  # a path SQLite cannot store (UTF-8)
+        '["hash","p",12,1,[3],HASH]',  # an inode that is a list
+        '["hash","p",12,1,3,42]',  # a hash that is a number
+        '["hash","p",12,1,36893488147419103232,HASH]',  # an inode past 64 bits
+        '["hash","p",12,"1",3,HASH]',
+        '["sending","p","12",HASH,false]',
+        '["mpu-create",5]',
+        '["mpu","id",5]',
+        '["mpu",5,"key"]',
+        '["del",7]',
+    ],
+)
+def test_a_journal_record_with_fields_of_the_wrong_type_is_skipped_and_named(
+    tmp_path: Path, record: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record of the right shape whose fields have the wrong types (a size that is a
+    string, a hash that is a number) is skipped with a warning naming its line, like any
+    line that is no record: it went into memory and failed the commit (a path SQLite cannot
+    store, a number past 64 bits, a mixed list of keys), or reached the planner with a size it
+    cannot compare. Nothing else of the journal is lost."""
+    state = opened(tmp_path)
+    state.set_base("before", entry(1))
+    state.set_hash("before", cached(1))
+    state.close_journal()
+    with open(tmp_path / "journal.jsonl", "ab") as journal:
+        journal.write(record.replace("HASH", HASH).encode() + b"\n")
+        journal.write(b'["set","after",2,%s,["e"],false,""]\n' % HASH.encode())
+    with caplog.at_level("WARNING", logger="sidecar.state"):
+        again = opened(tmp_path)
+    assert any("journal.jsonl line 3" in message for message in caplog.messages), caplog.text
+    assert set(again.base) == {"before", "after"}
+    assert dict(again.hash_cache) == {"before": cached(1)}
+    assert again.open_uploads == {} and again.creating == set() and again.sending == {}
+    assert again.commit()
+    killed(again)
+    committed = opened(tmp_path)
+    assert set(committed.base) == {"before", "after"}
+    assert dict(committed.hash_cache) == {"before": cached(1)}
+    killed(committed)
+
+
 def test_replaying_records_state_db_holds_already_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
