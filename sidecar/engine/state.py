@@ -52,6 +52,20 @@ from sidecar.engine.journal_records import check_record
 log = logging.getLogger("sidecar.state")  # logger name kept from before the move
 
 FORMAT_VERSION = 3  # 1: one JSON object, 2: a line per path (both migrated); 3: state.db
+# Hash-cache rows written before the racy-clean rule (core.agreement.racy, 86a7a9f) are still
+# trusted, and no version bump forgets them, because no cheap rule tells the racy ones apart.
+# A row is racy when it was hashed less than RACY_MARGIN_NS after the file's mtime, and a row
+# holds (size, mtime_ns, inode, hash), no time of hashing. The one time state.db keeps, meta
+# "written", is the last commit's: an upper bound on when each row was hashed, where the rule
+# needs a lower one. The state folder's birth time would be one, but Python 3.11 does not
+# expose it on Linux (statx) and a copied or restored folder loses it. The one correct rule
+# left is to forget every row once, which makes the first sync after the upgrade read every
+# byte of the tree again (sync.py hashes every uncached file that BASE or the bucket has:
+# hours on a TB volume, with readiness waiting on the initial pull). What it would catch
+# needs a same-size rewrite within one timestamp tick of an old version's hash (a jiffy on
+# ext4/xfs before Linux 6.13) of a file never touched again since. To forget the cache by
+# hand while no sync runs: sqlite3 state.db "UPDATE entries SET c_size = NULL, c_mtime_ns =
+# NULL, c_inode = NULL, c_hash = NULL; DELETE FROM entries WHERE size IS NULL".
 # Records held in memory before they go into state.db in one transaction (and the journal is
 # emptied): a few MiB at most, and one fsync per this many transfers.
 FLUSH_AT = 4096
