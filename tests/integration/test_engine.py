@@ -10,56 +10,25 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.backup import BackupMode
-from sidecar.core.model import Direction
-from sidecar.core.options import SyncConfig
 from sidecar.core.paths import temp_name
 from sidecar.engine.sync import SyncEngine
 from sidecar.engine.transfer import Transfers
 from sidecar.s3 import ObjectStore
 from tests.conftest import S3Server
-
-MiB = 1024 * 1024
-# An mtime long past: the file's hash is cached (a fresh one is racy, hashed again once).
-OLD_NS = 1_600_000_000 * 10**9
-PULL, FIN = Direction.PULL, Direction.FINALIZE
-
-
-def config(bucket: str, local: Path, state: Path, **extra: Any) -> SyncConfig:
-    values: dict[str, Any] = {
-        "bucket": bucket,
-        "prefix": "vol/",
-        "local_dir": local,
-        "state_dir": state,
-        "concurrency": 8,
-        "part_size": 5 * MiB,
-        "multipart_threshold": 5 * MiB,
-        "backup": BackupMode.OFF,  # as the whole suite (tests/conftest.py); test_backup.py: on
-    }
-    values.update(extra)
-    return SyncConfig(**values)
-
-
-async def sync(cfg: SyncConfig, direction: Direction, **kwargs: Any):  # type: ignore[no-untyped-def]
-    async with SyncEngine(cfg) as engine:
-        return await engine.run(direction, **kwargs)
-
-
-def write(path: Path, data: bytes, mtime_ns: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if mtime_ns is not None:
-        os.utime(path, ns=(mtime_ns, mtime_ns))
-    return path
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
+from tests.support.engine_support import (
+    FIN,
+    OLD_NS,
+    PULL,
+    MiB,
+    Volume,
+    config,
+    edited_on_both_sides,
+    race_before,
+    sync,
+    tree,
+    volume,
+    write,
+)
 
 SIZES = {
     "empty": 0,
@@ -148,31 +117,21 @@ async def test_pull_applies_remote_changes_and_keeps_local_ones(
 
 
 async def test_conflicts_keep_both_versions(moto: S3Server, workdir: Path) -> None:
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "nb.ipynb", b"base")
-    write(local / "other.py", b"base2")
-    assert (await sync(cfg, FIN)).ok
-    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"their edit")
-    write(local / "nb.ipynb", b"my edit")
-
-    pushed = await sync(cfg, FIN)
+    vol = await edited_on_both_sides(moto, workdir, mine=b"my edit", theirs=b"their edit")
+    pushed = await sync(vol.cfg, FIN)
     assert pushed.ok, pushed.as_dict()
     (conflict,) = pushed.conflicts
     assert conflict.path == "nb.ipynb" and conflict.copy and ".conflict-" in conflict.copy
-    assert s3.get_object(Bucket=bucket, Key="vol/nb.ipynb")["Body"].read() == b"my edit"
-    kept = s3.get_object(Bucket=bucket, Key=f"vol/{conflict.copy}")["Body"].read()
-    assert kept == b"their edit"
+    assert vol.get("nb.ipynb") == b"my edit"
+    assert vol.get(conflict.copy) == b"their edit"
 
     # And the pull direction: the bucket's version takes the name, mine is kept locally.
-    s3.put_object(Bucket=bucket, Key="vol/other.py", Body=b"theirs again")
-    write(local / "other.py", b"mine again")
-    pulled = await sync(cfg, PULL)
+    vol.put("nb.ipynb", b"theirs again")
+    write(vol.local / "nb.ipynb", b"mine again")
+    pulled = await sync(vol.cfg, PULL)
     (conflict,) = pulled.conflicts
-    assert (local / "other.py").read_bytes() == b"theirs again"
-    assert conflict.copy is not None and (local / conflict.copy).read_bytes() == b"mine again"
+    assert (vol.local / "nb.ipynb").read_bytes() == b"theirs again"
+    assert conflict.copy is not None and (vol.local / conflict.copy).read_bytes() == b"mine again"
 
 
 async def test_a_delete_never_takes_a_version_written_after_the_listing(
@@ -180,22 +139,14 @@ async def test_a_delete_never_takes_a_version_written_after_the_listing(
 ) -> None:
     """The local file is gone, so finalize deletes the object, but another writer replaced
     it after our listing: If-Match on the listed ETag keeps the new version."""
-    bucket = conditional.new_bucket()
-    s3 = conditional.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "gone.txt", b"v1")
-    write(local / "stays.txt", b"keep")
-    assert (await sync(cfg, FIN)).ok
-    (local / "gone.txt").unlink()
+    vol = volume(conditional, workdir)
+    write(vol.local / "gone.txt", b"v1")
+    write(vol.local / "stays.txt", b"keep")
+    assert (await sync(vol.cfg, FIN)).ok
+    (vol.local / "gone.txt").unlink()
     original = Transfers.delete_remote
-
-    async def racing_delete(self: Transfers, action: Any) -> Any:
-        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
-        return await original(self, action)
-
-    monkeypatch.setattr(Transfers, "delete_remote", racing_delete)
-    result = await sync(cfg, FIN)
+    race_before(monkeypatch, vol, "delete_remote")
+    result = await sync(vol.cfg, FIN)
     assert not result.ok and result.files_deleted == 0
     [error] = result.errors
     assert (
@@ -203,43 +154,43 @@ async def test_a_delete_never_takes_a_version_written_after_the_listing(
         and "precondition" in error.reason
         and "not deleted" in (error.reason)
     )
-    assert s3.get_object(Bucket=bucket, Key="vol/gone.txt")["Body"].read() == b"racer"
+    assert vol.get("gone.txt") == b"racer"
 
     monkeypatch.setattr(Transfers, "delete_remote", original)
-    pulled = await sync(cfg, PULL)  # the new version comes back, as the error says
-    assert pulled.ok and (local / "gone.txt").read_bytes() == b"racer"
+    pulled = await sync(vol.cfg, PULL)  # the new version comes back, as the error says
+    assert pulled.ok and (vol.local / "gone.txt").read_bytes() == b"racer"
+
+
+async def _racing_writer_is_refused(
+    server: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, size: int
+) -> Volume:
+    """A file replaced locally and one created locally (its object deleted meanwhile); a
+    writer puts both keys between our listing and our upload: both uploads are refused (a
+    412 each, as per-file errors), the writer's versions stay, and so do the local files."""
+    vol = volume(server, workdir)
+    shared, new = f"shared{suffix}", f"new{suffix}"
+    write(vol.local / shared, os.urandom(size))
+    write(vol.local / new, os.urandom(size))
+    assert (await sync(vol.cfg, FIN)).ok
+    mine = write(vol.local / shared, os.urandom(size)).read_bytes()
+    vol.s3.delete_object(Bucket=vol.bucket, Key=f"vol/{new}")
+    write(vol.local / new, os.urandom(size))
+    race_before(monkeypatch, vol, "upload")
+    result = await sync(vol.cfg, FIN)
+    assert not result.ok
+    failed = {e.path: e.reason for e in result.errors}
+    assert set(failed) == {shared, new}, failed
+    assert all("precondition" in reason for reason in failed.values()), failed
+    assert vol.get(shared) == vol.get(new) == b"racer"
+    assert (vol.local / shared).read_bytes() == mine
+    return vol
 
 
 async def test_concurrent_writer_is_not_silently_overwritten(
     conditional: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If-Match on the ETag the plan saw: a writer racing in between gets a 412, not lost."""
-    bucket = conditional.new_bucket()
-    s3 = conditional.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "shared.txt", b"v1")
-    write(local / "new.txt", b"mine")
-    assert (await sync(cfg, FIN)).ok
-    write(local / "shared.txt", b"v2 local")
-    s3.delete_object(Bucket=bucket, Key="vol/new.txt")
-    write(local / "new.txt", b"mine again")
-    original = Transfers.upload
-
-    async def racing_upload(self: Transfers, action: Any) -> Any:
-        # Another writer lands between our listing and our PUT.
-        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
-        return await original(self, action)
-
-    monkeypatch.setattr(Transfers, "upload", racing_upload)
-    result = await sync(cfg, FIN)
-    assert not result.ok
-    failed = {e.path: e.reason for e in result.errors}
-    assert set(failed) == {"shared.txt", "new.txt"}
-    assert all("precondition" in reason for reason in failed.values())
-    for name in ("shared.txt", "new.txt"):
-        assert s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read() == b"racer"
-    assert (local / "shared.txt").read_bytes() == b"v2 local"
+    await _racing_writer_is_refused(conditional, workdir, monkeypatch, ".txt", 8)
 
 
 async def test_a_multipart_upload_racing_a_writer_is_refused_at_complete(
@@ -248,32 +199,8 @@ async def test_a_multipart_upload_racing_a_writer_is_refused_at_complete(
     """The same race for files sent in parts: the condition rides on
     CompleteMultipartUpload. SeaweedFS (as AWS) checks If-Match there; moto ignores it
     (tests/integration/test_s3_servers.py), so this runs where the 412 is real."""
-    bucket = seaweed.new_bucket()
-    s3 = seaweed.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "shared.bin", os.urandom(6 * MiB))
-    write(local / "new.bin", os.urandom(6 * MiB))
-    assert (await sync(cfg, FIN)).ok
-    mine = write(local / "shared.bin", os.urandom(6 * MiB)).read_bytes()
-    s3.delete_object(Bucket=bucket, Key="vol/new.bin")
-    write(local / "new.bin", os.urandom(6 * MiB))
-    original = Transfers.upload
-
-    async def racing_upload(self: Transfers, action: Any) -> Any:
-        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
-        return await original(self, action)
-
-    monkeypatch.setattr(Transfers, "upload", racing_upload)
-    result = await sync(cfg, FIN)
-    assert not result.ok
-    failed = {e.path: e.reason for e in result.errors}
-    assert set(failed) == {"shared.bin", "new.bin"}, failed
-    assert all("precondition" in reason for reason in failed.values()), failed
-    for name in ("shared.bin", "new.bin"):
-        assert s3.get_object(Bucket=bucket, Key=f"vol/{name}")["Body"].read() == b"racer"
-    assert (local / "shared.bin").read_bytes() == mine
-    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), "an upload left behind"
+    vol = await _racing_writer_is_refused(seaweed, workdir, monkeypatch, ".bin", 6 * MiB)
+    assert not vol.s3.list_multipart_uploads(Bucket=vol.bucket).get("Uploads"), "left behind"
 
 
 async def test_emptied_folder_never_wipes_the_bucket(moto: S3Server, workdir: Path) -> None:
@@ -861,24 +788,15 @@ async def test_no_folder_is_pushed_below_a_file_whose_delete_failed(
 ) -> None:
     """The plan deletes `d` before pushing `d/x`, but another writer rewrites `d` after our
     listing: the conditional delete fails, so `d/x` must not be pushed either."""
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s", force_delete=True)
-    write(local / "d", b"a file")
-    assert (await sync(cfg, FIN)).ok
-    (local / "d").unlink()
-    write(local / "d" / "x", b"now a folder")
-    original = Transfers.delete_remote
-
-    async def racing_delete(self: Transfers, action: Any) -> Any:
-        s3.put_object(Bucket=bucket, Key=f"vol/{action.path}", Body=b"racer")
-        return await original(self, action)
-
-    monkeypatch.setattr(Transfers, "delete_remote", racing_delete)
-    result = await sync(cfg, FIN)
+    vol = volume(moto, workdir, force_delete=True)
+    write(vol.local / "d", b"a file")
+    assert (await sync(vol.cfg, FIN)).ok
+    (vol.local / "d").unlink()
+    write(vol.local / "d" / "x", b"now a folder")
+    race_before(monkeypatch, vol, "delete_remote")
+    result = await sync(vol.cfg, FIN)
     assert {e.path for e in result.errors} == {"d", "d/x"}, result.as_dict()
-    assert keys(moto, bucket) == {"vol/d"}, "a file and a folder named d"
+    assert keys(moto, vol.bucket) == {"vol/d"}, "a file and a folder named d"
 
 
 async def test_whole_file_puts_share_the_transfer_memory_budget(

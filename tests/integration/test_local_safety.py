@@ -8,21 +8,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.core.model import Direction
+from sidecar.core.result import SyncResult
 from sidecar.engine import folder as folder_module
 from sidecar.engine.state import StateStore
 from sidecar.engine.transfer import Transfers
 from sidecar.s3 import ObjectStore
 from tests.conftest import S3Server
-from tests.integration.test_engine import config, sync, tree, write
+from tests.support.engine_support import (
+    FIN,
+    PULL,
+    Volume,
+    config,
+    edited_on_both_sides,
+    sync,
+    tree,
+    volume,
+    write,
+)
 
-PULL, FIN = Direction.PULL, Direction.FINALIZE
 FROZEN = datetime(2026, 11, 23, 9, 15, 0, 250_000, tzinfo=UTC)
 
 
@@ -47,42 +57,34 @@ def conflict_copies(root: Path) -> dict[str, bytes]:
 async def test_two_pull_conflicts_in_one_second_keep_both_local_versions(
     moto: S3Server, workdir: Path, frozen_clock: None
 ) -> None:
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "d/nb.ipynb", b"base")
-    assert (await sync(cfg, FIN)).ok
+    vol = volume(moto, workdir)
+    write(vol.local / "d/nb.ipynb", b"base")
+    assert (await sync(vol.cfg, FIN)).ok
     for mine, theirs in ((b"mine 1", b"theirs 1"), (b"mine 2", b"theirs 2")):
-        s3.put_object(Bucket=bucket, Key="vol/d/nb.ipynb", Body=theirs)
-        write(local / "d/nb.ipynb", mine)
-        result = await sync(cfg, PULL)
+        vol.put("d/nb.ipynb", theirs)
+        write(vol.local / "d/nb.ipynb", mine)
+        result = await sync(vol.cfg, PULL)
         assert result.ok, result.as_dict()
         (conflict,) = result.conflicts
-        assert conflict.copy is not None and (local / conflict.copy).read_bytes() == mine
-    assert sorted(conflict_copies(local).values()) == [b"mine 1", b"mine 2"]
-    assert (local / "d/nb.ipynb").read_bytes() == b"theirs 2"
+        assert conflict.copy is not None and (vol.local / conflict.copy).read_bytes() == mine
+    assert sorted(conflict_copies(vol.local).values()) == [b"mine 1", b"mine 2"]
+    assert (vol.local / "d/nb.ipynb").read_bytes() == b"theirs 2"
 
 
 async def test_two_finalize_conflicts_in_one_second_keep_both_bucket_versions(
     server: S3Server, workdir: Path, frozen_clock: None
 ) -> None:
-    bucket = server.new_bucket()
-    s3 = server.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "nb.ipynb", b"base")
-    assert (await sync(cfg, FIN)).ok
+    vol = volume(server, workdir)
+    write(vol.local / "nb.ipynb", b"base")
+    assert (await sync(vol.cfg, FIN)).ok
     for mine, theirs in ((b"mine 1", b"theirs 1"), (b"mine 2", b"theirs 2")):
-        s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=theirs)
-        write(local / "nb.ipynb", mine)
-        result = await sync(cfg, FIN)
+        vol.put("nb.ipynb", theirs)
+        write(vol.local / "nb.ipynb", mine)
+        result = await sync(vol.cfg, FIN)
         assert result.ok, result.as_dict()
         (conflict,) = result.conflicts
-        kept = s3.get_object(Bucket=bucket, Key=f"vol/{conflict.copy}")["Body"].read()
-        assert kept == theirs
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
-    copies = [s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys if "conflict" in k]
+        assert conflict.copy is not None and vol.get(conflict.copy) == theirs
+    copies = [body for key, body in vol.bodies().items() if "conflict" in key]
     assert sorted(copies) == [b"theirs 1", b"theirs 2"]
 
 
@@ -91,32 +93,22 @@ async def test_a_conflict_key_written_after_the_listing_is_never_replaced(
 ) -> None:
     """Another replica takes the copy's name between our listing and our copy: the copy
     goes to the next name (If-None-Match, and a HEAD first where the server ignores it)."""
-    bucket = server.new_bucket()
-    s3 = server.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "nb.ipynb", b"base")
-    assert (await sync(cfg, FIN)).ok
-    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"theirs")
-    write(local / "nb.ipynb", b"mine")
+    vol = await edited_on_both_sides(server, workdir)
     original = ObjectStore.copy
 
     async def racing_copy(self: ObjectStore, source: str, dest: str, *args: Any, **kw: Any) -> Any:
         if not raced:
             raced.append(dest)
-            s3.put_object(Bucket=bucket, Key=dest, Body=b"other replica's copy")
+            vol.s3.put_object(Bucket=vol.bucket, Key=dest, Body=b"other replica's copy")
         return await original(self, source, dest, *args, **kw)
 
     raced: list[str] = []
     monkeypatch.setattr(ObjectStore, "copy", racing_copy)
-    result = await sync(cfg, FIN)
+    result = await sync(vol.cfg, FIN)
     assert result.ok, result.as_dict()
     (conflict,) = result.conflicts
     assert conflict.copy is not None and f"vol/{conflict.copy}" != raced[0]
-    bodies = {
-        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
-    }
+    bodies = vol.bodies()
     assert bodies[f"vol/{conflict.copy}"] == b"theirs"
     assert bodies[raced[0]] == b"other replica's copy"
     assert sorted(bodies.values()) == [b"mine", b"other replica's copy", b"theirs"]
@@ -129,14 +121,7 @@ async def test_a_conflict_key_taken_after_our_check_is_refused_by_the_server(
     server can refuse then. SeaweedFS (as AWS) answers If-None-Match on CopyObject with 412
     and the copy goes to the next name; moto and rclone ignore it (the window store.copy
     documents), so this runs where the 412 is real."""
-    bucket = seaweed.new_bucket()
-    s3 = seaweed.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "nb.ipynb", b"base")
-    assert (await sync(cfg, FIN)).ok
-    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"theirs")
-    write(local / "nb.ipynb", b"mine")
+    vol = await edited_on_both_sides(seaweed, workdir)
     original_head = ObjectStore.head
     raced: list[str] = []
 
@@ -146,19 +131,15 @@ async def test_a_conflict_key_taken_after_our_check_is_refused_by_the_server(
         finally:
             if ".conflict-" in key and not raced:
                 raced.append(key)
-                s3.put_object(Bucket=bucket, Key=key, Body=b"other replica's copy")
+                vol.s3.put_object(Bucket=vol.bucket, Key=key, Body=b"other replica's copy")
 
     monkeypatch.setattr(ObjectStore, "head", head_then_race)
-    result = await sync(cfg, FIN)
+    result = await sync(vol.cfg, FIN)
     assert result.ok, result.as_dict()
     (conflict,) = result.conflicts
     assert raced and conflict.copy is not None and f"vol/{conflict.copy}" != raced[0]
-    bodies = {
-        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
-    }
     # A server that ignored the condition would have put "theirs" over the other copy.
-    assert bodies == {
+    assert vol.bodies() == {
         "vol/nb.ipynb": b"mine",
         raced[0]: b"other replica's copy",
         f"vol/{conflict.copy}": b"theirs",
@@ -168,26 +149,19 @@ async def test_a_conflict_key_taken_after_our_check_is_refused_by_the_server(
 async def test_a_local_copy_name_taken_after_the_scan_is_never_replaced(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / "nb.ipynb", b"base")
-    assert (await sync(cfg, FIN)).ok
-    s3.put_object(Bucket=bucket, Key="vol/nb.ipynb", Body=b"theirs")
-    write(local / "nb.ipynb", b"mine")
+    vol = await edited_on_both_sides(moto, workdir)
     original = Transfers.download
 
     async def racing_download(self: Transfers, action: Any) -> Any:
-        write(local / action.conflict_copy, b"made meanwhile")
+        write(vol.local / action.conflict_copy, b"made meanwhile")
         return await original(self, action)
 
     monkeypatch.setattr(Transfers, "download", racing_download)
-    result = await sync(cfg, PULL)
+    result = await sync(vol.cfg, PULL)
     assert result.ok, result.as_dict()
     (conflict,) = result.conflicts
-    assert conflict.copy is not None and (local / conflict.copy).read_bytes() == b"mine"
-    assert sorted(conflict_copies(local).values()) == [b"made meanwhile", b"mine"]
+    assert conflict.copy is not None and (vol.local / conflict.copy).read_bytes() == b"mine"
+    assert sorted(conflict_copies(vol.local).values()) == [b"made meanwhile", b"mine"]
 
 
 # ---- item 2: long names ----------------------------------------------------------------------
@@ -195,30 +169,22 @@ async def test_a_local_copy_name_taken_after_the_scan_is_never_replaced(
 async def test_conflicts_on_names_of_230_to_255_bytes(
     moto: S3Server, workdir: Path, name: str
 ) -> None:
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local = workdir / "l"
-    cfg = config(bucket, local, workdir / "s")
-    write(local / name, b"base")
-    write(local / "other", b"base")
-    assert (await sync(cfg, FIN)).ok
+    vol = await edited_on_both_sides(moto, workdir, name)
     # pull: the local version is kept under a shortened name
-    s3.put_object(Bucket=bucket, Key=f"vol/{name}", Body=b"theirs")
-    write(local / name, b"mine")
-    pulled = await sync(cfg, PULL)
+    pulled = await sync(vol.cfg, PULL)
     assert pulled.ok, pulled.as_dict()
-    (copy,) = conflict_copies(local)
-    assert len(copy.encode()) <= 255 and (local / copy).read_bytes() == b"mine"
-    (local / copy).unlink()
+    (copy,) = conflict_copies(vol.local)
+    assert len(copy.encode()) <= 255 and (vol.local / copy).read_bytes() == b"mine"
+    (vol.local / copy).unlink()
     # finalize: the bucket's version is kept under a key every replica can pull
-    s3.put_object(Bucket=bucket, Key=f"vol/{name}", Body=b"theirs again")
-    write(local / name, b"mine again")
-    pushed = await sync(cfg, FIN)
+    vol.put(name, b"theirs again")
+    write(vol.local / name, b"mine again")
+    pushed = await sync(vol.cfg, FIN)
     assert pushed.ok, pushed.as_dict()
     (conflict,) = pushed.conflicts
     assert conflict.copy is not None and len(conflict.copy.encode()) <= 255
     elsewhere = workdir / "replica"
-    pulled = await sync(config(bucket, elsewhere, workdir / "s2"), PULL)
+    pulled = await sync(config(vol.bucket, elsewhere, workdir / "s2"), PULL)
     assert pulled.ok, pulled.as_dict()
     assert (elsewhere / conflict.copy).read_bytes() == b"theirs again"
 
@@ -239,88 +205,85 @@ def _swap_during_pull(monkeypatch: pytest.MonkeyPatch, after_calls: int, swap: A
     monkeypatch.setattr(ObjectStore, "get_object", hooked)
 
 
-def _seed_bucket(s3: Any, bucket: str, count: int = 40) -> None:
-    for index in range(count):
-        s3.put_object(Bucket=bucket, Key=f"vol/sub/deeper/f{index:02}", Body=b"x" * index)
-    s3.put_object(Bucket=bucket, Key="vol/top.txt", Body=b"top")
-
-
 def _no_temp_files(*roots: Path) -> bool:
     return not [p for root in roots for p in root.rglob("*") if ".netvol-tmp." in p.name]
+
+
+async def _pull_while(
+    moto: S3Server,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    swap: Callable[[Path], object],
+) -> tuple[Volume, SyncResult]:
+    """A pull of 41 objects (40 under sub/deeper/, four at a time) into a folder that has
+    sub/deeper/ already; `swap(local)` runs when the fifth object is asked for."""
+    vol = volume(moto, workdir, concurrency=4)
+    for index in range(40):
+        vol.put(f"sub/deeper/f{index:02}", b"x" * index)
+    vol.put("top.txt", b"top")
+    write(vol.local / "sub/deeper/.keep", b"")
+    _swap_during_pull(monkeypatch, 5, lambda: swap(vol.local))
+    return vol, await sync(vol.cfg, PULL)
 
 
 async def test_a_folder_swapped_for_a_symlink_mid_pull_is_never_written_through(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = moto.new_bucket()
-    _seed_bucket(moto.client(), bucket)
-    local, outside = workdir / "l", workdir / "outside"
+    outside = workdir / "outside"
     (outside / "deeper").mkdir(parents=True)
-    write(local / "sub/deeper/.keep", b"")
 
-    def swap() -> None:
+    def swap(local: Path) -> None:
         (local / "sub").rename(workdir / "moved-away")
         (local / "sub").symlink_to(outside)
 
-    _swap_during_pull(monkeypatch, 5, swap)
-    result = await sync(config(bucket, local, workdir / "s", concurrency=4), PULL)
+    vol, result = await _pull_while(moto, workdir, monkeypatch, swap)
     assert result.fatal is None
     assert list(outside.rglob("*")) == [outside / "deeper"]  # nothing landed outside
     failed = {e.path for e in result.errors}
     assert failed and all(path.startswith("sub/deeper/f") for path in failed)
     assert all("symlink" in e.reason or "moved" in e.reason for e in result.errors)
-    assert (local / "top.txt").read_bytes() == b"top"
-    assert _no_temp_files(local, workdir / "moved-away")
+    assert (vol.local / "top.txt").read_bytes() == b"top"
+    assert _no_temp_files(vol.local, workdir / "moved-away")
 
 
 async def test_a_folder_renamed_mid_pull_gives_per_file_errors_not_a_crash(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = moto.new_bucket()
-    _seed_bucket(moto.client(), bucket)
-    local = workdir / "l"
-    write(local / "sub/deeper/.keep", b"")
-    _swap_during_pull(monkeypatch, 5, lambda: (local / "sub").rename(local / "renamed"))
-    result = await sync(config(bucket, local, workdir / "s", concurrency=4), PULL)
+    vol, result = await _pull_while(
+        moto, workdir, monkeypatch, lambda local: (local / "sub").rename(local / "renamed")
+    )
     assert result.fatal is None
     assert all(e.path.startswith("sub/deeper/f") for e in result.errors)
     assert all("moved" in e.reason for e in result.errors)
     # Files placed before the rename moved with their folder, files in flight then are
     # reported, the rest arrive where the bucket says they belong; no half file anywhere.
-    arrived = [p for p in tree(local) if "/deeper/f" in p]
+    arrived = [p for p in tree(vol.local) if "/deeper/f" in p]
     assert len(arrived) + len(result.errors) == 40
-    assert _no_temp_files(local)
-    again = await sync(config(bucket, local, workdir / "s", concurrency=4), PULL)
+    assert _no_temp_files(vol.local)
+    again = await sync(vol.cfg, PULL)
     assert again.ok, again.as_dict()
 
 
 async def test_a_folder_replaced_by_a_file_mid_pull_is_a_per_file_error(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = moto.new_bucket()
-    _seed_bucket(moto.client(), bucket)
-    local = workdir / "l"
-    write(local / "sub/deeper/.keep", b"")
-
-    def swap() -> None:
+    def swap(local: Path) -> None:
         (local / "sub").rename(workdir / "moved-away")
         write(local / "sub", b"a file now")
 
-    _swap_during_pull(monkeypatch, 5, swap)
-    result = await sync(config(bucket, local, workdir / "s", concurrency=4), PULL)
+    vol, result = await _pull_while(moto, workdir, monkeypatch, swap)
     assert result.fatal is None and result.errors
     assert all(e.path.startswith("sub/deeper/f") for e in result.errors)
-    assert (local / "sub").read_bytes() == b"a file now"
-    assert _no_temp_files(local, workdir / "moved-away")
+    assert (vol.local / "sub").read_bytes() == b"a file now"
+    assert _no_temp_files(vol.local, workdir / "moved-away")
 
 
 async def test_deletes_and_chmods_never_go_through_a_swapped_folder(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = moto.new_bucket()
-    s3 = moto.client()
-    local, outside = workdir / "l", workdir / "outside"
-    cfg = config(bucket, local, workdir / "s", max_delete_fraction=1.0)
+    vol = volume(moto, workdir, max_delete_fraction=1.0)
+    bucket, s3, local, cfg = vol.bucket, vol.s3, vol.local, vol.cfg
+    outside = workdir / "outside"
     write(local / "sub/gone.txt", b"v1")
     write(local / "sub/mode.sh", b"#!/bin/sh\n")
     write(local / "keep.txt", b"keep")
