@@ -1,14 +1,15 @@
 """The three-way planner: LOCAL and REMOTE each compared with BASE, then combined.
 
-Pure: takes maps of path -> state, returns a Plan. Every rule of README "How a sync decides"
-that decides *what* happens lives here; the edges only carry the plan out.
+Pure: decides one path at a time in key order (Walk), then the rules over the whole plan
+(sidecar/core/planrules.py); plan() does both over maps of path -> state. Every rule of
+README "How a sync decides" that decides *what* happens lives here; the edges only carry the
+plan out.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
@@ -19,12 +20,13 @@ from sidecar.core.model import (
     BaseEntry,
     Conflict,
     Direction,
-    FileError,
     LocalFile,
     Plan,
     RemoteObject,
 )
-from sidecar.core.paths import NamesInUse, conflict_name, folders_of, parent_dirs
+from sidecar.core.paths import NamesInUse, conflict_name
+from sidecar.core.planrules import ClashWatch, PlanRules
+from sidecar.core.planrules import DeletePolicy as DeletePolicy
 
 V = TypeVar("V")
 
@@ -35,14 +37,6 @@ class Change(enum.Enum):
     MODIFIED = "modified"
     ADDED = "added"  # on this side, not in BASE
     DELETED = "deleted"  # in BASE, no longer on this side
-
-
-@dataclass(frozen=True, slots=True)
-class DeletePolicy:
-    allowed: bool = True  # False after listing/scan errors
-    why_not: str = ""
-    max_fraction: float = 0.5  # of the other side's files
-    force: bool = False
 
 
 def local_change(local: LocalFile | None, base: BaseEntry | None) -> Change:
@@ -144,28 +138,20 @@ def plan(
         # The three sides in key order, merged: no set or sorted list of every path, and
         # BASE (on disk) read in one pass. The scan, the listing and BASE all come in key
         # order; when a side does not, the walk starts again with every side sorted.
-        result = _walk(direction, local, remote, base, now, in_order=True)
+        walk = _walk(direction, local, remote, base, now, in_order=True)
     except OutOfOrder:
-        result = _walk(direction, local, remote, base, now, in_order=False)
-    return finish(result, local, remote, deletes)
+        walk = _walk(direction, local, remote, base, now, in_order=False)
+    return finish(walk, deletes)
 
 
-def finish(
-    result: Plan,
-    local: Mapping[str, LocalFile],
-    remote: Mapping[str, RemoteObject],
-    deletes: DeletePolicy | None = None,
-) -> Plan:
-    """The rules over the whole plan, once every path is decided (Walk.decide)."""
-    deletes = deletes or DeletePolicy()
-    direction = result.direction
-    # The delete policy first: a file whose delete it withholds stays, and nothing may then be
-    # written below it (pushing 'd/x' while the delete of 'd' was withheld left both in the
-    # bucket for good).
-    withheld = _apply_delete_policy(result, direction, local, remote, deletes)
-    _drop_type_clashes(result, direction, local, remote, withheld)
-    _report_bucket_clashes(result, direction, remote)
-    return result
+def finish(walk: Walk, deletes: DeletePolicy | None = None) -> Plan:
+    """The rules over the whole plan, once every path is decided (Walk.decide): the delete
+    guard, then the writes a file/folder clash forbids, then the bucket's own clashes."""
+    rules = walk.rules(deletes or DeletePolicy())
+    plan_ = walk.plan
+    plan_.actions = [action for action in plan_.actions if rules.keeps(action)]
+    rules.end()
+    return plan_
 
 
 def triples(
@@ -181,27 +167,44 @@ def triples(
     return merge(_sorted_items(local), _sorted_items(remote), _sorted_items(base))
 
 
+class _Taken:
+    """A name-taken callable as the Container conflict_name reads."""
+
+    def __init__(self, taken: Callable[[str], bool]) -> None:
+        self._taken = taken
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._taken(name)
+
+
 class Walk:
     """Every path's decision, made one path at a time in key order: by plan(), and by the
     engine's one pass over BASE (sidecar/engine/sync.py), which asks the bucket about a few
-    paths between the merge and their decision."""
+    paths between the merge and their decision.
 
-    def __init__(
-        self,
-        direction: Direction,
-        local: Mapping[str, LocalFile],
-        remote: Mapping[str, RemoteObject],
-        now: datetime,
-    ) -> None:
+    Holds no map of either side: `taken` tells whether a conflict copy's name is in use
+    (a file or an object), and what the rules over the whole plan need (finish) is counted
+    or kept per file/folder clash as the paths go by (sidecar/core/clashes.py)."""
+
+    def __init__(self, direction: Direction, now: datetime, taken: Callable[[str], bool]) -> None:
         self.plan = Plan(direction)
         self._now = now
-        self._taken = NamesInUse(local, remote)  # a conflict copy takes no name either side has
+        # A conflict copy takes no name in use, nor one already chosen in this run.
+        self.taken = NamesInUse(_Taken(taken))
+        self.clashes = ClashWatch(direction)
 
     def decide(
         self, path: str, lf: LocalFile | None, ro: RemoteObject | None, be: BaseEntry | None
     ) -> None:
         plan_ = self.plan
-        _plan_path(plan_, plan_.direction, path, lf, ro, be, self._now, self._taken)
+        before = len(plan_.actions)
+        _plan_path(plan_, plan_.direction, path, lf, ro, be, self._now, self.taken)
+        action = plan_.actions[-1] if len(plan_.actions) > before else None
+        self.clashes.saw(path, lf, ro, action)
+
+    def rules(self, deletes: DeletePolicy) -> PlanRules:
+        """The rules over the whole plan, from what the walk saw (once every path is decided)."""
+        return PlanRules(self.plan, self.clashes.done(), deletes)
 
 
 def _walk(
@@ -211,12 +214,12 @@ def _walk(
     base: Mapping[str, BaseEntry],
     now: datetime,
     in_order: bool,
-) -> Plan:
+) -> Walk:
     """Every path's decision, in key order."""
-    walk = Walk(direction, local, remote, now)
+    walk = Walk(direction, now, lambda name: name in local or name in remote)
     for t in triples(local, remote, base, in_order):
         walk.decide(t.path, t.local, t.remote, t.base)
-    return walk.plan
+    return walk
 
 
 def _sorted_items(side: Mapping[str, V]) -> Iterator[tuple[str, V]]:
@@ -360,110 +363,3 @@ def _modified_deleted(out: Plan, act: _Act, pull: bool, path: str, lf: LocalFile
             act(ActionKind.FORGET)  # keep the remote object, now remote-only
             resolution = "kept the modified object; the local file had been deleted"
     out.conflicts.append(Conflict(path, "modified-deleted", resolution))
-
-
-BUCKET_CLASH = (
-    "the bucket holds both a file and a folder with this name ('a' and 'a/...'); the file is "
-    "left as it is and nothing is written below it (README: File and folder clash)"
-)
-
-
-def _drop_type_clashes(
-    out: Plan,
-    direction: Direction,
-    local: Mapping[str, LocalFile],
-    remote: Mapping[str, RemoteObject],
-    withheld: set[str],
-) -> None:
-    """A file cannot be written where a folder stays, nor below a file that stays."""
-    pull = direction is Direction.PULL
-    target: Mapping[str, LocalFile | RemoteObject]  # the side this plan writes to
-    if pull:
-        writes, deletes = ActionKind.DOWNLOAD, ActionKind.DELETE_LOCAL
-        target, side, verb = local, "in the local folder", "downloaded"
-    else:
-        writes, deletes = ActionKind.UPLOAD, ActionKind.DELETE_REMOTE
-        target, side, verb = remote, "in the bucket", "uploaded"
-    written = {a.path for a in out.actions if a.kind is writes}
-    if not written:
-        return  # nothing new is written: no new clash can arise
-    # Only a bucket holding 'd' and 'd/x' at once asks a pull to write both: the folder wins
-    # (the file stays in the bucket and is reported with the bucket's clashes).
-    source_clashes = written & folders_of(written)
-    written -= source_clashes
-    deleted = {a.path for a in out.actions if a.kind is deletes}
-    final_files = (set(target) - deleted) | written
-    final_dirs = folders_of(final_files)
-    kept: list[Action] = []
-    for action in out.actions:
-        if action.kind is writes:
-            if action.path in source_clashes:
-                continue
-            if action.path in final_dirs:
-                out.errors.append(
-                    FileError(action.path, f"not {verb}: this name is a folder {side}")
-                )
-                continue
-            clash = next((d for d in parent_dirs(action.path) if d in final_files), None)
-            if clash is not None:
-                why = " (its delete was withheld, see deletes_blocked)" if clash in withheld else ""
-                out.errors.append(
-                    FileError(action.path, f"not {verb}: {clash!r} stays a file {side}{why}")
-                )
-                continue
-        kept.append(action)
-    # A conflict whose write was dropped was not resolved: no copy was made, so none may be
-    # reported (the errors say why nothing moved).
-    dropped = {a.path for a in out.actions} - {a.path for a in kept}
-    out.conflicts = [c for c in out.conflicts if c.path not in dropped]
-    out.actions = kept
-
-
-def _report_bucket_clashes(
-    out: Plan, direction: Direction, remote: Mapping[str, RemoteObject]
-) -> None:
-    """Every key that is both a file and a folder once this plan is carried out, by name.
-
-    Such a clash hides nothing from the plan (both keys are in REMOTE), so it withholds no
-    delete: a finalize whose BASE knows the file and whose folder replaced it deletes the
-    file like any other, and that is the way out of a clash an older version left behind.
-    """
-    files: Set[str] = remote.keys()  # not copied unless the plan changes it
-    if direction is Direction.FINALIZE:
-        deleted = {a.path for a in out.of_kind(ActionKind.DELETE_REMOTE)}
-        uploaded = {a.path for a in out.of_kind(ActionKind.UPLOAD)}
-        if deleted or uploaded:
-            files = (set(files) - deleted) | uploaded
-    for path in sorted(d for d in folders_of(files) if d in files):
-        obj = remote.get(path)
-        out.errors.append(FileError(obj.key if obj else path, BUCKET_CLASH))
-
-
-def _apply_delete_policy(
-    out: Plan,
-    direction: Direction,
-    local: Mapping[str, LocalFile],
-    remote: Mapping[str, RemoteObject],
-    policy: DeletePolicy,
-) -> set[str]:
-    """Withhold every delete when the policy says so; the paths withheld."""
-    kind = ActionKind.DELETE_LOCAL if direction is Direction.PULL else ActionKind.DELETE_REMOTE
-    doomed = [a for a in out.actions if a.kind is kind]
-    if not doomed:
-        return set()
-    if not policy.allowed:
-        out.deletes_blocked = f"{len(doomed)} deletion(s) withheld: {policy.why_not}"
-    elif not policy.force:
-        other_side = len(local) if direction is Direction.PULL else len(remote)
-        if len(doomed) > policy.max_fraction * other_side:
-            where = "local files" if direction is Direction.PULL else "objects in the bucket"
-            out.deletes_blocked = (
-                f"would delete {len(doomed)} of {other_side} {where} "
-                f"(more than {policy.max_fraction:.0%}); nothing was deleted. If that is "
-                "intended, rerun with --force-delete (SIDECAR_FORCE_DELETE=1) or raise "
-                "--max-delete-percent"
-            )
-    if not out.deletes_blocked:
-        return set()
-    out.actions = [a for a in out.actions if a.kind is not kind]
-    return {a.path for a in doomed}

@@ -15,7 +15,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from sidecar.core.model import (
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, NamesInUse, folder_markers, key_to_relpath
+from sidecar.core.paths import BadKey, folder_markers, key_to_relpath
 from sidecar.core.phases import (
     TRANSFER_KINDS,
     action_bytes,
@@ -399,7 +399,7 @@ class SyncEngine:
             max_fraction=config.max_delete_fraction,
             force=config.force_delete,
         )
-        the_plan = await self._plan(store, direction, scanned.files, remote, base, policy)
+        walk, the_plan = await self._plan(store, direction, scanned.files, remote, base, policy)
         result.errors.extend(input_errors + the_plan.errors)
         result.conflicts.extend(the_plan.conflicts)
         result.files_skipped = the_plan.skipped
@@ -414,7 +414,7 @@ class SyncEngine:
 
         progress.phase = "transferring"
         try:
-            transfers = self._transfers(store, progress, scanned.files, remote, the_plan.actions)
+            transfers = self._transfers(store, progress, walk.taken)
         except OSError as exc:
             raise FatalSync(f"cannot open local folder {config.local_dir}: {exc}") from None
         backup = await self._start_backup(store, direction, transfers, result)
@@ -511,9 +511,7 @@ class SyncEngine:
         self,
         store: Store,
         progress: Progress,
-        local: dict[str, LocalFile],
-        remote: dict[str, RemoteObject],
-        actions: list[Action],
+        names_in_use: Container[str],
     ) -> Transfers:
         config = self.config
         return Transfers(
@@ -524,10 +522,9 @@ class SyncEngine:
             self.state,
             self._executor,
             progress,
-            # A conflict copy made during the transfers takes none of these names either.
-            names_in_use=NamesInUse(
-                local, remote, {a.conflict_copy for a in actions if a.conflict_copy}
-            ),
+            # A conflict copy made during the transfers takes no name in use either, nor one
+            # the plan chose (Walk.taken).
+            names_in_use=names_in_use,
             temp_tag=temp_tag(config.shard),
         )
 
@@ -699,7 +696,7 @@ class SyncEngine:
         remote: dict[str, RemoteObject],
         base: Mapping[str, BaseEntry],
         policy: DeletePolicy,
-    ) -> Plan:
+    ) -> tuple[Walk, Plan]:
         """The planner's walk, and in it what BASE learns from the listing and the HEADs a
         decision needs (planner.needs_remote_hash): one pass over BASE, each row read (and
         its ETags parsed) once; three passes cost ~10 us a file on a no-op."""
@@ -709,7 +706,7 @@ class SyncEngine:
             # Again with every side sorted: the same decisions. What the first try learnt
             # and asked stays in BASE and `remote`.
             walk = await self._walk(store, direction, local, remote, base, in_order=False)
-        return finish(walk.plan, local, remote, policy)
+        return walk, finish(walk, policy)
 
     async def _walk(
         self,
@@ -723,7 +720,7 @@ class SyncEngine:
         """Every path decided in key order. A path whose decision waits for a HEAD holds the
         paths after it until a batch of HEADs is answered (a bounded number), so decisions
         (and the conflict copies they name) come in the same order as with no HEAD at all."""
-        walk = Walk(direction, local, remote, datetime.now(UTC))
+        walk = Walk(direction, datetime.now(UTC), self._name_taken(remote))
         held = _Held()
         for t in triples(local, remote, base, in_order):
             if needs_remote_hash(t.local, t.remote, t.base):
@@ -816,6 +813,26 @@ class SyncEngine:
         # A bounded pool of workers, not a task per object: a first sync over a folder that
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
         await run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
+
+    def _name_taken(self, remote: Container[str]) -> Callable[[str], bool]:
+        """Whether a conflict copy's name is in use: a local name (an lstat: conflicts are
+        rare) or an object the listing showed. A copy's name taken after all is found by the
+        transfer that makes it (a no-replace rename, a conditional copy) and the next one is
+        taken."""
+        root = str(self.config.local_dir)
+
+        def taken(name: str) -> bool:
+            if name in remote:
+                return True
+            try:
+                os.lstat(f"{root}/{name}")
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError:
+                return False  # cannot tell (e.g. no access): the transfer will find out
+            return True
+
+        return taken
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)

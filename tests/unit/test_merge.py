@@ -6,7 +6,7 @@ planner walking the merge decides exactly as it did over the union of every path
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Set
 from datetime import UTC, datetime
 
 import pytest
@@ -15,8 +15,17 @@ from hypothesis import strategies as st
 
 from sidecar.core import planner
 from sidecar.core.merge import OutOfOrder, Triple, hold_for_folders, merge
-from sidecar.core.model import BaseEntry, Direction, LocalFile, Plan, RemoteObject
-from sidecar.core.paths import NamesInUse
+from sidecar.core.model import (
+    Action,
+    ActionKind,
+    BaseEntry,
+    Direction,
+    FileError,
+    LocalFile,
+    Plan,
+    RemoteObject,
+)
+from sidecar.core.paths import NamesInUse, folders_of, parent_dirs
 from sidecar.core.planner import DeletePolicy, plan
 
 # Names that sort around "/" in every way that matters: "-" and "." before it, "0" after it,
@@ -157,10 +166,119 @@ def _plan_by_union(
         planner._plan_path(
             result, direction, path, local.get(path), remote.get(path), base.get(path), _NOW, taken
         )
-    withheld = planner._apply_delete_policy(result, direction, local, remote, deletes)
-    planner._drop_type_clashes(result, direction, local, remote, withheld)
-    planner._report_bucket_clashes(result, direction, remote)
+    withheld = _apply_delete_policy(result, direction, local, remote, deletes)
+    _drop_type_clashes(result, direction, local, remote, withheld)
+    _report_bucket_clashes(result, direction, remote)
     return result
+
+
+# The rules over the whole plan as they were before they streamed (sidecar/core/planrules.py
+# judges each action from counts and per-clash records instead): the oracle, kept verbatim.
+_BUCKET_CLASH = (
+    "the bucket holds both a file and a folder with this name ('a' and 'a/...'); the file is "
+    "left as it is and nothing is written below it (README: File and folder clash)"
+)
+
+
+def _drop_type_clashes(
+    out: Plan,
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    withheld: set[str],
+) -> None:
+    """A file cannot be written where a folder stays, nor below a file that stays."""
+    pull = direction is Direction.PULL
+    target: Mapping[str, LocalFile | RemoteObject]  # the side this plan writes to
+    if pull:
+        writes, deletes = ActionKind.DOWNLOAD, ActionKind.DELETE_LOCAL
+        target, side, verb = local, "in the local folder", "downloaded"
+    else:
+        writes, deletes = ActionKind.UPLOAD, ActionKind.DELETE_REMOTE
+        target, side, verb = remote, "in the bucket", "uploaded"
+    written = {a.path for a in out.actions if a.kind is writes}
+    if not written:
+        return  # nothing new is written: no new clash can arise
+    # Only a bucket holding 'd' and 'd/x' at once asks a pull to write both: the folder wins
+    # (the file stays in the bucket and is reported with the bucket's clashes).
+    source_clashes = written & folders_of(written)
+    written -= source_clashes
+    deleted = {a.path for a in out.actions if a.kind is deletes}
+    final_files = (set(target) - deleted) | written
+    final_dirs = folders_of(final_files)
+    kept: list[Action] = []
+    for action in out.actions:
+        if action.kind is writes:
+            if action.path in source_clashes:
+                continue
+            if action.path in final_dirs:
+                out.errors.append(
+                    FileError(action.path, f"not {verb}: this name is a folder {side}")
+                )
+                continue
+            clash = next((d for d in parent_dirs(action.path) if d in final_files), None)
+            if clash is not None:
+                why = " (its delete was withheld, see deletes_blocked)" if clash in withheld else ""
+                out.errors.append(
+                    FileError(action.path, f"not {verb}: {clash!r} stays a file {side}{why}")
+                )
+                continue
+        kept.append(action)
+    # A conflict whose write was dropped was not resolved: no copy was made, so none may be
+    # reported (the errors say why nothing moved).
+    dropped = {a.path for a in out.actions} - {a.path for a in kept}
+    out.conflicts = [c for c in out.conflicts if c.path not in dropped]
+    out.actions = kept
+
+
+def _report_bucket_clashes(
+    out: Plan, direction: Direction, remote: Mapping[str, RemoteObject]
+) -> None:
+    """Every key that is both a file and a folder once this plan is carried out, by name.
+
+    Such a clash hides nothing from the plan (both keys are in REMOTE), so it withholds no
+    delete: a finalize whose BASE knows the file and whose folder replaced it deletes the
+    file like any other, and that is the way out of a clash an older version left behind.
+    """
+    files: Set[str] = remote.keys()  # not copied unless the plan changes it
+    if direction is Direction.FINALIZE:
+        deleted = {a.path for a in out.of_kind(ActionKind.DELETE_REMOTE)}
+        uploaded = {a.path for a in out.of_kind(ActionKind.UPLOAD)}
+        if deleted or uploaded:
+            files = (set(files) - deleted) | uploaded
+    for path in sorted(d for d in folders_of(files) if d in files):
+        obj = remote.get(path)
+        out.errors.append(FileError(obj.key if obj else path, _BUCKET_CLASH))
+
+
+def _apply_delete_policy(
+    out: Plan,
+    direction: Direction,
+    local: Mapping[str, LocalFile],
+    remote: Mapping[str, RemoteObject],
+    policy: DeletePolicy,
+) -> set[str]:
+    """Withhold every delete when the policy says so; the paths withheld."""
+    kind = ActionKind.DELETE_LOCAL if direction is Direction.PULL else ActionKind.DELETE_REMOTE
+    doomed = [a for a in out.actions if a.kind is kind]
+    if not doomed:
+        return set()
+    if not policy.allowed:
+        out.deletes_blocked = f"{len(doomed)} deletion(s) withheld: {policy.why_not}"
+    elif not policy.force:
+        other_side = len(local) if direction is Direction.PULL else len(remote)
+        if len(doomed) > policy.max_fraction * other_side:
+            where = "local files" if direction is Direction.PULL else "objects in the bucket"
+            out.deletes_blocked = (
+                f"would delete {len(doomed)} of {other_side} {where} "
+                f"(more than {policy.max_fraction:.0%}); nothing was deleted. If that is "
+                "intended, rerun with --force-delete (SIDECAR_FORCE_DELETE=1) or raise "
+                "--max-delete-percent"
+            )
+    if not out.deletes_blocked:
+        return set()
+    out.actions = [a for a in out.actions if a.kind is not kind]
+    return {a.path for a in doomed}
 
 
 @settings(max_examples=400, deadline=None)
