@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from sidecar.s3.errors import S3Error
@@ -104,6 +105,59 @@ class FanOutListing:
     async def _flat_then_fan_out(
         self, prefix: str, after: str | None, ahead: asyncio.Future[bytes] | None
     ) -> AsyncGenerator[list[ObjectInfo], None]:
+        entries, token, last = await self._first_page(prefix, after)
+        if entries:
+            yield entries
+        if token is None:
+            if ahead is not None:
+                self.wasted += 1
+            return
+        seen = _Seen(prefix, len(entries) or 1)
+        seen.add(entries)
+        delimited = ahead or asyncio.ensure_future(self._fetch(prefix, None, None, True))
+        as_chain = False
+        try:
+            if ahead is None:
+                # Not known to be large: the chain's next page goes out beside the delimited
+                # listing. A prefix of two pages then ends one round trip after the first
+                # page (the delimited answer unused); a larger one is split with the same
+                # round trips as before, after the keys of two pages.
+                body = await self._fetch(prefix, token, after, False)
+                entries, _, token = _parse(prefix, body)
+                if entries:
+                    last = entries[-1].key
+                    seen.add(entries)
+                    yield entries
+            if token is not None:
+                as_chain = await self._quicker_as_chain(prefix, delimited, last, seen)
+        finally:
+            if not delimited.done():  # not needed after all, or the reader stopped
+                delimited.cancel()
+        if token is None or as_chain:
+            self.wasted += 1  # the delimited listing's answer
+        if token is not None:
+            fan_out = self._fan_out(prefix, last, delimited)  # the folders, side by side
+            rest = self._chain(prefix, token, after) if as_chain else fan_out
+            async with contextlib.aclosing(rest) as pages:
+                async for page in pages:
+                    yield page
+
+    async def _chain(
+        self, prefix: str, token: str, after: str | None
+    ) -> AsyncGenerator[list[ObjectInfo], None]:
+        """The flat pages from `token` on, one after another (start-after sent again with each
+        token, as the SDKs' paginators do: a server may need it to place the token)."""
+        next_token: str | None = token
+        while next_token is not None:
+            body = await self._fetch(prefix, next_token, after, False)
+            entries, _, next_token = _parse(prefix, body)
+            if entries:
+                yield entries
+
+    async def _first_page(
+        self, prefix: str, after: str | None
+    ) -> tuple[list[ObjectInfo], str | None, str | None]:
+        """The flat first page's keys after `after`, its token, and the last key it listed."""
         entries, _, token = _parse(prefix, await self._fetch(prefix, None, after, False))
         last = entries[-1].key if entries else after
         if after is not None:  # a server that ignores start-after costs a filter, not a key
@@ -111,16 +165,23 @@ class FanOutListing:
             entries = [e for e in entries if key_order(e.key) > bound]
             if last is not None and key_order(last) < bound:
                 last = after
-        if entries:
-            yield entries
-        if token is None:
-            if ahead is not None:
-                self.wasted += 1
-            return
-        # More than a page: the rest comes from the folders of this prefix, side by side.
-        async with contextlib.aclosing(self._fan_out(prefix, last, ahead)) as pages:
-            async for page in pages:
-                yield page
+        return entries, token, last
+
+    async def _quicker_as_chain(
+        self, prefix: str, delimited: asyncio.Future[bytes], last: str | None, seen: _Seen
+    ) -> bool:
+        """Whether the rest (after `last`) lists quicker as the chain of pages than folder
+        by folder, going by the folders the delimited listing names (_Seen)."""
+        _, prefixes, more = _parse(prefix, await delimited)
+        if more is not None:  # more than a page of folders: fan out
+            return False
+        bound = key_order(last) if last is not None else b""
+        left = 0
+        for sub in prefixes:
+            order = key_order(sub)
+            if order > bound or bound.startswith(order):
+                left += 1
+        return seen.chain_is_quicker(left, max(self._free, 1))
 
     async def _fan_out(
         self, prefix: str, after: str | None, first: asyncio.Future[bytes] | None = None
@@ -176,6 +237,41 @@ class FanOutListing:
             if child.task is None:
                 self._free -= 1
                 child.start(self, slot=True)
+
+
+class _Seen:
+    """The keys of a prefix's flat pages so far, and what they say about its folders: is the
+    rest quicker to list as the chain of pages, or folder by folder?
+
+    The chain moves one page per round trip. The fan-out lists `lookahead` folders per round
+    trip, each at most a page; so folders of a few keys each move fewer keys per round trip
+    than the chain does (16 folders of 50 keys: 800 keys where a page holds 1,000), and it
+    pays a handshake for its new connections. 2,000 keys in 40 folders behind 80 ms: 0.21 s
+    as a chain, 0.28-0.39 s fanned out (`listing_latency --model`)."""
+
+    __slots__ = ("folders", "keys", "page", "prefix")
+
+    def __init__(self, prefix: str, page: int) -> None:
+        self.prefix = prefix
+        self.page = page  # keys a page holds (the first page's count)
+        self.keys = 0
+        self.folders: set[str] = set()
+
+    def add(self, entries: list[ObjectInfo]) -> None:
+        start = len(self.prefix)
+        for entry in entries:
+            key = entry.key
+            cut = key.find(DELIMITER, start)
+            self.folders.add(key[start : cut + 1] if cut >= 0 else key)
+        self.keys += len(entries)
+
+    def chain_is_quicker(self, folders_left: int, lookahead: int) -> bool:
+        """Round trips for `folders_left` folders of the density seen so far: as the chain,
+        and fanned out (one more for the new connections' handshakes)."""
+        per_folder = self.keys / max(len(self.folders), 1)
+        chain = math.ceil(folders_left * per_folder / self.page)
+        fan_out = 1 + math.ceil(folders_left / lookahead) * math.ceil(per_folder / self.page)
+        return chain <= fan_out
 
 
 def _in_order(

@@ -74,7 +74,9 @@ async def test_large_listing_reaches_its_folders_after_two_round_trips() -> None
     assert sorted((p, d) for w, p, d in bucket.sent if w == 0) == [("vol/", False), ("vol/", True)]
     first_folder = min(w for w, p, _ in bucket.sent if p != "vol/")
     assert first_folder == 1  # was 2: flat page, then delimited listing, then the folders
-    assert listing.wasted == 0
+    # The first folder, entered after the first page's last key, holds two pages more: its
+    # delimited listing, sent beside its second page, is the one request not needed.
+    assert listing.wasted == 1
     assert bucket.requests == len(bucket.sent)
 
 
@@ -117,3 +119,29 @@ def test_speculative_listing_is_the_one_chain_with_both_first_requests_together(
     assert listed == [k for k in bucket.keys if k.startswith(prefix)]
     # Both listings of the prefix go out in the first round trip, whatever the tree.
     assert sorted((p, d) for w, p, d in bucket.sent if w == 0) == [(prefix, False), (prefix, True)]
+
+
+async def test_prefix_of_two_pages_ends_one_round_trip_after_the_first_page() -> None:
+    # Not known to be large: the second page goes out beside the delimited listing, and ends
+    # it (was: the delimited listing, then its folders: a round trip more per wave of 16).
+    bucket = WaveBucket(_tree(40, 5), page_keys=100)
+    keys, listing = await _listed_in_waves(bucket, "vol/", speculate=False)
+    assert keys == bucket.keys
+    assert max(w for w, _, _ in bucket.sent) == 1
+    assert sorted((w, p, d) for w, p, d in bucket.sent) == [
+        (0, "vol/", False),
+        (1, "vol/", False),
+        (1, "vol/", True),
+    ]
+    assert listing.wasted == 1
+
+
+async def test_folders_of_few_keys_are_listed_as_the_chain_of_pages() -> None:
+    # 5,000 keys in 100 folders of 50 (the benchmark's SMALL): 16 folders a round trip move
+    # 800 keys, a page 1,000, so the rest goes on as the chain: 5 round trips, not 1 + 5 waves.
+    bucket = WaveBucket(_tree(100, 50), page_keys=1000)
+    keys, listing = await _listed_in_waves(bucket, "vol/", speculate=True)
+    assert keys == bucket.keys
+    assert {p for _, p, _ in bucket.sent} == {"vol/"}  # no folder listed on its own
+    assert max(w for w, _, _ in bucket.sent) == 4
+    assert listing.wasted == 1  # the delimited listing, sent beside the first page
