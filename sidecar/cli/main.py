@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -33,6 +34,14 @@ from sidecar.core.options import (
 EXIT_OK = 0
 EXIT_SYNC_FAILED = 1
 EXIT_USAGE = 2
+
+# The collector's young generation in a sidecar process (Python's default: 700 allocations).
+# A sync allocates containers by the hundred thousand that never become garbage (listing
+# entries, scan results, plan actions): at 700 a first pull of 20,000 files ran the collector
+# ~1,100 times, 9 of them full collections, 0.85 s of its ~7.5 s of CPU; at 10,000, 0.24 s
+# (a no-op pull of 2,000 files: 14 -> 8 ms). Cyclic garbage waits at most that many
+# allocations longer: a few MiB at most.
+GC_YOUNG_GENERATION = 10_000
 
 
 def _add_options(parser: argparse.ArgumentParser, scope: str) -> None:
@@ -90,7 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_collector() -> None:
+    """For a sidecar process (not a library caller): what was imported so far lives as long
+    as the process, so the collector stops scanning it, and collects less often."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_GENERATION, 20, 20)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the process's own command line: this process is a sidecar
+        tune_collector()
     args = build_parser().parse_args(argv)
     env = os.environ
     try:
