@@ -11,7 +11,7 @@ import xxhash
 CHUNK = 1024 * 1024  # per hashing thread; larger buffers only add RSS
 
 
-class _Hasher(Protocol):
+class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
 
@@ -24,7 +24,7 @@ def content_hash_bytes(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _hash_file(path: str | os.PathLike[str], hasher: _Hasher) -> str:
+def _hash_file(path: str | os.PathLike[str], hasher: Hasher) -> str:
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:

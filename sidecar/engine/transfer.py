@@ -37,6 +37,7 @@ from sidecar.engine.folder import (
     same_file,
 )
 from sidecar.engine.hashing import (
+    Hasher,
     content_hash_bytes,
     content_hash_fd,
     content_hash_file,
@@ -68,6 +69,7 @@ CHANGE_ATTEMPTS = 3
 INLINE_READ_LIMIT = 256 * 1024  # smaller files are read on the loop; a thread hop costs more
 PLACE_ATTEMPTS = 3  # a file the user keeps re-creating at the target while we place ours
 COPY_NAME_ATTEMPTS = 20  # conflict-copy names taken by someone else meanwhile
+HASH_SLICE = 256 * 1024  # a received range is written and hashed this much at a time
 FOLDER_MOVED = "its folder was moved or replaced during the download; the file was not placed"
 
 
@@ -423,11 +425,14 @@ class Transfers:
                     metadata.update(await fetch(offset, view))
                     # Writing and hashing on the I/O threads (both release the GIL): the
                     # loop goes on receiving the other ranges meanwhile, on the other core.
-                    await self._in_thread(_pwrite_all, fd, view, offset)
-                    if index != next_hash:
-                        waiting[index] = asyncio.Event()
-                        await waiting[index].wait()
-                    await self._in_thread(hasher.update, view)
+                    if index == next_hash:  # its turn to be hashed: one hop does both
+                        await self._in_thread(_pwrite_hashed, fd, view, offset, hasher)
+                    else:
+                        await self._in_thread(_pwrite_all, fd, view, offset)
+                        if index != next_hash:
+                            waiting[index] = asyncio.Event()
+                            await waiting[index].wait()
+                        await self._in_thread(hasher.update, view)
                     next_hash += 1
                     if next_hash in waiting:
                         waiting.pop(next_hash).set()
@@ -895,6 +900,16 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _pwrite_hashed(fd: int, data: memoryview, offset: int, hasher: Hasher) -> None:
+    """_pwrite_all, hashing each slice right after writing it, while the slice is still in
+    the CPU's cache (a whole range is far larger than the cache: hashed afterwards, every byte
+    came from memory again)."""
+    for start in range(0, len(data), HASH_SLICE):
+        piece = data[start : start + HASH_SLICE]
+        _pwrite_all(fd, piece, offset + start)
+        hasher.update(piece)
 
 
 def _read_file(path: str) -> bytes:

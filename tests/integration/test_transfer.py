@@ -191,6 +191,29 @@ async def test_ranged_downloads_in_flight_stay_within_the_memory_budget(
     assert (workdir / "local" / "big.bin").read_bytes() == data
 
 
+@pytest.mark.parametrize("arrival", ["in file order", "last range first"])
+async def test_a_ranged_download_hashes_the_file_in_order_whatever_order_ranges_arrive(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch, arrival: str
+) -> None:
+    """A range whose turn it is is written and hashed in one hop, slice by slice; the others
+    are written, then hashed when their turn comes: the hash is the file's either way."""
+    bucket = moto.new_bucket()
+    data = os.urandom(4 * PART + 12345)
+    remote = put_object(moto, bucket, "big.bin", data)
+    original = ObjectStore.get_range_into
+
+    async def delayed(self: ObjectStore, key: str, offset: int, *args: Any) -> Any:
+        if arrival == "last range first":
+            await asyncio.sleep(0.05 * (len(data) - offset) / PART)
+        return await original(self, key, offset, *args)
+
+    monkeypatch.setattr(ObjectStore, "get_range_into", delayed)
+    async with transfers(workdir, bucket, budget=8 * PART, concurrency=8) as engine:
+        done = await engine.download(download("big.bin", remote))
+    assert done.local.hash == content_hash_bytes(data)
+    assert (workdir / "local" / "big.bin").read_bytes() == data
+
+
 async def test_a_local_version_written_since_the_scan_is_kept_aside_not_overwritten(
     moto: S3Server, workdir: Path
 ) -> None:
