@@ -261,6 +261,9 @@ class _Half(Mapping[str, V], Generic[V]):
         self.pending = dict(content)
         self.count = len(self.pending)
         self.replaced = True
+        # The window holds the old table's rows: left, it answered for paths the new content
+        # left out (and put() counted their removal off a count that never had them).
+        self._forget_window()
 
     def written(self) -> None:
         """The pending changes are in the table now."""

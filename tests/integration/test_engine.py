@@ -366,6 +366,26 @@ async def test_a_file_hashed_racy_is_hashed_again_once_it_is_old(
     assert result.ok and result.files_transferred == 0 and hashed == []
 
 
+async def test_a_daemon_keeps_syncing_after_pushing_files_edited_just_now(
+    moto: S3Server, workdir: Path
+) -> None:
+    """One engine for many syncs, as the daemon runs it: pushing a file edited within the
+    racy margin dropped its cache row after the scan had replaced the cache, and the store
+    counted that removal off rows it no longer had. With one notebook in the folder the
+    count went to -1 and every later sync of that daemon failed (len() < 0) until a
+    restart."""
+    vol = volume(moto, workdir)
+    write(vol.local / "nb.ipynb", b"saved long ago", mtime_ns=OLD_NS)
+    async with SyncEngine(vol.cfg) as engine:
+        assert (await engine.run(FIN)).ok
+        for version in range(3):
+            write(vol.local / "nb.ipynb", b"saved just now %d" % version)
+            result = await engine.run(FIN)
+            assert result.ok and result.files_transferred == 1, result.as_dict()
+            assert len(engine.state.hash_cache) >= 0
+    assert vol.get("nb.ipynb") == b"saved just now 2"
+
+
 async def test_resume_after_cancel_does_not_resend(
     moto: S3Server, workdir: Path, request_counter: Counter[str]
 ) -> None:

@@ -380,3 +380,27 @@ def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Pat
     again.set_hash("f1", cached(1))
     assert not (tmp_path / "journal.jsonl").exists(), "an unchanged entry is no record"
     killed(again)
+
+
+def test_after_a_scan_replaced_the_cache_a_row_it_left_out_is_gone_from_lookups(
+    tmp_path: Path,
+) -> None:
+    """The scan looks rows up (a window of them is read), then the cache becomes what it saw
+    (a racy file left out). The window read before must not answer for the old table: it
+    said the left-out row was still there, so the transfer's drop_hash recorded a removal
+    that took one from the count; a few such syncs in one daemon and len() went negative,
+    which failed every later sync (ValueError in cache_holds) until a restart."""
+    state = opened(tmp_path)
+    for index in range(4):
+        state.set_hash(f"f{index}", cached(index))
+    assert state.commit()
+    again = opened(tmp_path)
+    assert again.hash_cache.get("f0") == cached(0)  # the scan's lookup reads a window
+    again.replace_hash_cache({"f1": cached(1)})  # f0 (racy), f2, f3 (vanished) left out
+    assert "f0" not in again.hash_cache and again.hash_cache.get("f0") is None
+    again.drop_hash("f0")  # a transfer's racy file: nothing to drop
+    assert len(again.hash_cache) == 1 and dict(again.hash_cache) == {"f1": cached(1)}
+    assert again.commit()
+    assert len(again.hash_cache) == 1
+    killed(again)
+    assert dict(opened(tmp_path).hash_cache) == {"f1": cached(1)}
