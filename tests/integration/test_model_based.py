@@ -48,8 +48,10 @@ PATH = st.sampled_from(PATHS)
 PICK = st.integers(0, 15)
 
 
-def _pick(paths: list[str], index: int) -> str | None:
-    return paths[index % len(paths)] if paths else None
+def _on_picked(paths: list[str], index: int, act: Callable[[str], None]) -> None:
+    """`act` on the path `index` picks among `paths`, if there is any."""
+    if paths:
+        act(paths[index % len(paths)])
 
 
 # ---- the steps: small values with a readable repr, so a shrunk failure reads as a script -----
@@ -69,9 +71,7 @@ class LocalDelete:
     pick: int
 
     def apply(self, world: SyncWorld) -> None:
-        path = _pick(world.local_files(), self.pick)
-        if path is not None:
-            world.local_delete(path)
+        _on_picked(world.local_files(), self.pick, world.local_delete)
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,7 @@ class LocalChmod:
     pick: int
 
     def apply(self, world: SyncWorld) -> None:
-        path = _pick(world.local_files(), self.pick)
-        if path is not None:
-            world.local_chmod(path)
+        _on_picked(world.local_files(), self.pick, world.local_chmod)
 
 
 @dataclass(frozen=True)
@@ -90,9 +88,7 @@ class LocalRename:
     to: str
 
     def apply(self, world: SyncWorld) -> None:
-        path = _pick(world.local_files(), self.pick)
-        if path is not None:
-            world.local_rename(path, self.to)
+        _on_picked(world.local_files(), self.pick, lambda path: world.local_rename(path, self.to))
 
 
 @dataclass(frozen=True)
@@ -128,9 +124,7 @@ class OutsideDelete:
     pick: int
 
     def apply(self, world: SyncWorld) -> None:
-        path = _pick(world.remote_paths(), self.pick)
-        if path is not None:
-            world.outside_delete(path)
+        _on_picked(world.remote_paths(), self.pick, world.outside_delete)
 
 
 @dataclass(frozen=True)
@@ -143,11 +137,12 @@ class OutsideChmod:
     later: bool
 
     def apply(self, world: SyncWorld) -> None:
-        path = _pick(world.remote_paths(), self.pick)
-        if path is not None:
+        def chmod(path: str) -> None:
             if self.later:
                 world.wait_for_next_second()
             world.outside_chmod(path)
+
+        _on_picked(world.remote_paths(), self.pick, chmod)
 
 
 @dataclass(frozen=True)
@@ -274,14 +269,40 @@ def _run(
     test()
 
 
-def test_model_based_short(  # type: ignore[no-untyped-def]
-    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+def _explore(
+    server: S3Server,
+    scratch: Path,
+    caplog: pytest.LogCaptureFixture,
+    steps: int,
+    machine: type[SyncMachine] = SyncMachine,
 ) -> None:
+    """The long runs: random seeds, so each explores new sequences (a failure prints the
+    shrunk steps), until `steps` steps ran."""
+    while STATS["steps"] < steps:
+        _run(
+            server,
+            scratch,
+            caplog,
+            settings(max_examples=50, stateful_step_count=100, **_COMMON),
+            run_seed=None,
+            machine=machine,
+        )
+
+
+@pytest.fixture
+def model_s3(moto_s3: S3Server, s3_env) -> S3Server:  # type: ignore[no-untyped-def]
+    """moto, with the engine's credentials in the environment and the counts at zero."""
     s3_env(moto_s3)
     STATS.clear()
+    return moto_s3
+
+
+def test_model_based_short(
+    model_s3: S3Server, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A fixed seed: CI runs the same ~1,000 steps every time, so a red run is reproducible.
     _run(
-        moto_s3,
+        model_s3,
         workdir,
         caplog,
         settings(max_examples=27, stateful_step_count=50, **_COMMON),
@@ -294,21 +315,10 @@ def test_model_based_short(  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-def test_model_based_long(  # type: ignore[no-untyped-def]
-    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+def test_model_based_long(
+    model_s3: S3Server, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s3_env(moto_s3)
-    wanted = int(os.environ.get("SIDECAR_MODEL_STEPS", "20000"))
-    STATS.clear()
-    # Random seeds: each long run explores new sequences; a failure prints the shrunk steps.
-    while STATS["steps"] < wanted:
-        _run(
-            moto_s3,
-            workdir,
-            caplog,
-            settings(max_examples=50, stateful_step_count=100, **_COMMON),
-            run_seed=None,
-        )
+    _explore(model_s3, workdir, caplog, int(os.environ.get("SIDECAR_MODEL_STEPS", "20000")))
     print(f"model-based long run: {dict(STATS)}")
 
 
@@ -319,14 +329,12 @@ class BackupMachine(SyncMachine):
     backup = BackupMode.COPY
 
 
-def test_model_based_with_backups_short(  # type: ignore[no-untyped-def]
-    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+def test_model_based_with_backups_short(
+    model_s3: S3Server, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s3_env(moto_s3)
-    STATS.clear()
     # Few steps: the default run stays fast; the slow variant below runs more.
     _run(
-        moto_s3,
+        model_s3,
         workdir,
         caplog,
         settings(max_examples=6, stateful_step_count=40, **_COMMON),
@@ -338,21 +346,11 @@ def test_model_based_with_backups_short(  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-def test_model_based_with_backups_long(  # type: ignore[no-untyped-def]
-    moto_s3: S3Server, s3_env, workdir: Path, caplog: pytest.LogCaptureFixture
+def test_model_based_with_backups_long(
+    model_s3: S3Server, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s3_env(moto_s3)
-    wanted = int(os.environ.get("SIDECAR_MODEL_STEPS", "20000")) // 4
-    STATS.clear()
-    while STATS["steps"] < wanted:
-        _run(
-            moto_s3,
-            workdir,
-            caplog,
-            settings(max_examples=50, stateful_step_count=100, **_COMMON),
-            run_seed=None,
-            machine=BackupMachine,
-        )
+    steps = int(os.environ.get("SIDECAR_MODEL_STEPS", "20000")) // 4
+    _explore(model_s3, workdir, caplog, steps, BackupMachine)
     print(f"model-based long run with backups: {dict(STATS)}")
 
 
