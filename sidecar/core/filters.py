@@ -33,6 +33,12 @@ SYNCIGNORE_MAX_BYTES = 1024 * 1024  # a gitignore is a few hundred bytes; this i
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
+# Verdicts remembered at most: the scan, the listing and BASE stream by in key order, close
+# together, so a path is asked about again soon or never (a verdict of every path of a
+# million-file volume was ~100 MiB).
+VERDICTS_KEPT = 65536
+
+
 class PathFilter:
     def __init__(
         self,
@@ -49,6 +55,8 @@ class PathFilter:
         """True if the file at relpath takes part in the sync."""
         verdict = self._verdicts.get(relpath)
         if verdict is None:
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
             verdict = self._verdicts[relpath] = self._decide(relpath)
         return verdict
 

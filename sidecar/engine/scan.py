@@ -219,3 +219,18 @@ async def hash_files(
             del files[rel]
             continue
         files[rel] = replace(files[rel], hash=digest)
+
+
+async def hash_paths(
+    root: Path, files: list[tuple[str, int]], executor: ThreadPoolExecutor
+) -> dict[str, str | FileError]:
+    """The content hash of each (relative path, size), or why it could not be read; big
+    files first so a pool of workers finishes together, small ones in batches."""
+    loop = asyncio.get_running_loop()
+    ordered = sorted(files, key=lambda item: -item[1])
+    rels = [rel for rel, _ in ordered]
+    batches = _batches(rels, [size for _, size in ordered])
+    results = await asyncio.gather(
+        *(loop.run_in_executor(executor, _hash_batch, root, batch) for batch in batches)
+    )
+    return dict(zip(rels, [digest for batch in results for digest in batch], strict=True))

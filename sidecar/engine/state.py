@@ -591,9 +591,7 @@ class StateStore:
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]
-        if len(self.base.pending) + len(self.hash_cache.pending) >= FLUSH_AT:
-            self._write()
-            os.ftruncate(fd, 0)  # every record in it is in state.db now
+        self._flush_if_full()
 
     def _open_journal(self) -> int:
         if self._journal is not None:
@@ -644,6 +642,20 @@ class StateStore:
     def drop_hash(self, path: str) -> None:
         if path in self.hash_cache:
             self._record(["unhash", path])
+
+    def note_hash(self, path: str, entry: HashCacheEntry | None) -> None:
+        """The hash cache as a scan now sees `path` (None: no row), changed as the scan
+        streams by (sidecar/engine/inputs.py). No journal record: the cache is derivable from
+        the files; the changes go into state.db a batch at a time, as the records do."""
+        self.hash_cache.put(path, entry)
+        self._dirty = True
+        self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
+        if len(self.base.pending) + len(self.hash_cache.pending) >= FLUSH_AT:
+            self._write()
+            if self._journal is not None:
+                os.ftruncate(self._journal, 0)  # every record in it is in state.db now
 
     def replace_hash_cache(self, entries: Mapping[str, HashCacheEntry]) -> None:
         """After a scan: the cache is exactly what the scan saw (no journal: derivable). It is

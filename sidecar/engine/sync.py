@@ -15,23 +15,29 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from sys import intern
 from typing import Any, ClassVar
 
-from sidecar.core.agreement import agreed, cache_entry, cache_holds, cacheable, learned
+from sidecar.core.agreement import agreed, cache_entry, cacheable, learned
 from sidecar.core.backup import (
     NETVOL_PREFIX,
     BackupMode,
     UndoReport,
-    is_bookkeeping,
     new_sync_id,
 )
 from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, parse_syncignore
-from sidecar.core.merge import OutOfOrder, Triple
+from sidecar.core.merge import OutOfOrder, Triple, merge
 from sidecar.core.model import (
     UNHASHED,
     Action,
@@ -40,19 +46,17 @@ from sidecar.core.model import (
     Direction,
     FileError,
     LocalFile,
-    Plan,
     RemoteObject,
 )
 from sidecar.core.options import SyncConfig
-from sidecar.core.paths import BadKey, folder_markers, key_to_relpath
 from sidecar.core.phases import (
     TRANSFER_KINDS,
     action_bytes,
 )
-from sidecar.core.planner import DeletePolicy, Walk, finish, needs_remote_hash, triples
+from sidecar.core.planner import DeletePolicy, Walk, finish, needs_remote_hash
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
-from sidecar.core.shard import ShardFilter, SizeTally, temp_tag
+from sidecar.core.shard import ShardFilter, temp_tag
 from sidecar.core.units import format_bytes
 from sidecar.engine.backup import (
     LOCAL_COPY_CAP,
@@ -66,9 +70,21 @@ from sidecar.engine.backup import (
 )
 from sidecar.engine.execute import DownloadOrder, Execution, run_bounded
 from sidecar.engine.hashing import md5_file, new_content_hasher
+from sidecar.engine.inputs import (
+    CachedHashes,
+    Chunk,
+    Fed,
+    ListingTally,
+    ScanPump,
+    Spool,
+    cached_chunks,
+    chunks_of,
+    listed_chunks,
+    unmarked,
+)
 from sidecar.engine.limits import LimitedStore, Limits
 from sidecar.engine.lock import LockBusy, SyncLock
-from sidecar.engine.scan import ScanResult, hash_files, scan
+from sidecar.engine.scan import ScanResult, hash_paths
 from sidecar.engine.state import StateError, StateStore, state_path_for
 from sidecar.engine.threads import SettlingExecutor, default_io_threads
 from sidecar.engine.transfer import Settings, Transfers, gather_or_cancel
@@ -89,30 +105,88 @@ _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 @dataclass(slots=True)
 class _Held:
-    """Paths of the planner's walk waiting for HEADs: the ones asked about and every path
-    after the first of them (decided in key order once the answers are in)."""
+    """Paths of the planner's walk waiting for hashes or HEADs: the ones waiting and every
+    path after the first of them (decided in key order once the answers are in)."""
 
     triples: list[Triple[LocalFile, RemoteObject, BaseEntry]] = field(default_factory=list)
-    asking: list[str] = field(default_factory=list)
+    asking: list[Triple[LocalFile, RemoteObject, BaseEntry]] = field(default_factory=list)
+    hashing: list[Triple[LocalFile, RemoteObject, BaseEntry]] = field(default_factory=list)
 
-    # A batch of HEADs at a time (enough to keep --concurrency busy), and never more than
-    # this many paths held: a first sync over a folder that has the data asks about each.
+    # A batch of HEADs (or hashes) at a time (enough to keep --concurrency busy), and never
+    # more than this many paths held: a first sync over a folder that has the data asks
+    # about each.
     ASK_BATCH: ClassVar[int] = 1024
     HOLD_MAX: ClassVar[int] = 8192
 
     def full(self) -> bool:
-        return len(self.asking) >= self.ASK_BATCH or len(self.triples) >= self.HOLD_MAX
+        return (
+            len(self.asking) >= self.ASK_BATCH
+            or len(self.hashing) >= self.ASK_BATCH
+            or len(self.triples) >= self.HOLD_MAX
+        )
+
+
+class _NameUnknown(Exception):
+    """A conflict copy's name the walk has not asked the bucket about yet."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _NameOracle:
+    """Whether a conflict copy's name is in use, without a map of either side: any entry in
+    the local folder (an lstat: conflicts are rare), or an object in the bucket (a HEAD,
+    asked by the walk before the decision that needs it: `_NameUnknown` until then). After
+    the walk, a name never asked about counts as free in the bucket: the transfer that makes
+    the copy finds a taken name (a conditional write) and takes the next."""
+
+    def __init__(self, root: Path, path_filter: PathFilter) -> None:
+        self._root = str(root)
+        self._filter = path_filter
+        self.remote: dict[str, bool] = {}
+        self.walking = True
+
+    def taken(self, name: str) -> bool:
+        try:
+            os.lstat(f"{self._root}/{name}")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError:
+            pass  # cannot tell (e.g. no access): the transfer will find out
+        else:
+            return True
+        if not self._filter.wants(name):
+            return False  # not in the listing the old map was made of
+        known = self.remote.get(name)
+        if known is None and self.walking:
+            raise _NameUnknown(name)
+        return bool(known)
+
+    async def ask(self, store: Store, prefix: str, name: str) -> None:
+        try:
+            await store.head(prefix + name)
+        except S3Error as exc:
+            # Unknown (the HEAD failed): taken, so the copy takes another name.
+            self.remote[name] = not exc.not_found
+            return
+        self.remote[name] = True
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the streamed walk leaves besides BASE: the walk (its plan, and the counts and
+    clashes the rules over the whole plan need), errors, and (--shard) every shard's sizes."""
+
+    hashed_at: int  # before any byte was read: the racy rule's clock
+    walk: Walk = field(init=False)
+    tally: ListingTally = field(default_factory=ListingTally)
+    hash_errors: list[FileError] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
 
 
 class FatalSync(Exception):
     """The sync cannot run at all; nothing was changed."""
-
-
-@dataclass(slots=True)
-class _Listing:
-    objects: dict[str, RemoteObject] = field(default_factory=dict)
-    errors: list[FileError] = field(default_factory=list)
-    volume: SizeTally = field(default_factory=SizeTally)  # all shards' objects (--shard)
 
 
 class SyncEngine:
@@ -355,51 +429,28 @@ class SyncEngine:
         result.errors.extend(syncignore_errors)
         path_filter = ShardFilter(config.include, config.exclude, syncignore_text, config.shard)
         progress.phase = "scanning"
-        scanned, listing = await asyncio.gather(
-            self._scan(path_filter), self._list(store, path_filter)
-        )
-        if config.shard is not None and (limit := listing.volume.limit(config.shard.count)):
+        if self.state.sending:
+            await self._settle_pending_writes(store, path_filter)
+        # The scan and the listing stream into the planner's walk: no map of either side.
+        seen = await self._streamed_walk(store, direction, path_filter)
+        hashed_at = seen.hashed_at
+        if config.shard is not None and (limit := seen.tally.volume.limit(config.shard.count)):
             result.notes.append(limit.message())
             log.warning("shard %s: %s", config.shard, limit.message())
-        if self.state.sending:
-            await self._settle_pending_writes(store, listing.objects, path_filter)
-        base: Mapping[str, BaseEntry] = self.state.base
-        if not all(map(path_filter.wants, base)):
-            base = {p: e for p, e in base.items() if path_filter.wants(p)}
-        # else BASE itself, not a copy of it (a million entries): what follows reads it, and
-        # changes it only as state.set_base does anyway.
-        del path_filter  # and with it its verdict of every path, no longer asked
-        # Hashes only where a decision needs one: a file with no BASE entry and no object at
-        # its path is sent whatever it holds, and its upload hashes the bytes it sends (a
-        # first finalize of 5,000 small files read each one once instead of twice).
-        hashed_at = time.time_ns()  # before any byte is read: the racy rule's clock
-        await hash_files(
-            config.local_dir,
-            scanned,
-            [
-                path
-                for path, file in scanned.files.items()
-                if file.hash == UNHASHED and (path in base or path in listing.objects)
-            ],
-            self._executor,
-        )
-        if not cache_holds(self.state.hash_cache, scanned.files, hashed_at):
-            self.state.replace_hash_cache(
-                {p: cache_entry(f) for p, f in scanned.files.items() if cacheable(f, hashed_at)}
-            )
-        remote = listing.objects  # HEADs update it in place (_ask_bucket)
 
         progress.phase = "planning"
         # Without the patterns of an unusable .syncignore, paths it hid are visible: never
         # delete on that view.
-        input_errors = syncignore_unusable + scanned.errors + listing.errors
+        input_errors = syncignore_unusable + seen.errors
         policy = DeletePolicy(
             allowed=not input_errors,
             why_not="the scan, listing or .syncignore had errors (see errors)",
             max_fraction=config.max_delete_fraction,
             force=config.force_delete,
         )
-        walk, the_plan = await self._plan(store, direction, scanned.files, remote, base, policy)
+        walk = seen.walk
+        the_plan = finish(walk, policy)
+        del seen
         result.errors.extend(input_errors + the_plan.errors)
         result.conflicts.extend(the_plan.conflicts)
         result.files_skipped = the_plan.skipped
@@ -562,31 +613,33 @@ class SyncEngine:
         text, problems = parse_syncignore(data)
         return text, [FileError(SYNCIGNORE, problem) for problem in problems], []
 
-    async def _settle_pending_writes(
-        self, store: Store, remote: dict[str, RemoteObject], path_filter: PathFilter
-    ) -> None:
+    async def _settle_pending_writes(self, store: Store, path_filter: PathFilter) -> None:
         """Writes a killed run sent without learning their outcome: where the object now
         holds exactly what was sent (our hash and mode in its metadata), it is our own write
         and becomes BASE, so an edit made since is not taken for a conflict with ourselves.
-        One HEAD per such write, only after an interrupted run."""
+        One HEAD per such write (no listing needed: they are few), only after an interrupted
+        run. BASE gets no LastModified here: the listing's form of it is learnt by the walk."""
         state = self.state
+        prefix = self.config.prefix
 
         async def settle(path: str, size: int, digest: str, executable: bool) -> None:
-            obj = remote.get(path)
-            if obj is None or obj.size != size:
-                state.write_settled(path)  # it did not land, or was replaced since
-                return
+            key = prefix + path
             try:
-                info = await store.head(obj.key)
+                info = await store.head(key)
             except S3Error as exc:
-                log.warning("%s: HEAD failed (%s); will ask again next sync", obj.key, exc)
+                if exc.not_found:
+                    state.write_settled(path)  # it did not land, or was deleted since
+                else:
+                    log.warning("%s: HEAD failed (%s); will ask again next sync", key, exc)
                 return
             labels = read_labels(info.metadata)
-            if labels.hash == digest and labels.executable == executable:
-                log.info("%s: the write an interrupted run sent had landed; recorded", obj.key)
-                state.set_base(path, agreed(size, digest, executable, obj))
+            if info.size == size and labels.hash == digest and labels.executable == executable:
+                log.info("%s: the write an interrupted run sent had landed; recorded", key)
+                state.set_base(
+                    path, agreed(size, digest, executable, RemoteObject(key, size, info.etag))
+                )
             else:
-                state.write_settled(path)
+                state.write_settled(path)  # replaced since
 
         await gather_or_cancel(
             [
@@ -621,159 +674,202 @@ class SyncEngine:
                 )
             self.state.upload_create_ended(key)
 
-    async def _scan(self, path_filter: PathFilter) -> ScanResult:
-        if not self.config.local_dir.is_dir():
-            return ScanResult()  # dry-run pull into a folder that does not exist yet
-        scanned = await scan(
-            self.config.local_dir, path_filter, self.state.hash_cache, self._executor
-        )
-        if scanned.temps_removed:
-            log.info("removed %d temp file(s) of an interrupted run", scanned.temps_removed)
-        if scanned.symlinks_skipped:
-            log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
-        if scanned.specials_skipped:
-            log.info(
-                "skipped %d special file(s) (FIFO, socket, device): only regular files are synced",
-                scanned.specials_skipped,
-            )
-        return scanned
-
-    async def _list(self, store: Store, path_filter: ShardFilter) -> _Listing:
-        listing = _Listing()
-        prefix = self.config.prefix
-        known = len(self.state.base)
+    async def _streamed_walk(
+        self, store: Store, direction: Direction, path_filter: ShardFilter
+    ) -> _Seen:
+        """Every path decided as the scan, the listing and BASE stream by in key order. A
+        side out of key order (a server listing so) stops the walk before anything it
+        decided is carried out; it is done again over a sorted copy of the scan and the
+        listing spooled on disk (what the first try learnt stays in BASE)."""
         try:
-            # As many keys as the last sync saw: a large prefix lists one round trip sooner.
-            # A first sync: every object listed is a download to come, its connection opened
-            # while the listing goes on (only on a long link).
-            # The fan-out leaves .netvol/ out (backups may outnumber the data); the pruner
-            # then lists the oldest of them itself.
-            pages = store.list(
-                prefix,
-                expect_keys=known,
-                warm=not known,
-                skip=frozenset({prefix + NETVOL_PREFIX}),
-                skipped=self._listing_skipped,
+            return await self._stream_once(store, direction, path_filter, None)
+        except OutOfOrder as exc:
+            log.warning("%s; deciding again over a sorted copy of the scan and the listing", exc)
+        spool = Spool(self.state.directory)  # rare: written from the loop, a chunk at a time
+        try:
+            return await self._stream_once(store, direction, path_filter, spool)
+        finally:
+            spool.close()
+
+    async def _stream_once(
+        self,
+        store: Store,
+        direction: Direction,
+        path_filter: ShardFilter,
+        spool: Spool | None,
+    ) -> _Seen:
+        seen = _Seen(time.time_ns())
+        root = self.config.local_dir
+        scanned = ScanResult()
+        async with contextlib.AsyncExitStack() as stack:
+            local: AsyncIterator[Chunk[LocalFile]] = _nothing()
+            if root.is_dir():  # a dry-run pull may have no folder yet
+                pump = await stack.enter_async_context(ScanPump(root, path_filter, scanned))
+                local = pump.chunks()
+            listing = self._listed(store, path_filter, seen.tally, drop_markers=spool is None)
+            # Ended with the walk, also when it stops early: its look-ahead tasks with it.
+            stack.push_async_callback(listing.aclose)
+            remote: AsyncIterator[Chunk[RemoteObject]] = listing
+            if spool is not None:
+                for_spool: list[tuple[AsyncIterator[Any], Callable[[Any], None]]] = [
+                    (local, spool.add_local),
+                    (remote, spool.add_remote),
+                ]
+                for source, add in for_spool:
+                    async for chunk in source:
+                        add(chunk)
+                local, remote = chunks_of(spool.local()), unmarked(spool.remote())
+            local = cached_chunks(local, CachedHashes(self.state))
+            base = (
+                (path, entry)
+                for path, entry in self.state.base.ordered_items()
+                if path_filter.wants(path)
             )
-            async for page in pages:
-                for item in page:
-                    try:
-                        relpath = key_to_relpath(prefix, item.key)
-                    except BadKey as exc:
-                        listing.errors.append(FileError(item.key, f"skipped: {exc}"))
-                        continue
-                    if relpath is not None and is_bookkeeping(relpath):
-                        if self._pruner is not None:
-                            self._pruner.saw(relpath)  # .netvol/: never data
-                        continue
-                    if relpath is None or not path_filter.wants_any_shard(relpath):
-                        continue
-                    listing.volume.add(relpath, item.size)
-                    if not path_filter.wants(relpath):
-                        continue
-                    # Interned: one string per path, ETag and LastModified second, shared
-                    # with the scan and BASE (about 200 bytes a file; see scan._walk).
-                    listing.objects[intern(relpath)] = RemoteObject(
-                        item.key, item.size, intern(item.etag), intern(item.last_modified)
-                    )
+            names = _NameOracle(root, path_filter)
+            seen.walk = Walk(direction, datetime.now(UTC), names.taken)
+            await self._walk(store, direction, Fed(local), Fed(remote), base, seen, names)
+            names.walking = False  # the transfers' conflict copies ask it too
+        _log_scan(scanned)
+        seen.errors = scanned.errors + seen.hash_errors + seen.tally.errors
+        return seen
+
+    async def _listed(
+        self, store: Store, path_filter: ShardFilter, tally: ListingTally, drop_markers: bool
+    ) -> AsyncGenerator[Chunk[RemoteObject], None]:
+        prefix = self.config.prefix
+        # As many keys as the last sync saw: a large prefix lists one round trip sooner.
+        # A first sync: every object listed is a download to come, its connection opened
+        # while the listing goes on (only on a long link).
+        # The fan-out leaves .netvol/ out (backups may outnumber the data); the pruner
+        # then lists the oldest of them itself.
+        known = len(self.state.base)
+        pages = store.list(
+            prefix,
+            expect_keys=known,
+            warm=not known,
+            skip=frozenset({prefix + NETVOL_PREFIX}),
+            skipped=self._listing_skipped,
+        )
+        try:
+            async for chunk in listed_chunks(
+                pages, prefix, path_filter, tally, self._saw_bookkeeping, drop_markers
+            ):
+                yield chunk
         except S3Error as exc:
             if exc.fatal or exc.not_found:
                 raise FatalSync(f"cannot list {self.config.remote_url}: {exc.message}") from None
             raise FatalSync(f"listing {self.config.remote_url} failed: {exc.message}") from None
-        for path in folder_markers(listing.objects):
-            del listing.objects[path]
-        return listing
+
+    def _saw_bookkeeping(self, relpath: str) -> None:
+        if self._pruner is not None:
+            self._pruner.saw(relpath)  # .netvol/: never data
 
     def _listing_skipped(self, _sub_prefix: str) -> None:
         if self._pruner is not None:
             self._pruner.missed = True
 
-    async def _plan(
-        self,
-        store: Store,
-        direction: Direction,
-        local: dict[str, LocalFile],
-        remote: dict[str, RemoteObject],
-        base: Mapping[str, BaseEntry],
-        policy: DeletePolicy,
-    ) -> tuple[Walk, Plan]:
-        """The planner's walk, and in it what BASE learns from the listing and the HEADs a
-        decision needs (planner.needs_remote_hash): one pass over BASE, each row read (and
-        its ETags parsed) once; three passes cost ~10 us a file on a no-op."""
-        try:
-            walk = await self._walk(store, direction, local, remote, base, in_order=True)
-        except OutOfOrder:
-            # Again with every side sorted: the same decisions. What the first try learnt
-            # and asked stays in BASE and `remote`.
-            walk = await self._walk(store, direction, local, remote, base, in_order=False)
-        return walk, finish(walk, policy)
-
     async def _walk(
         self,
         store: Store,
         direction: Direction,
-        local: dict[str, LocalFile],
-        remote: dict[str, RemoteObject],
-        base: Mapping[str, BaseEntry],
-        in_order: bool,
-    ) -> Walk:
-        """Every path decided in key order. A path whose decision waits for a HEAD holds the
-        paths after it until a batch of HEADs is answered (a bounded number), so decisions
-        (and the conflict copies they name) come in the same order as with no HEAD at all."""
-        walk = Walk(direction, datetime.now(UTC), self._name_taken(remote))
+        local: Fed[LocalFile],
+        remote: Fed[RemoteObject],
+        base: Iterator[tuple[str, BaseEntry]],
+        seen: _Seen,
+        names: _NameOracle,
+    ) -> None:
+        """Every path decided in key order. A path whose decision waits for a hash or a
+        HEAD holds the paths after it until a batch of them is answered (a bounded number),
+        so decisions (and the conflict copies they name) come in the same order as with no
+        wait at all. A local file is hashed only where its path has a BASE entry or an
+        object: any other is sent whatever it holds, and its upload hashes what it sends."""
         held = _Held()
-        for t in triples(local, remote, base, in_order):
-            if needs_remote_hash(t.local, t.remote, t.base):
-                held.asking.append(t.path)
+        merged = merge(local, remote, base)
+        while True:
+            if local.hungry:
+                await local.fill()
+            if remote.hungry:
+                await remote.fill()
+            t = next(merged, None)
+            if t is None:
+                break
+            lf = t.local
+            if (
+                lf is not None
+                and lf.hash == UNHASHED
+                and (t.base is not None or t.remote is not None)
+            ):
+                held.hashing.append(t)
+            elif needs_remote_hash(lf, t.remote, t.base):
+                held.asking.append(t)
             elif not held.triples:
-                self._decide(walk, t.path, t.local, t.remote, t.base)
+                await self._decide(store, t, seen, names)
                 continue
             held.triples.append(t)
             if held.full():
-                await self._decide_held(store, direction, walk, local, remote, held)
-        await self._decide_held(store, direction, walk, local, remote, held)
-        return walk
+                await self._decide_held(store, direction, held, seen, names)
+        await self._decide_held(store, direction, held, seen, names)
 
     async def _decide_held(
-        self,
-        store: Store,
-        direction: Direction,
-        walk: Walk,
-        local: dict[str, LocalFile],
-        remote: dict[str, RemoteObject],
-        held: _Held,
+        self, store: Store, direction: Direction, held: _Held, seen: _Seen, names: _NameOracle
     ) -> None:
-        """Ask the bucket about the held paths that need it, then decide every held path in
-        key order (and let them go)."""
-        await self._ask_bucket(store, local, remote, held.asking, direction)
+        """Hash the held files that need it, ask the bucket about the held paths that need
+        it, then decide every held path in key order (and let them go)."""
+        if held.hashing:
+            await self._hash_held(held.hashing, seen)
+            held.asking += [t for t in held.hashing if needs_remote_hash(t.local, t.remote, t.base)]
+        await self._ask_bucket(store, held.asking, direction)
         for t in held.triples:
-            # The listed object, or what the HEAD made of it (updated in place).
-            ro = remote.get(t.path) if t.remote is not None else None
-            self._decide(walk, t.path, t.local, ro, t.base)
+            await self._decide(store, t, seen, names)
         held.triples.clear()
         held.asking.clear()
+        held.hashing.clear()
 
-    def _decide(
+    async def _hash_held(
+        self, waiting: list[Triple[LocalFile, RemoteObject, BaseEntry]], seen: _Seen
+    ) -> None:
+        """The content hash of each waiting file (in batches on the executor); one that
+        cannot be read is an error and takes no part (as if not scanned). A hash that is not
+        racy goes into the hash cache."""
+        root = self.config.local_dir
+        files = [(t.path, t.local.size) for t in waiting if t.local is not None]
+        digests = await hash_paths(root, files, self._executor)
+        for t in waiting:
+            digest = digests[t.path]
+            if isinstance(digest, FileError):
+                seen.hash_errors.append(digest)
+                t.local = None
+                continue
+            assert t.local is not None
+            t.local = local = replace(t.local, hash=digest)
+            if cacheable(local, seen.hashed_at):
+                self.state.note_hash(t.path, cache_entry(local))
+
+    async def _decide(
         self,
-        walk: Walk,
-        path: str,
-        lf: LocalFile | None,
-        ro: RemoteObject | None,
-        be: BaseEntry | None,
+        store: Store,
+        t: Triple[LocalFile, RemoteObject, BaseEntry],
+        seen: _Seen,
+        names: _NameOracle,
     ) -> None:
         """Record what the listing teaches about this unchanged object (core.agreement),
         then plan the path on BASE as it now is."""
+        path, lf, ro, be = t.path, t.local, t.remote, t.base
         if ro is not None and (entry := learned(be, ro)) is not None:
             self.state.set_base(path, entry)
             be = entry
-        walk.decide(path, lf, ro, be)
+        while True:
+            try:
+                seen.walk.decide(path, lf, ro, be)
+                return
+            except _NameUnknown as unknown:
+                # A conflict copy's name: is it an object in the bucket? (rare: a HEAD each)
+                await names.ask(store, self.config.prefix, unknown.name)
 
     async def _ask_bucket(
         self,
         store: Store,
-        local: Mapping[str, LocalFile],
-        remote: dict[str, RemoteObject],
-        wanted: list[str],
+        wanted: list[Triple[LocalFile, RemoteObject, BaseEntry]],
         direction: Direction,
     ) -> None:
         """HEAD only the objects whose content hash could change a decision.
@@ -786,8 +882,9 @@ class SyncEngine:
         if not wanted:
             return
 
-        async def resolve(path: str) -> None:
-            obj = remote[path]
+        async def resolve(t: Triple[LocalFile, RemoteObject, BaseEntry]) -> None:
+            obj = t.remote
+            assert obj is not None
             try:
                 info = await store.head(obj.key)
             except S3Error as exc:
@@ -796,43 +893,21 @@ class SyncEngine:
             labels = read_labels(info.metadata)
             digest = labels.hash
             if digest:
-                remote[path] = replace(obj, hash=digest, executable=labels.executable)
-            elif path not in local:
+                t.remote = replace(obj, hash=digest, executable=labels.executable)
+            elif t.local is None:
                 return  # asked for the mode and hash only (planner.needs_remote_hash)
             elif _PLAIN_MD5.match(obj.etag) and not info.etag_is_opaque:
                 # A foreign single-part object: its ETag is the MD5 of its bytes.
                 md5 = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, md5_file, self.config.local_dir / path
+                    self._executor, md5_file, self.config.local_dir / t.path
                 )
-                remote[path] = replace(obj, md5_matches_local=(md5 == obj.etag))
+                t.remote = replace(obj, md5_matches_local=(md5 == obj.etag))
             elif direction is Direction.FINALIZE:
-                remote[path] = await _hash_by_download(store, obj)
+                t.remote = await _hash_by_download(store, obj)
 
-        # Updated in place: the listing's own map, which nothing reads after this (a copy
-        # was a second map of every object, ~40 MiB at 1 M files, just for a few changes).
         # A bounded pool of workers, not a task per object: a first sync over a folder that
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
         await run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
-
-    def _name_taken(self, remote: Container[str]) -> Callable[[str], bool]:
-        """Whether a conflict copy's name is in use: a local name (an lstat: conflicts are
-        rare) or an object the listing showed. A copy's name taken after all is found by the
-        transfer that makes it (a no-replace rename, a conditional copy) and the next one is
-        taken."""
-        root = str(self.config.local_dir)
-
-        def taken(name: str) -> bool:
-            if name in remote:
-                return True
-            try:
-                os.lstat(f"{root}/{name}")
-            except (FileNotFoundError, NotADirectoryError):
-                return False
-            except OSError:
-                return False  # cannot tell (e.g. no access): the transfer will find out
-            return True
-
-        return taken
 
     def _check_free_space(self, downloads: Iterable[Action]) -> None:
         needed = sum(a.remote.size for a in downloads if a.remote is not None)
@@ -866,6 +941,23 @@ class SyncEngine:
             hashed_at=hashed_at,
         )
         await execution.run(actions)
+
+
+async def _nothing() -> AsyncIterator[Chunk[LocalFile]]:
+    return
+    yield
+
+
+def _log_scan(scanned: ScanResult) -> None:
+    if scanned.temps_removed:
+        log.info("removed %d temp file(s) of an interrupted run", scanned.temps_removed)
+    if scanned.symlinks_skipped:
+        log.info("skipped %d symlink(s): symlinks are not synced", scanned.symlinks_skipped)
+    if scanned.specials_skipped:
+        log.info(
+            "skipped %d special file(s) (FIFO, socket, device): only regular files are synced",
+            scanned.specials_skipped,
+        )
 
 
 async def _hash_by_download(store: Store, obj: RemoteObject) -> RemoteObject:
