@@ -52,6 +52,33 @@ def last(daemon: Daemon, operation: str) -> dict | None:
     return daemon.status()["last_results"].get(operation)
 
 
+def background_complete(daemon: Daemon) -> None:
+    daemon.wait_until(
+        lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
+    )
+
+
+def one_waiting(daemon: Daemon) -> None:
+    """Until one /wait request (or `sidecar wait`) waits on the background pull."""
+    daemon.wait_until(
+        lambda: daemon.status()["background_pull"]["waiting_requests"] == 1, 10, "the wait"
+    )
+
+
+def held_background(
+    s3: LocalS3, start_daemon: StartDaemon, proxy: KeyGate, *flags: str, pending: int = 4
+) -> Daemon:
+    """A ready daemon whose background pull is pinned: bg/0 in flight (held at the proxy),
+    the other `pending` - 1 bg/ files not started (one file at a time)."""
+    daemon = start_daemon(
+        s3, *PRIORITY, "--concurrency", "1", *flags, env={"AWS_ENDPOINT_URL": proxy.endpoint}
+    )
+    daemon.wait_ready()
+    daemon.wait_until(lambda: proxy.got("bg/0.bin") == 1, 10, "the first background GET")
+    assert daemon.status()["background_pull"]["files_pending"] == pending
+    return daemon
+
+
 def test_ready_once_the_priority_set_is_local_then_the_rest_arrives(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
@@ -84,9 +111,7 @@ def test_ready_once_the_priority_set_is_local_then_the_rest_arrives(
         # Smallest first: big0 (2 MiB) was asked for before big1 (3 MiB).
         assert "data/big1.bin" not in proxy.gets
         proxy.release()
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(daemon)
         for name, data in files.items():
             assert (local / name).read_bytes() == data
         assert metric(daemon, "sidecar_time_to_complete_seconds") is not None
@@ -116,9 +141,7 @@ def test_wait_answers_for_local_unknown_pending_and_failed_paths(
         # From a terminal: `sidecar wait` shows progress and exits 0 once all is local.
         cli = [sys.executable, "-m", "sidecar", "wait", "--control-url", daemon.control]
         waiter = subprocess.Popen([*cli, "data"], stdout=subprocess.PIPE, text=True)
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["waiting_requests"] == 1, 10, "the wait"
-        )
+        one_waiting(daemon)
         proxy.release()
         out, _ = waiter.communicate(timeout=60)
         assert waiter.returncode == 0, out
@@ -139,27 +162,19 @@ def test_a_waited_path_jumps_the_queue(s3: LocalS3, start_daemon: StartDaemon) -
     }
     put(s3.root / "vol", files)
     with gate(s3, "bg/0.bin") as proxy:
-        daemon = start_daemon(
-            s3, *PRIORITY, "--concurrency", "1", env={"AWS_ENDPOINT_URL": proxy.endpoint}
-        )
-        daemon.wait_ready()
-        daemon.wait_until(lambda: proxy.got("bg/0.bin") == 1, 10, "the first background GET")
+        daemon = held_background(s3, start_daemon, proxy, pending=5)
         answers: list[tuple[int, dict]] = []
         waiter = threading.Thread(
             target=lambda: answers.append(http_json("GET", daemon.control + "/wait?path=bg/4.bin"))
         )
         waiter.start()
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["waiting_requests"] == 1, 10, "the wait"
-        )
+        one_waiting(daemon)
         proxy.release()
         waiter.join(30)
         assert answers[0][0] == 200
         gets = [key for key in proxy.gets if key.startswith("bg/")]
         assert gets[:2] == ["bg/0.bin", "bg/4.bin"], gets  # 4 jumped over 1, 2 and 3
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(daemon)
         assert daemon.stop() == 0
 
 
@@ -216,6 +231,13 @@ def arriving_volume() -> dict[str, bytes]:
     return {**small, **big}
 
 
+def arriving(s3: LocalS3) -> tuple[dict[str, bytes], Path]:
+    """arriving_volume() in the bucket: its files, and the bucket's folder."""
+    files, bucket = arriving_volume(), s3.root / "vol"
+    put(bucket, files)
+    return files, bucket
+
+
 def bucket_files(bucket: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(bucket)): path.read_bytes()
@@ -224,24 +246,10 @@ def bucket_files(bucket: Path) -> dict[str, bytes]:
     }
 
 
-def held_background(s3: LocalS3, start_daemon: StartDaemon, proxy: KeyGate, *flags: str) -> Daemon:
-    """A ready daemon whose background pull is pinned: bg/0 in flight (held at the proxy),
-    bg/1..3 not started (one file at a time)."""
-    daemon = start_daemon(
-        s3, *PRIORITY, "--concurrency", "1", *flags, env={"AWS_ENDPOINT_URL": proxy.endpoint}
-    )
-    daemon.wait_ready()
-    daemon.wait_until(lambda: proxy.got("bg/0.bin") == 1, 10, "the first background GET")
-    assert daemon.status()["background_pull"]["files_pending"] == 4
-    return daemon
-
-
 def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files = arriving_volume()
-    bucket = s3.root / "vol"
-    put(bucket, files)
+    files, bucket = arriving(s3)
     with gate(s3, "bg/0.bin") as proxy:
         daemon = held_background(s3, start_daemon, proxy)
         local = daemon.local_dir
@@ -260,9 +268,7 @@ def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
             assert in_bucket[name] == files[name]
         assert in_bucket["new.txt"] == b"new work" and in_bucket["s0.txt"] == b"edited"
         # The rest resumed after the finalize and arrived.
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(daemon)
         for name in ("bg/1.bin", "bg/2.bin", "bg/3.bin"):
             assert (local / name).read_bytes() == files[name]
         # POST /pull during the background pull is served too (nothing left to fetch now).
@@ -273,18 +279,14 @@ def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
 def test_a_file_written_at_a_pending_path_stays_and_the_buckets_version_is_kept_beside(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files = arriving_volume()
-    bucket = s3.root / "vol"
-    put(bucket, files)
+    files, bucket = arriving(s3)
     with gate(s3, "bg/0.bin") as proxy:
         daemon = held_background(s3, start_daemon, proxy)
         local = daemon.local_dir
         (local / "bg").mkdir(exist_ok=True)
         (local / "bg/2.bin").write_bytes(b"mine")  # before the bucket's bg/2.bin arrived
         proxy.release()
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(daemon)
         assert (local / "bg/2.bin").read_bytes() == b"mine"
         assert daemon.status()["background_pull"]["user_files_kept"] == ["bg/2.bin"]
         assert http_json("GET", daemon.control + "/wait?path=bg/2.bin")[0] == 200
@@ -299,9 +301,7 @@ def test_a_file_written_at_a_pending_path_stays_and_the_buckets_version_is_kept_
 def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_resending(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files = arriving_volume()
-    bucket = s3.root / "vol"
-    put(bucket, files)
+    files, bucket = arriving(s3)
     with gate(s3, "bg/0.bin") as proxy:
         first = held_background(s3, start_daemon, proxy)
         first.process.send_signal(signal.SIGTERM)
@@ -322,9 +322,7 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
             str(state),
             env={"AWS_ENDPOINT_URL": counter.endpoint},
         )
-        second.wait_until(
-            lambda: second.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(second)
         # Only what had not arrived was asked for again.
         assert sorted(key for key in counter.gets) == [f"bg/{i}.bin" for i in range(1, 4)]
         for name, data in files.items():
@@ -342,9 +340,7 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
 def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files = arriving_volume()
-    bucket = s3.root / "vol"
-    put(bucket, files)
+    files, bucket = arriving(s3)
     with gate(s3, "bg/0.bin") as proxy:
         daemon = held_background(
             s3, start_daemon, proxy, "--auto-sync", "--auto-sync-debounce", "0.1"
@@ -358,9 +354,7 @@ def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
         assert bucket_files(bucket)["notes.txt"] == b"typed in the notebook"
         pushed = last(daemon, "finalize")
         assert pushed["origin"] == "auto-sync" and pushed["files_deleted"] == 0, pushed
-        daemon.wait_until(
-            lambda: daemon.status()["background_pull"]["state"] == "complete", 30, "the rest"
-        )
+        background_complete(daemon)
         assert daemon.stop() == 0
     assert {k: v for k, v in bucket_files(bucket).items() if k != "notes.txt"} == files
 
