@@ -44,7 +44,7 @@ from sidecar.s3.errors import (
     http_error,
 )
 from sidecar.s3.fanout import DELIMITER, FanOutListing
-from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response
+from sidecar.s3.http11 import DEADLINE_RATE, ConnectionPool, Response, connect_early
 from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written, answer_seconds, unquote_etag
 from sidecar.s3.retry import START_BUDGET, Attempts, InflightBudget, RetryPolicy
 from sidecar.s3.sigv4 import Signer, canonical_query, uri_encode_path
@@ -56,6 +56,8 @@ USER_AGENT = "netvol-sidecar"
 # Per body stream; a recv fills at most this much at once, and only touched pages count.
 READ_BUFFER_BYTES = 256 * 1024
 
+CONNECT_TIMEOUT = 5.0  # seconds
+EARLY_CONNECTIONS = 2  # opened by connect_ahead (see there)
 COPY_MAX_BYTES = 5 * 1024**3  # the most one CopyObject moves (its deadline allows for it)
 
 # Server-side encryption that makes the ETag something other than the MD5 of the bytes
@@ -66,7 +68,7 @@ _OPAQUE_ETAG_ENCRYPTION = ("aws:kms", "aws:kms:dsse")
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
     concurrency: int
-    connect_timeout: float = 5.0
+    connect_timeout: float = CONNECT_TIMEOUT
     read_timeout: float = default_of("--request-timeout")  # seconds of silence
     max_attempts: int = 5
     # Every request ends within deadline_base + its bytes at deadline_rate (http11 docstring);
@@ -91,6 +93,25 @@ class ClientSettings:
             attempt_base=self.base_seconds,
             attempt_rate=self.deadline_rate,
         )
+
+
+def _region_from_env() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def connect_ahead(bucket: str, addressing_style: str) -> None:
+    """Open the first connections to the bucket's endpoint now, on threads
+    (http11.connect_early): a one-shot sync calls this before its own imports and set-up,
+    which then overlap the handshakes' round trip. Two: a listing's first round trip sends
+    up to two requests (the flat first page and the delimited listing, or the second page
+    and the delimited listing). Not through a proxy (its tunnel takes steps of its own);
+    nothing when the address cannot be made (the store then says why)."""
+    try:
+        address = resolve_address(bucket, endpoint_from_env(), _region_from_env(), addressing_style)
+    except S3Error:
+        return
+    if proxy_from_env(address.scheme, address.host) is None:
+        connect_early(address.host, address.port, CONNECT_TIMEOUT, count=EARLY_CONNECTIONS)
 
 
 class ObjectStore:
@@ -143,9 +164,7 @@ class ObjectStore:
         return self._pool.round_trip if self._pool is not None else None
 
     async def __aenter__(self) -> ObjectStore:
-        self._region = (
-            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        )
+        self._region = _region_from_env()
         if self._sse_c is not None:
             self._sse_c.headers()  # an unusable key file fails the sync before any request
         self._open_pool(*self._configure_urls(endpoint_from_env(), self._region))

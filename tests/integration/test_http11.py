@@ -25,6 +25,7 @@ from sidecar.s3.http11 import (
     ConnectionPool,
     ProtocolError,
     _Connection,
+    connect_early,
 )
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
@@ -150,6 +151,53 @@ async def test_keep_alive_reuses_one_connection_and_reads_headers_lowercase() ->
         assert server.connections == 1
         assert len(server.requests) == 5
         assert server.requests[0][0].startswith(b"GET /b/k HTTP/1.1\r\nHost: h\r\n")
+
+
+async def _connections(server: Server, count: int) -> None:
+    for _ in range(500):
+        if server.connections >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.connections} connections, {count} expected")
+
+
+async def test_connections_opened_early_carry_the_first_requests() -> None:
+    # A one-shot sync opens two before its imports (store.connect_ahead): its first two
+    # requests pay no handshake then.
+    async with serving(keep_answering) as (server, port):
+        connect_early("127.0.0.1", port, 2.0, count=2)
+        await _connections(server, 2)
+        pool = ConnectionPool(
+            "http", "127.0.0.1", port, connect_timeout=2, read_timeout=5, max_idle=4
+        )
+        try:
+            responses = await asyncio.gather(
+                *(pool.request("GET", f"/b/k{n}", {"Host": "h"}) for n in range(2))
+            )
+            assert [r.body for r in responses] == [b"hello", b"hello"]
+            assert server.connections == 2 and len(server.requests) == 2
+        finally:
+            await pool.close()
+
+
+async def test_an_early_connection_the_server_closed_meanwhile_is_not_used() -> None:
+    async def closes_the_first(reader, writer, server):
+        if server.connections > 1:
+            await keep_answering(reader, writer, server)
+
+    async with serving(closes_the_first) as (server, port):
+        connect_early("127.0.0.1", port, 2.0)
+        await _connections(server, 1)
+        await asyncio.sleep(0.05)  # the close has reached us
+        pool = ConnectionPool(
+            "http", "127.0.0.1", port, connect_timeout=2, read_timeout=5, max_idle=4
+        )
+        try:
+            response = await pool.request("GET", "/b/k", {"Host": "h"})
+            assert response.status == 200 and response.body == b"hello"
+            assert server.connections == 2
+        finally:
+            await pool.close()
 
 
 async def test_put_body_arrives_whole_small_and_sliced_large() -> None:
