@@ -139,6 +139,18 @@ async def keep_answering(reader, writer, server, body: bytes = b"hello") -> None
         await writer.drain()
 
 
+async def get_each_time(handler: Handler, times: int, body: bytes, pause: float = 0) -> Server:
+    """GET / `times` times through one pool to `handler`, each answered `body` (read whole
+    and released, then `pause` seconds); the server's counts say what was kept alive."""
+    async with scripted(handler) as (server, pool):
+        for _ in range(times):
+            response = await pool.request("GET", "/", {"Host": "h"})
+            assert await response.read_all() == body
+            response.release()
+            await asyncio.sleep(pause)
+    return server
+
+
 async def test_keep_alive_reuses_one_connection_and_reads_headers_lowercase() -> None:
     async with scripted(keep_answering) as (server, pool):
         for _ in range(5):
@@ -247,47 +259,30 @@ async def test_chunked_body_with_extensions_and_trailers() -> None:
         b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
     )
 
-    async with scripted(handler) as (server, pool):
-        for _ in range(2):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == b"hello world"
-            response.release()
-        assert server.connections == 1
+    server = await get_each_time(handler, 2, b"hello world")
+    assert server.connections == 1
 
 
 async def test_body_until_close_for_http10_answers() -> None:
     handler = answering_once(b"HTTP/1.0 200 OK\r\n\r\nall of it")
 
-    async with scripted(handler) as (server, pool):
-        for _ in range(2):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == b"all of it"
-            response.release()
-        assert server.connections == 2  # not kept alive
+    server = await get_each_time(handler, 2, b"all of it")
+    assert server.connections == 2  # not kept alive
 
 
 async def test_connection_close_is_honoured() -> None:
     handler = answering_once(answer(200, b"x", "Connection: close\r\n"))
 
-    async with scripted(handler) as (server, pool):
-        for _ in range(2):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == b"x"
-            response.release()
-        assert server.connections == 2
+    server = await get_each_time(handler, 2, b"x")
+    assert server.connections == 2
 
 
 async def test_a_kept_alive_connection_closed_by_the_server_is_replaced() -> None:
     # One answer per connection, then the server closes it, as idle timeouts do.
     handler = answering_once(answer(200, b"once"))
 
-    async with scripted(handler) as (server, pool):
-        for _ in range(3):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == b"once"
-            response.release()
-            await asyncio.sleep(0.05)
-        assert server.connections == 3
+    server = await get_each_time(handler, 3, b"once", pause=0.05)
+    assert server.connections == 3
 
 
 async def test_stale_connection_found_only_by_the_request_is_replaced_once(
@@ -297,14 +292,9 @@ async def test_stale_connection_found_only_by_the_request_is_replaced_once(
 
     handler = answering_once(answer(200, b"once"))
     monkeypatch.setattr(_Connection, "usable", lambda self, now: True)
-    async with scripted(handler) as (server, pool):
-        for _ in range(3):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == b"once"
-            response.release()
-            await asyncio.sleep(0.05)
-        assert server.connections == 3
-        assert len(server.requests) == 3
+    server = await get_each_time(handler, 3, b"once", pause=0.05)
+    assert server.connections == 3
+    assert len(server.requests) == 3
 
 
 def answering_then_dropping(raw: bytes) -> Handler:
@@ -815,12 +805,8 @@ async def test_a_chunked_answer_in_odd_pieces_reads_whole_and_keeps_the_connecti
                 writer.write(raw[start : start + 7777])
                 await writer.drain()
 
-    async with scripted(handler) as (server, pool):
-        for _ in range(2):
-            response = await pool.request("GET", "/", {"Host": "h"})
-            assert await response.read_all() == body
-            response.release()
-        assert server.connections == 1
+    server = await get_each_time(handler, 2, body)
+    assert server.connections == 1
 
 
 # ---- keep-alive after errors: what the next request gets -------------------------------
