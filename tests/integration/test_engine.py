@@ -24,6 +24,7 @@ from tests.support.engine_support import (
     config,
     edited_on_both_sides,
     race_before,
+    spy_on_hashing,
     sync,
     tree,
     volume,
@@ -266,22 +267,13 @@ async def test_dry_run_changes_nothing(moto: S3Server, workdir: Path) -> None:
 async def test_unchanged_files_are_not_rehashed(
     moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.engine.scan
-
     bucket = moto.new_bucket()
     local = workdir / "l"
     for i in range(5):
         write(local / f"f{i}", os.urandom(100), mtime_ns=OLD_NS)
     cfg = config(bucket, local, workdir / "s")
     assert (await sync(cfg, FIN)).ok
-    hashed: list[str] = []
-    original = sidecar.engine.scan._hash_one
-
-    def spy(root: Path, rel: str) -> Any:
-        hashed.append(rel)
-        return original(root, rel)
-
-    monkeypatch.setattr(sidecar.engine.scan, "_hash_one", spy)
+    hashed = spy_on_hashing(monkeypatch)
     os.utime(local / "f3")  # touched, content unchanged: re-hashed, not re-sent
     result = await sync(cfg, FIN)
     assert hashed == ["f3"]
@@ -335,16 +327,7 @@ async def test_a_file_hashed_racy_is_hashed_again_once_it_is_old(
     """The racy rule costs one hash more per fresh file, never one each sync: an old tree's
     no-op hashes nothing; a file pulled just now (its mtime ours) is hashed by the next sync
     and, once older than the margin, cached for good."""
-    import sidecar.engine.scan
-
-    hashed: list[str] = []
-    original = sidecar.engine.scan._hash_one
-
-    def spy(root: Path, rel: str) -> Any:
-        hashed.append(rel)
-        return original(root, rel)
-
-    monkeypatch.setattr(sidecar.engine.scan, "_hash_one", spy)
+    hashed = spy_on_hashing(monkeypatch)
     bucket = moto.new_bucket()
     moto.client().put_object(Bucket=bucket, Key="vol/pulled", Body=b"from the bucket")
     local = workdir / "l"

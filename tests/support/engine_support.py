@@ -17,6 +17,7 @@ from sidecar.core.backup import BackupMode
 from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.result import SyncResult
+from sidecar.engine import scan as scan_module
 from sidecar.engine.sync import SyncEngine
 from sidecar.engine.transfer import Transfers
 from tests.conftest import S3Server
@@ -107,6 +108,19 @@ def race_before(
         return await original(self, action)
 
     monkeypatch.setattr(Transfers, method, racing)
+
+
+def spy_on_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the scan hashes from now on, in order."""
+    hashed: list[str] = []
+    original = scan_module._hash_one
+
+    def spy(root: Path, rel: str) -> Any:
+        hashed.append(rel)
+        return original(root, rel)
+
+    monkeypatch.setattr(scan_module, "_hash_one", spy)
+    return hashed
 
 
 async def edited_on_both_sides(
