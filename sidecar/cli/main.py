@@ -176,7 +176,7 @@ def _check_key_file(config: SyncConfig) -> None:
 
 def _run_once(direction: Direction, config: SyncConfig, dry_run: bool, summary_json: bool) -> int:
     # The first connection's handshake goes on while the engine is imported and set up.
-    from sidecar.s3.store import connect_ahead
+    from sidecar.s3 import connect_ahead
 
     connect_ahead(config.bucket, config.addressing_style)
     from sidecar.cli.summary import write_summary

@@ -24,7 +24,7 @@ from sidecar.s3.metadata import (
 )
 from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written
 from sidecar.s3.protocol import Store
-from sidecar.s3.store import ClientSettings, ObjectStore
+from sidecar.s3.store import ClientSettings, ObjectStore, connect_ahead
 
 __all__ = [
     "META_HASH",
@@ -40,6 +40,7 @@ __all__ = [
     "SseCKey",
     "Store",
     "Written",
+    "connect_ahead",
     "credentials_fingerprint",
     "labels_for",
     "read_labels",
