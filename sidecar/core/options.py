@@ -14,7 +14,6 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from difflib import get_close_matches
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -650,6 +649,8 @@ def unknown_env(env: Mapping[str, str]) -> list[str]:
     for name in sorted(env):
         suffix = name.removeprefix("SIDECAR_")
         if name.startswith("SIDECAR_") and suffix not in known:
+            from difflib import get_close_matches  # a misspelt variable only
+
             close = get_close_matches(suffix, known, n=1, cutoff=0.75)
             hint = f" (did you mean SIDECAR_{close[0]}?)" if close else ""
             notes.append(f"{name} is not an option{hint}")

@@ -10,11 +10,14 @@ expansion is the one thing left that could make a small answer large).
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.s3.listing import decode_listed_key
 from sidecar.s3.objects import unquote_etag
+
+if TYPE_CHECKING:  # imported where an answer is parsed: only the rare operations' are
+    import xml.etree.ElementTree as ET
 
 
 def escape(text: str) -> str:
@@ -46,6 +49,8 @@ def parse(body: bytes) -> ET.Element:
     """The root element of an answer, namespaces dropped from every tag."""
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise BadAnswer("an XML answer with a DTD")
+    import xml.etree.ElementTree as ET
+
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import html
 import logging
 import os
 import re
@@ -1000,6 +999,8 @@ class ObjectStore:
 
 def _xml_text(body: bytes, tag: str) -> str:
     """The text of the first <tag> of a small S3 answer ('' if absent)."""
+    import html  # rare operations only
+
     match = re.search(rb"<%s>([^<]*)</%s>" % (tag.encode(), tag.encode()), body)
     return html.unescape(match.group(1).decode()) if match else ""
 
