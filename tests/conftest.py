@@ -33,6 +33,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from hypothesis import settings
 
 from sidecar.locals3 import (
     LocalS3,
@@ -46,6 +47,15 @@ from sidecar.s3 import ObjectStore
 from tests.support.daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
 
 _bucket_numbers = itertools.count()
+
+# Property tests (hypothesis) that set no max_examples of their own run this many: the unit
+# tier stays fast (test_merge's three took 5-15 s each at 300-400 examples, a minute under
+# load). HYPOTHESIS_PROFILE=ci-long runs 2,000 each, more than they ever ran by default: for
+# a change of the merge, the planner or the listings, and for a nightly job. settings() with
+# no parent keeps what hypothesis loaded (its "ci" profile under CI=true: derandomized).
+settings.register_profile("quick", settings(max_examples=50, deadline=None))
+settings.register_profile("ci-long", settings(max_examples=2000, deadline=None))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.s3 import S3Error
@@ -82,7 +82,6 @@ async def _listed(fetch: Callable[..., Awaitable[bytes]], prefix: str, lookahead
 KEY_TEXT = st.text(alphabet=["a", "b", "/", "-", ".", "0", "\u00e9", "\udcff"], max_size=7)
 
 
-@settings(max_examples=300, deadline=None)
 @given(
     keys=st.sets(KEY_TEXT, max_size=60),
     prefix=st.sampled_from(["", "a", "a/", "a/b"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.s3.fanout import FanOutListing
@@ -104,7 +104,6 @@ async def test_small_prefix_without_speculation_stays_one_request() -> None:
     assert bucket.requests == 1 and listing.wasted == 0
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     keys=st.sets(KEY_TEXT, max_size=60),
     prefix=st.sampled_from(["", "a", "a/", "a/b"]),

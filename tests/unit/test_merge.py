@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Set
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.core import planner
@@ -47,7 +47,6 @@ def _merged(local: dict[str, int], remote: dict[str, int], base: dict[str, int])
     return list(merge(sorted(local.items()), sorted(remote.items()), sorted(base.items())))
 
 
-@settings(max_examples=300, deadline=None)
 @given(_side, _side, _side)
 def test_merge_gives_the_union_in_key_order(
     local: dict[str, int], remote: dict[str, int], base: dict[str, int]
@@ -81,7 +80,6 @@ def test_an_input_out_of_order_stops_the_merge(bad: list[tuple[str, int]]) -> No
         list(merge([], bad, []))
 
 
-@settings(max_examples=300, deadline=None)
 @given(_side, _side, _side)
 def test_hold_puts_each_path_after_everything_below_it(
     local: dict[str, int], remote: dict[str, int], base: dict[str, int]
@@ -281,7 +279,6 @@ def _apply_delete_policy(
     return {a.path for a in doomed}
 
 
-@settings(max_examples=400, deadline=None)
 @given(_tree, st.sampled_from(list(Direction)), st.booleans(), st.randoms())
 def test_plan_over_the_merge_decides_as_the_union_did(
     tree: dict[str, tuple[LocalFile | None, RemoteObject | None, BaseEntry | None]],
