@@ -486,6 +486,10 @@ def test_held_open_connections_never_starve_probes_nor_the_final_push(
         assert probe_connections("open") < fd_limit / 2
         assert probe_connections("evicted") > 0
         # The connections that never sent a whole request are closed by the read deadline.
+        # This waits on that condition, which comes true READ_TIMEOUT (10 s, a constant of
+        # sidecar/daemon/listeners.py) after they connected: no flag shortens it (every
+        # option is a user's flag), and tests/integration/test_listeners.py checks the
+        # deadline itself at 0.3 s; here it is checked wired into a real daemon.
         daemon.wait_until(lambda: all(closed_by_server(s) for s in held[-20:]), 60, "deadline")
         assert probe_connections("timeout") > 0
     finally:
