@@ -14,16 +14,19 @@ store retries internally counts once.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core.options import SyncConfig
 from sidecar.core.tokenbucket import TokenBucket
 from sidecar.s3 import Store
+from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written
+from sidecar.s3.store import ClientSettings
 
 
 @dataclass
@@ -99,9 +102,10 @@ class Limits:
 
 
 class LimitedStore:
-    """An ObjectStore whose every call first passes the process's limits; everything else
-    (attributes, settings, counters) is the store's own. The engine holds it as a
-    sidecar.s3.Store: its operations come through `__getattr__`, so mypy takes it for one."""
+    """An ObjectStore whose every call first passes the process's limits. The Store protocol's
+    operations are methods of its own, so mypy checks them against sidecar.s3.Store (see
+    `_is_a_store`); anything else (attributes, counters, settings the tests set) is the
+    store's own, through `__getattr__`, its coroutines charged one request each too."""
 
     def __init__(self, store: Store, limits: Limits) -> None:
         self._store = store
@@ -111,66 +115,197 @@ class LimitedStore:
     def unlimited(self) -> Store:
         return self._store
 
+    # ---- the Store protocol --------------------------------------------------------------
+    @property
+    def settings(self) -> ClientSettings:
+        return self._store.settings
+
+    @property
+    def round_trip(self) -> float | None:
+        return self._store.round_trip
+
+    def list(
+        self,
+        prefix: str,
+        pace: Callable[[], Awaitable[None]] | None = None,
+        expect_keys: int = 0,
+        warm: bool = False,
+        skip: frozenset[str] = frozenset(),
+        skipped: Callable[[str], None] | None = None,
+    ) -> AsyncGenerator[builtins.list[ObjectInfo], None]:
+        # A listing sends its page requests itself, several folders at once: each is charged
+        # as it goes out, not per page handed on.
+        return self._store.list(
+            prefix,
+            pace=self._limits.request if pace is None else pace,
+            expect_keys=expect_keys,
+            warm=warm,
+            skip=skip,
+            skipped=skipped,
+        )
+
+    async def list_versions(self, prefix: str) -> builtins.list[ObjectVersion]:
+        await self._limits.request()
+        return await self._store.list_versions(prefix)
+
+    async def head(self, key: str) -> ObjectInfo:
+        await self._limits.request()
+        return await self._store.head(key)
+
+    async def head_version(
+        self, key: str, if_match: str | None = None, version_id: str | None = None
+    ) -> tuple[ObjectInfo, str]:
+        await self._limits.request()
+        return await self._store.head_version(key, if_match, version_id)
+
+    async def get_object(
+        self,
+        key: str,
+        etag: str | None,
+        sink: Callable[[bytes | memoryview], None],
+        restart: Callable[[], None] | None = None,
+        size: int = 0,
+    ) -> dict[str, str]:
+        """A whole-object GET: its size is known only as it streams (the sink is synchronous),
+        so it waits for the bucket to be clear, then pays for what it received before
+        returning. At most one GET per worker runs ahead of the rate, never more."""
+        limits = self._limits
+        await limits.request()
+        await limits.until_clear("download")
+        received = 0
+
+        def counting(data: bytes | memoryview) -> None:
+            nonlocal received
+            received += len(data)
+            sink(data)
+
+        try:
+            return await self._store.get_object(key, etag, counting, restart, size)
+        finally:
+            limits.charge("download", received)
+            # Paid before the caller goes on: the last files of a sync are paid for too.
+            await limits.until_clear("download")
+
+    async def get_range_into(
+        self,
+        key: str,
+        offset: int,
+        view: memoryview,
+        etag: str | None,
+        received: Callable[[int], None],
+    ) -> dict[str, str]:
+        await self._limits.request()
+        await self._limits.reserve("download", len(view))
+        return await self._store.get_range_into(key, offset, view, etag, received)
+
+    async def get_bytes(self, key: str) -> bytes:
+        await self._limits.request()
+        return await self._store.get_bytes(key)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes | memoryview,
+        metadata: dict[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> Written:
+        await self._limits.request()
+        await self._limits.reserve("upload", len(body))
+        return await self._store.put(key, body, metadata, if_match, if_none_match)
+
+    async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        await self._limits.request()
+        return await self._store.create_multipart(key, metadata)
+
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes | memoryview
+    ) -> str:
+        await self._limits.request()
+        await self._limits.reserve("upload", len(body))
+        return await self._store.upload_part(key, upload_id, number, body)
+
+    async def complete_multipart(
+        self,
+        key: str,
+        upload_id: str,
+        part_etags: builtins.list[str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        expected: tuple[int, dict[str, str]] | None = None,
+    ) -> Written:
+        await self._limits.request()
+        return await self._store.complete_multipart(
+            key, upload_id, part_etags, if_match, if_none_match, expected
+        )
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._limits.request()
+        await self._store.abort_multipart(key, upload_id)
+
+    async def abort_strays(self, key: str, keep: str | None = None) -> builtins.list[str]:
+        await self._limits.request()
+        return await self._store.abort_strays(key, keep)
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        await self._limits.request()
+        await self._store.delete(key, if_match)
+
+    async def copy(
+        self,
+        source_key: str,
+        dest_key: str,
+        source_etag: str | None,
+        if_none_match: bool = False,
+    ) -> str:
+        await self._limits.request()
+        return await self._store.copy(source_key, dest_key, source_etag, if_none_match)
+
+    async def copy_object(
+        self,
+        source_key: str,
+        dest_key: str,
+        *,
+        if_match: str | None = None,
+        version_id: str | None = None,
+        size: int = 0,
+    ) -> Written:
+        await self._limits.request()
+        return await self._store.copy_object(
+            source_key, dest_key, if_match=if_match, version_id=version_id, size=size
+        )
+
+    async def rewrite_metadata(
+        self, key: str, etag: str, metadata: dict[str, str]
+    ) -> Written | None:
+        await self._limits.request()
+        return await self._store.rewrite_metadata(key, etag, metadata)
+
+    async def bucket_versioning(self) -> str:
+        await self._limits.request()
+        return await self._store.bucket_versioning()
+
+    # ---- the rest of the store -----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._store, name)
         if name.startswith("_"):
             return target
         if inspect.isasyncgenfunction(target):
-            return self._paged(target)
+            return functools.partial(target, pace=self._limits.request)
         if inspect.iscoroutinefunction(target):
-            return self._limited(name, target)
+            return self._limited(target)
         return target
 
-    def _paged(self, target: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        # A listing sends its page requests itself, several folders at once: each is charged
-        # as it goes out, not per page handed on.
-        return functools.partial(target, pace=self._limits.request)
-
-    def _limited(self, name: str, target: Callable[..., Any]) -> Callable[..., Any]:
+    def _limited(self, target: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         limits = self._limits
 
         @functools.wraps(target)
         async def call(*args: Any, **kwargs: Any) -> Any:
             await limits.request()
-            if name == "get_range_into":
-                await limits.reserve("download", len(_arg(args, kwargs, 2, "view")))
-            elif name == "get_object":
-                return await _get_object_charged(limits, target, args, kwargs)
-            elif name == "put":
-                await limits.reserve("upload", len(_arg(args, kwargs, 1, "body")))
-            elif name == "upload_part":
-                await limits.reserve("upload", len(_arg(args, kwargs, 3, "body")))
             return await target(*args, **kwargs)
 
         return call
 
 
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs[name]
-
-
-async def _get_object_charged(
-    limits: Limits, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """A whole-object GET: its size is known only as it streams (the sink is synchronous),
-    so it waits for the bucket to be clear, then pays for what it received before returning.
-    At most one GET per worker runs ahead of the rate, never more."""
-    await limits.until_clear("download")
-    received = 0
-    sink = _arg(args, kwargs, 2, "sink")
-
-    def counting(data: Any) -> None:
-        nonlocal received
-        received += len(data)
-        sink(data)
-
-    if len(args) > 2:
-        args = (*args[:2], counting, *args[3:])
-    else:
-        kwargs = {**kwargs, "sink": counting}
-    try:
-        return await target(*args, **kwargs)
-    finally:
-        limits.charge("download", received)
-        # Paid before the caller goes on: the last files of a sync are paid for too.
-        await limits.until_clear("download")
+def _is_a_store(limited: LimitedStore) -> Store:
+    return limited  # mypy: LimitedStore fits the Store protocol the engine is typed against
