@@ -12,7 +12,7 @@ after the other and only dispatches each action to its handler (sidecar/engine/e
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.core.model import Action, ActionKind, FileError
@@ -79,7 +79,7 @@ def biggest_first(actions: Iterable[Action]) -> list[Action]:
     return sorted(actions, key=lambda a: -action_bytes(a))
 
 
-def drop_below(actions: Sequence[Action], files: set[str]) -> tuple[list[Action], list[FileError]]:
+def drop_below(actions: Iterable[Action], files: set[str]) -> tuple[list[Action], list[FileError]]:
     """The actions not below one of `files` (files whose planned delete failed, which stay
     files), and an error for each one dropped, in plan order."""
     if not files:
@@ -87,11 +87,17 @@ def drop_below(actions: Sequence[Action], files: set[str]) -> tuple[list[Action]
     kept: list[Action] = []
     errors: list[FileError] = []
     for action in actions:
-        clash = next((d for d in parent_dirs(action.path) if d in files), None)
-        if clash is None:
+        error = below_kept_file(action, files)
+        if error is None:
             kept.append(action)
         else:
-            errors.append(
-                FileError(action.path, f"not sent: {clash!r} is still a file (its delete failed)")
-            )
+            errors.append(error)
     return kept, errors
+
+
+def below_kept_file(action: Action, files: set[str]) -> FileError | None:
+    """Why the action cannot go ahead when it lies below one of `files` (drop_below)."""
+    clash = next((d for d in parent_dirs(action.path) if d in files), None)
+    if clash is None:
+        return None
+    return FileError(action.path, f"not sent: {clash!r} is still a file (its delete failed)")

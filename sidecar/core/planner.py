@@ -147,10 +147,9 @@ def plan(
 def finish(walk: Walk, deletes: DeletePolicy | None = None) -> Plan:
     """The rules over the whole plan, once every path is decided (Walk.decide): the delete
     guard, then the writes a file/folder clash forbids, then the bucket's own clashes."""
-    rules = walk.rules(deletes or DeletePolicy())
+    rules = walk.judge(deletes or DeletePolicy())
     plan_ = walk.plan
     plan_.actions = [action for action in plan_.actions if rules.keeps(action)]
-    rules.end()
     return plan_
 
 
@@ -184,14 +183,23 @@ class Walk:
 
     Holds no map of either side: `taken` tells whether a conflict copy's name is in use
     (a file or an object), and what the rules over the whole plan need (finish) is counted
-    or kept per file/folder clash as the paths go by (sidecar/core/clashes.py)."""
+    or kept per file/folder clash as the paths go by (sidecar/core/planrules.py)."""
 
-    def __init__(self, direction: Direction, now: datetime, taken: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        direction: Direction,
+        now: datetime,
+        taken: Callable[[str], bool],
+        sink: Callable[[Action], None] | None = None,
+    ) -> None:
         self.plan = Plan(direction)
         self._now = now
         # A conflict copy takes no name in use, nor one already chosen in this run.
         self.taken = NamesInUse(_Taken(taken))
         self.clashes = ClashWatch(direction)
+        # Where each action goes as it is decided (a spool on disk); None: plan.actions.
+        self._sink = sink
+        self.rules: PlanRules | None = None
 
     def decide(
         self, path: str, lf: LocalFile | None, ro: RemoteObject | None, be: BaseEntry | None
@@ -201,10 +209,15 @@ class Walk:
         _plan_path(plan_, plan_.direction, path, lf, ro, be, self._now, self.taken)
         action = plan_.actions[-1] if len(plan_.actions) > before else None
         self.clashes.saw(path, lf, ro, action)
+        if action is not None and self._sink is not None:
+            self._sink(plan_.actions.pop())
 
-    def rules(self, deletes: DeletePolicy) -> PlanRules:
-        """The rules over the whole plan, from what the walk saw (once every path is decided)."""
-        return PlanRules(self.plan, self.clashes.done(), deletes)
+    def judge(self, deletes: DeletePolicy) -> PlanRules:
+        """The rules over the whole plan, from what the walk saw (once every path is
+        decided): its outcome is in `plan`, and `rules` tells which actions go ahead (of a
+        plan spooled by `sink`: sidecar/engine/spool.py)."""
+        self.rules = PlanRules(self.plan, self.clashes.done(), deletes)
+        return self.rules
 
 
 def _walk(

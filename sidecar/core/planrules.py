@@ -20,6 +20,7 @@ from sidecar.core.model import (
     Plan,
     RemoteObject,
 )
+from sidecar.core.phases import action_bytes
 
 BUCKET_CLASH = (
     "the bucket holds both a file and a folder with this name ('a' and 'a/...'); the file is "
@@ -40,6 +41,7 @@ class WriteClash:
     """A planned write whose path is a folder on some side, or lies below a file: its fate
     waits on the delete guard (a withheld delete leaves a file that forbids it)."""
 
+    size: int  # the bytes it moves
     source: bool  # a write below it too (a bucket with 'd' and 'd/x'): the folder wins
     kept_below: bool  # a file below it on the written side that no planned delete removes
     deleted_below: bool  # a file below it on the written side whose delete is planned
@@ -65,7 +67,8 @@ class _Open:
     path: str
     target: bool  # a file on the side this plan writes to
     deleted: bool  # the plan deletes it there
-    written: bool  # the plan writes a file here
+    written: bool  # the plan writes a file here...
+    size: int  # ...of this many bytes
     key: str | None  # the bucket's object here
     kept_above: str | None
     deleted_above: str | None
@@ -125,7 +128,10 @@ class ClashWatch:
                 kept_above = kept_above or held.path
         if target or written or ro is not None:
             key = ro.key if ro is not None else None
-            stack.append(_Open(path, target, deleted, written, key, kept_above, deleted_above))
+            size = action_bytes(action) if action is not None else 0
+            stack.append(
+                _Open(path, target, deleted, written, size, key, kept_above, deleted_above)
+            )
 
     def done(self) -> Seen:
         """Every path seen: close the ones still open."""
@@ -137,6 +143,7 @@ class ClashWatch:
         below = held.kept_below or held.deleted_below
         if held.written and (held.written_below or below or held.kept_above or held.deleted_above):
             self.seen.writes[held.path] = WriteClash(
+                held.size,
                 held.written_below,
                 held.kept_below,
                 held.deleted_below,
@@ -154,15 +161,14 @@ class ClashWatch:
 
 
 class PlanRules:
-    """The rules over the whole plan, applied one action at a time (keeps), in plan order,
-    then end(): the delete guard first (a file whose delete it withholds stays, and nothing
-    may then be written below it: pushing 'd/x' while the delete of 'd' was withheld left
-    both in the bucket for good), then the writes a clash forbids, then the bucket's own
-    clashes. The outcome goes to `plan`'s deletes_blocked, errors and conflicts."""
+    """The rules over the whole plan, judged once every path is decided, from what the walk
+    saw: the delete guard first (a file whose delete it withholds stays, and nothing may
+    then be written below it: pushing 'd/x' while the delete of 'd' was withheld left both
+    in the bucket for good), then the writes a clash forbids, then the bucket's own clashes.
+    The outcome goes to `plan` (deletes_blocked, errors, conflicts); `keeps` then tells,
+    action by action, which ones are carried out (read back from a list or a spool)."""
 
     def __init__(self, plan: Plan, seen: Seen, policy: DeletePolicy) -> None:
-        self._plan = plan
-        self._seen = seen
         pull = plan.direction is Direction.PULL
         self._writes = ActionKind.DOWNLOAD if pull else ActionKind.UPLOAD
         self._deletes = ActionKind.DELETE_LOCAL if pull else ActionKind.DELETE_REMOTE
@@ -173,38 +179,33 @@ class PlanRules:
             seen.deletes, seen.local_files if pull else seen.remote_files, pull, policy
         )
         self.withheld = plan.deletes_blocked is not None
-        self._dropped: set[str] = set()
+        # The writes refused, path -> the bytes they would have moved.
+        self.dropped: dict[str, int] = {}
+        for path in sorted(seen.writes):  # plan order: one action per path, in key order
+            clash = seen.writes[path]
+            reason = self._refused(clash)
+            if reason is None:
+                continue
+            self.dropped[path] = clash.size
+            if reason:
+                plan.errors.append(FileError(path, reason))
+        # A conflict whose write was dropped was not resolved: no copy was made, so none may
+        # be reported (the errors say why nothing moved).
+        if self.dropped:
+            plan.conflicts = [c for c in plan.conflicts if c.path not in self.dropped]
+        # Every key that is both a file and a folder once the plan is carried out, by name.
+        # Such a clash withholds no delete: a finalize whose BASE knows the file and whose
+        # folder replaced it deletes the file like any other, the way out of a clash an
+        # older version left behind.
+        for bucket in sorted(seen.bucket, key=lambda c: c.path):
+            if pull or self._stays_a_clash(bucket):
+                plan.errors.append(FileError(bucket.key, BUCKET_CLASH))
 
     def keeps(self, action: Action) -> bool:
-        """Whether the action is carried out (an error says why a write is not)."""
+        """Whether the action is carried out."""
         if action.kind is self._deletes:
             return not self.withheld
-        if action.kind is not self._writes:
-            return True
-        clash = self._seen.writes.get(action.path)
-        if clash is None:
-            return True
-        reason = self._refused(clash)
-        if reason is None:
-            return True
-        self._dropped.add(action.path)
-        if reason:
-            self._plan.errors.append(FileError(action.path, reason))
-        return False
-
-    def end(self) -> None:
-        """After the last action: conflicts whose write was dropped were not resolved (no
-        copy was made, so none may be reported; the errors say why nothing moved), and every
-        key that is both a file and a folder once the plan is carried out, by name. Such a
-        clash withholds no delete: a finalize whose BASE knows the file and whose folder
-        replaced it deletes the file like any other, the way out of a clash an older
-        version left behind."""
-        plan = self._plan
-        if self._dropped:
-            plan.conflicts = [c for c in plan.conflicts if c.path not in self._dropped]
-        for clash in sorted(self._seen.bucket, key=lambda c: c.path):
-            if self._stays_a_clash(clash):
-                plan.errors.append(FileError(clash.key, BUCKET_CLASH))
+        return action.kind is not self._writes or action.path not in self.dropped
 
     def _refused(self, clash: WriteClash) -> str | None:
         """Why the write is refused ("": dropped without a word), None if it is not."""
@@ -223,8 +224,8 @@ class PlanRules:
         return f"not {self._verb}: {above!r} stays a file {self._side}{why}"
 
     def _stays_a_clash(self, clash: BucketClash) -> bool:
-        if self._plan.direction is Direction.PULL:
-            return True
+        """Finalize: the object stays (its delete withheld or none planned) with objects
+        below it that stay."""
         stays = not clash.deleted or self.withheld
         return stays and (clash.kept_below or (self.withheld and clash.deleted_below))
 

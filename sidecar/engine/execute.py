@@ -5,7 +5,7 @@ but what the disk and the bucket answer.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sized
 from dataclasses import replace
 from functools import partial
 from typing import Protocol, TypeVar
@@ -13,10 +13,11 @@ from typing import Protocol, TypeVar
 from sidecar.core.agreement import base_after, cache_entry, cacheable
 from sidecar.core.backup import Version
 from sidecar.core.model import Action, ActionKind, Conflict, Direction, FileError, LocalFile
-from sidecar.core.phases import action_bytes, biggest_first, drop_below, phases
+from sidecar.core.phases import Phase, action_bytes, below_kept_file
 from sidecar.core.progress import Progress
 from sidecar.core.result import SyncResult
 from sidecar.engine.backup import BackupFailed, LocalBackup, RemoteBackup
+from sidecar.engine.spool import PlanSpool
 from sidecar.engine.state import StateStore
 from sidecar.engine.transfer import TransferError, Transfers, gather_or_cancel
 
@@ -67,23 +68,28 @@ class Execution:
         self.hashed_at = hashed_at
         self._known_conflicts: set[str] = set()
 
-    async def run(self, actions: list[Action]) -> None:
-        split = phases(actions)
-        self._count(split.transfers)
-        for action in split.in_place:
+    async def run(self, plan: PlanSpool, files: int, nbytes: int) -> None:
+        """The plan's phases one after the other, read back from the spool; `files` and
+        `nbytes`: what its transfers move (the progress totals)."""
+        self._count(files, nbytes)
+        for action in plan.phase(Phase.IN_PLACE):
             self._in_place(action)
-        kept_files = {a.path for a in split.deletes if not await self._delete(a)}
-        moving = split.transfers
+        kept_files = {a.path for a in plan.phase(Phase.DELETE) if not await self._delete(a)}
+        moving = plan.phase(Phase.TRANSFER)  # biggest first
         if kept_files:  # deletes that did not happen: these stay files
-            moving, errors = drop_below(moving, kept_files)
-            self.result.errors.extend(errors)
-            self._count(moving)
+            for action in plan.transfers_in_plan_order():
+                error = below_kept_file(action, kept_files)
+                if error is not None:
+                    self.result.errors.append(error)
+                    files, nbytes = files - 1, nbytes - action_bytes(action)
+            self._count(files, nbytes)
+            moving = (a for a in moving if below_kept_file(a, kept_files) is None)
         self._known_conflicts = {c.path for c in self.result.conflicts}
-        await self._transfer(biggest_first(moving))
+        await self._transfer(moving, files)
 
-    def _count(self, moving: list[Action]) -> None:
-        self.progress.files_total = len(moving)
-        self.progress.bytes_total = sum(map(action_bytes, moving))
+    def _count(self, files: int, nbytes: int) -> None:
+        self.progress.files_total = files
+        self.progress.bytes_total = nbytes
 
     # ---- phase 1: in place ------------------------------------------------------------
     def _in_place(self, action: Action) -> None:
@@ -147,12 +153,13 @@ class Execution:
         self.result.files_deleted += 1
 
     # ---- phase 3: transfers --------------------------------------------------------------
-    async def _transfer(self, queue: list[Action]) -> None:
+    async def _transfer(self, queue: Iterator[Action], count: int) -> None:
         result = self.result
-        if self.order is None or result.operation is not Direction.PULL or not queue:
+        if self.order is None or result.operation is not Direction.PULL or not count:
             await run_bounded(queue, self._transfer_one, self.workers)
             return
-        left_alone = await self.order.run(queue, self._transfer_one, self.workers)
+        # The daemon's priority order holds the downloads itself (sidecar/daemon/pullqueue.py).
+        left_alone = await self.order.run(list(queue), self._transfer_one, self.workers)
         if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
             result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
             result.files_skipped += len(left_alone)
@@ -242,12 +249,16 @@ def _copy_kept_at(result: SyncResult, action: Action, copy: str | None) -> None:
             result.conflicts[index] = replace(conflict, copy=copy)
 
 
-async def run_bounded(items: list[T], work: Callable[[T], Awaitable[object]], workers: int) -> None:
+async def run_bounded(
+    items: Iterable[T], work: Callable[[T], Awaitable[object]], workers: int
+) -> None:
     """`workers` tasks draining one iterator: bounded tasks even for 100,000 files."""
     iterator = iter(items)
+    if isinstance(items, Sized):
+        workers = min(workers, len(items))
 
     async def worker() -> None:
         for item in iterator:
             await work(item)
 
-    await gather_or_cancel([worker() for _ in range(min(workers, len(items)))])
+    await gather_or_cancel([worker() for _ in range(workers)])

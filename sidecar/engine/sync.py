@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import (
@@ -21,7 +22,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Container,
-    Iterable,
     Iterator,
 )
 from dataclasses import dataclass, field, replace
@@ -40,8 +40,6 @@ from sidecar.core.filters import SYNCIGNORE, SYNCIGNORE_MAX_BYTES, PathFilter, p
 from sidecar.core.merge import OutOfOrder, Triple, merge
 from sidecar.core.model import (
     UNHASHED,
-    Action,
-    ActionKind,
     BaseEntry,
     Direction,
     FileError,
@@ -85,6 +83,7 @@ from sidecar.engine.inputs import (
 from sidecar.engine.limits import LimitedStore, Limits
 from sidecar.engine.lock import LockBusy, SyncLock
 from sidecar.engine.scan import ScanResult, hash_paths
+from sidecar.engine.spool import PlanSpool
 from sidecar.engine.state import StateError, StateStore, state_path_for
 from sidecar.engine.threads import SettlingExecutor, default_io_threads
 from sidecar.engine.transfer import Settings, Transfers, gather_or_cancel
@@ -431,14 +430,47 @@ class SyncEngine:
         progress.phase = "scanning"
         if self.state.sending:
             await self._settle_pending_writes(store, path_filter)
-        # The scan and the listing stream into the planner's walk: no map of either side.
-        seen = await self._streamed_walk(store, direction, path_filter)
-        hashed_at = seen.hashed_at
+        # The scan and the listing stream into the planner's walk: no map of either side;
+        # and the plan goes to a spool on disk as it is decided (a dry run's is the user's
+        # list: kept in memory).
+        spool = None if dry_run else self._open_spool()
+        try:
+            seen = await self._streamed_walk(store, direction, path_filter, spool)
+            progress.phase = "planning"
+            self._planned(seen, syncignore_unusable, spool, result)
+            if spool is None:
+                return
+            backup = await self._carry_out(store, direction, seen, spool, progress, result)
+        except sqlite3.Error as exc:
+            raise FatalSync(f"in the state folder {self.state.directory}: {exc}") from None
+        finally:
+            if spool is not None:
+                spool.close()
+        progress.phase = "committing"
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+        await self._finish_backup(store, direction, backup, result)
+
+    def _open_spool(self) -> PlanSpool:
+        try:
+            return PlanSpool(self.state.directory)
+        except (sqlite3.Error, OSError) as exc:
+            raise FatalSync(
+                f"cannot write the plan in the state folder {self.state.directory}: {exc}"
+            ) from None
+
+    def _planned(
+        self,
+        seen: _Seen,
+        syncignore_unusable: list[FileError],
+        spool: PlanSpool | None,
+        result: SyncResult,
+    ) -> None:
+        """The rules over the whole plan (once every path is decided), into the result; a
+        dry run's plan, as the user's list."""
+        config = self.config
         if config.shard is not None and (limit := seen.tally.volume.limit(config.shard.count)):
             result.notes.append(limit.message())
             log.warning("shard %s: %s", config.shard, limit.message())
-
-        progress.phase = "planning"
         # Without the patterns of an unusable .syncignore, paths it hid are visible: never
         # delete on that view.
         input_errors = syncignore_unusable + seen.errors
@@ -448,40 +480,62 @@ class SyncEngine:
             max_fraction=config.max_delete_fraction,
             force=config.force_delete,
         )
-        walk = seen.walk
-        the_plan = finish(walk, policy)
-        del seen
+        the_plan = finish(seen.walk, policy)
         result.errors.extend(input_errors + the_plan.errors)
         result.conflicts.extend(the_plan.conflicts)
         result.files_skipped = the_plan.skipped
         result.deletes_blocked = the_plan.deletes_blocked
-        if dry_run:
+        if spool is None:  # a dry run: the plan is the user's list
             result.planned = list(the_plan.actions)
             result.files_transferred = sum(1 for a in the_plan.actions if a.kind in TRANSFER_KINDS)
             result.bytes_transferred = sum(action_bytes(a) for a in the_plan.actions)
-            return
+
+    async def _carry_out(
+        self,
+        store: Store,
+        direction: Direction,
+        seen: _Seen,
+        spool: PlanSpool,
+        progress: Progress,
+        result: SyncResult,
+    ) -> RemoteBackup | LocalBackup | None:
+        """The spooled plan, read back through the rules over the whole plan: the free
+        space first (nothing moves before it is known to fit), then the phases."""
+        walk = seen.walk
+        assert walk.rules is not None
+        spool.keeps = walk.rules.keeps
+        dropped = walk.rules.dropped  # writes a file/folder clash refused
+        counts = spool.counts
         if direction is Direction.PULL:
-            self._check_free_space(the_plan.of_kind(ActionKind.DOWNLOAD))
+            self._check_free_space(counts.download_bytes - sum(dropped.values()))
+        files = counts.transfers - len(dropped)
+        nbytes = counts.transfer_bytes - sum(dropped.values())
 
         progress.phase = "transferring"
         try:
             transfers = self._transfers(store, progress, walk.taken)
         except OSError as exc:
-            raise FatalSync(f"cannot open local folder {config.local_dir}: {exc}") from None
+            raise FatalSync(f"cannot open local folder {self.config.local_dir}: {exc}") from None
         backup = await self._start_backup(store, direction, transfers, result)
         try:
-            await self._execute(
-                the_plan.actions, transfers, progress, result, backup, hashed_at=hashed_at
+            execution = Execution(
+                self.state,
+                transfers,
+                progress,
+                result,
+                backup,
+                workers=self.config.files_in_flight,
+                order=self.download_order,
+                hashed_at=seen.hashed_at,
             )
+            await execution.run(spool, files, nbytes)
             await transfers.durable.flush()
         except BaseException:
             transfers.durable.flush_now()  # what is on disk gets its records, even now
             raise
         finally:
             transfers.close()
-        progress.phase = "committing"
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
-        await self._finish_backup(store, direction, backup, result)
+        return backup
 
     async def _start_backup(
         self,
@@ -675,19 +729,25 @@ class SyncEngine:
             self.state.upload_create_ended(key)
 
     async def _streamed_walk(
-        self, store: Store, direction: Direction, path_filter: ShardFilter
+        self,
+        store: Store,
+        direction: Direction,
+        path_filter: ShardFilter,
+        plan: PlanSpool | None,
     ) -> _Seen:
         """Every path decided as the scan, the listing and BASE stream by in key order. A
         side out of key order (a server listing so) stops the walk before anything it
         decided is carried out; it is done again over a sorted copy of the scan and the
         listing spooled on disk (what the first try learnt stays in BASE)."""
         try:
-            return await self._stream_once(store, direction, path_filter, None)
+            return await self._stream_once(store, direction, path_filter, None, plan)
         except OutOfOrder as exc:
             log.warning("%s; deciding again over a sorted copy of the scan and the listing", exc)
+        if plan is not None:
+            plan.reset()  # what the first try decided
         spool = Spool(self.state.directory)  # rare: written from the loop, a chunk at a time
         try:
-            return await self._stream_once(store, direction, path_filter, spool)
+            return await self._stream_once(store, direction, path_filter, spool, plan)
         finally:
             spool.close()
 
@@ -697,6 +757,7 @@ class SyncEngine:
         direction: Direction,
         path_filter: ShardFilter,
         spool: Spool | None,
+        plan: PlanSpool | None,
     ) -> _Seen:
         seen = _Seen(time.time_ns())
         root = self.config.local_dir
@@ -726,7 +787,8 @@ class SyncEngine:
                 if path_filter.wants(path)
             )
             names = _NameOracle(root, path_filter)
-            seen.walk = Walk(direction, datetime.now(UTC), names.taken)
+            sink = plan.add if plan is not None else None  # None: the plan's own list
+            seen.walk = Walk(direction, datetime.now(UTC), names.taken, sink)
             await self._walk(store, direction, Fed(local), Fed(remote), base, seen, names)
             names.walking = False  # the transfers' conflict copies ask it too
         _log_scan(scanned)
@@ -909,8 +971,8 @@ class SyncEngine:
         # already holds the data asks for every object (~2 KiB a task at 100,000 files).
         await run_bounded(wanted, resolve, self.config.concurrency)  # a HEAD each
 
-    def _check_free_space(self, downloads: Iterable[Action]) -> None:
-        needed = sum(a.remote.size for a in downloads if a.remote is not None)
+    def _check_free_space(self, needed: int) -> None:
+        """The pull's downloads, `needed` bytes in all, fit in the local folder's disk."""
         if not needed:
             return
         free = shutil.disk_usage(self.config.local_dir).free
@@ -919,28 +981,6 @@ class SyncEngine:
                 f"not enough space in {self.config.local_dir}: the pull needs "
                 f"{format_bytes(needed)}, {format_bytes(free)} free; nothing was changed"
             )
-
-    async def _execute(
-        self,
-        actions: list[Action],
-        transfers: Transfers,
-        progress: Progress,
-        result: SyncResult,
-        backup: RemoteBackup | LocalBackup | None = None,
-        *,
-        hashed_at: int,
-    ) -> None:
-        execution = Execution(
-            self.state,
-            transfers,
-            progress,
-            result,
-            backup,
-            workers=self.config.files_in_flight,
-            order=self.download_order,
-            hashed_at=hashed_at,
-        )
-        await execution.run(actions)
 
 
 async def _nothing() -> AsyncIterator[Chunk[LocalFile]]:
