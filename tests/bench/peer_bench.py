@@ -3,9 +3,10 @@
     python -m tests.bench.peer_bench [--workloads LARGE,SMALL,NOOP,SCALE,FIRST] [--runs 3]
                                      [--tools sidecar,s5cmd,rclone,aws] [--json out.json]
 
-One `rclone serve s3` on loopback serves every run; its data root and all generated data live
-on tmpfs (/dev/shm): on this machine's ext4 /tmp, creating and deleting thousands of files
-varies several-fold between runs and drowns the signal.
+One `rclone serve s3` (or `--server seaweed`, for the scale rows: servers.py) on loopback
+serves every run; its data and all generated data live on tmpfs (/dev/shm): on this
+machine's ext4 /tmp, creating and deleting thousands of files varies several-fold between
+runs and drowns the signal. The workspace is removed at exit, also on an error or a TERM.
 
 Per workload and direction (pull = bucket -> local folder, push = local folder -> bucket):
 1. the data set is generated once (random content, whole-second mtimes) and, for pulls, seeded
@@ -234,10 +235,13 @@ class Bench:
         self.link = link or Link()
         self.server = make_server(server, workspace)
         # SeaweedFS is seeded through S3 (minutes for a million objects), not by copying
-        # files: tools that keep no state (the peers) share the source bucket and the
-        # source tree as their warm destinations, and each sidecar pushes into a bucket of
-        # its own (its BASE must not see another tool's writes as remote changes).
+        # files: every tool's warm destination is the source bucket or the source tree.
+        # Only CHANGED writes there, and only the sidecar keeps state (BASE) that another
+        # tool's write would turn into a conflict: it runs first, and with more than one
+        # run it pushes into a bucket of its own (see push_bucket).
         self.shared = self.server.kind == "seaweed"
+        if self.shared:
+            self.tools = sorted(tools, key=lambda tool: not keeps_state(tool))
         self.proxy: CountingProxy | None = None
         self.wan: DelayProxy | None = None
         self.sources: dict[str, Path] = {}
@@ -279,7 +283,9 @@ class Bench:
         """The bucket a tool's re-sync push (SCALE, CHANGED) goes to."""
         if not self.shared:
             return warm_bucket(scenario, label(tool))
-        if not keeps_state(tool) or len(self.tools) == 1:
+        # With one run each, the one sidecar's finalize comes before any peer's write.
+        alone = sum(map(keeps_state, self.tools)) == 1
+        if not keeps_state(tool) or (alone and (self.runs == 1 or len(self.tools) == 1)):
             return source_bucket(scenario.dataset)
         return f"own-{scenario.dataset.name}-{label(tool)}"
 

@@ -1,20 +1,26 @@
 """Where the memory of a sync of N files goes (issue 12): tracemalloc by source line.
 
     python -m tests.bench.profile_scale --files 100000 --rows noop-pull,noop-finalize
+    python -m tests.bench.profile_scale --files 50000 --rows changed-finalize --no-trace \
+        --cprofile /dev/shm/changed.pstats
 
 N files of 64 bytes in N/1000 folders are made on tmpfs, once as a bucket folder that an
 `rclone serve s3` serves (made before it starts: its folder cache would miss them) and once
 as the local folder; one untimed pull records BASE, then each row runs in-process with
 tracemalloc on: its traced peak, the process's peak RSS, and the allocation sites that held
 the most when the plan was made (scan, listing and BASE all alive). tracemalloc makes the
-run 2-3x slower: read the times as relative.
+run 2-3x slower: read the times as relative. `changed-finalize` rewrites 10 files (same
+size, new bytes) before its finalize, as the peer benchmark's CHANGED row does; `--cprofile`
+writes each row's cProfile stats (FILE.<row>) and prints the top functions by cumulative time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -61,7 +67,16 @@ async def _run(config: SyncConfig, direction: Direction) -> Any:
         return await engine.run(direction)
 
 
-def _child(row: str, scratch: Path, top: int, files: int, trace: bool) -> None:
+def _change(local: Path, count: int = 10) -> None:
+    """Rewrite the first `count` files (as _make names them): same size, new bytes."""
+    for n in range(count):
+        path = local / f"d{n // 1000:04d}" / f"f{n:07d}.bin"
+        path.write_bytes(b"%064d" % (time.time_ns() + n))
+
+
+def _child(
+    row: str, scratch: Path, top: int, files: int, trace: bool, cprofile: str | None
+) -> None:
     """One row in this process: its own peak RSS, and the traced allocations."""
     _spy_plan()
     local = scratch / "local"
@@ -70,10 +85,17 @@ def _child(row: str, scratch: Path, top: int, files: int, trace: bool) -> None:
     direction = Direction.FINALIZE if row.endswith("finalize") else Direction.PULL
     if row == "first-pull":
         config = SyncConfig("bench", "vol/", scratch / "fresh", state, concurrency=32)
+    if row == "changed-finalize":
+        _change(local)
     if trace:
         tracemalloc.start(1)
+    profiler = cProfile.Profile() if cprofile else None
     started, cpu = time.monotonic(), time.process_time()
+    if profiler is not None:
+        profiler.enable()
     result = asyncio.run(_run(config, direction))
+    if profiler is not None:
+        profiler.disable()
     seconds, cpu = time.monotonic() - started, time.process_time() - cpu
     peak = tracemalloc.get_traced_memory()[1] if trace else 0
     tracemalloc.stop()
@@ -81,6 +103,9 @@ def _child(row: str, scratch: Path, top: int, files: int, trace: bool) -> None:
     traced = f", traced peak {peak / 2**20:.1f} MiB (2-3x slower)" if trace else ""
     print(f"\n== {row}: {seconds:.1f} s, CPU {cpu:.2f} s, peak RSS {rss:.0f} MiB{traced}")
     print(f"   {result.one_line()}")
+    if profiler is not None and cprofile:
+        profiler.dump_stats(f"{cprofile}.{row}")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
     if _snapshots:
         stats = _snapshots[-1].statistics("lineno")
         total = sum(s.size for s in stats)
@@ -97,11 +122,13 @@ def main() -> None:
     parser.add_argument("--rows", default="noop-pull,noop-finalize")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--no-trace", action="store_true", help="RSS and time only")
+    parser.add_argument("--cprofile", help="write each row's cProfile stats to FILE.<row>")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, Path(args.scratch), args.top, args.files, not args.no_trace)
+        trace = not args.no_trace
+        _child(args.child, Path(args.scratch), args.top, args.files, trace, args.cprofile)
         return
     scratch = Path(tempfile.mkdtemp(prefix="profile-scale-", dir="/dev/shm"))
     try:
@@ -113,8 +140,9 @@ def main() -> None:
             child = [sys.executable, "-m", "tests.bench.profile_scale", "--scratch", str(scratch)]
             child += ["--files", str(args.files), "--top", str(args.top)]
             child += ["--no-trace"] if args.no_trace else []
+            child += ["--cprofile", args.cprofile] if args.cprofile else []
             rows = args.rows.split(",")
-            if any(row.startswith("noop") for row in rows):  # BASE for the no-op rows
+            if any(row.startswith(("noop", "changed")) for row in rows):  # BASE for these
                 subprocess.run([*child, "--child", "setup", "--no-trace"], env=env, check=True)
             for row in rows:
                 subprocess.run([*child, "--child", row], env=env, check=True)
