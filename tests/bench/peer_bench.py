@@ -336,6 +336,8 @@ class Bench:
         """Free tmpfs once no later scenario needs this data set."""
         if dataset.name in self.sources:
             remove(self.sources.pop(dataset.name))
+        for warm in (self.ws / "warm").glob(f"{dataset.name}-*"):
+            remove(warm)
         for bucket in sorted(self.seeded):
             if bucket == source_bucket(dataset) or bucket.startswith(f"own-{dataset.name}-"):
                 self.server.remove(bucket, PREFIX)
@@ -430,6 +432,13 @@ class Bench:
     def warm_up(self, scenario: Scenario, tool: Tool) -> Job:
         dataset = scenario.dataset
         state = self.ws / "warm" / f"{scenario.key}-{label(tool)}" / "state"
+        if self.shared:
+            # One destination per data set: one warm-up (and one BASE) per tool serves every
+            # row of it (at a million files a sidecar's first sync takes minutes).
+            bucket = self.push_bucket(scenario, tool)
+            state = self.ws / "warm" / f"{dataset.name}-{label(tool)}-{bucket}" / "state"
+        warmed = state.parent.exists()
+        state.parent.mkdir(parents=True, exist_ok=True)
         if scenario.direction == "pull":
             bucket = self.seed(dataset)  # first: seeding may set the source tree's mtimes
             local = self.source(dataset) if self.shared else state.parent / "dst"
@@ -443,6 +452,8 @@ class Bench:
             else:
                 self.fill(dataset, bucket)
             job = Job("push", "sync", bucket, PREFIX, self.source(dataset), state)
+        if warmed:
+            return job
         result = self.execute(tool, job, self.direct(), "warm-up")
         if not result.ok:
             raise BenchError(
@@ -451,8 +462,10 @@ class Bench:
         return job
 
     def remove_warm(self, scenario: Scenario, tool_name: str) -> None:
+        if self.shared:
+            return  # kept for the data set's next rows; drop() ends them
         remove(self.ws / "warm" / f"{scenario.key}-{tool_name}")
-        if scenario.direction == "push" and not self.shared:
+        if scenario.direction == "push":
             bucket = warm_bucket(scenario, tool_name)
             self.server.remove(bucket, PREFIX)
             self.seeded.discard(bucket)
@@ -811,6 +824,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the table (and every run) as JSON here")
     parser.add_argument("--no-count", action="store_true", help="skip the request-counting runs")
     parser.add_argument("--sidecar-args", default="", help="extra sidecar flags, one string")
+    parser.add_argument(
+        "--sidecar-exe",
+        help="the `sidecar` to run (default: this venv's), e.g. another checkout's venv, "
+        "to compare two versions on one seeded server",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool run")
     parser.add_argument("--workdir", type=Path, default=default_workdir())
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs) at exit")
@@ -880,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     workspace = Path(tempfile.mkdtemp(prefix="netvol-bench-", dir=args.workdir))
     try:
         tools = make_tools(
-            args.tools, workspace, shlex.split(args.sidecar_args), tuple(args.variants)
+            args.tools,
+            workspace,
+            shlex.split(args.sidecar_args),
+            tuple(args.variants),
+            args.sidecar_exe,
         )
         check_space(workspace, peak_space(scenarios, len(tools), args.server == "seaweed"))
         rows = run_all(workspace, tools, scenarios, args)

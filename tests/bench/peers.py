@@ -167,11 +167,12 @@ class Sidecar:
     name: str = "sidecar"
     extra_args: list[str] = field(default_factory=list)
     variant: Variant = "bench"
+    exe: str | None = None  # another `sidecar` than this venv's
 
     def command(self, job: Job, server: Server) -> tuple[list[str], dict[str, str]]:
         verb = "pull" if job.direction == "pull" else "finalize"
         argv = [
-            executable("sidecar"),
+            self.exe or executable("sidecar"),
             verb,
             "--once",
             "--remote",
@@ -290,6 +291,7 @@ def make_tools(
     workspace: Path,
     sidecar_args: list[str],
     variants: tuple[Variant, ...] = ("bench",),
+    sidecar_exe: str | None = None,
 ) -> list[Tool]:
     """Every tool in every variant, tool by tool (sidecar-default, sidecar-tuned, s5cmd-...)."""
     unknown = [name for name in names if name not in TOOL_NAMES]
@@ -302,7 +304,7 @@ def make_tools(
     for name in names:
         for variant in variants:
             if name == "sidecar":
-                tools.append(Sidecar(extra_args=sidecar_args, variant=variant))
+                tools.append(Sidecar(extra_args=sidecar_args, variant=variant, exe=sidecar_exe))
             elif name == "s5cmd":
                 tools.append(S5cmd(variant=variant))
             elif name == "rclone":
