@@ -38,6 +38,21 @@ from sidecar.engine.sync import SyncEngine
 from sidecar.locals3 import LocalS3
 
 _snapshots: list[tracemalloc.Snapshot] = []
+_phases: list[tuple[str, float, float]] = []  # (phase, monotonic, CPU) as each began
+
+
+def _spy_phases() -> None:
+    """When the sync enters each phase (Progress.phase), in wall and CPU seconds."""
+    from sidecar.core.progress import Progress
+
+    original = Progress.__setattr__
+
+    def setattr_(self: Progress, name: str, value: Any) -> None:
+        if name == "phase":
+            _phases.append((value, time.monotonic(), time.process_time()))
+        original(self, name, value)
+
+    Progress.__setattr__ = setattr_  # type: ignore[method-assign]
 
 
 def _spy_plan() -> None:
@@ -79,6 +94,7 @@ def _child(
 ) -> None:
     """One row in this process: its own peak RSS, and the traced allocations."""
     _spy_plan()
+    _spy_phases()
     local = scratch / "local"
     state = scratch / ("state-" + row if row in ("adopt-pull", "first-pull") else "state")
     config = SyncConfig("bench", "vol/", local, state, concurrency=32)
@@ -91,6 +107,7 @@ def _child(
         tracemalloc.start(1)
     profiler = cProfile.Profile() if cprofile else None
     started, cpu = time.monotonic(), time.process_time()
+    cpu_started = cpu
     if profiler is not None:
         profiler.enable()
     result = asyncio.run(_run(config, direction))
@@ -103,6 +120,12 @@ def _child(
     traced = f", traced peak {peak / 2**20:.1f} MiB (2-3x slower)" if trace else ""
     print(f"\n== {row}: {seconds:.1f} s, CPU {cpu:.2f} s, peak RSS {rss:.0f} MiB{traced}")
     print(f"   {result.one_line()}")
+    ends = [*_phases[1:], ("end", started + seconds, cpu_started + cpu)]
+    steps = [
+        f"{phase} {end - begin:.1f} s (CPU {cpu_end - cpu_begin:.1f})"
+        for (phase, begin, cpu_begin), (_next, end, cpu_end) in zip(_phases, ends, strict=False)
+    ]
+    print("   phases: " + ", ".join(steps))
     if profiler is not None and cprofile:
         profiler.dump_stats(f"{cprofile}.{row}")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
