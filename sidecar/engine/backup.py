@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -103,6 +104,9 @@ class RemoteBackup:
         self.entries: list[Entry] = []
         self._before: dict[str, Version] = {}
         self._resolve = resolve or (lambda: resolve_mode(store, BackupMode.AUTO))
+        # The transfers that replace objects start together: one of them asks, the rest wait
+        # for its answer (not one GetBucketVersioning each).
+        self._resolving = asyncio.Lock()
 
     @property
     def active(self) -> bool:
@@ -114,7 +118,9 @@ class RemoteBackup:
         """Keep the object at `key` while it is the version with `etag`; raises BackupFailed
         (precondition: the object changed meanwhile) and never lets a caller go on to write."""
         if self.mode is BackupMode.AUTO:
-            self.mode = await self._resolve()
+            async with self._resolving:
+                if self.mode is BackupMode.AUTO:
+                    self.mode = await self._resolve()
         if not self.active:
             return None
         try:

@@ -41,6 +41,28 @@ _snapshots: list[tracemalloc.Snapshot] = []
 _phases: list[tuple[str, float, float]] = []  # (phase, monotonic, CPU) as each began
 
 
+_requests: dict[str, list[float]] = {}  # "METHOD kind" -> each one's seconds
+
+
+def _spy_requests() -> None:
+    """Every S3 request the store sends, by method (and list/copy), with its wall time."""
+    from sidecar.s3.store import ObjectStore
+
+    original = ObjectStore._exchange
+
+    async def exchange(self: ObjectStore, method: str, key: str | None, *a: Any, **k: Any) -> Any:
+        query, headers = k.get("query") or {}, k.get("headers") or {}
+        kind = "LIST" if "list-type" in query else method
+        kind += " copy" if "x-amz-copy-source" in headers else ""
+        started = time.monotonic()
+        try:
+            return await original(self, method, key, *a, **k)
+        finally:
+            _requests.setdefault(kind, []).append(time.monotonic() - started)
+
+    ObjectStore._exchange = exchange  # type: ignore[method-assign]
+
+
 def _spy_phases() -> None:
     """When the sync enters each phase (Progress.phase), in wall and CPU seconds."""
     from sidecar.core.progress import Progress
@@ -95,6 +117,7 @@ def _child(
     """One row in this process: its own peak RSS, and the traced allocations."""
     _spy_plan()
     _spy_phases()
+    _spy_requests()
     local = scratch / "local"
     state = scratch / ("state-" + row if row in ("adopt-pull", "first-pull") else "state")
     config = SyncConfig("bench", "vol/", local, state, concurrency=32)
@@ -126,6 +149,8 @@ def _child(
         for (phase, begin, cpu_begin), (_next, end, cpu_end) in zip(_phases, ends, strict=False)
     ]
     print("   phases: " + ", ".join(steps))
+    asked = [f"{kind} {len(times)} ({sum(times):.1f} s)" for kind, times in _requests.items()]
+    print("   requests (summed wall): " + ", ".join(asked))
     if profiler is not None and cprofile:
         profiler.dump_stats(f"{cprofile}.{row}")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)

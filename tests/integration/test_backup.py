@@ -402,3 +402,34 @@ async def test_a_large_listing_does_not_list_the_backup_area(
     async with SyncEngine(expiring) as engine:
         await run(engine, PULL)
     assert not any(k.startswith(".netvol/") for k in objects(moto, bucket))
+
+
+async def test_one_bucket_versioning_request_however_many_objects_are_kept_at_once(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--backup auto asks GetBucketVersioning at the first object a sync keeps, once: the
+    uploads that replace objects start together, and each used to ask it (10 requests for a
+    finalize of 10 changed files, seen in the peer benchmark's CHANGED row)."""
+    bucket = moto.new_bucket()
+    local = workdir / "local"
+    for i in range(10):
+        write(local / f"f{i}.txt", b"version 1 of %d" % i)
+    asked: list[str] = []
+    original = ObjectStore.bucket_versioning
+
+    async def spy(self: ObjectStore) -> str:
+        asked.append(bucket)
+        await asyncio.sleep(0.01)  # an answer takes a while: the other uploads ask meanwhile
+        return await original(self)
+
+    monkeypatch.setattr(ObjectStore, "bucket_versioning", spy)
+    cfg = config(bucket, local, workdir / "state", backup=BackupMode.AUTO)
+    async with SyncEngine(cfg) as engine:
+        await run(engine, FIN)
+        assert asked == []  # nothing replaced: nothing kept, nothing asked
+        for i in range(10):
+            write(local / f"f{i}.txt", b"version 2 of %d" % i)
+        second = await run(engine, FIN)
+    assert second.files_transferred == 10
+    assert len(asked) == 1
+    assert len([k for k in objects(moto, bucket) if k.startswith(f"{BACKUP_DIR}")]) == 10
