@@ -129,3 +129,26 @@ async def test_streamed_decisions_equal_the_planner_over_maps(
         assert sorted(c.path for c in got.conflicts) == expected.conflicts
         assert got.deletes_blocked == expected.deletes_blocked
         assert sorted(e.path for e in got.errors) == expected.errors
+
+
+def test_folder_markers_dropped_while_streaming_as_over_the_whole_listing() -> None:
+    """MarkerFilter over a listing in key order drops exactly core.paths.folder_markers of
+    the whole map (a 0-byte 'd' with a listed path below it), in order, whatever lies between
+    'd' and 'd/' ('d-x', 'd.x', also 0-byte ones)."""
+    from sidecar.core.model import RemoteObject
+    from sidecar.core.paths import folder_markers
+    from sidecar.engine.inputs import MarkerFilter
+
+    rng = random.Random(3)
+    parts = ["d", "d-x", "d.x", "e", "d0"]
+    for _ in range(500):
+        paths = {
+            "/".join(rng.choice(parts) for _ in range(rng.randrange(1, 4)))
+            for _ in range(rng.randrange(1, 12))
+        }
+        listed = {p: RemoteObject("k/" + p, rng.choice([0, 0, 5]), "e") for p in sorted(paths)}
+        expected = [p for p in listed if p not in set(folder_markers(listed))]
+        markers = MarkerFilter()
+        got = [p for path, obj in listed.items() for p, _ in markers.push(path, obj)]
+        got += [p for p, _ in markers.end()]
+        assert got == expected, listed
