@@ -325,8 +325,10 @@ class Spool:
     order (SQLite compares TEXT as UTF-8 bytes, as S3 orders keys). Removed when closed."""
 
     def __init__(self, directory: Path) -> None:
+        # A sync runs under the state lock: a spool found here is one a killed run left.
+        for stale in directory.glob("spool-*.db"):
+            stale.unlink(missing_ok=True)
         self.path = directory / f"spool-{os.getpid()}-{id(self):x}.db"
-        self.path.unlink(missing_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
