@@ -24,9 +24,7 @@ from typing import Any
 
 from sidecar.core.options import SyncConfig
 from sidecar.core.tokenbucket import TokenBucket
-from sidecar.s3 import Store
-from sidecar.s3.objects import ObjectInfo, ObjectVersion, Written
-from sidecar.s3.store import ClientSettings
+from sidecar.s3 import ClientSettings, ObjectInfo, ObjectVersion, Store, Written
 
 
 @dataclass
