@@ -154,3 +154,45 @@ def test_folder_markers_dropped_while_streaming_as_over_the_whole_listing() -> N
         got = [p for path, obj in listed.items() for p, _ in markers.push(path, obj)]
         got += [p for p, _ in markers.end()]
         assert got == expected, listed
+
+
+async def test_a_cancelled_sync_ends_its_scan_thread_before_it_returns(
+    moto: Any, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan runs ahead of the walk on a thread of its own; a sync cancelled while the
+    walk waits (here on a listing that never ends) stops that thread before the cancellation
+    reaches the caller: nothing of it outlives the sync's locks."""
+    import asyncio
+
+    import sidecar.engine.inputs as inputs_module
+
+    bucket = moto.new_bucket()
+    local = workdir / "local"
+    for n in range(6000):  # more than the queue holds (4,096): the thread waits for room
+        write(local / f"d{n // 1000}/f{n:04d}", b"x", OLD_NS)
+    walking = {"started": 0, "ended": 0}
+    original_walk = inputs_module.walk_in_key_order
+
+    def counted_walk(*args: Any) -> Any:
+        walking["started"] += 1
+        try:
+            yield from original_walk(*args)
+        finally:
+            walking["ended"] += 1
+
+    async def endless_listing(self: ObjectStore, prefix: str, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+        yield []
+
+    monkeypatch.setattr(inputs_module, "walk_in_key_order", counted_walk)
+    monkeypatch.setattr(ObjectStore, "list", endless_listing)
+    task = asyncio.ensure_future(sync(config(bucket, local, workdir / "state"), PULL))
+    for _ in range(600):
+        if walking["started"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert walking == {"started": 1, "ended": 1}
