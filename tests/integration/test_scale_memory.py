@@ -343,7 +343,15 @@ async def test_first_sync_over_existing_data_asks_with_a_bounded_pool(
 
     async def counting_head(self: ObjectStore, key: str) -> Any:
         nonlocal most_tasks
-        most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+        # Not the store's connect-ahead tasks (ConnectionPool._open_idle, one per connection
+        # opened before it is asked for): under load they are still pending when the HEADs
+        # start, and counted they failed this bound now and then (9 > 8).
+        tasks = [
+            task
+            for task in asyncio.all_tasks()
+            if not getattr(task.get_coro(), "__qualname__", "").endswith("._open_idle")
+        ]
+        most_tasks = max(most_tasks, len(tasks))
         return await original_head(self, key)
 
     monkeypatch.setattr(ObjectStore, "head", counting_head)
