@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -39,6 +40,20 @@ from sidecar.locals3 import LocalS3
 
 _snapshots: list[tracemalloc.Snapshot] = []
 _phases: list[tuple[str, float, float]] = []  # (phase, monotonic, CPU) as each began
+
+
+_peak: list[tracemalloc.Snapshot] = []  # at the highest traced memory seen (every 0.5 s)
+
+
+def _watch_peak(stop: threading.Event) -> None:
+    """Snapshot whenever traced memory is 10% above the last snapshot's: the last one is the
+    allocations alive near the traced peak (the plan-time snapshot misses the transfers)."""
+    best = 0
+    while not stop.wait(0.5):
+        current = tracemalloc.get_traced_memory()[0]
+        if current > best * 1.1:
+            best = current
+            _peak[:] = [tracemalloc.take_snapshot()]
 
 
 _requests: dict[str, list[float]] = {}  # "METHOD kind" -> each one's seconds
@@ -126,8 +141,10 @@ def _child(
         config = SyncConfig("bench", "vol/", scratch / "fresh", state, concurrency=32)
     if row == "changed-finalize":
         _change(local)
+    stop = threading.Event()
     if trace:
         tracemalloc.start(1)
+        threading.Thread(target=_watch_peak, args=(stop,), daemon=True).start()
     profiler = cProfile.Profile() if cprofile else None
     started, cpu = time.monotonic(), time.process_time()
     cpu_started = cpu
@@ -137,6 +154,7 @@ def _child(
     if profiler is not None:
         profiler.disable()
     seconds, cpu = time.monotonic() - started, time.process_time() - cpu
+    stop.set()
     peak = tracemalloc.get_traced_memory()[1] if trace else 0
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -154,10 +172,12 @@ def _child(
     if profiler is not None and cprofile:
         profiler.dump_stats(f"{cprofile}.{row}")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
-    if _snapshots:
-        stats = _snapshots[-1].statistics("lineno")
+    for when, taken in (("when the plan was made", _snapshots), ("near the traced peak", _peak)):
+        if not taken:
+            continue
+        stats = taken[-1].statistics("lineno")
         total = sum(s.size for s in stats)
-        print(f"   held when the plan was made: {total / 2**20:.1f} MiB")
+        print(f"   held {when}: {total / 2**20:.1f} MiB")
         for stat in stats[:top]:
             frame = stat.traceback[0]
             where = f"{Path(frame.filename).name}:{frame.lineno}"
