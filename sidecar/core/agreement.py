@@ -6,7 +6,6 @@ walk asks `learned` of each listed object, and sidecar/engine/execute.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
 from sidecar.core.model import (
@@ -104,19 +103,3 @@ def cache_entry(local: LocalFile) -> HashCacheEntry:
 def cacheable(local: LocalFile, hashed_at_ns: int) -> bool:
     """Whether a scanned file's hash belongs in the cache: hashed, and not racy."""
     return local.hash != UNHASHED and not racy(local.mtime_ns, hashed_at_ns)
-
-
-def cache_holds(
-    cache: Mapping[str, HashCacheEntry], files: Mapping[str, LocalFile], hashed_at_ns: int
-) -> bool:
-    """Whether the hash cache is exactly what the scan saw (the no-op case: its snapshot need
-    not be rewritten), checked without building a second map of a million entries. Rows
-    from the cache were trusted when written, so they pass `cacheable` with a later clock."""
-    kept = 0
-    for path, local in files.items():
-        if not cacheable(local, hashed_at_ns):
-            continue
-        kept += 1
-        if cache.get(path) != cache_entry(local):
-            return False
-    return kept == len(cache)

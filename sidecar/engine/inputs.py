@@ -145,8 +145,8 @@ class ScanPump:
     def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             chunk: Chunk[LocalFile] = []
-            # No hash cache here: the thread never touches the state (the loop does).
-            for item in walk_in_key_order(self._root, self._filter, {}, self.out):
+            # No hash cache here: the thread never touches the state (CachedHashes, on the loop).
+            for item in walk_in_key_order(self._root, self._filter, self.out):
                 chunk.append(item)
                 if len(chunk) >= CHUNK:
                     if not self._put(chunk, loop):

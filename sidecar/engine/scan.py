@@ -1,5 +1,6 @@
-"""Local scan: walk the folder, stat every file; hashes come from the cache of the last scan,
-and hash_files() computes the rest, only for the paths whose decision needs one.
+"""Local scan: walk the folder in S3 key order, stat every file (the hash cache is applied
+as the files stream by: sidecar/engine/inputs.py), and hash_paths() for the files whose
+decision needs a hash.
 
 Symlinks are never followed and never synced (documented in README); special files (FIFO,
 socket, device) are skipped unopened and counted, for the sync's log line; stale temp files
@@ -11,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat as stat_mod
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.core.filters import PathFilter
-from sidecar.core.model import UNHASHED, FileError, LocalFile, identity_of
+from sidecar.core.model import UNHASHED, FileError, LocalFile
 from sidecar.core.paths import BadKey, check_relpath, is_temp_name
 from sidecar.engine.hashing import content_hash_file
 
@@ -28,25 +28,12 @@ log = logging.getLogger("sidecar.scan")  # logger name kept from before the move
 
 @dataclass(slots=True)
 class ScanResult:
-    files: dict[str, LocalFile] = field(default_factory=dict)  # hash may be UNHASHED
+    """What the walk leaves beside the files it hands on."""
+
     errors: list[FileError] = field(default_factory=list)
     temps_removed: int = 0
     symlinks_skipped: int = 0
     specials_skipped: int = 0  # FIFOs, sockets, devices the filter wants: never opened
-
-
-def _walk(
-    root: Path,
-    path_filter: PathFilter,
-    hash_cache: Mapping[str, tuple[int, int, int, str]],
-    out: ScanResult,
-) -> None:
-    """Fill out.files: one LocalFile per file, made as it is seen (no second map of stats:
-    at 1 M files every per-file object counts). Paths are interned: the same path is a key
-    in the listing, BASE and the hash cache, and one string serves them all."""
-    found = out.files
-    for rel, local in walk_in_key_order(root, path_filter, hash_cache, out):
-        found[rel] = local
 
 
 def _key_order(entry: os.DirEntry[str]) -> bytes:
@@ -60,12 +47,9 @@ def _key_order(entry: os.DirEntry[str]) -> bytes:
 
 
 def walk_in_key_order(
-    root: Path,
-    path_filter: PathFilter,
-    hash_cache: Mapping[str, tuple[int, int, int, str]],
-    out: ScanResult,
+    root: Path, path_filter: PathFilter, out: ScanResult
 ) -> Iterator[tuple[str, LocalFile]]:
-    """Every wanted file under root as (relative path, LocalFile), in S3 key order (the
+    """Every wanted file under root as (relative path, LocalFile with no hash yet), in S3 key order
     order a listing comes in); errors, removed temp files and skipped symlinks go to `out`.
 
     Holds the sorted entries of the folders on the way down to the current one, never the
@@ -94,7 +78,7 @@ def walk_in_key_order(
         if is_temp_name(entry.name):
             _remove_temp(entry, rel, path_filter, out)
             continue
-        found = _wanted_file(entry, rel, path_filter, hash_cache, out, enter)
+        found = _wanted_file(entry, rel, path_filter, out, enter)
         if found is not None:
             yield found
 
@@ -116,7 +100,6 @@ def _wanted_file(
     entry: os.DirEntry[str],
     rel: str,
     path_filter: PathFilter,
-    hash_cache: Mapping[str, tuple[int, int, int, str]],
     out: ScanResult,
     enter: Callable[[str], None],
 ) -> tuple[str, LocalFile] | None:
@@ -145,13 +128,7 @@ def _wanted_file(
     except OSError as exc:
         out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
         return None
-    rel = sys.intern(rel)
-    cached = hash_cache.get(rel)
-    if cached is not None and cached[:3] == identity_of(st):
-        # The cache's own int objects: mtime_ns and inode are 32 bytes each.
-        executable = bool(st.st_mode & stat_mod.S_IXUSR)
-        return rel, LocalFile(cached[0], cached[1], cached[2], executable, cached[3])
-    return rel, LocalFile.of(st, UNHASHED)
+    return sys.intern(rel), LocalFile.of(st, UNHASHED)
 
 
 def _hash_one(root: Path, rel: str) -> str | FileError:
@@ -180,45 +157,6 @@ def _batches(
     if current:
         batches.append(current)
     return batches
-
-
-async def scan(
-    root: Path,
-    path_filter: PathFilter,
-    hash_cache: Mapping[str, tuple[int, int, int, str]],
-    executor: ThreadPoolExecutor,
-) -> ScanResult:
-    """Scan root; hash_cache maps path -> (size, mtime_ns, inode, hash) from the last scan.
-
-    A file whose stat matches its cache entry gets the cached hash, any other UNHASHED.
-    """
-    out = ScanResult()
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(executor, _walk, root, path_filter, hash_cache, out)
-    return out
-
-
-async def hash_files(
-    root: Path, scanned: ScanResult, rels: list[str], executor: ThreadPoolExecutor
-) -> None:
-    """Fill in the hashes of scanned.files[rel] for rels; unreadable files become errors
-    (and leave scanned.files)."""
-    loop = asyncio.get_running_loop()
-    files = scanned.files
-    # Big files first so a pool of workers finishes together; small ones go in batches, as
-    # one executor hand-off per 16 KiB file cost more than hashing it (0.58 s for 5,000).
-    to_hash = sorted(rels, key=lambda rel: -files[rel].size)
-    batches = _batches(to_hash, [files[rel].size for rel in to_hash])
-    results = await asyncio.gather(
-        *(loop.run_in_executor(executor, _hash_batch, root, batch) for batch in batches)
-    )
-    digests = [digest for batch in results for digest in batch]
-    for rel, digest in zip(to_hash, digests, strict=True):
-        if isinstance(digest, FileError):
-            scanned.errors.append(digest)
-            del files[rel]
-            continue
-        files[rel] = replace(files[rel], hash=digest)
 
 
 async def hash_paths(

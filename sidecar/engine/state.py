@@ -139,7 +139,6 @@ class _Half(Mapping[str, V], Generic[V]):
         )
         self.pending: dict[str, V | None] = {}
         self.count = 0  # rows in the table, with pending changes counted in
-        self.replaced = False  # pending is the whole content: the table's rows are gone
         self._forget_window()
 
     # ---- the window ----------------------------------------------------------------------
@@ -162,7 +161,7 @@ class _Half(Mapping[str, V], Generic[V]):
             self._served += 1
             return self._rows.get(path)
         db = self._store._db
-        if db is None or self.replaced:
+        if db is None:
             return None
         # Grow while the last window served lookups for a good share of its rows; shrink
         # when lookups jump about (the first lookups of a sync, or a sparse few).
@@ -226,11 +225,7 @@ class _Half(Mapping[str, V], Generic[V]):
         pending = sorted(self.pending.items())
         index = 0
         db = self._store._db
-        rows: list[Any] = (
-            db.execute(first, ("", batch)).fetchall()
-            if db is not None and not self.replaced
-            else []
-        )
+        rows: list[Any] = db.execute(first, ("", batch)).fetchall() if db is not None else []
         while rows:
             for row in rows:
                 path = row[0]
@@ -257,18 +252,9 @@ class _Half(Mapping[str, V], Generic[V]):
         self.count += (value is not None) - self._has(path)
         self.pending[path] = value
 
-    def replace(self, content: Mapping[str, V]) -> None:
-        self.pending = dict(content)
-        self.count = len(self.pending)
-        self.replaced = True
-        # The window holds the old table's rows: left, it answered for paths the new content
-        # left out (and put() counted their removal off a count that never had them).
-        self._forget_window()
-
     def written(self) -> None:
         """The pending changes are in the table now."""
         self.pending = {}
-        self.replaced = False
         self._forget_window()
 
 
@@ -657,16 +643,6 @@ class StateStore:
             if self._journal is not None:
                 os.ftruncate(self._journal, 0)  # every record in it is in state.db now
 
-    def replace_hash_cache(self, entries: Mapping[str, HashCacheEntry]) -> None:
-        """After a scan: the cache is exactly what the scan saw (no journal: derivable). It is
-        written at the next commit, as the whole state was; until then lookups see it."""
-        if len(entries) == len(self.hash_cache) and all(
-            self.hash_cache.get(path) == entry for path, entry in entries.items()
-        ):
-            return
-        self.hash_cache.replace(entries)
-        self._dirty = True
-
     def write_sending(self, path: str, size: int, digest: str, executable: bool) -> None:
         """Before a write that creates or replaces an object is sent (PUT, Complete). Its
         outcome (set_base, or write_settled) ends it. Reaching the OS is enough: kill -9 is
@@ -713,8 +689,7 @@ class StateStore:
         return True
 
     def _write(self) -> None:
-        """The pending changes, the header and (after a scan) the new hash cache into
-        state.db, in one transaction."""
+        """The pending changes and the header into state.db, in one transaction."""
         db = self._db
         if db is None:
             db = self._db = self._create(self.db_path)
@@ -722,11 +697,6 @@ class StateStore:
         base, cache = self.base.pending, self.hash_cache.pending
         db.execute("BEGIN IMMEDIATE")
         try:
-            if self.hash_cache.replaced:
-                db.execute(
-                    "UPDATE entries SET c_size = NULL, c_mtime_ns = NULL, c_inode = NULL,"
-                    " c_hash = NULL"
-                )
             db.executemany(
                 _UPSERT_BASE,
                 [(path, *_base_columns(entry)) for path, entry in base.items() if entry],
@@ -746,8 +716,6 @@ class StateStore:
                 [(path,) for path, entry in cache.items() if entry is None],
             )
             # Rows left with neither half: only those changed, never a scan of the table.
-            if self.hash_cache.replaced:
-                db.execute("DELETE FROM entries WHERE size IS NULL AND c_size IS NULL")
             db.executemany(
                 "DELETE FROM entries WHERE path = ? AND size IS NULL AND c_size IS NULL",
                 [

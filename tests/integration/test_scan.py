@@ -1,4 +1,5 @@
-"""The local scan's promises (sidecar/engine/scan.py) beside its order (test_scan_order.py):
+"""The local scan's promises (sidecar/engine/scan.py, run as a sync runs it:
+tests/support/scanning.py) beside its order (test_scan_order.py):
 symlinks are never followed nor synced, special files are skipped, counted and never opened, a path
 that cannot be listed, read or named is reported by path and cause while the scan goes on, a
 cached hash serves only a file whose size, mtime and inode all match, and a folder the filter
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ import pytest
 from sidecar.core.filters import PathFilter
 from sidecar.core.model import UNHASHED, Direction
 from sidecar.engine.hashing import content_hash_file
-from sidecar.engine.scan import ScanResult, hash_files, scan
 from tests.conftest import S3Server
 from tests.e2e.test_cli_e2e import _drop_file_permission_override
 from tests.integration.test_engine import config, sync
+from tests.support.engine_support import spy_on_hashing
+from tests.support.scanning import Scanned, scan_as_a_sync
 
 EVERYTHING = PathFilter((), (), "")
 
@@ -54,14 +55,9 @@ async def scanned(
     path_filter: PathFilter = EVERYTHING,
     cache: Any = None,
     hash_all: bool = True,
-) -> ScanResult:
-    """scan(), then hash_files() for every file it found unhashed (as a first sync does)."""
-    with ThreadPoolExecutor(2) as executor:
-        out = await scan(root, path_filter, cache if cache is not None else {}, executor)
-        if hash_all:
-            rels = [rel for rel, found in out.files.items() if found.hash == UNHASHED]
-            await hash_files(root, out, rels, executor)
-    return out
+) -> Scanned:
+    """The sync's scan, then every file it found unhashed hashed (as a first sync does)."""
+    return await scan_as_a_sync(root, path_filter, cache, hash_all)
 
 
 # ---- symlinks ------------------------------------------------------------------------------
@@ -98,7 +94,7 @@ async def test_fifo_and_socket_are_skipped_counted_and_never_opened(tmp_path: Pa
     os.mkfifo(tmp_path / "excluded.fifo")  # the filter does not want it: not even counted
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(tmp_path / "sock"))
-    result: list[ScanResult] = []
+    result: list[Scanned] = []
     only = PathFilter((), ("*.fifo",), "")
     worker = threading.Thread(target=lambda: result.append(asyncio.run(scanned(tmp_path, only))))
     try:
@@ -289,23 +285,11 @@ class _CountingListing:
 _real_scandir = os.scandir
 
 
-class _Lookups(dict[str, Any]):
-    """A hash cache that notes every path looked up in it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: list[str] = []
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.asked.append(key)
-        return super().get(key, default)
-
-
 async def test_filtered_paths_are_never_listed_statted_nor_hashed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An excluded or default-excluded folder is never listed; an excluded file is never
-    stat'ed nor looked up in the cache, so never hashed: a filter exists to spare the work
+    stat'ed, so never hashed: a filter exists to spare the work
     (node_modules, a checkpoints folder of thousands of files)."""
     tree(
         tmp_path,
@@ -320,13 +304,20 @@ async def test_filtered_paths_are_never_listed_statted_nor_hashed(
     )
     listed: list[str] = []
     stats: list[str] = []
-    monkeypatch.setattr(os, "scandir", lambda path: _CountingListing(path, listed, stats))
-    cache = _Lookups()
+
+    def counting_scandir(path: Any) -> Any:
+        # Only the scanned folder's listings: the state store and its temp folder list too.
+        if isinstance(path, str) and path.startswith(str(tmp_path)):
+            return _CountingListing(path, listed, stats)
+        return _real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    hashed = spy_on_hashing(monkeypatch)
     path_filter = PathFilter((), ("*.log", "node_modules/"), "")
-    out = await scanned(tmp_path, path_filter, cache)
+    out = await scanned(tmp_path, path_filter)
     assert relative(listed, tmp_path) == [".", "src"]
     assert relative(stats, tmp_path) == ["keep.txt", "src/main.py"]
-    assert sorted(cache.asked) == ["keep.txt", "src/main.py"]
+    assert sorted(hashed) == ["keep.txt", "src/main.py"]
     assert sorted(out.files) == ["keep.txt", "src/main.py"]
     assert all(found.hash not in (UNHASHED, "") for found in out.files.values())
     assert out.errors == []

@@ -44,7 +44,7 @@ def test_scan_comes_in_key_order(tmp_path_factory, paths: list[list[str]]) -> No
     root = tmp_path_factory.mktemp("tree")
     made = _build(root, paths)
     out = ScanResult()
-    walked = [rel for rel, _ in walk_in_key_order(root, PathFilter((), (), ""), {}, out)]
+    walked = [rel for rel, _ in walk_in_key_order(root, PathFilter((), (), ""), out)]
     assert walked == sorted(made, key=key_order)
     assert out.errors == []
 
@@ -55,6 +55,6 @@ def test_folder_sorts_as_its_name_and_a_slash(tmp_path: Path) -> None:
         (tmp_path / rel).write_bytes(b"1")
     os.symlink("d0", tmp_path / "d1")
     out = ScanResult()
-    walked = [rel for rel, _ in walk_in_key_order(tmp_path, PathFilter((), (), ""), {}, out)]
+    walked = [rel for rel, _ in walk_in_key_order(tmp_path, PathFilter((), (), ""), out)]
     assert walked == ["c", "d-x", "d.x", "d/e-", "d/e/f", "d/x", "d0", "~", "é/x"]
     assert out.symlinks_skipped == 1

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import sidecar.engine.state as state_module
-from sidecar.core.model import BaseEntry, HashCacheEntry
+from sidecar.core.model import UNHASHED, BaseEntry, HashCacheEntry, LocalFile
+from sidecar.engine.inputs import CachedHashes
 from sidecar.engine.state import StateStore, state_path_for
 
 REMOTE = "s3://b/p/"
@@ -28,6 +29,21 @@ def entry(size: int, tag: str = "a") -> BaseEntry:
 
 def cached(size: int) -> HashCacheEntry:
     return (size, 1_796_000_000_000_000_000 + size, 10**6 + size, f"{size:032x}")
+
+
+def file_of(row: HashCacheEntry) -> LocalFile:
+    """A scanned file with the identity of a cache row (hashed or not: the scan's doesn't
+    say)."""
+    return LocalFile(row[0], row[1], row[2], False, UNHASHED)
+
+
+def scan_passes(state: StateStore, files: dict[str, LocalFile]) -> list[tuple[str, LocalFile]]:
+    """The sync's scan going by (sidecar/engine/inputs.py): the cache applied to the files
+    in key order and brought up to them (rows of other paths or identities dropped)."""
+    cache = CachedHashes(state)
+    seen = cache.apply(sorted(files.items()))
+    cache.finish()
+    return seen
 
 
 def opened(directory: Path, remote: str = REMOTE, local: Path = LOCAL) -> StateStore:
@@ -270,7 +286,11 @@ def test_a_commit_with_nothing_changed_writes_nothing(tmp_path: Path) -> None:
     state.drop_base("never-there")
     state.write_settled("never-sent")
     state.upload_create_ended("never-created")
-    state.replace_hash_cache({"b": cached(2), "a": cached(1)})
+    scanned = scan_passes(state, {"b": file_of(cached(2)), "a": file_of(cached(1))})
+    assert [(path, found.hash) for path, found in scanned] == [
+        ("a", cached(1)[3]),
+        ("b", cached(2)[3]),
+    ], "the cached hashes serve the unchanged files"
     assert not (tmp_path / "journal.jsonl").exists()
     assert not state.commit()
     assert identity(db) == before
@@ -355,7 +375,8 @@ def test_a_state_db_killed_before_its_first_transaction_reads_as_new(tmp_path: P
 # ---- the hash cache is the last scan's -----------------------------------------------------
 def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Path) -> None:
     """After a scan the cache is exactly what it saw: a vanished path's entry goes (its BASE
-    row stays: the sync decides about it), an unchanged one stays, a new one comes."""
+    row stays: the sync decides about it), an unchanged one stays, a changed one and a new
+    one come as the sync hashes them (note_hash, as SyncEngine._hash_held does)."""
     state = opened(tmp_path)
     for index in range(4):
         state.set_base(f"f{index}", entry(index))
@@ -364,7 +385,9 @@ def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Pat
     assert state.commit()
 
     seen = {"f1": cached(1), "f3": cached(33), "new": cached(5)}
-    state.replace_hash_cache(seen)
+    scan_passes(state, {path: file_of(row) for path, row in seen.items()})
+    state.note_hash("f3", cached(33))
+    state.note_hash("new", cached(5))
     assert dict(state.hash_cache) == seen, "lookups see the scan's cache before the commit"
     assert len(state.hash_cache) == 3
     assert state.commit()
@@ -385,20 +408,20 @@ def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Pat
 def test_after_a_scan_replaced_the_cache_a_row_it_left_out_is_gone_from_lookups(
     tmp_path: Path,
 ) -> None:
-    """The scan looks rows up (a window of them is read), then the cache becomes what it saw
-    (a racy file left out). The window read before must not answer for the old table: it
-    said the left-out row was still there, so the transfer's drop_hash recorded a removal
-    that took one from the count; a few such syncs in one daemon and len() went negative,
-    which failed every later sync (ValueError in cache_holds) until a restart."""
+    """A lookup reads a window of rows, then the scan passing drops rows (f0 rewritten, f2
+    and f3 vanished). The window read before must not answer for them: when it said a
+    dropped row was still there, the transfer's drop_hash recorded a removal that took one
+    from the count; a few such syncs in one daemon and len() went negative, which failed
+    every later sync until a restart (found when the scan replaced the whole cache)."""
     state = opened(tmp_path)
     for index in range(4):
         state.set_hash(f"f{index}", cached(index))
     assert state.commit()
     again = opened(tmp_path)
     assert again.hash_cache.get("f0") == cached(0)  # the scan's lookup reads a window
-    again.replace_hash_cache({"f1": cached(1)})  # f0 (racy), f2, f3 (vanished) left out
+    scan_passes(again, {"f0": file_of(cached(100)), "f1": file_of(cached(1))})
     assert "f0" not in again.hash_cache and again.hash_cache.get("f0") is None
-    again.drop_hash("f0")  # a transfer's racy file: nothing to drop
+    again.drop_hash("f0")  # a transfer's racy file (f0 as rewritten): nothing to drop
     assert len(again.hash_cache) == 1 and dict(again.hash_cache) == {"f1": cached(1)}
     assert again.commit()
     assert len(again.hash_cache) == 1

@@ -1,27 +1,39 @@
 """The sync's decisions as they were made before the inputs streamed (issue 12): the scan, the
 listing and BASE each as a map, the files a decision needs hashed, the HEADs asked, what the
 listing teaches learnt, then core.planner.plan over the three maps. The streamed engine must
-decide the same (tests/integration/test_streamed_inputs.py)."""
+decide the same (tests/integration/test_streamed_inputs.py). This is the reference only: the
+map scan (_map_scan, _hash_into) is test code, the product's scan streams."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sidecar.core.agreement import learned
 from sidecar.core.backup import is_bookkeeping
-from sidecar.core.model import UNHASHED, Action, BaseEntry, Direction, LocalFile, RemoteObject
+from sidecar.core.model import (
+    UNHASHED,
+    Action,
+    BaseEntry,
+    Direction,
+    FileError,
+    HashCacheEntry,
+    LocalFile,
+    RemoteObject,
+)
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import BadKey, folder_markers, key_to_relpath
 from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.shard import ShardFilter
 from sidecar.engine.hashing import md5_file
-from sidecar.engine.scan import hash_files, scan
+from sidecar.engine.scan import ScanResult, hash_paths, walk_in_key_order
 from sidecar.engine.sync import _PLAIN_MD5, SyncEngine, _hash_by_download
 from sidecar.s3 import Store, read_labels
 
@@ -77,6 +89,35 @@ async def random_world(rng: random.Random, client: Any, bucket: str, cfg: SyncCo
             client.put_object(Bucket=bucket, Key=cfg.prefix + folder + "/", Body=b"")
 
 
+def _map_scan(
+    root: Path, path_filter: ShardFilter, hash_cache: Mapping[str, HashCacheEntry]
+) -> tuple[dict[str, LocalFile], list[FileError]]:
+    """The reference scan: the whole folder as one map, a file's cached hash looked up and
+    taken where its size, mtime and inode match (what the scan did before it streamed)."""
+    out = ScanResult()
+    files: dict[str, LocalFile] = {}
+    for rel, local in walk_in_key_order(root, path_filter, out):
+        row = hash_cache.get(rel)
+        files[rel] = replace(local, hash=row[3]) if row and row[:3] == local.identity else local
+    return files, out.errors
+
+
+async def _hash_into(
+    root: Path, files: dict[str, LocalFile], rels: list[str], executor: ThreadPoolExecutor
+) -> list[FileError]:
+    """The reference hashing: each of rels hashed in the map; one that cannot be read is
+    an error and leaves the map."""
+    digests = await hash_paths(root, [(rel, files[rel].size) for rel in rels], executor)
+    errors = []
+    for rel, digest in digests.items():
+        if isinstance(digest, FileError):
+            errors.append(digest)
+            del files[rel]
+        else:
+            files[rel] = replace(files[rel], hash=digest)
+    return errors
+
+
 async def _resolve(
     store: Store,
     cfg: SyncConfig,
@@ -109,9 +150,9 @@ async def map_plan(cfg: SyncConfig, direction: Direction) -> Expected:
         engine.state.load()
         store = await engine.store()
         with ThreadPoolExecutor(2) as executor:
-            scanned = await scan(cfg.local_dir, path_filter, engine.state.hash_cache, executor)
+            local, scan_errors = _map_scan(cfg.local_dir, path_filter, engine.state.hash_cache)
             remote: dict[str, RemoteObject] = {}
-            errors = [e.path for e in scanned.errors]
+            errors = [e.path for e in scan_errors]
             async for page in store.list(cfg.prefix):
                 for item in page:
                     try:
@@ -129,14 +170,13 @@ async def map_plan(cfg: SyncConfig, direction: Direction) -> Expected:
             base: dict[str, BaseEntry] = {
                 p: e for p, e in engine.state.base.items() if path_filter.wants(p)
             }
-            local = scanned.files
-            await hash_files(
+            unreadable = await _hash_into(
                 cfg.local_dir,
-                scanned,
+                local,
                 [p for p, f in local.items() if f.hash == UNHASHED and (p in base or p in remote)],
                 executor,
             )
-            errors += [e.path for e in scanned.errors if e.path not in errors]
+            errors += [e.path for e in unreadable if e.path not in errors]
             for path in sorted(set(local) | set(remote) | set(base)):
                 lf, ro, be = local.get(path), remote.get(path), base.get(path)
                 if needs_remote_hash(lf, ro, be):

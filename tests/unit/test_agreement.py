@@ -1,9 +1,7 @@
 """What BASE records (sidecar/core/agreement.py) as tables: the entry each action leaves,
-what a listing teaches about an unchanged object, and the hash cache's no-op test."""
+what a listing teaches about an unchanged object, and which files the hash cache keeps."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 
@@ -13,7 +11,6 @@ from sidecar.core.agreement import (
     agreed,
     base_after,
     cache_entry,
-    cache_holds,
     cacheable,
     learned,
     racy,
@@ -163,7 +160,6 @@ def test_cache_entry_is_identity_and_hash() -> None:
     assert cache_entry(lf("h", 3)) == (3, 7, 9, "h")
 
 
-FILES = {"a": lf("ha"), "b": lf(UNHASHED), "c": lf("hc", 4)}
 LATER = 7 + RACY_MARGIN_NS + 1  # a hashing clock at which mtime 7 is safely old
 SECOND = 1_000_000_000
 NOW = 1_700_000_000 * SECOND
@@ -191,39 +187,3 @@ def test_cacheable_is_hashed_and_not_racy() -> None:
     assert cacheable(lf("h"), LATER)
     assert not cacheable(lf(UNHASHED), LATER)
     assert not cacheable(lf("h"), 7)  # hashed in the tick it was written
-
-
-def test_a_racy_file_is_not_expected_in_the_cache() -> None:
-    """The no-op check agrees with the snapshot the scan writes: a racy file left out."""
-    fresh = {"a": lf("ha"), "n": LocalFile(3, LATER, 9, False, "hn")}
-    assert cache_holds({"a": (3, 7, 9, "ha")}, fresh, LATER)
-    assert not cache_holds({"a": (3, 7, 9, "ha"), "n": (3, LATER, 9, "hn")}, fresh, LATER)
-
-
-# (cache) -> whether it is exactly the scan's hashed files
-HOLDS = [
-    ({"a": (3, 7, 9, "ha"), "c": (4, 7, 9, "hc")}, True),
-    ({"a": (3, 7, 9, "ha")}, False),  # a hashed file missing
-    ({"a": (3, 7, 9, "ha"), "c": (4, 7, 9, "hc"), "z": (1, 1, 1, "hz")}, False),  # a gone file
-    ({"a": (3, 7, 9, "ha"), "c": (4, 7, 9, "hc"), "b": (3, 7, 9, "hb")}, False),  # unhashed now
-    ({"a": (3, 8, 9, "ha"), "c": (4, 7, 9, "hc")}, False),  # another mtime
-    ({"a": (3, 7, 8, "ha"), "c": (4, 7, 9, "hc")}, False),  # another inode
-    ({"a": (3, 7, 9, "hx"), "c": (4, 7, 9, "hc")}, False),  # another hash
-    ({}, False),
-]
-
-
-@pytest.mark.parametrize(("cache", "want"), HOLDS)
-def test_cache_holds(cache: dict[str, tuple[int, int, int, str]], want: bool) -> None:
-    assert cache_holds(cache, FILES, LATER) is want
-
-
-def test_cache_holds_is_dict_equality_on_every_small_case() -> None:
-    rows = [(3, 7, 9, "ha"), (3, 7, 9, "hb")]
-    files_of = [lf("ha"), lf("hb"), lf(UNHASHED)]
-    for shape in itertools.product([None, *files_of], repeat=2):
-        files = {p: f for p, f in zip("ab", shape, strict=True) if f is not None}
-        wanted = {p: cache_entry(f) for p, f in files.items() if f.hash != UNHASHED}
-        for cache_shape in itertools.product([None, *rows], repeat=2):
-            cache = {p: r for p, r in zip("ab", cache_shape, strict=True) if r is not None}
-            assert cache_holds(cache, files, LATER) == (cache == wanted), (files, cache)
