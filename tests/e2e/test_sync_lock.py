@@ -30,7 +30,7 @@ from tests.e2e.test_cli_e2e import (
     hashed,
     tree,
 )
-from tests.integration.test_engine import config, sync, write
+from tests.support.engine_support import config, sync, write
 
 FILES = {f"d{i % 3}/f{i:02d}.txt": f"object {i}\n".encode() * 50 for i in range(20)}
 

@@ -16,7 +16,7 @@ from sidecar.engine.backup import RemoteBackup
 from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore
 from tests.conftest import S3Server
-from tests.integration.test_engine import config, write
+from tests.support.engine_support import config, write
 
 PULL, FIN = Direction.PULL, Direction.FINALIZE
 

@@ -16,7 +16,7 @@ import sidecar.engine.state as state_module
 from sidecar.core.model import BaseEntry
 from sidecar.engine import sync as sync_module
 from tests.conftest import S3Server
-from tests.integration.test_engine import FIN, PULL, config, sync, tree, write
+from tests.support.engine_support import FIN, PULL, config, sync, tree, write
 
 FILES = 300
 

@@ -22,7 +22,7 @@ from sidecar.s3 import BucketOptions, ObjectStore, S3Error
 from sidecar.s3 import bucket_options as bo
 from sidecar.s3.http11 import ConnectionPool
 from tests.conftest import S3Server
-from tests.integration.test_engine import config, tree, write
+from tests.support.engine_support import config, tree, write
 
 MiB = 1024 * 1024
 PULL, FIN = Direction.PULL, Direction.FINALIZE

@@ -31,7 +31,7 @@ from botocore.credentials import RefreshableCredentials
 from sidecar.s3 import ClientSettings, ObjectStore
 from sidecar.s3.credentials import Credentials
 from tests.conftest import S3Server
-from tests.integration.test_engine import FIN, MiB, config, sync, write
+from tests.support.engine_support import FIN, MiB, config, sync, write
 from tests.support.faultproxy import Fault, FaultProxy, Request
 
 LIFETIME = 3  # seconds a token is good for

@@ -20,7 +20,7 @@ from sidecar.engine.transfer import Transfers
 from sidecar.s3 import META_HASH, ObjectStore
 from sidecar.s3.http11 import ConnectionPool
 from tests.conftest import S3Server
-from tests.integration.test_engine import FIN, PULL, MiB, config, sync, tree, write
+from tests.support.engine_support import FIN, PULL, MiB, config, sync, tree, write
 from tests.support.faultproxy import Fault, FaultProxy, Request
 
 

@@ -313,7 +313,7 @@ async def test_first_sync_over_existing_data_asks_with_a_bounded_pool(
     (~2 KiB each: 186 -> 107 MiB peak RSS for 50,000 files)."""
     from sidecar.engine.sync import SyncEngine
     from sidecar.s3 import ObjectStore
-    from tests.integration.test_engine import PULL, config, write
+    from tests.support.engine_support import PULL, config, write
 
     bucket = moto.new_bucket()
     client = moto.client()

@@ -27,8 +27,7 @@ from sidecar.core.model import UNHASHED, Direction
 from sidecar.engine.hashing import content_hash_file
 from tests.conftest import S3Server
 from tests.e2e.test_cli_e2e import _drop_file_permission_override
-from tests.integration.test_engine import config, sync
-from tests.support.engine_support import spy_on_hashing
+from tests.support.engine_support import config, spy_on_hashing, sync
 from tests.support.scanning import Scanned, scan_as_a_sync
 
 EVERYTHING = PathFilter((), (), "")

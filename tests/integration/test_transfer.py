@@ -22,7 +22,7 @@ from sidecar.engine.state import StateStore
 from sidecar.engine.transfer import CHANGED_IN_BUCKET, Settings, TransferError, Transfers
 from sidecar.s3 import ClientSettings, ObjectStore, S3Error, labels_for
 from tests.conftest import S3Server
-from tests.integration.test_engine import write
+from tests.support.engine_support import write
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's smallest part; also the threshold, so 12 MiB is three parts

@@ -1,8 +1,5 @@
 """The in-process engine's test helpers: a config, one sync, files and trees on disk, and a
-volume (a bucket, a client of its server, a local folder and the config syncing the two).
-
-`tests/integration/test_engine.py` re-exports the first ones, which other tests import
-from there."""
+volume (a bucket, a client of its server, a local folder and the config syncing the two)."""
 
 from __future__ import annotations
 
