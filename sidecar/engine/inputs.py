@@ -35,7 +35,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from sys import intern
 from typing import Any, Generic, TypeVar
 
 from sidecar.core.backup import is_bookkeeping
@@ -305,10 +304,7 @@ async def listed_chunks(
             tally.volume.add(relpath, item.size)
             if not path_filter.wants(relpath):
                 continue
-            # Interned: the path is one string with the scan's, ETag and LastModified are
-            # shared with BASE's.
-            relpath = intern(relpath)
-            obj = RemoteObject(item.key, item.size, intern(item.etag), intern(item.last_modified))
+            obj = RemoteObject(item.key, item.size, item.etag, item.last_modified)
             if drop_markers:
                 chunk.extend(markers.push(relpath, obj))
             else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,7 +127,7 @@ def _wanted_file(
     except OSError as exc:
         out.errors.append(FileError(rel, f"cannot stat: {exc.strerror}"))
         return None
-    return sys.intern(rel), LocalFile.of(st, UNHASHED)
+    return rel, LocalFile.of(st, UNHASHED)
 
 
 def _hash_one(root: Path, rel: str) -> str | FileError:

@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable, ItemsView, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from sys import intern
 from typing import Any, Generic, TextIO, TypeVar
 
 from sidecar.core.model import BaseEntry, HashCacheEntry, identity_of
@@ -893,9 +892,9 @@ def _base_entry(fields: list[Any]) -> BaseEntry:
     written_at = rest[2] if len(rest) > 2 and isinstance(rest[2], int) else 0
     return BaseEntry(
         size,
-        intern(digest),
-        tuple(map(intern, etags)),
+        digest,
+        tuple(etags),
         executable,
-        intern(last_modified),
+        last_modified,
         written_at,
     )
