@@ -1,6 +1,6 @@
 """What BASE records, decided as values: the entry a carried-out action leaves, what a
 listing teaches about an object that did not change, and when the hash cache's snapshot is
-stale. The engine only stores what these return (sidecar/engine/sync.py, where the planner's
+stale. The engine only stores what these return (sidecar/engine/walk.py, where the planner's
 walk asks `learned` of each listed object, and sidecar/engine/execute.py).
 """
 

@@ -12,7 +12,7 @@ class Direction(enum.StrEnum):
     FINALIZE = "finalize"  # local folder -> bucket
 
 
-# LocalFile.hash of a file seen but not hashed: not needed for a decision (see sync.py).
+# LocalFile.hash of a file seen but not hashed: not needed for a decision (see walk.py).
 UNHASHED = ""
 
 

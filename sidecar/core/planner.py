@@ -178,7 +178,7 @@ class _Taken:
 
 class Walk:
     """Every path's decision, made one path at a time in key order: by plan(), and by the
-    engine's one pass over BASE (sidecar/engine/sync.py), which asks the bucket about a few
+    engine's one pass over BASE (sidecar/engine/walk.py), which asks the bucket about a few
     paths between the merge and their decision.
 
     Holds no map of either side: `taken` tells whether a conflict copy's name is in use

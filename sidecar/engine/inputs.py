@@ -12,7 +12,7 @@ as a map of every path.
 - The hash cache is brought up to what the scan sees as the scan passes: a cached hash is
   used where the file's size, mtime and inode still match, and a row for a path no longer
   scanned (or scanned with another identity) is dropped. The engine records the hashes it
-  computes during the walk (sidecar/engine/sync.py). Every change is one the old whole-cache
+  computes during the walk (sidecar/engine/walk.py). Every change is one the old whole-cache
   replacement made; a no-op over an old tree changes nothing and writes nothing.
 - `Spool`: the sorted view for a server that lists out of key order (the merge raises
   OutOfOrder): both inputs go into an SQLite file under the state folder and are read back

@@ -59,7 +59,7 @@ FORMAT_VERSION = 3  # 1: one JSON object, 2: a line per path (both migrated); 3:
 # needs a lower one. The state folder's birth time would be one, but Python 3.11 does not
 # expose it on Linux (statx) and a copied or restored folder loses it. The one correct rule
 # left is to forget every row once, which makes the first sync after the upgrade read every
-# byte of the tree again (sync.py hashes every uncached file that BASE or the bucket has:
+# byte of the tree again (walk.py hashes every uncached file that BASE or the bucket has:
 # hours on a TB volume, with readiness waiting on the initial pull). What it would catch
 # needs a same-size rewrite within one timestamp tick of an old version's hash (a jiffy on
 # ext4/xfs before Linux 6.13) of a file never touched again since. To forget the cache by

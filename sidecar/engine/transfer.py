@@ -611,7 +611,7 @@ class Transfers:
         # returned. No HEAD here to learn it: on rclone that HEAD makes the server MD5 the
         # whole object at once (~0.45 s of its CPU per 256 MiB, inside the push). The next
         # sync meets the unknown ETag, proves the content by the hash in the metadata (one
-        # HEAD, once) and remembers it (SyncEngine._decide).
+        # HEAD, once) and remembers it (StreamedWalk._decide).
         return Uploaded(local, (written.etag,), written_at=written.at)
 
     async def _abort(self, key: str, upload_id: str) -> bool:

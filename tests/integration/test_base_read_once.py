@@ -1,5 +1,5 @@
 """A sync reads each BASE row of state.db once: the HEADs a decision needs and what the
-listing teaches BASE are worked out in the planner's one walk (SyncEngine._walk), not in
+listing teaches BASE are worked out in the planner's one walk (StreamedWalk._walk), not in
 passes of their own (three decodes of every row cost ~10 us a file on a no-op).
 Counted in rows decoded, not in seconds."""
 
@@ -14,7 +14,7 @@ import pytest
 
 import sidecar.engine.state as state_module
 from sidecar.core.model import BaseEntry
-from sidecar.engine import sync as sync_module
+from sidecar.engine import walk as walk_module
 from tests.conftest import S3Server
 from tests.support.engine_support import FIN, PULL, config, sync, tree, write
 
@@ -59,8 +59,8 @@ async def test_paths_waiting_for_a_head_are_decided_in_key_order(
 ) -> None:
     """Lost state over equal trees: every path needs a HEAD. Small batches, so the walk holds
     and lets go many times; the decisions are those of one batch, each row still read once."""
-    monkeypatch.setattr(sync_module._Held, "ASK_BATCH", 3)
-    monkeypatch.setattr(sync_module._Held, "HOLD_MAX", 5)
+    monkeypatch.setattr(walk_module._Held, "ASK_BATCH", 3)
+    monkeypatch.setattr(walk_module._Held, "HOLD_MAX", 5)
     bucket = moto.new_bucket()
     a, b = workdir / "a", workdir / "b"
     for n in range(40):

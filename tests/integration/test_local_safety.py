@@ -46,6 +46,7 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
             return FROZEN
 
     monkeypatch.setattr("sidecar.engine.sync.datetime", Frozen)
+    monkeypatch.setattr("sidecar.engine.walk.datetime", Frozen)
     monkeypatch.setattr("sidecar.engine.transfer.datetime", Frozen)
 
 

@@ -340,7 +340,7 @@ async def test_a_multipart_etag_is_never_compared_with_a_local_md5(
     def no_md5(path: Any) -> str:
         raise AssertionError(f"MD5 of {path} taken to compare with ETag {etag}")
 
-    monkeypatch.setattr("sidecar.engine.sync.md5_file", no_md5)
+    monkeypatch.setattr("sidecar.engine.walk.md5_file", no_md5)
     local = workdir / "l"
     write(local / "model.bin", mine)
     result = await sync(config(bucket, local, workdir / "s"), direction)

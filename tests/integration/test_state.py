@@ -376,7 +376,7 @@ def test_a_state_db_killed_before_its_first_transaction_reads_as_new(tmp_path: P
 def test_cache_entries_of_vanished_paths_are_dropped_and_base_kept(tmp_path: Path) -> None:
     """After a scan the cache is exactly what it saw: a vanished path's entry goes (its BASE
     row stays: the sync decides about it), an unchanged one stays, a changed one and a new
-    one come as the sync hashes them (note_hash, as SyncEngine._hash_held does)."""
+    one come as the sync hashes them (note_hash, as StreamedWalk._hash_held does)."""
     state = opened(tmp_path)
     for index in range(4):
         state.set_base(f"f{index}", entry(index))

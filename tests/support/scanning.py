@@ -1,4 +1,4 @@
-"""The local scan as a sync runs it (sidecar/engine/sync.py): the walk on its own thread
+"""The local scan as a sync runs it (sidecar/engine/walk.py): the walk on its own thread
 (ScanPump), the hash cache applied as the files stream by (CachedHashes over a real
 StateStore), then hash_paths() for the files still unhashed. The files are collected into a
 map here only so that a test can look at them."""

@@ -34,7 +34,8 @@ from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.shard import ShardFilter
 from sidecar.engine.hashing import md5_file
 from sidecar.engine.scan import ScanResult, hash_paths, walk_in_key_order
-from sidecar.engine.sync import _PLAIN_MD5, SyncEngine, _hash_by_download
+from sidecar.engine.sync import SyncEngine
+from sidecar.engine.walk import _PLAIN_MD5, _hash_by_download
 from sidecar.s3 import Store, read_labels
 
 OLD_NS = 1_600_000_000 * 10**9
@@ -127,7 +128,7 @@ async def _resolve(
     path: str,
     direction: Direction,
 ) -> RemoteObject:
-    """What SyncEngine._ask_bucket made of a listed object before the streaming."""
+    """What StreamedWalk._ask_bucket made of a listed object before the streaming."""
     info = await store.head(obj.key)
     labels = read_labels(info.metadata)
     if labels.hash:
