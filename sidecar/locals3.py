@@ -22,6 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def stop_child(process: subprocess.Popen[bytes]) -> None:
+    """End a server this process started: SIGTERM, then SIGKILL after 10 s of no exit."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class LocalS3Error(RuntimeError):
     pass
 
@@ -159,13 +170,7 @@ class LocalS3:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
         self.process = None
 
     def __enter__(self) -> LocalS3:

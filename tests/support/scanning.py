@@ -60,13 +60,23 @@ async def scan_as_a_sync(
                 files.update(chunk)
     errors = list(out.errors)
     if hash_all:
-        unhashed = [(rel, found.size) for rel, found in files.items() if found.hash == UNHASHED]
+        unhashed = [rel for rel, found in files.items() if found.hash == UNHASHED]
         with ThreadPoolExecutor(2) as executor:
-            digests = await hash_paths(root, unhashed, executor)
-        for rel, digest in digests.items():
-            if isinstance(digest, FileError):
-                errors.append(digest)
-                del files[rel]
-            else:
-                files[rel] = replace(files[rel], hash=digest)
+            errors += await hash_into(root, files, unhashed, executor)
     return Scanned(files, errors, out.temps_removed, out.symlinks_skipped, out.specials_skipped)
+
+
+async def hash_into(
+    root: Path, files: dict[str, LocalFile], rels: list[str], executor: ThreadPoolExecutor
+) -> list[FileError]:
+    """Each of rels hashed in the map; one that cannot be read is
+    an error and leaves the map."""
+    digests = await hash_paths(root, [(rel, files[rel].size) for rel in rels], executor)
+    errors = []
+    for rel, digest in digests.items():
+        if isinstance(digest, FileError):
+            errors.append(digest)
+            del files[rel]
+        else:
+            files[rel] = replace(files[rel], hash=digest)
+    return errors

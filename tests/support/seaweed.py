@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.locals3 import LocalS3Error, aws_env, free_port
+from sidecar.locals3 import LocalS3Error, aws_env, free_port, stop_child
 
 # Every listener `weed mini` opens, each given a free port: the defaults (9333, 8888, ...,
 # and gRPC at port + 10000) would clash with anything else on the machine.
@@ -153,13 +153,7 @@ class SeaweedS3:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            stop_child(self.process)
             self.process = None
         # Sockets weed mini puts in /tmp whatever its flags (admin-grpc, s3-grpc), named by
         # our ports and left behind on exit.

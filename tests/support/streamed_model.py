@@ -2,7 +2,7 @@
 listing and BASE each as a map, the files a decision needs hashed, the HEADs asked, what the
 listing teaches learnt, then core.planner.plan over the three maps. The streamed engine must
 decide the same (tests/integration/test_streamed_inputs.py). This is the reference only: the
-map scan (_map_scan, _hash_into) is test code, the product's scan streams."""
+map scan (_map_scan, scanning.hash_into) is test code, the product's scan streams."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ from sidecar.core.paths import BadKey, folder_markers, key_to_relpath
 from sidecar.core.planner import DeletePolicy, needs_remote_hash, plan
 from sidecar.core.shard import ShardFilter
 from sidecar.engine.hashing import md5_file
-from sidecar.engine.scan import ScanResult, hash_paths, walk_in_key_order
+from sidecar.engine.scan import ScanResult, walk_in_key_order
 from sidecar.engine.sync import SyncEngine
 from sidecar.engine.walk import _PLAIN_MD5, _hash_by_download
 from sidecar.s3 import Store, read_labels
+from tests.support.scanning import hash_into
 
 OLD_NS = 1_600_000_000 * 10**9
 POOL = ["a", "a-b", "a.b", "a/b", "a/c/d", "a0", "b/x", "b-/y", "b.z", "c", "c/d", "e/f/g"]
@@ -103,22 +104,6 @@ def _map_scan(
     return files, out.errors
 
 
-async def _hash_into(
-    root: Path, files: dict[str, LocalFile], rels: list[str], executor: ThreadPoolExecutor
-) -> list[FileError]:
-    """The reference hashing: each of rels hashed in the map; one that cannot be read is
-    an error and leaves the map."""
-    digests = await hash_paths(root, [(rel, files[rel].size) for rel in rels], executor)
-    errors = []
-    for rel, digest in digests.items():
-        if isinstance(digest, FileError):
-            errors.append(digest)
-            del files[rel]
-        else:
-            files[rel] = replace(files[rel], hash=digest)
-    return errors
-
-
 async def _resolve(
     store: Store,
     cfg: SyncConfig,
@@ -171,7 +156,7 @@ async def map_plan(cfg: SyncConfig, direction: Direction) -> Expected:
             base: dict[str, BaseEntry] = {
                 p: e for p, e in engine.state.base.items() if path_filter.wants(p)
             }
-            unreadable = await _hash_into(
+            unreadable = await hash_into(
                 cfg.local_dir,
                 local,
                 [p for p, f in local.items() if f.hash == UNHASHED and (p in base or p in remote)],
