@@ -38,6 +38,7 @@ from sidecar.locals3 import (
     aws_env,
     environ_with,
     free_port,
+    stop_child,
     wait_for_http,
 )
 from sidecar.s3 import ObjectStore
@@ -119,24 +120,15 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             wait_for_http(f"http://127.0.0.1:{port}/", 30, process)
             break
         except LocalS3Error:
-            _stop(process)
+            stop_child(process)
             if attempt == 2:
                 log.close()
                 raise
     try:
         yield S3Server(f"http://127.0.0.1:{port}", "testing-key", "testing-secret", "moto")
     finally:
-        _stop(process)
+        stop_child(process)
         log.close()
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="session")
