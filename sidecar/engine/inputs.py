@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +41,14 @@ from sidecar.core.model import FileError, LocalFile, RemoteObject
 from sidecar.core.paths import BadKey, key_to_relpath
 from sidecar.core.shard import ShardFilter, SizeTally
 from sidecar.engine.scan import ScanResult, walk_in_key_order
+from sidecar.engine.spool import (
+    local_of,
+    local_row,
+    open_scratch,
+    remote_of,
+    remote_row,
+    remove_scratch,
+)
 from sidecar.engine.state import StateStore
 
 log = logging.getLogger("sidecar.sync")
@@ -325,42 +332,45 @@ class Spool:
         for stale in directory.glob("spool-*.db"):
             stale.unlink(missing_ok=True)
         self.path = directory / f"spool-{os.getpid()}-{id(self):x}.db"
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = OFF")
-        self._db.execute("PRAGMA synchronous = OFF")
+        self._db = open_scratch(self.path)
         self._db.execute(
             "CREATE TABLE local(path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
             " inode INTEGER, executable INTEGER, hash TEXT) WITHOUT ROWID"
         )
         self._db.execute(
             "CREATE TABLE remote(path TEXT PRIMARY KEY, key TEXT, size INTEGER, etag TEXT,"
-            " last_modified TEXT) WITHOUT ROWID"
+            " last_modified TEXT, hash TEXT, executable INTEGER, md5 INTEGER) WITHOUT ROWID"
         )
 
     def close(self) -> None:
         self._db.close()
-        self.path.unlink(missing_ok=True)
+        remove_scratch(self.path)
 
     def add_local(self, chunk: Chunk[LocalFile]) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO local VALUES (?, ?, ?, ?, ?, ?)",
-            [(p, f.size, f.mtime_ns, f.inode, f.executable, f.hash) for p, f in chunk],
+            [(p, *local_row(f)) for p, f in chunk],
         )
 
     def add_remote(self, chunk: list[tuple[str, RemoteObject]]) -> None:
         # A key listed twice: the later one, as a map of the listing kept it.
         self._db.executemany(
-            "INSERT OR REPLACE INTO remote VALUES (?, ?, ?, ?, ?)",
-            [(p, o.key, o.size, o.etag, o.last_modified) for p, o in chunk],
+            "INSERT OR REPLACE INTO remote VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(p, *remote_row(o)) for p, o in chunk],
         )
 
     def local(self) -> Iterator[tuple[str, LocalFile]]:
         for row in self._rows("local", "size, mtime_ns, inode, executable, hash"):
-            yield row[0], LocalFile(row[1], row[2], row[3], bool(row[4]), row[5])
+            local = local_of(row[1:])
+            assert local is not None  # every row was a LocalFile
+            yield row[0], local
 
     def remote(self) -> Iterator[tuple[str, RemoteObject]]:
-        for row in self._rows("remote", "key, size, etag, last_modified"):
-            yield row[0], RemoteObject(row[1], row[2], row[3], row[4])
+        columns = "key, size, etag, last_modified, hash, executable, md5"
+        for row in self._rows("remote", columns):
+            remote = remote_of(row[1:])
+            assert remote is not None  # every row was a RemoteObject
+            yield row[0], remote
 
     def _rows(self, table: str, columns: str, batch: int = 2048) -> Iterator[Any]:
         rows = self._db.execute(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,9 @@ class PlanSpool:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / SPOOL_NAME
-        self._remove()  # a killed sync's
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;" + _SCHEMA
-        )
+        remove_scratch(self.path)  # a killed sync's
+        self._db = open_scratch(self.path)
+        self._db.executescript(_SCHEMA)
         self._rows: list[tuple[Any, ...]] = []
         self.counts = Counts()
         self.keeps: Callable[[Action], bool] = lambda _action: True
@@ -124,54 +122,81 @@ class PlanSpool:
     def close(self) -> None:
         self._rows.clear()
         self._db.close()
-        self._remove()
+        remove_scratch(self.path)
 
-    def _remove(self) -> None:
-        for suffix in ("", "-journal"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(str(self.path) + suffix).unlink()
+
+# ---- scratch SQLite files of a sync (this plan spool, inputs.Spool after an OutOfOrder) -----
+def open_scratch(path: Path) -> sqlite3.Connection:
+    """An SQLite file that lives for one sync: no journal, no fsync (a killed sync's is
+    thrown away by the next one, which holds the state lock)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;")
+    return db
+
+
+def remove_scratch(path: Path) -> None:
+    for suffix in ("", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(str(path) + suffix).unlink()
+
+
+LOCAL_FIELDS = 5  # columns of local_row
+REMOTE_FIELDS = 7  # columns of remote_row
+
+
+def local_row(lf: LocalFile | None) -> tuple[Any, ...]:
+    if lf is None:
+        return (None,) * LOCAL_FIELDS
+    return (lf.size, lf.mtime_ns, lf.inode, lf.executable, lf.hash)
+
+
+def local_of(row: Sequence[Any]) -> LocalFile | None:
+    size, mtime_ns, inode, executable, digest = row
+    return None if size is None else LocalFile(size, mtime_ns, inode, bool(executable), digest)
+
+
+def remote_row(ro: RemoteObject | None) -> tuple[Any, ...]:
+    if ro is None:
+        return (None,) * REMOTE_FIELDS
+    return (
+        ro.key,
+        ro.size,
+        ro.etag,
+        ro.last_modified,
+        ro.hash,
+        ro.executable,
+        ro.md5_matches_local,
+    )
+
+
+def remote_of(row: Sequence[Any]) -> RemoteObject | None:
+    key, size, etag, last_modified, digest, executable, md5 = row
+    if key is None:
+        return None
+    return RemoteObject(
+        key,
+        size,
+        etag,
+        last_modified,
+        digest,
+        None if executable is None else bool(executable),
+        None if md5 is None else bool(md5),
+    )
 
 
 def _encode(action: Action) -> tuple[Any, ...]:
-    lf, ro = action.local, action.remote
-    local: tuple[Any, ...] = (None,) * 5
-    remote: tuple[Any, ...] = (None,) * 7
-    if lf is not None:
-        local = (lf.size, lf.mtime_ns, lf.inode, lf.executable, lf.hash)
-    if ro is not None:
-        remote = (
-            ro.key,
-            ro.size,
-            ro.etag,
-            ro.last_modified,
-            ro.hash,
-            ro.executable,
-            ro.md5_matches_local,
-        )
     return (
         str(action.kind),
         action.path,
         action.keep_conflict_copy,
         action.conflict_copy,
-        *local,
-        *remote,
+        *local_row(action.local),
+        *remote_row(action.remote),
     )
 
 
 def _decode(row: tuple[Any, ...]) -> Action:
     (_phase, _neg, _seq, kind, path, keep, copy) = row[:7]
-    l_size, l_mtime, l_inode, l_exec, l_hash = row[7:12]
-    r_key, r_size, r_etag, r_modified, r_hash, r_exec, r_md5 = row[12:19]
-    local = None if l_size is None else LocalFile(l_size, l_mtime, l_inode, bool(l_exec), l_hash)
-    remote = None
-    if r_key is not None:
-        remote = RemoteObject(
-            r_key,
-            r_size,
-            r_etag,
-            r_modified,
-            r_hash,
-            None if r_exec is None else bool(r_exec),
-            None if r_md5 is None else bool(r_md5),
-        )
+    local = local_of(row[7 : 7 + LOCAL_FIELDS])
+    remote = remote_of(row[7 + LOCAL_FIELDS : 7 + LOCAL_FIELDS + REMOTE_FIELDS])
     return Action(ActionKind(kind), path, local, remote, bool(keep), copy)
