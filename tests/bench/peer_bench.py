@@ -85,6 +85,12 @@ WAN_PROFILE = {
     "small_files": 2000,
 }
 PAGE = 4096  # tmpfs stores even a 1-byte file in a whole page
+# Peak RSS per file of a peer's re-sync, measured at 200,000 files on SeaweedFS: s5cmd `sync`
+# lists both sides whole and sorts them in memory (1,997-2,583 MiB, 10-13.2 KiB a file).
+# A tool whose projected peak exceeds --peer-memory is left out of that row with a printed
+# reason: at 1,000,000 files s5cmd `sync` would hold ~13 GiB of a shared 24 GiB machine.
+SYNC_BYTES_PER_FILE = {"s5cmd": 14 * KiB}
+PEER_MEMORY = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,22 @@ def plan(workloads: list[str], directions: list[str], sizes: Sizes) -> list[Scen
     ]
 
 
+def memory_skip(tool: Tool, scenario: Scenario, budget: int) -> str | None:
+    """Why the tool is left out of the scenario's row (its projected peak RSS exceeds the
+    budget), or None."""
+    per_file = SYNC_BYTES_PER_FILE.get(tool.name)
+    if per_file is None or scenario.mode != "sync":
+        return None
+    projected = per_file * scenario.dataset.files
+    if projected <= budget:
+        return None
+    return (
+        f"{label(tool)} left out of {scenario.workload} {scenario.direction}: `sync` would hold "
+        f"~{projected / 2**30:.1f} GiB ({per_file // KiB} KiB a file, measured at 200,000), "
+        f"over --peer-memory {budget / 2**30:.1f} GiB"
+    )
+
+
 def tmpfs_bytes(dataset: DataSet) -> int:
     return dataset.files * (-(-dataset.size // PAGE) * PAGE + PAGE)  # data pages + inode, dirs
 
@@ -226,8 +248,10 @@ class Bench:
         timeout: float,
         link: Link | None = None,
         server: str = "rclone",
+        peer_memory: int = PEER_MEMORY,
     ):
         self.ws = workspace
+        self.peer_memory = peer_memory
         self.tools = tools
         self.runs = runs
         self.count = count
@@ -349,32 +373,44 @@ class Bench:
 
     # -- one scenario ------------------------------------------------------------------------
 
+    def tools_for(self, scenario: Scenario) -> list[Tool]:
+        """The tools that run the scenario: those whose memory the machine can hold."""
+        kept = []
+        for tool in self.tools:
+            reason = memory_skip(tool, scenario, self.peer_memory)
+            if reason:
+                log(reason)
+            else:
+                kept.append(tool)
+        return kept
+
     def run_scenario(self, scenario: Scenario) -> list[Row]:
         if scenario.mode == "daemon":
             from tests.bench.daemon_bench import run_daemon  # only this scenario needs it
 
             return run_daemon(self, scenario)
         dataset = scenario.dataset
+        tools = self.tools_for(scenario)
         rows = {
             (rtt, label(tool)): new_row(scenario, label(tool), rtt)
             for rtt in self.link.rtt_ms
-            for tool in self.tools
+            for tool in tools
         }
         warm: dict[str, Job] = {}
         try:
             if scenario.mode == "sync":
                 # Stateless tools first: in a shared warm folder the sidecar's BASE then
                 # sees the files as they stay.
-                ordered = sorted(self.tools, key=keeps_state)
+                ordered = sorted(tools, key=keeps_state)
                 warm = {label(tool): self.warm_up(scenario, tool) for tool in ordered}
             if self.proxy is not None:
-                for tool in self.tools:
+                for tool in tools:
                     requests = self.count_requests(scenario, tool, warm)
                     for rtt in self.link.rtt_ms:
                         rows[rtt, label(tool)].requests = requests
             for rtt in self.link.rtt_ms:
                 for run in range(self.runs):
-                    for tool in rotated(self.tools, run):
+                    for tool in rotated(tools, run):
                         self.timed_run(scenario, tool, run, warm, rows[rtt, label(tool)])
         finally:
             for tool_name in warm:
@@ -834,6 +870,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "to compare two versions on one seeded server",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool run")
+    parser.add_argument(
+        "--peer-memory",
+        type=parse_size,
+        default=PEER_MEMORY,
+        help="leave a peer out of a re-sync row whose projected peak RSS exceeds this "
+        "(s5cmd `sync` at 1,000,000 files: ~13 GiB); default 4GiB",
+    )
     parser.add_argument("--workdir", type=Path, default=default_workdir())
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs) at exit")
     parser.add_argument(
@@ -930,7 +973,16 @@ def run_all(
     workspace: Path, tools: list[Tool], scenarios: list[Scenario], args: argparse.Namespace
 ) -> list[Row]:
     link = Link(args.rtt_ms, args.window, args.bandwidth)
-    bench = Bench(workspace, tools, args.runs, not args.no_count, args.timeout, link, args.server)
+    bench = Bench(
+        workspace,
+        tools,
+        args.runs,
+        not args.no_count,
+        args.timeout,
+        link,
+        args.server,
+        args.peer_memory,
+    )
     rows: list[Row] = []
     try:
         bench.start(scenarios)
