@@ -27,7 +27,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.config import Config
 from hypothesis import settings
@@ -43,6 +42,7 @@ from sidecar.locals3 import (
 )
 from sidecar.s3 import ObjectStore
 from tests.support.daemon_support import Daemon, FakeEngine, S3Endpoint, StartDaemon, answers_ok
+from tests.support.s3client import s3_client
 from tests.support.seaweed import SeaweedS3, find_weed
 
 _bucket_numbers = itertools.count()
@@ -77,15 +77,8 @@ class S3Server:
     def env(self) -> dict[str, str]:
         return aws_env(self.endpoint, self.access_key, self.secret_key)
 
-    def client(self, config: Config | None = None):  # type: ignore[no-untyped-def]
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=config,
-        )
+    def client(self, config: Config | None = None) -> Any:
+        return s3_client(self.endpoint, self.access_key, self.secret_key, config)
 
     def new_bucket(self) -> str:
         # Through the API even for rclone: its directory cache would not see a folder made

@@ -187,9 +187,9 @@ class Daemon:
             row.proxy_cpu_s.append(proxy_cpu)
 
     def put_object(self, key: str, content: bytes) -> None:
-        from tests.bench.servers import s3_client
+        from tests.bench.servers import client_of
 
-        s3_client(self.bench.direct()).put_object(Bucket=self.bucket, Key=key, Body=content)
+        client_of(self.bench.direct()).put_object(Bucket=self.bucket, Key=key, Body=content)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -54,7 +54,7 @@ from tests.bench.countproxy import LISTING_OPS, CountingProxy
 from tests.bench.delayproxy import DEFAULT_WINDOW, DelayProxy
 from tests.bench.measure import Measurement, run_measured
 from tests.bench.peers import TOOL_NAMES, VARIANTS, Job, Mode, Server, Tool, label, make_tools
-from tests.bench.servers import SERVERS, make_server, s3_client
+from tests.bench.servers import SERVERS, client_of, make_server
 from tests.bench.workloads import (
     DataSet,
     KiB,
@@ -455,7 +455,7 @@ class Bench:
                 f"the {len(expected)} changed (not changed: {sorted(written - expected)[:3]}, "
                 f"missed: {sorted(expected - written)[:3]})"
             )
-        client = s3_client(self.direct())
+        client = client_of(self.direct())
         for key in sorted(expected):
             body = client.get_object(Bucket=job.bucket, Key=f"{job.prefix}/{key}")["Body"].read()
             if body != (job.local / key).read_bytes():

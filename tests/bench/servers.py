@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from sidecar.locals3 import LocalS3
 from tests.bench.peers import Server, s5cmd_binary
 from tests.bench.workloads import copy_tree, remove
+from tests.support.s3client import s3_client
 from tests.support.seaweed import SeaweedS3
 
 SERVERS = ("rclone", "seaweed")
@@ -188,22 +189,14 @@ class SeaweedServer:
         )
 
 
-def s3_client(server: Server) -> Any:
-    """A botocore client of the server, for the harness's own untimed requests."""
-    import botocore.session  # always installed: the sidecar depends on it (credentials)
-
-    return botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
+def client_of(server: Server) -> Any:
+    """A client of the server, for the harness's own untimed requests."""
+    return s3_client(server.endpoint, server.access_key, server.secret_key)
 
 
 def prime_listing(server: Server, bucket: str, prefix: str) -> None:
     """List once, untimed: rclone computes each object's MD5 ETag on first listing."""
-    client = s3_client(server)
+    client = client_of(server)
     paginator = client.get_paginator("list_objects_v2")
     for _page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         pass

@@ -30,6 +30,7 @@ import pytest
 
 from sidecar.core.options import OPTIONS
 from sidecar.locals3 import LocalS3, free_port
+from tests.support.s3client import s3_client
 
 from .k8s import (
     Manifest,
@@ -339,21 +340,8 @@ def _remote(kubelet: Kubelet, container: dict[str, Any]) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _client(s3: LocalS3) -> Any:
-    import boto3
-
-    env = s3.env()
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
-
-
 def _bucket_files(s3: LocalS3, bucket: str, prefix: str) -> dict[str, bytes]:
-    client = _client(s3)
+    client = s3_client(s3.endpoint, s3.access_key, s3.secret_key)
     found: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
@@ -364,7 +352,7 @@ def _bucket_files(s3: LocalS3, bucket: str, prefix: str) -> dict[str, bytes]:
 
 def _put(s3: LocalS3, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
     s3.make_bucket(bucket)
-    client = _client(s3)
+    client = s3_client(s3.endpoint, s3.access_key, s3.secret_key)
     for rel, data in files.items():
         client.put_object(Bucket=bucket, Key=prefix + rel, Body=data)
 

@@ -11,14 +11,12 @@ from datetime import UTC, datetime
 
 from sidecar.core.backup import BACKUP_DIR
 from tests.conftest import sidecar_args
-from tests.e2e.test_cli_e2e import (
+from tests.support.cli_support import (
     Volume,
-    _sigkill,
-    _start,
-    _wait_until,
     data_of,
-    mvol,  # noqa: F401 (fixture)
+    kill9_when,
     sha,
+    start_cli,
     write_tree,
 )
 
@@ -54,7 +52,7 @@ def settled(vol: Volume) -> dict[str, str]:
         last = now
 
 
-def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volume) -> None:  # noqa: F811
+def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volume) -> None:
     local, state = mvol.work / "local", mvol.work / "state"
     files = {f"f{i:03d}.bin": data_of(2000 + i, i) for i in range(FILES)}
     write_tree(local, files)
@@ -74,13 +72,12 @@ def test_kill9_mid_finalize_leaves_every_replaced_object_recoverable(mvol: Volum
     args = sidecar_args(
         "finalize", mvol.remote, local, state, "--concurrency", "1", "--force-delete"
     )
-    proc = _start(args, env, logs)
+    proc = start_cli(args, env, logs)
 
     def some_backups() -> bool:
         return any(BACKUP_DIR in key for key in mvol.keys())  # noqa: SIM118 (a Volume)
 
-    _wait_until(proc, some_backups, "the first backup copy", logs)
-    _sigkill(proc)
+    kill9_when(proc, some_backups, "the first backup copy", logs)
     assert recoverable(mvol, originals) == []
     # How many objects the killed run replaced before the kill landed depends on the
     # machine's load (a loaded one lets it replace several): the rerun replaces the rest.

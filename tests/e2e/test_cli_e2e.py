@@ -10,270 +10,48 @@ resume after SIGKILL, the free-space check and symlinks.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
-import json
 import os
 import random
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from sidecar.locals3 import free_port
 from tests.conftest import sidecar_args
-
-if TYPE_CHECKING:
-    from tests.conftest import S3Server
-
-REPO = Path(__file__).resolve().parents[2]
-AWS = Path(sys.executable).parent / "aws"
-MiB = 1024**2
-PART = 5 * MiB
-SIZING = ("--part-size", "5MiB", "--multipart-threshold", "5MiB")
-TEMP_PREFIX = ".netvol-tmp."
-
-
-# ---- running the CLI -----------------------------------------------------------------------
-@dataclass(repr=False)
-class Run:
-    args: list[str]
-    code: int
-    out: str
-    err: str
-    seconds: float
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        lines = [line for line in self.out.splitlines() if line.startswith("{")]
-        assert lines, f"no JSON summary on stdout:\n{self}"
-        data: dict[str, Any] = json.loads(lines[-1])
-        return data
-
-    @property
-    def error_paths(self) -> list[str]:
-        return [e["path"] for e in self.summary["errors"]]
-
-    def error_for(self, needle: str) -> dict[str, str]:
-        """The JSON error whose path contains needle (fails if there is none)."""
-        for error in self.summary["errors"]:
-            if needle in error["path"]:
-                return error  # type: ignore[no-any-return]
-        raise AssertionError(f"no error naming {needle!r}:\n{self}")
-
-    def sidecar_lines(self) -> list[str]:
-        """The human lines of stderr (not the log records)."""
-        return [line for line in self.err.splitlines() if line.startswith(("sidecar:", "error\t"))]
-
-    def __repr__(self) -> str:
-        return (
-            f"$ {' '.join(self.args)}\nexit {self.code} after {self.seconds:.1f}s\n"
-            f"--- stdout\n{self.out}\n--- stderr\n{self.err}"
-        )
-
-
-def base_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIDECAR_"))}
-    env.update(server_env)
-    env.update(
-        {
-            "AWS_CONFIG_FILE": "/dev/null",
-            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "SIDECAR_SUMMARY_JSON": "1",
-            "SIDECAR_BACKUP": "off",  # as the whole suite (tests/conftest.py)
-        }
-    )
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    args: list[str],
-    env: dict[str, str],
-    timeout: float = 120,
-    preexec_fn: Callable[[], None] | None = None,
-) -> Run:
-    started = time.monotonic()
-    proc = subprocess.run(
-        args,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        errors="backslashreplace",
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-        stdin=subprocess.DEVNULL,
-    )
-    return Run(args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-
-
-@dataclass
-class Volume:
-    """A bucket + prefix on one server, and the CLI pointed at it."""
-
-    server: S3Server
-    bucket: str
-    work: Path
-    prefix: str = "pre"
-
-    @property
-    def remote(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return base_env(self.server.env(), **extra)
-
-    def run(
-        self,
-        verb: str,
-        local: Path,
-        state: Path,
-        *extra: str,
-        env: dict[str, str] | None = None,
-        timeout: float = 120,
-        preexec_fn: Callable[[], None] | None = None,
-    ) -> Run:
-        args = sidecar_args(verb, self.remote, local, state, *extra)
-        return run_cli(args, env or self.env(), timeout, preexec_fn)
-
-    def pull(self, local: Path, state: Path, *extra: str, **kw: Any) -> Run:
-        return self.run("pull", local, state, *extra, **kw)
-
-    def finalize(self, local: Path, state: Path, *extra: str, **kw: Any) -> Run:
-        return self.run("finalize", local, state, *extra, **kw)
-
-    # ---- the bucket side ----
-    def objects(self, prefix: str | None = None) -> dict[str, str]:
-        """key -> sha256 of the bytes, for every object under prefix (default: ours)."""
-        client = self.server.client()
-        wanted = self.prefix + "/" if prefix is None else prefix
-        out: dict[str, str] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=wanted
-        ):
-            for item in page.get("Contents", []):
-                body = client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
-                out[item["Key"]] = sha(body)
-        return out
-
-    def keys(self) -> set[str]:
-        """Every key under our prefix, without reading the objects."""
-        client = self.server.client()
-        out: set[str] = set()
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix + "/"
-        ):
-            out.update(item["Key"] for item in page.get("Contents", []))
-        return out
-
-    def listing(self) -> dict[str, tuple[str, Any]]:
-        """key -> (ETag, LastModified) under our prefix."""
-        client = self.server.client()
-        page = client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/")
-        return {i["Key"]: (i["ETag"], i["LastModified"]) for i in page.get("Contents", [])}
-
-    def put(self, key: str, body: bytes) -> None:
-        self.server.client().put_object(Bucket=self.bucket, Key=key, Body=body)
-
-    @property
-    def data_dir(self) -> Path:
-        """rclone only: the folder holding our prefix's objects as files."""
-        assert self.server.local is not None, "only rclone has a data folder"
-        return self.server.local.root / self.bucket / self.prefix
-
-    def aws(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        """aws cli against this server. rclone sometimes stalls an aws-cli UploadPart sent
-        with `Expect: 100-continue`; a short read timeout makes aws retry it quickly."""
-        env = self.env(
-            AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
-            AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
-        )
-        env.pop("SIDECAR_SUMMARY_JSON")
-        command = [
-            str(AWS),
-            "--endpoint-url",
-            self.server.endpoint,
-            "--cli-read-timeout",
-            "2",
-            *args,
-        ]
-        proc = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.work
-        )
-        assert proc.returncode == 0, f"{command} failed:\n{proc.stdout}\n{proc.stderr}"
-        return proc
-
-
-@pytest.fixture
-def rvol(rclone_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(rclone_s3, rclone_s3.new_bucket(), workdir)
-
-
-@pytest.fixture
-def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
-
-
-# ---- files ---------------------------------------------------------------------------------
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def data_of(size: int, seed: int | str) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> None:
-    for rel, body in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
-
-
-def tree(root: Path) -> dict[str, str]:
-    """relpath -> sha256 of every regular file under root (symlinks not followed)."""
-    out: dict[str, str] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                continue
-            out[path.relative_to(root).as_posix()] = sha(path.read_bytes())
-    return out
-
-
-def everything(root: Path) -> set[str]:
-    """Every entry (files, folders, links, temps) under root, as relative paths."""
-    out: set[str] = set()
-    for dirpath, dirs, names in os.walk(root):
-        for name in dirs + names:
-            out.add((Path(dirpath) / name).relative_to(root).as_posix())
-    return out
-
-
-def temps(root: Path) -> list[str]:
-    return sorted(p for p in everything(root) if p.rsplit("/", 1)[-1].startswith(TEMP_PREFIX))
-
-
-def keyed(files: dict[str, bytes], prefix: str = "pre/") -> dict[str, str]:
-    return {prefix + rel: sha(body) for rel, body in files.items()}
-
-
-def hashed(files: dict[str, bytes]) -> dict[str, str]:
-    return {rel: sha(body) for rel, body in files.items()}
-
+from tests.support.cli_support import (
+    PART,
+    REPO,
+    SIZING,
+    TEMP_PREFIX,
+    MiB,
+    Run,
+    Volume,
+    base_env,
+    data_of,
+    drop_file_permission_override,
+    everything,
+    hashed,
+    keyed,
+    kill9_when,
+    run_cli,
+    sha,
+    sigkill,
+    start_cli,
+    temps,
+    tree,
+    wait_until,
+    write_tree,
+)
 
 # ---- 1. round trip -------------------------------------------------------------------------
 SCRIPT = b"#!/bin/sh\necho hello from the volume\n"
@@ -306,15 +84,11 @@ def test_round_trip_sizes_mtime_exec_bit_then_noop(rvol: Volume) -> None:
         mtimes[rel] = mtime
         (src / rel).chmod(0o755 if rel == "bin/run.sh" else 0o644)
 
-    up = rvol.finalize(src, rvol.work / "stateA", *SIZING)
-    assert up.code == 0, up
-    assert up.summary["files_transferred"] == len(files), up
+    up = rvol.finalize(src, rvol.work / "stateA", *SIZING).assert_moved(len(files))
     assert up.summary["bytes_transferred"] == sum(map(len, files.values())), up
     assert rvol.keys() == set(keyed(files))
 
-    down = rvol.pull(dst, rvol.work / "stateB", *SIZING)
-    assert down.code == 0, down
-    assert down.summary["files_transferred"] == len(files), down
+    rvol.pull(dst, rvol.work / "stateB", *SIZING).assert_moved(len(files))
     assert tree(dst) == hashed(files)
     assert temps(dst) == []
     for rel in files:
@@ -325,12 +99,8 @@ def test_round_trip_sizes_mtime_exec_bit_then_noop(rvol: Volume) -> None:
         b"hello from the volume\n"
     )
 
-    again_up = rvol.finalize(src, rvol.work / "stateA", *SIZING)
-    assert again_up.code == 0, again_up
-    assert again_up.summary["files_transferred"] == 0, again_up
-    again_down = rvol.pull(dst, rvol.work / "stateB", *SIZING)
-    assert again_down.code == 0, again_down
-    assert again_down.summary["files_transferred"] == 0, again_down
+    rvol.finalize(src, rvol.work / "stateA", *SIZING).assert_moved(0)
+    again_down = rvol.pull(dst, rvol.work / "stateB", *SIZING).assert_moved(0)
     assert again_down.summary["files_deleted"] == 0, again_down
 
 
@@ -380,9 +150,7 @@ def test_names_needing_url_escapes_round_trip(rvol: Volume) -> None:
     assert down.code == 0, down
     assert tree(dst) == hashed(NAMES_NEEDING_ESCAPES)
 
-    again = rvol.finalize(src, rvol.work / "stateA")
-    assert again.code == 0, again
-    assert again.summary["files_transferred"] == 0, again
+    again = rvol.finalize(src, rvol.work / "stateA").assert_moved(0)
     assert again.summary["files_deleted"] == 0, again
     assert rvol.objects() == keyed(NAMES_NEEDING_ESCAPES)
 
@@ -394,21 +162,15 @@ def test_listing_of_more_than_one_page(rvol: Volume) -> None:
     write_tree(rvol.data_dir, files)  # straight into the server's folder: quick
     dst, state = rvol.work / "dst", rvol.work / "state"
 
-    down = rvol.pull(dst, state)
-    assert down.code == 0, down
-    assert down.summary["files_transferred"] == len(files), down
+    rvol.pull(dst, state).assert_moved(len(files))
     assert tree(dst) == hashed(files)
 
     (dst / "many" / "f1099.txt").write_bytes(b"changed on page two\n")
-    up = rvol.finalize(dst, state)
-    assert up.code == 0, up
-    assert up.summary["files_transferred"] == 1, up
+    up = rvol.finalize(dst, state).assert_moved(1)
     assert up.summary["files_deleted"] == 0, up
     assert rvol.keys() == set(keyed(files))
 
-    again = rvol.pull(dst, state)
-    assert again.code == 0, again
-    assert again.summary["files_transferred"] == 0, again
+    rvol.pull(dst, state).assert_moved(0)
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(rvol: Volume) -> None:
@@ -445,14 +207,10 @@ def test_pull_files_put_by_aws_cli(rvol: Volume) -> None:
     expected = files  # (`aws s3 cp` puts are pulled in the overwrite test below)
 
     dst = rvol.work / "pulled"
-    first = rvol.pull(dst, rvol.work / "state", *SIZING)
-    assert first.code == 0, first
-    assert first.summary["files_transferred"] == len(expected), first
+    rvol.pull(dst, rvol.work / "state", *SIZING).assert_moved(len(expected))
     assert tree(dst) == hashed(expected)
 
-    second = rvol.pull(dst, rvol.work / "state", *SIZING)
-    assert second.code == 0, second
-    assert second.summary["files_transferred"] == 0, second
+    rvol.pull(dst, rvol.work / "state", *SIZING).assert_moved(0)
 
 
 def test_aws_cli_reads_what_sidecar_finalized(rvol: Volume) -> None:
@@ -496,14 +254,10 @@ def test_object_overwritten_by_aws_is_downloaded_on_next_pull(rvol: Volume) -> N
     write_tree(stage, new)
     rvol.aws("s3", "cp", "--recursive", "--no-progress", str(stage), f"{rvol.remote}/")
 
-    second = rvol.pull(dst, rvol.work / "stateB", *SIZING)
-    assert second.code == 0, second
-    assert second.summary["files_transferred"] == len(new), second
+    rvol.pull(dst, rvol.work / "stateB", *SIZING).assert_moved(len(new))
     assert tree(dst) == hashed({**files, **new})
 
-    third = rvol.pull(dst, rvol.work / "stateB", *SIZING)
-    assert third.code == 0, third
-    assert third.summary["files_transferred"] == 0, third
+    rvol.pull(dst, rvol.work / "stateB", *SIZING).assert_moved(0)
 
 
 def test_finalize_does_not_resend_content_aws_already_put(rvol: Volume) -> None:
@@ -526,9 +280,7 @@ def test_finalize_does_not_resend_content_aws_already_put(rvol: Volume) -> None:
     assert rvol.listing() == before, "objects were re-uploaded"
 
     # And BASE now knows them: a second finalize has nothing to do either.
-    again = rvol.finalize(src, rvol.work / "fresh-state", *SIZING)
-    assert again.code == 0, again
-    assert again.summary["files_transferred"] == 0, again
+    rvol.finalize(src, rvol.work / "fresh-state", *SIZING).assert_moved(0)
 
 
 # ---- 3. bad input --------------------------------------------------------------------------
@@ -681,20 +433,6 @@ def test_invalid_utf8_local_name_is_reported_and_the_rest_finalized(rvol: Volume
     assert rvol.objects() == {"pre/ok.txt": sha(b"ok\n")}
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_CAPBSET_DROP = 24
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
-
-
-def _drop_file_permission_override() -> None:
-    """preexec_fn for a root child: without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH in the
-    bounding set, the exec'd program has them in no set, so file modes bind it like any user
-    (everything it needs is owned by root, so owner bits still let it run)."""
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 @pytest.fixture
 def as_ordinary_user(workdir: Path) -> Callable[[], None] | None:
     """A preexec_fn that makes the sidecar subject to file modes (None when not root)."""
@@ -705,13 +443,13 @@ def as_ordinary_user(workdir: Path) -> Callable[[], None] | None:
     probe.chmod(0)
     check = subprocess.run(
         [sys.executable, "-c", f"open({str(probe)!r}).read()"],
-        preexec_fn=_drop_file_permission_override,
+        preexec_fn=drop_file_permission_override,
         capture_output=True,
     )
     probe.unlink()
     if check.returncode == 0:
         pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: chmod 000 cannot bind")
-    return _drop_file_permission_override
+    return drop_file_permission_override
 
 
 def test_unreadable_local_files_are_reported_and_nothing_lost(
@@ -1077,36 +815,6 @@ def test_bad_option_values_exit_2_naming_the_flag(
 
 
 # ---- 4. resume after SIGKILL ---------------------------------------------------------------
-def _start(args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        return subprocess.Popen(
-            args, env=env, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL
-        )
-
-
-def _wait_until(
-    proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, logs: Path
-) -> None:
-    deadline = time.monotonic() + 60
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(
-                f"the sync ended (exit {proc.returncode}) before {what}; make it slower:\n"
-                + (logs / "stderr").read_text()
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.003)
-
-
-def _sigkill(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-
-
 def test_pull_resumes_after_sigkill_without_fetching_done_files_again(rvol: Volume) -> None:
     rng = random.Random(7)
     files = {f"small/f{i:03d}.bin": data_of(rng.randint(0, 4000), i) for i in range(300)}
@@ -1118,7 +826,7 @@ def test_pull_resumes_after_sigkill_without_fetching_done_files_again(rvol: Volu
 
     dst, state = rvol.work / "dst", rvol.work / "stateB"
     args = sidecar_args("pull", rvol.remote, dst, state, *SIZING, "--concurrency", "2")
-    proc = _start(args, rvol.env(), rvol.work / "logs")
+    proc = start_cli(args, rvol.env(), rvol.work / "logs")
 
     def some_files_landed() -> bool:
         try:
@@ -1127,8 +835,7 @@ def test_pull_resumes_after_sigkill_without_fetching_done_files_again(rvol: Volu
             return False
         return sum(not n.startswith(TEMP_PREFIX) for n in names) >= 10
 
-    _wait_until(proc, some_files_landed, "10 files landed", rvol.work / "logs")
-    _sigkill(proc)
+    kill9_when(proc, some_files_landed, "10 files landed", rvol.work / "logs")
 
     # The notebook never sees half a file: whatever is in place is complete.
     at_kill = {rel: digest for rel, digest in tree(dst).items() if TEMP_PREFIX not in rel}
@@ -1144,9 +851,7 @@ def test_pull_resumes_after_sigkill_without_fetching_done_files_again(rvol: Volu
         f"{len(at_kill)} files were complete before the kill:\n{second}"
     )
 
-    third = rvol.pull(dst, state, *SIZING)
-    assert third.code == 0, third
-    assert third.summary["files_transferred"] == 0, third
+    rvol.pull(dst, state, *SIZING).assert_moved(0)
 
 
 def test_finalize_resumes_after_sigkill_and_leaves_no_multipart_upload(rvol: Volume) -> None:
@@ -1154,33 +859,23 @@ def test_finalize_resumes_after_sigkill_and_leaves_no_multipart_upload(rvol: Vol
     files["big.bin"] = data_of(40 * MiB, "big-up")
     local, state = rvol.work / "local", rvol.work / "state"
     write_tree(local, files)
-    client = rvol.server.client()
-
-    def open_uploads() -> list[dict[str, Any]]:
-        try:
-            response = client.list_multipart_uploads(Bucket=rvol.bucket)
-        except client.exceptions.NoSuchUpload:
-            return []  # rclone's answer for a bucket that never had an upload
-        uploads: list[dict[str, Any]] = response.get("Uploads", [])
-        return uploads
-
     args = sidecar_args("finalize", rvol.remote, local, state, *SIZING, "--concurrency", "1")
-    proc = _start(args, rvol.env(), rvol.work / "logs")
-    _wait_until(proc, lambda: bool(open_uploads()), "a multipart upload began", rvol.work / "logs")
+    proc = start_cli(args, rvol.env(), rvol.work / "logs")
+    wait_until(
+        proc, lambda: bool(rvol.open_uploads()), "a multipart upload began", rvol.work / "logs"
+    )
     time.sleep(0.05)  # let the sidecar record the upload id before it dies
-    _sigkill(proc)
-    orphans = open_uploads()
+    sigkill(proc)
+    orphans = rvol.open_uploads()
     assert orphans, "the upload completed before the kill; nothing to clean up was tested"
-    assert {u["Key"] for u in orphans} == {"pre/big.bin"}
+    assert set(orphans.values()) == {"pre/big.bin"}
 
     second = rvol.finalize(local, state, *SIZING)
     assert second.code == 0, second
-    assert open_uploads() == [], "the interrupted multipart upload was left behind"
+    assert rvol.open_uploads() == {}, "the interrupted multipart upload was left behind"
     assert rvol.objects() == keyed(files)
 
-    third = rvol.finalize(local, state, *SIZING)
-    assert third.code == 0, third
-    assert third.summary["files_transferred"] == 0, third
+    rvol.finalize(local, state, *SIZING).assert_moved(0)
 
 
 # ---- 5. free space -------------------------------------------------------------------------
@@ -1249,9 +944,7 @@ def test_local_symlinks_are_not_uploaded(rvol: Volume) -> None:
     assert run.code == 0, run
     assert rvol.objects() == keyed({"real.txt": b"real\n", "sub/real2.txt": b"real2\n"})
 
-    again = rvol.finalize(local, rvol.work / "state")
-    assert again.code == 0, again
-    assert again.summary["files_transferred"] == 0, again
+    rvol.finalize(local, rvol.work / "state").assert_moved(0)
 
 
 def test_pull_never_writes_through_a_local_symlink(rvol: Volume) -> None:

@@ -20,13 +20,11 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import Counter
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import S3Server
-from tests.e2e.test_cli_e2e import SIZING, Run, Volume, data_of, keyed, tree, write_tree
+from tests.support.cli_support import SIZING, Run, Volume, data_of, keyed, tree, write_tree
 from tests.support.faultproxy import AFTER_APPLY, ALL_FAULTS, Fault, FaultProxy, Request, Schedule
 from tests.support.replicas import MiB, Replica, World
 
@@ -43,11 +41,6 @@ SMALL_ONLY = (Fault.TRICKLE,)
 # now; was: issue 9 item 14, a PutObject reset after the server applied it on a kept-alive
 # connection, resent by http11's pool as a stale connection (fixed in cec1cc9).
 SPARED: tuple[tuple[Fault, str], ...] = ()
-
-
-@pytest.fixture
-def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
 
 
 class Faulty(World):

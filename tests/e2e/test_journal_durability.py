@@ -22,25 +22,20 @@ import pytest
 from sidecar.core.model import BaseEntry
 from sidecar.engine.state import StateStore
 from tests.bench.countproxy import CountingProxy
-from tests.conftest import S3Server, sidecar_args
-from tests.e2e.test_cli_e2e import (
+from tests.conftest import sidecar_args
+from tests.support.cli_support import (
     SIZING,
     Volume,
-    _sigkill,
-    _start,
-    _wait_until,
     data_of,
     keyed,
+    kill9_when,
+    running,
+    wait_until,
     write_tree,
 )
 
 MiB = 1024**2
 ENTRY = BaseEntry(3, "0" * 32, ("e" * 32,), False, "")
-
-
-@pytest.fixture
-def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
 
 
 def journal_records(state_dir: Path) -> list[list[Any]]:
@@ -113,10 +108,7 @@ def test_kill_during_multipart_uploads_loses_no_record_and_leaves_no_orphan(
     client = mvol.server.client()
     upstream = urlsplit(mvol.server.endpoint)
     assert upstream.hostname and upstream.port
-
-    def open_uploads() -> dict[str, str]:
-        listed = client.list_multipart_uploads(Bucket=mvol.bucket).get("Uploads", [])
-        return {u["UploadId"]: u["Key"] for u in listed}
+    open_uploads = mvol.open_uploads
 
     def small_objects() -> int:
         listed = client.list_objects_v2(Bucket=mvol.bucket, Prefix="pre/small/")
@@ -126,9 +118,8 @@ def test_kill_during_multipart_uploads_loses_no_record_and_leaves_no_orphan(
     try:
         env = mvol.env(AWS_ENDPOINT_URL=proxy.endpoint)
         args = sidecar_args("finalize", mvol.remote, local, state, *SIZING)
-        proc = _start(args, env, logs)
-        try:
-            _wait_until(
+        with running(args, env, logs) as proc:
+            wait_until(
                 proc,
                 lambda: (
                     proxy.counts()["UploadPart"] >= 2
@@ -147,12 +138,7 @@ def test_kill_during_multipart_uploads_loses_no_record_and_leaves_no_orphan(
                 return started >= set(uploads) and done >= {p for p in files if "small" in p}
 
             # The bound is 100 ms; the wait is generous so a loaded machine cannot fail it.
-            _wait_until(proc, all_recorded, "all 62 records reached the journal file", logs)
-            _sigkill(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill9_when(proc, all_recorded, "all 62 records reached the journal file", logs)
     finally:
         proxy.stop()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,18 +35,17 @@ from urllib.parse import urlsplit
 import pytest
 
 from sidecar.engine.hashing import content_hash_bytes
-from tests.conftest import S3Server, sidecar_args
-from tests.e2e.test_cli_e2e import (
-    REPO,
+from tests.conftest import sidecar_args
+from tests.support.cli_support import (
     SIZING,
     TEMP_PREFIX,
     Volume,
-    _sigkill,
-    _start,
-    _wait_until,
     data_of,
     keyed,
+    kill9_when,
+    running,
     sha,
+    start_cli,
     tree,
     write_tree,
 )
@@ -83,11 +81,6 @@ PULL_RECORDS_OPEN = False
 # the hash being sent); A's edits leave those files alone so the rest stays checked.
 
 
-@pytest.fixture
-def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
-
-
 @dataclass
 class Kill:
     verb: str
@@ -118,14 +111,8 @@ class Chaos(World):
         self, replica: Replica, verb: str, trigger: str, fired: Callable[[], bool], delay: float
     ) -> Kill:
         logs = self.logs / f"{len(self.kills):03d}-{replica.name}-{verb}"
-        logs.mkdir(parents=True)
-        env = self.vol.env()
         started = time.time()
-        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                replica.args(verb), env=env, cwd=REPO, stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+        proc = start_cli(replica.args(verb), self.vol.env(), logs)
         deadline = time.monotonic() + 120
         began: float | None = None  # when it held its lock: the sync proper, not Python's start
         try:
@@ -387,7 +374,6 @@ def test_kill_after_the_server_created_an_upload_leaves_no_orphan(mvol: Volume) 
     files = {"big.bin": data_of(6 * MiB, "big"), "small.txt": b"small\n"}
     local, state, logs = mvol.work / "local", mvol.work / "state", mvol.work / "logs"
     write_tree(local, files)
-    client = mvol.server.client()
     upstream = urlsplit(mvol.server.endpoint)
     assert upstream.hostname and upstream.port
 
@@ -397,20 +383,10 @@ def test_kill_after_the_server_created_an_upload_leaves_no_orphan(mvol: Volume) 
     with FaultProxy(upstream.hostname, upstream.port, hold_creates) as proxy:
         env = mvol.env(AWS_ENDPOINT_URL=proxy.endpoint)
         args = sidecar_args("finalize", mvol.remote, local, state, *SIZING)
-        proc = _start(args, env, logs)
-        try:
-            _wait_until(
-                proc,
-                lambda: bool(client.list_multipart_uploads(Bucket=mvol.bucket).get("Uploads")),
-                "the server created the upload",
-                logs,
-            )
-            _sigkill(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        with running(args, env, logs) as proc:
+            created = "the server created the upload"
+            kill9_when(proc, lambda: bool(mvol.open_uploads()), created, logs)
     again = mvol.finalize(local, state, *SIZING)
     assert again.code == 0, again
-    assert client.list_multipart_uploads(Bucket=mvol.bucket).get("Uploads", []) == [], again
+    assert mvol.open_uploads() == {}, again
     assert mvol.objects() == keyed(files)

@@ -5,13 +5,12 @@ over twice what the same run takes here without the limit (~1.2-1.5 s)."""
 
 from __future__ import annotations
 
-from tests.e2e.test_cli_e2e import (
+from tests.support.cli_support import (
     SIZING,
     MiB,
     Volume,
     data_of,
     hashed,
-    mvol,  # noqa: F401 (fixture)
     tree,
     write_tree,
 )
@@ -23,7 +22,7 @@ def _seed(vol: Volume, files: dict[str, bytes]) -> None:
     assert vol.finalize(src, vol.work / "state-src", *SIZING).code == 0
 
 
-def test_bwlimit_holds_for_a_big_file(mvol: Volume) -> None:  # noqa: F811
+def test_bwlimit_holds_for_a_big_file(mvol: Volume) -> None:
     files = {"big.bin": data_of(8 * MiB, 1)}  # ranged GETs of 5 MiB parts
     _seed(mvol, files)
     run = mvol.pull(mvol.work / "local", mvol.work / "state", *SIZING, "--bwlimit", "2MiB")
@@ -32,7 +31,7 @@ def test_bwlimit_holds_for_a_big_file(mvol: Volume) -> None:  # noqa: F811
     assert run.seconds >= 8 / 2 - 0.3, run
 
 
-def test_bwlimit_holds_under_many_small_files(mvol: Volume) -> None:  # noqa: F811
+def test_bwlimit_holds_under_many_small_files(mvol: Volume) -> None:
     files = {f"d{i % 5}/f{i:03d}.bin": data_of(20 * 1024, i) for i in range(200)}
     _seed(mvol, files)
     total = sum(map(len, files.values())) / MiB  # ~3.9 MiB
@@ -42,7 +41,7 @@ def test_bwlimit_holds_under_many_small_files(mvol: Volume) -> None:  # noqa: F8
     assert run.seconds >= total / 1 - 0.3, run
 
 
-def test_bwlimit_down_up_limits_uploads(mvol: Volume) -> None:  # noqa: F811
+def test_bwlimit_down_up_limits_uploads(mvol: Volume) -> None:
     local = mvol.work / "local"
     write_tree(local, {"up.bin": data_of(6 * MiB, 2), "small.txt": b"x" * 100_000})
     run = mvol.finalize(local, mvol.work / "state", *SIZING, "--bwlimit", "0:1.5MiB")
@@ -50,7 +49,7 @@ def test_bwlimit_down_up_limits_uploads(mvol: Volume) -> None:  # noqa: F811
     assert run.seconds >= 6.1 / 1.5 - 0.3, run
 
 
-def test_max_requests_per_second_holds(mvol: Volume) -> None:  # noqa: F811
+def test_max_requests_per_second_holds(mvol: Volume) -> None:
     files = {f"f{i:02d}.txt": f"{i}\n".encode() for i in range(40)}
     _seed(mvol, files)
     run = mvol.pull(mvol.work / "local", mvol.work / "state", "--max-requests-per-second", "10")

@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sidecar.locals3 import LocalS3, free_port
 from tests.support.daemon_support import Daemon, StartDaemon, http, http_json
 from tests.support.gateproxy import KeyGate
+from tests.support.s3client import s3_client
 
 MiB = 1024 * 1024
 PRIORITY = ("--ready-when", "priority", "--priority-max-size", "1MiB")
@@ -181,17 +184,8 @@ def test_a_waited_path_jumps_the_queue(s3: LocalS3, start_daemon: StartDaemon) -
 def test_wait_names_a_download_that_failed(
     s3: LocalS3, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    import boto3
-
     put(s3.root / "vol", {"a.txt": b"a"})
-    env = s3.env()
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    client = s3_client(s3.endpoint, s3.access_key, s3.secret_key)
     # Our hash label says other bytes than the object holds: every download of it fails.
     from sidecar.s3.metadata import META_HASH
 
@@ -231,11 +225,16 @@ def arriving_volume() -> dict[str, bytes]:
     return {**small, **big}
 
 
-def arriving(s3: LocalS3) -> tuple[dict[str, bytes], Path]:
-    """arriving_volume() in the bucket: its files, and the bucket's folder."""
+@contextmanager
+def arriving(
+    s3: LocalS3, start_daemon: StartDaemon, *flags: str
+) -> Iterator[tuple[dict[str, bytes], Path, KeyGate, Daemon]]:
+    """arriving_volume() in the bucket and a daemon whose background pull is held at bg/0
+    (held_background): the files, the bucket's folder, the gate and the daemon."""
     files, bucket = arriving_volume(), s3.root / "vol"
     put(bucket, files)
-    return files, bucket
+    with gate(s3, "bg/0.bin") as proxy:
+        yield files, bucket, proxy, held_background(s3, start_daemon, proxy, *flags)
 
 
 def bucket_files(bucket: Path) -> dict[str, bytes]:
@@ -249,9 +248,7 @@ def bucket_files(bucket: Path) -> dict[str, bytes]:
 def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files, bucket = arriving(s3)
-    with gate(s3, "bg/0.bin") as proxy:
-        daemon = held_background(s3, start_daemon, proxy)
+    with arriving(s3, start_daemon) as (files, bucket, proxy, daemon):
         local = daemon.local_dir
         (local / "new.txt").write_bytes(b"new work")
         (local / "s0.txt").write_bytes(b"edited")
@@ -279,9 +276,7 @@ def test_finalize_during_the_background_pull_pushes_only_real_local_changes(
 def test_a_file_written_at_a_pending_path_stays_and_the_buckets_version_is_kept_beside(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files, bucket = arriving(s3)
-    with gate(s3, "bg/0.bin") as proxy:
-        daemon = held_background(s3, start_daemon, proxy)
+    with arriving(s3, start_daemon) as (files, bucket, proxy, daemon):
         local = daemon.local_dir
         (local / "bg").mkdir(exist_ok=True)
         (local / "bg/2.bin").write_bytes(b"mine")  # before the bucket's bg/2.bin arrived
@@ -301,9 +296,7 @@ def test_a_file_written_at_a_pending_path_stays_and_the_buckets_version_is_kept_
 def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_resending(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files, bucket = arriving(s3)
-    with gate(s3, "bg/0.bin") as proxy:
-        first = held_background(s3, start_daemon, proxy)
+    with arriving(s3, start_daemon) as (files, bucket, proxy, first):
         first.process.send_signal(signal.SIGTERM)
         # The background pull stops taking files (not cut mid-step), the one in flight lands.
         first.wait_until(lambda: "takes no new file" in first.log(), 30, "the stop")
@@ -340,11 +333,8 @@ def test_a_pod_stopped_mid_background_pushes_nothing_wrong_and_resumes_without_r
 def test_auto_sync_during_the_background_pull_pushes_the_edit_only(
     s3: LocalS3, start_daemon: StartDaemon
 ) -> None:
-    files, bucket = arriving(s3)
-    with gate(s3, "bg/0.bin") as proxy:
-        daemon = held_background(
-            s3, start_daemon, proxy, "--auto-sync", "--auto-sync-debounce", "0.1"
-        )
+    auto = ("--auto-sync", "--auto-sync-debounce", "0.1")
+    with arriving(s3, start_daemon, *auto) as (files, bucket, proxy, daemon):
         (daemon.local_dir / "notes.txt").write_bytes(b"typed in the notebook")
         daemon.wait_until(
             lambda: daemon.status()["auto_sync"]["state"] == "pushing", 30, "the auto push"

@@ -8,14 +8,13 @@ from pathlib import Path
 
 from sidecar.core.paths import temp_name
 from sidecar.core.shard import Shard, shard_of, temp_tag
-from tests.e2e.test_cli_e2e import (
+from tests.support.cli_support import (
     MiB,
     Run,
     Volume,
     data_of,
     hashed,
     keyed,
-    mvol,  # noqa: F401 (fixture)
     temps,
     tree,
     write_tree,
@@ -47,7 +46,7 @@ def _pull_all(vol: Volume, local: Path, *extra: str) -> list[Run]:
         return list(pool.map(one, range(N)))
 
 
-def test_shards_together_do_what_one_pull_does(mvol: Volume) -> None:  # noqa: F811
+def test_shards_together_do_what_one_pull_does(mvol: Volume) -> None:
     files = _files()
     src = mvol.work / "src"
     write_tree(src, files)
@@ -81,7 +80,7 @@ def test_shards_together_do_what_one_pull_does(mvol: Volume) -> None:  # noqa: F
     assert (sharded / changed).read_bytes() == b"a new version"
 
 
-def test_deletes_and_the_delete_guard_act_within_the_shard(mvol: Volume) -> None:  # noqa: F811
+def test_deletes_and_the_delete_guard_act_within_the_shard(mvol: Volume) -> None:
     files = _files()
     src = mvol.work / "src"
     write_tree(src, files)
@@ -108,7 +107,7 @@ def test_deletes_and_the_delete_guard_act_within_the_shard(mvol: Volume) -> None
     assert set(tree(local)) == set(files) - _in_shard(files, 0)
 
 
-def test_sharded_finalize_uploads_each_path_once(mvol: Volume) -> None:  # noqa: F811
+def test_sharded_finalize_uploads_each_path_once(mvol: Volume) -> None:
     files = _files()
     local = mvol.work / "local"
     write_tree(local, files)
@@ -125,7 +124,7 @@ def test_sharded_finalize_uploads_each_path_once(mvol: Volume) -> None:  # noqa:
     assert mvol.objects() == keyed(files)
 
 
-def test_a_shard_removes_only_its_own_leftover_temp_files(mvol: Volume) -> None:  # noqa: F811
+def test_a_shard_removes_only_its_own_leftover_temp_files(mvol: Volume) -> None:
     mvol.put("pre/a.txt", b"a")
     local = mvol.work / "local"
     (local / "d").mkdir(parents=True)
@@ -144,7 +143,7 @@ def test_a_shard_removes_only_its_own_leftover_temp_files(mvol: Volume) -> None:
     assert temps(local) == []
 
 
-def test_the_speedup_limit_is_named_in_dry_run_and_log(mvol: Volume) -> None:  # noqa: F811
+def test_the_speedup_limit_is_named_in_dry_run_and_log(mvol: Volume) -> None:
     files = {"huge.bin": data_of(3 * MiB, 1), **{f"{c}.txt": c.encode() for c in "abcdef"}}
     src = mvol.work / "src"
     write_tree(src, files)

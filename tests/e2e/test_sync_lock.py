@@ -20,15 +20,15 @@ from sidecar.core.model import Direction
 from sidecar.engine.sync import SyncEngine
 from tests.bench.countproxy import CountingProxy
 from tests.conftest import S3Server, sidecar_args
-from tests.e2e.test_cli_e2e import (
+from tests.support.cli_support import (
     REPO,
     Run,
     Volume,
-    _sigkill,
-    _start,
-    _wait_until,
     hashed,
+    sigkill,
+    start_cli,
     tree,
+    wait_until,
 )
 from tests.support.engine_support import config, sync, write
 
@@ -73,9 +73,9 @@ def test_a_second_sync_fails_at_once_naming_the_holder(mvol: Volume) -> None:
     proxy = CountingProxy(upstream.hostname, upstream.port, hold={"GetObject"}).start()
     try:
         env = mvol.env(AWS_ENDPOINT_URL=proxy.endpoint)
-        holder = _start(sidecar_args("pull", mvol.remote, local, mvol.work / "state"), env, logs)
+        holder = start_cli(sidecar_args("pull", mvol.remote, local, mvol.work / "state"), env, logs)
         try:
-            _wait_until(
+            wait_until(
                 holder, lambda: proxy.counts()["GetObject"] >= 1, "the pull is downloading", logs
             )
             same_state = mvol.pull(local, mvol.work / "state", "--lock-timeout", "0")
@@ -83,7 +83,7 @@ def test_a_second_sync_fails_at_once_naming_the_holder(mvol: Volume) -> None:
                 local, mvol.work / "other-state", env=mvol.env(SIDECAR_LOCK_TIMEOUT="0")
             )
         finally:
-            _sigkill(holder)
+            sigkill(holder)
     finally:
         proxy.stop()
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3Server
-from tests.e2e.test_cli_e2e import Run, Volume, keyed, write_tree
+from tests.support.cli_support import Run, Volume, keyed, write_tree
 
 FILES = {"keep.txt": b"keep\n", "scratch/x.bin": b"scratch\n", "logs/run.log": b"log\n"}
 # Generous: a run is ~1 s. Before the fix a FIFO blocked the sync forever.
@@ -30,11 +29,6 @@ def limit_memory() -> None:
 
 def finalize(vol: Volume, local: Path) -> Run:
     return vol.finalize(local, vol.work / "state", timeout=TIMEOUT, preexec_fn=limit_memory)
-
-
-@pytest.fixture
-def mvol(moto_s3: S3Server, workdir: Path) -> Volume:
-    return Volume(moto_s3, moto_s3.new_bucket(), workdir)
 
 
 @pytest.mark.parametrize(

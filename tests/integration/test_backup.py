@@ -16,7 +16,7 @@ from sidecar.engine.backup import RemoteBackup
 from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import ClientSettings, ObjectStore
 from tests.conftest import S3Server
-from tests.support.engine_support import config, write
+from tests.support.engine_support import config, first_arguments, write
 
 PULL, FIN = Direction.PULL, Direction.FINALIZE
 
@@ -380,14 +380,7 @@ async def test_a_large_listing_does_not_list_the_backup_area(
         for i in range(10):
             s3.put_object(Bucket=bucket, Key=f"vol/{BACKUP_DIR}{sync_id}/d{i}/f.txt", Body=b"old")
     monkeypatch.setattr(ObjectStore, "list_page_keys", 5)
-    listed: list[str] = []
-    original = ObjectStore._list_page
-
-    async def spy(self: ObjectStore, prefix: str, *args: Any) -> bytes:
-        listed.append(prefix)
-        return await original(self, prefix, *args)
-
-    monkeypatch.setattr(ObjectStore, "_list_page", spy)
+    listed = first_arguments(monkeypatch, ObjectStore, "_list_page")
     local, state = workdir / "local", workdir / "state"
     async with SyncEngine(config(bucket, local, state, backup=BackupMode.COPY)) as engine:
         pulled = await run(engine, PULL)

@@ -20,7 +20,16 @@ from sidecar.engine.transfer import Transfers
 from sidecar.s3 import META_HASH, ObjectStore
 from sidecar.s3.http11 import ConnectionPool
 from tests.conftest import S3Server
-from tests.support.engine_support import FIN, PULL, MiB, config, sync, tree, write
+from tests.support.engine_support import (
+    FIN,
+    PULL,
+    MiB,
+    config,
+    first_arguments,
+    sync,
+    tree,
+    write,
+)
 from tests.support.faultproxy import Fault, FaultProxy, Request
 
 
@@ -184,14 +193,7 @@ async def test_a_write_whose_answer_was_lost_counts_as_done(
         return response
 
     monkeypatch.setattr(ConnectionPool, "request", answer_lost_once)
-    checked: list[str] = []
-    original_check = ObjectStore._landed_already
-
-    async def spy(self: ObjectStore, key: str, *args: Any) -> Any:
-        checked.append(key)
-        return await original_check(self, key, *args)
-
-    monkeypatch.setattr(ObjectStore, "_landed_already", spy)
+    checked = first_arguments(monkeypatch, ObjectStore, "_landed_already")
     result = await sync(cfg, FIN)
     assert len(lost) == 2 and len(completes) == 2, (lost, completes)
     assert result.ok and result.files_transferred == 4, result.errors
@@ -427,14 +429,7 @@ async def test_a_conditional_put_reset_on_a_reused_connection_is_checked_not_res
     s3 = moto.client()
     upstream = urlsplit(moto.endpoint)
     assert upstream.hostname and upstream.port
-    checked: list[str] = []
-    original_check = ObjectStore._landed_already
-
-    async def spy(self: ObjectStore, key: str, *args: Any) -> Any:
-        checked.append(key)
-        return await original_check(self, key, *args)
-
-    monkeypatch.setattr(ObjectStore, "_landed_already", spy)
+    checked = first_arguments(monkeypatch, ObjectStore, "_landed_already")
     local = workdir / "l"
     write(local / "x.txt", b"new, sent once\n")
     with FaultProxy(upstream.hostname, upstream.port, _reset_after_first("PutObject")) as proxy:

@@ -26,7 +26,7 @@ from sidecar.core.filters import PathFilter
 from sidecar.core.model import UNHASHED, Direction
 from sidecar.engine.hashing import content_hash_file
 from tests.conftest import S3Server
-from tests.e2e.test_cli_e2e import _drop_file_permission_override
+from tests.support.cli_support import drop_file_permission_override
 from tests.support.engine_support import config, spy_on_hashing, sync
 from tests.support.scanning import Scanned, scan_as_a_sync
 
@@ -164,7 +164,7 @@ def test_unreadable_file_and_folder_are_reported_and_the_scan_goes_on(tmp_path: 
     try:
         child = subprocess.run(
             [sys.executable, "-c", _UNREADABLE_CHILD, str(root)],
-            preexec_fn=_drop_file_permission_override if os.geteuid() == 0 else None,
+            preexec_fn=drop_file_permission_override if os.geteuid() == 0 else None,
             capture_output=True,
             text=True,
             cwd=Path(__file__).parents[2],

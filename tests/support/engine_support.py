@@ -107,6 +107,20 @@ def race_before(
     monkeypatch.setattr(Transfers, method, racing)
 
 
+def first_arguments(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[Any]:
+    """The first argument (after self) of every call of the async `cls.method` from now on,
+    in order; the calls go through unchanged."""
+    seen: list[Any] = []
+    original = getattr(cls, method)
+
+    async def spy(self: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(first)
+        return await original(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, spy)
+    return seen
+
+
 def spy_on_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths the scan hashes from now on, in order."""
     hashed: list[str] = []

@@ -21,7 +21,7 @@ from sidecar.core.model import BaseEntry
 from sidecar.engine.hashing import content_hash_bytes
 from sidecar.engine.state import StateStore, state_path_for
 from tests.conftest import sidecar_args
-from tests.e2e.test_cli_e2e import SIZING, TEMP_PREFIX, Run, Volume, data_of, sha, temps, tree
+from tests.support.cli_support import SIZING, TEMP_PREFIX, Run, Volume, data_of, sha, temps, tree
 
 MiB = 1024**2
 THRESHOLD = 5 * MiB  # SIZING: the smallest part S3 allows, so big files stay small

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from botocore.config import Config
+
 from sidecar.locals3 import LocalS3Error, aws_env, free_port, stop_child
+from tests.support.s3client import s3_client
 
 # Every listener `weed mini` opens, each given a free port: the defaults (9333, 8888, ...,
 # and gRPC at port + 10000) would clash with anything else on the machine.
@@ -61,18 +64,8 @@ class SeaweedS3:
     def env(self) -> dict[str, str]:
         return aws_env(self.endpoint, self.access_key, self.secret_key)
 
-    def client(self, **config: Any) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=Config(**config) if config else None,
-        )
+    def client(self, config: Config | None = None) -> Any:
+        return s3_client(self.endpoint, self.access_key, self.secret_key, config)
 
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
@@ -134,7 +127,7 @@ class SeaweedS3:
     def _wait_ready(self, timeout: float) -> None:
         """Until CreateBucket succeeds: the S3 port answers within ~1 s, but the filer behind
         it refuses buckets for up to ~10 s more (longer under load)."""
-        client = self.client(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5)
+        client = self.client(Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
         deadline = time.monotonic() + timeout
         last_error = "no answer"
         while time.monotonic() < deadline:
