@@ -159,15 +159,24 @@ def _batches(
 
 
 async def hash_paths(
-    root: Path, files: list[tuple[str, int]], executor: ThreadPoolExecutor
+    root: Path,
+    files: list[tuple[str, int]],
+    executor: ThreadPoolExecutor,
+    hashed: Callable[[int], None] | None = None,
 ) -> dict[str, str | FileError]:
     """The content hash of each (relative path, size), or why it could not be read; big
-    files first so a pool of workers finishes together, small ones in batches."""
+    files first so a pool of workers finishes together, small ones in batches. `hashed`
+    is told how many files each batch read, as it ends (progress)."""
     loop = asyncio.get_running_loop()
     ordered = sorted(files, key=lambda item: -item[1])
     rels = [rel for rel, _ in ordered]
     batches = _batches(rels, [size for _, size in ordered])
-    results = await asyncio.gather(
-        *(loop.run_in_executor(executor, _hash_batch, root, batch) for batch in batches)
-    )
+
+    async def one(batch: list[str]) -> list[str | FileError]:
+        digests = await loop.run_in_executor(executor, _hash_batch, root, batch)
+        if hashed is not None:
+            hashed(len(batch))
+        return digests
+
+    results = await asyncio.gather(*(one(batch) for batch in batches))
     return dict(zip(rels, [digest for batch in results for digest in batch], strict=True))

@@ -333,6 +333,7 @@ class SyncEngine:
                 self._executor,
                 self._saw_bookkeeping,
                 self._listing_skipped,
+                progress,
             )
             seen = await walk.run(direction, path_filter, spool)
             progress.phase = "planning"

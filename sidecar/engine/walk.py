@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from sidecar.core.agreement import cache_entry, cacheable, learned
 from sidecar.core.backup import NETVOL_PREFIX
@@ -35,6 +35,7 @@ from sidecar.core.model import (
 )
 from sidecar.core.options import SyncConfig
 from sidecar.core.planner import Walk, needs_remote_hash
+from sidecar.core.progress import Progress
 from sidecar.core.shard import ShardFilter
 from sidecar.engine.execute import run_bounded
 from sidecar.engine.fatal import FatalSync
@@ -60,6 +61,7 @@ from sidecar.s3 import S3Error, Store, read_labels
 log = logging.getLogger("sidecar.sync")
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_V = TypeVar("_V")
 
 
 @dataclass(slots=True)
@@ -156,8 +158,10 @@ class StreamedWalk:
         executor: ThreadPoolExecutor,
         saw_bookkeeping: Callable[[str], None],
         listing_skipped: Callable[[str], None],
+        progress: Progress,
     ) -> None:
         self.config = config
+        self.progress = progress  # the walk's counts (/status during "scanning")
         self.state = state
         self._store = store
         self._executor = executor
@@ -196,6 +200,7 @@ class StreamedWalk:
         plan: PlanSpool | None,
     ) -> Seen:
         seen = Seen(time.time_ns())
+        self.progress.walk_restarted()
         root = self.config.local_dir
         scanned = ScanResult()
         async with contextlib.AsyncExitStack() as stack:
@@ -216,6 +221,8 @@ class StreamedWalk:
                     async for chunk in source:
                         add(chunk)
                 local, remote = chunks_of(spool.local()), unmarked(spool.remote())
+            local = _counted(local, self.progress, "files_scanned")
+            remote = _counted(remote, self.progress, "objects_listed")
             local = cached_chunks(local, CachedHashes(self.state))
             base = (
                 (path, entry)
@@ -322,7 +329,7 @@ class StreamedWalk:
         racy goes into the hash cache."""
         root = self.config.local_dir
         files = [(t.path, t.local.size) for t in waiting if t.local is not None]
-        digests = await hash_paths(root, files, self._executor)
+        digests = await hash_paths(root, files, self._executor, self._hashed)
         for t in waiting:
             digest = digests[t.path]
             if isinstance(digest, FileError):
@@ -333,6 +340,9 @@ class StreamedWalk:
             t.local = local = replace(t.local, hash=digest)
             if cacheable(local, seen.hashed_at):
                 self.state.note_hash(t.path, cache_entry(local))
+
+    def _hashed(self, files: int) -> None:
+        self.progress.files_hashed += files
 
     async def _decide(
         self,
@@ -349,6 +359,7 @@ class StreamedWalk:
         while True:
             try:
                 seen.walk.decide(path, lf, ro, be)
+                self.progress.paths_compared += 1
                 return
             except _NameUnknown as unknown:
                 # A conflict copy's name: is it an object in the bucket? (rare: a HEAD each)
@@ -377,6 +388,8 @@ class StreamedWalk:
             except S3Error as exc:
                 log.warning("%s: HEAD failed (%s); treating its content as unknown", obj.key, exc)
                 return
+            finally:
+                self.progress.objects_checked += 1
             labels = read_labels(info.metadata)
             digest = labels.hash
             if digest:
@@ -400,6 +413,16 @@ class StreamedWalk:
 async def _nothing() -> AsyncIterator[Chunk[LocalFile]]:
     return
     yield
+
+
+async def _counted(
+    chunks: AsyncIterator[Chunk[_V]], progress: Progress, count: str
+) -> AsyncIterator[Chunk[_V]]:
+    """The chunks as they are, each one's length added to `progress.<count>` (a chunk at a
+    time: nothing added per path)."""
+    async for chunk in chunks:
+        setattr(progress, count, getattr(progress, count) + len(chunk))
+        yield chunk
 
 
 def _log_scan(scanned: ScanResult) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sidecar.core.paths import temp_name
+from sidecar.core.progress import Progress
 from sidecar.engine.sync import SyncEngine
 from sidecar.engine.transfer import Transfers
 from sidecar.s3 import ObjectStore
@@ -462,6 +463,42 @@ async def test_equal_content_without_base_is_adopted_not_resent(
     again = await sync(config(bucket, a, workdir / "fresh-state"), FIN)
     assert again.ok and again.files_transferred == 0 and again.files_adopted == 2
     assert request_counter["put_object"] == request_counter["upload_part"] == 0
+
+
+async def test_the_walk_shows_what_it_scanned_listed_hashed_checked_and_compared(
+    moto: S3Server, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first finalize over a folder the bucket already holds (put by another tool: no hash
+    label) reads every file and asks the bucket about every object before it decides any:
+    during the walk (phase "scanning") the progress /status shows has counts that grow, not
+    a frozen "scanning 0/0 files" (README, The daemon)."""
+    bucket, s3, local = moto.new_bucket(), moto.client(), workdir / "l"
+    files = {f"d{i % 3}/f{i:02d}.txt": b"the same bytes %d" % i for i in range(40)}
+    for rel, body in files.items():
+        write(local / rel, body)
+        s3.put_object(Bucket=bucket, Key=f"vol/{rel}", Body=body)
+    progress = Progress("finalize", 0.0)
+    at_first_head: list[tuple[dict[str, Any], str]] = []
+    original = ObjectStore.head
+
+    async def head(self: ObjectStore, key: str, *args: Any, **kwargs: Any) -> Any:
+        if not at_first_head:  # mid-walk: every file read, no path decided yet
+            at_first_head.append((progress.as_dict(1.0), progress.line(1.0)))
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "head", head)
+    result = await sync(config(bucket, local, workdir / "s"), FIN, progress=progress)
+    assert result.ok and result.files_transferred == 0 and result.files_adopted == 40
+    (during, line) = at_first_head[0]
+    assert during["phase"] == "scanning"
+    counts = ("files_scanned", "objects_listed", "files_hashed", "objects_checked")
+    assert [during[name] for name in (*counts, "paths_compared")] == [40, 40, 40, 0, 0]
+    assert line == (
+        "finalize scanning: 40 files in the folder, 40 objects listed, 0 paths compared "
+        "(40 files hashed, 0 objects checked)"
+    )
+    after = progress.as_dict(2.0)
+    assert [after[name] for name in (*counts, "paths_compared")] == [40, 40, 40, 40, 40]
 
 
 async def test_wrong_credentials_and_missing_bucket_are_named(
