@@ -25,7 +25,14 @@ import pytest
 
 from sidecar.locals3 import LocalS3, free_port
 from tests.conftest import FRESH_LISTINGS
-from tests.support.daemon_support import StartDaemon, http, http_json, non_loopback_ipv4
+from tests.support.daemon_support import (
+    StartDaemon,
+    client_argv,
+    http,
+    http_json,
+    non_loopback_ipv4,
+    run_client,
+)
 
 
 def seed(bucket_dir: Path, files: dict[str, bytes]) -> None:
@@ -106,14 +113,7 @@ def test_client_verbs(s3: LocalS3, start_daemon: StartDaemon) -> None:
     daemon = start_daemon(s3)
     daemon.wait_ready()
     write(daemon.local_dir, "x.txt", b"x")
-
-    def sidecar(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sidecar", *args, "--control-url", daemon.control],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    sidecar = daemon.client
 
     done = sidecar("finalize")
     assert done.returncode == 0, done.stderr
@@ -127,19 +127,7 @@ def test_client_verbs(s3: LocalS3, start_daemon: StartDaemon) -> None:
     dry = sidecar("pull", "--dry-run")
     assert dry.returncode == 0 and "would transfer 0 files" in dry.stdout
 
-    unreachable = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "pull",
-            "--control-url",
-            f"http://127.0.0.1:{free_port()}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    unreachable = run_client(f"http://127.0.0.1:{free_port()}", "pull")
     assert unreachable.returncode == 3
     assert "cannot reach the daemon" in unreachable.stderr
 
@@ -550,7 +538,7 @@ def test_client_draws_a_progress_bar_on_a_terminal(s3: LocalS3, start_daemon: St
     leader, follower = pty.openpty()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "sidecar", "finalize", "--control-url", daemon.control],
+            client_argv(daemon.control, "finalize"),
             stdout=follower,
             stderr=subprocess.PIPE,
             timeout=60,

@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sidecar.locals3 import LocalS3, free_port
-from tests.support.daemon_support import Daemon, StartDaemon, http, http_json
+from tests.support.daemon_support import (
+    Daemon,
+    StartDaemon,
+    client_argv,
+    http,
+    http_json,
+    run_client,
+)
 from tests.support.gateproxy import KeyGate
 from tests.support.s3client import s3_client
 
@@ -142,14 +148,15 @@ def test_wait_answers_for_local_unknown_pending_and_failed_paths(
         assert http_json("GET", wait + "timeout=1")[0] == 400
 
         # From a terminal: `sidecar wait` shows progress and exits 0 once all is local.
-        cli = [sys.executable, "-m", "sidecar", "wait", "--control-url", daemon.control]
-        waiter = subprocess.Popen([*cli, "data"], stdout=subprocess.PIPE, text=True)
+        waiter = subprocess.Popen(
+            client_argv(daemon.control, "wait", "data"), stdout=subprocess.PIPE, text=True
+        )
         one_waiting(daemon)
         proxy.release()
         out, _ = waiter.communicate(timeout=60)
         assert waiter.returncode == 0, out
         assert "waiting for 2 file(s)" in out and out.endswith("local: data\n")
-        missing = subprocess.run([*cli, "nope"], capture_output=True, text=True, timeout=60)
+        missing = run_client(daemon.control, "wait", "nope")
         assert missing.returncode == 1 and "not in the volume: nope" in missing.stderr
         assert (daemon.local_dir / "data/big1.bin").read_bytes() == files["data/big1.bin"]
         # Nothing in the background any more: answered at once, from the folder.
@@ -205,13 +212,7 @@ def test_wait_names_a_download_that_failed(
 
 
 def test_sidecar_wait_without_a_daemon_exits_3() -> None:
-    free = f"http://127.0.0.1:{free_port()}"
-    run = subprocess.run(
-        [sys.executable, "-m", "sidecar", "wait", "x", "--control-url", free],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_client(f"http://127.0.0.1:{free_port()}", "wait", "x")
     assert run.returncode == 3 and "cannot reach the daemon" in run.stderr
 
 

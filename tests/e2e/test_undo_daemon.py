@@ -4,8 +4,6 @@ against rclone serve s3 (no versioning: copy backups)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from sidecar.locals3 import LocalS3
 from tests.support.daemon_support import StartDaemon, http_json
@@ -28,14 +26,7 @@ def test_history_and_undo_through_the_daemon(s3: LocalS3, start_daemon: StartDae
     newest = history["syncs"][0]
     assert newest["sync_id"] == sync_id
     assert (newest["operation"], newest["replaced"], newest["deleted"]) == ("finalize", 1, 1)
-
-    def sidecar(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sidecar", *args, "--control-url", daemon.control],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+    sidecar = daemon.client
 
     listed = sidecar("history")
     assert listed.returncode == 0, listed.stderr

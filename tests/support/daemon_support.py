@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -167,6 +168,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return http_json("GET", self.probe + "/status")[1]
 
+    def client(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A client verb (`sidecar status`, `finalize`, `undo`...) against this daemon."""
+        return run_client(self.control, *args)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Send `sig` (0: none, just wait) and wait for the exit code."""
         if sig and self.process.poll() is None:
@@ -177,6 +182,18 @@ class Daemon:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"daemon did not stop within {timeout}s\n{self.log()}") from None
+
+
+def client_argv(control: str, *args: str) -> list[str]:
+    """`sidecar <args>` pointed at a daemon's control API: the verbs for people."""
+    return [sys.executable, "-m", "sidecar", *args, "--control-url", control]
+
+
+def run_client(control: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """client_argv run to its end, its output captured as text."""
+    return subprocess.run(
+        client_argv(control, *args), capture_output=True, text=True, timeout=timeout
+    )
 
 
 StartDaemon = Callable[..., Daemon]  # the start_daemon fixture: (s3, *flags, env=, control_host=)
