@@ -16,6 +16,12 @@ export interface Progress {
   elapsed_seconds: number;
   line: string;
   origin?: string;
+  // The walk's counts (phase "scanning"), growing while it runs; absent from older daemons.
+  files_scanned?: number;
+  objects_listed?: number;
+  paths_compared?: number;
+  files_hashed?: number;
+  objects_checked?: number;
 }
 
 export interface Conflict {

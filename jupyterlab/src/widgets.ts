@@ -2,7 +2,7 @@
 // messages come from the bucket and must never be parsed as HTML.
 import { Widget } from '@lumino/widgets';
 
-import { Snapshot, SyncSummary } from './api';
+import { Progress, Snapshot, SyncSummary } from './api';
 import { ago, bytes, clock, headline, lastRuns, verb } from './format';
 import { SidecarModel } from './model';
 
@@ -122,9 +122,10 @@ export class SyncPanel extends Widget {
     const eta = current.eta_seconds === null ? '' : `, ETA ${clock(current.eta_seconds)}`;
     const line =
       `${verb(current.operation)} (${current.phase}): ` +
-      `${current.files_done}/${current.files_total} files, ` +
-      `${bytes(current.bytes_done)}/${bytes(current.bytes_total)}, ` +
-      `${bytes(current.rate_bytes_per_second)}/s${eta}`;
+      (walkCounts(current) ??
+        `${current.files_done}/${current.files_total} files, ` +
+          `${bytes(current.bytes_done)}/${bytes(current.bytes_total)}, ` +
+          `${bytes(current.rate_bytes_per_second)}/s${eta}`);
     this.progress.append(bar, el('div', line));
   }
 
@@ -172,6 +173,17 @@ export class SyncPanel extends Widget {
       );
     }
   }
+}
+
+/** While the walk runs nothing is counted in files/bytes yet: what it has seen so far. */
+function walkCounts(current: Progress): string | null {
+  if (current.phase !== 'scanning' || current.paths_compared === undefined) {
+    return null;
+  }
+  return (
+    `${current.files_scanned} files in the folder, ${current.objects_listed} objects listed, ` +
+    `${current.paths_compared} paths compared`
+  );
 }
 
 function describe(result: SyncSummary): string {
