@@ -14,7 +14,7 @@ import enum
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +25,7 @@ NETVOL_PREFIX = NETVOL + "/"
 BACKUP_DIR = NETVOL_PREFIX + "backup/"
 HISTORY_DIR = NETVOL_PREFIX + "history/"
 RECORD_SUFFIX = ".json"
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 1: one line; 2: a line per entry (see record_lines)
 
 _SYNC_ID = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{6}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -150,7 +150,39 @@ class Entry:
 
 
 @dataclass(slots=True)
+class Tally:
+    """A record's counts: its summary, known without its entries (a header says them)."""
+
+    entries: int = 0
+    uploaded: int = 0
+    replaced: int = 0
+    deleted: int = 0
+    bytes: int = 0
+
+    def add(self, entry: Entry) -> None:
+        self.entries += 1
+        if entry.after is None:
+            self.deleted += 1
+            return
+        self.bytes += entry.after.size
+        if entry.before is None:
+            self.uploaded += 1
+        else:
+            self.replaced += 1
+
+    @staticmethod
+    def of(entries: Iterable[Entry]) -> Tally:
+        tally = Tally()
+        for entry in entries:
+            tally.add(entry)
+        return tally
+
+
+@dataclass(slots=True)
 class SyncRecord:
+    """A sync's record. Read whole (`from_json`) it has its entries; read as a stream
+    (`read_record`) it is the header alone, and its entries come one at a time."""
+
     sync_id: str
     time: str  # UTC, ISO
     operation: str  # pull, finalize, undo, restore
@@ -161,22 +193,27 @@ class SyncRecord:
     backup: str  # copy, versions, local
     entries: list[Entry] = field(default_factory=list)
     undoes: str | None = None  # the sync an undo put back
+    tally: Tally = field(default_factory=Tally)
+
+    def __post_init__(self) -> None:
+        if self.entries and not self.tally.entries:
+            self.tally = Tally.of(self.entries)
 
     @property
     def uploaded(self) -> int:
-        return sum(1 for e in self.entries if e.before is None and e.after is not None)
+        return self.tally.uploaded
 
     @property
     def replaced(self) -> int:
-        return sum(1 for e in self.entries if e.before is not None and e.after is not None)
+        return self.tally.replaced
 
     @property
     def deleted(self) -> int:
-        return sum(1 for e in self.entries if e.after is None)
+        return self.tally.deleted
 
     @property
     def bytes(self) -> int:
-        return sum(e.after.size for e in self.entries if e.after is not None)
+        return self.tally.bytes
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -195,42 +232,136 @@ class SyncRecord:
 
     # builtins.bytes: in this class `bytes` is the property above.
     def to_json(self) -> builtins.bytes:
-        data = {
-            "format": RECORD_FORMAT,
-            **self.summary(),
-            "remote": self.remote,
-            "local_dir": self.local_dir,
-            "entries": [e.as_dict() for e in self.entries],
-        }
-        return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+        """The whole record (format 2), from the entries it holds."""
+        return b"".join(record_lines(self, map(entry_line, self.entries)))
 
     @staticmethod
     def from_json(data: builtins.bytes) -> SyncRecord:
-        """Raises ValueError naming what is wrong."""
-        try:
-            raw = json.loads(data)
-            record = SyncRecord(
-                sync_id=str(raw["sync_id"]),
-                time=str(raw["time"]),
-                operation=str(raw["operation"]),
-                side=str(raw.get("side", "remote")),
-                host=str(raw.get("host", "")),
-                remote=str(raw.get("remote", "")),
-                local_dir=str(raw.get("local_dir", "")),
-                backup=str(raw.get("backup", "")),
-                entries=[
-                    Entry(
-                        str(e["path"]),
-                        Version.from_dict(e.get("before")),
-                        Version.from_dict(e.get("after")),
-                    )
-                    for e in raw.get("entries", [])
-                ],
-                undoes=raw.get("undoes"),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"unreadable history record: {exc!r}") from None
+        """A whole record of either format, entries included. Raises ValueError naming what
+        is wrong."""
+        record, entries = read_record(iter(data.splitlines(keepends=True)))
+        record.entries = list(entries)
         return record
+
+
+# ---- the record's bytes ------------------------------------------------------------------
+# Format 1 was one JSON object on one line, written whole at the end of a sync. Format 2 is
+# the same JSON object (an old reader parses it as it did), laid out so that it is written
+# and read a line at a time: the header (the summary, and "count" of entries) on the first
+# line, which ends in `"entries":[`, then one entry per line (each after the first begins
+# with a comma), then `]}`. A record is whole or absent where it is stored (a rename, one PUT
+# or one CompleteMultipartUpload); a reader still checks the count and the closing line, so
+# a cut record is named as partial, never taken for a shorter one.
+_ENTRIES_OPEN = b',"entries":['
+_END = b"]}"
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def entry_line(entry: Entry) -> builtins.bytes:
+    """One entry's line of a format 2 record (without the comma that joins it to the last)."""
+    return (_ENCODE(entry.as_dict()) + "\n").encode()
+
+
+def header_line(record: SyncRecord) -> builtins.bytes:
+    data = {
+        "format": RECORD_FORMAT,
+        **record.summary(),
+        "remote": record.remote,
+        "local_dir": record.local_dir,
+        "count": record.tally.entries,
+    }
+    return _ENCODE(data).encode()[:-1] + _ENTRIES_OPEN + b"\n"
+
+
+def record_lines(
+    record: SyncRecord, entry_lines: Iterable[builtins.bytes]
+) -> Iterator[builtins.bytes]:
+    """A format 2 record, a line at a time: `record`'s header (its tally must count the
+    entries) and the entries' lines (entry_line) in the order given."""
+    yield header_line(record)
+    first = True
+    for line in entry_lines:
+        yield line if first else b"," + line
+        first = False
+    yield _END + b"\n"
+
+
+def read_record(
+    lines: Iterator[builtins.bytes],
+) -> tuple[SyncRecord, Iterator[Entry]]:
+    """A record of either format from its lines: the header (no entries, its tally from the
+    record) and its entries, in record order. A format 2 record's entries are parsed as they
+    are iterated: one that is cut short or damaged raises ValueError there, naming the line
+    and how many entries it should have had. Raises ValueError at once for an unreadable
+    header."""
+    first = next(lines, b"")
+    try:
+        try:
+            raw = json.loads(first)
+        except ValueError:
+            opened = first.rstrip()
+            if not opened.endswith(_ENTRIES_OPEN):
+                raise
+            raw = json.loads(opened + _END)  # format 2: the header line
+            record = _header(raw)
+            count = int(raw["count"])
+            record.tally = Tally(
+                count,
+                int(raw["uploaded"]),
+                int(raw["replaced"]),
+                int(raw["deleted"]),
+                int(raw["bytes"]),
+            )
+            return record, _streamed_entries(lines, count)
+        # Format 1: the whole record on its one line.
+        record = _header(raw)
+        entries = [_entry(e) for e in raw.get("entries", [])]
+        record.tally = Tally.of(entries)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"unreadable history record: {exc!r}") from None
+    return record, iter(entries)
+
+
+def _header(raw: Any) -> SyncRecord:
+    return SyncRecord(
+        sync_id=str(raw["sync_id"]),
+        time=str(raw["time"]),
+        operation=str(raw["operation"]),
+        side=str(raw.get("side", "remote")),
+        host=str(raw.get("host", "")),
+        remote=str(raw.get("remote", "")),
+        local_dir=str(raw.get("local_dir", "")),
+        backup=str(raw.get("backup", "")),
+        undoes=raw.get("undoes"),
+    )
+
+
+def _entry(raw: Any) -> Entry:
+    return Entry(
+        str(raw["path"]), Version.from_dict(raw.get("before")), Version.from_dict(raw.get("after"))
+    )
+
+
+def _streamed_entries(lines: Iterator[builtins.bytes], count: int) -> Iterator[Entry]:
+    seen = 0
+    for number, line in enumerate(lines, start=2):
+        text = line.rstrip(b"\n")
+        if text == _END:
+            if seen != count:
+                raise ValueError(
+                    f"unreadable history record: {seen} entries where its header says {count}"
+                )
+            return
+        try:
+            if seen and not text.startswith(b","):
+                raise ValueError("no comma before the entry")
+            yield _entry(json.loads(text[1:] if seen else text))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"unreadable history record: line {number}: {exc!r}") from None
+        seen += 1
+    raise ValueError(
+        f"partial history record: it ends after {seen} of its {count} entries (no closing line)"
+    )
 
 
 def history_line(summary: Mapping[str, Any]) -> str:
@@ -260,6 +391,27 @@ class Step:
     target: Version | None  # PUT_BACK: the version to put back
     current: Version | None  # what the path holds now (None: absent)
 
+    def to_line(self) -> bytes:
+        """One line of JSON: an undo decides every step before it carries one out, and
+        keeps them on disk in between (an undo of a million paths)."""
+        data = {
+            "kind": str(self.kind),
+            "path": self.path,
+            "target": self.target.as_dict() if self.target else None,
+            "current": self.current.as_dict() if self.current else None,
+        }
+        return (_ENCODE(data) + "\n").encode()
+
+    @staticmethod
+    def from_line(line: bytes) -> Step:
+        raw = json.loads(line)
+        return Step(
+            StepKind(raw["kind"]),
+            str(raw["path"]),
+            Version.from_dict(raw["target"]),
+            Version.from_dict(raw["current"]),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -283,28 +435,30 @@ def same_version(current: Version | None, wanted: Version | None) -> bool:
 def undo_steps(
     record: SyncRecord, current: Mapping[str, Version | None], force: bool
 ) -> tuple[list[Step], list[Skipped]]:
-    """What undoing `record` does, given what each of its paths holds now. A path changed
-    since the sync is skipped (reported) unless `force`; a path whose old version was not
-    kept cannot be put back."""
+    """What undoing `record` (read whole) does, given what each of its paths holds now."""
     steps: list[Step] = []
     skipped: list[Skipped] = []
     for entry in record.entries:
-        now = current.get(entry.path)
-        if not force and not same_version(now, entry.after):
-            state = "deleted" if now is None else "changed"
-            skipped.append(
-                Skipped(
-                    entry.path,
-                    f"{state} since sync {record.sync_id}; not touched (--force to undo anyway)",
-                )
-            )
-            continue
-        step = _step_to(entry.path, entry.before, now)
+        step = undo_step(record.sync_id, entry, current.get(entry.path), force)
         if isinstance(step, Skipped):
             skipped.append(step)
         elif step is not None:
             steps.append(step)
     return steps, skipped
+
+
+def undo_step(
+    sync_id: str, entry: Entry, now: Version | None, force: bool
+) -> Step | Skipped | None:
+    """What undoing one entry of sync `sync_id` does, given what its path holds now (None:
+    absent). A path changed since the sync is skipped (reported) unless `force`; a path
+    whose old version was not kept cannot be put back."""
+    if not force and not same_version(now, entry.after):
+        state = "deleted" if now is None else "changed"
+        return Skipped(
+            entry.path, f"{state} since sync {sync_id}; not touched (--force to undo anyway)"
+        )
+    return _step_to(entry.path, entry.before, now)
 
 
 def _step_to(path: str, target: Version | None, now: Version | None) -> Step | Skipped | None:

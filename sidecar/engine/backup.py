@@ -7,9 +7,8 @@
 - LocalBackup: a file a pull replaces or deletes is renamed into
   `<state folder>/backup/<sync id>/<path>` (a copy, under a size cap, when the state folder
   is on another filesystem).
-- History: one record per sync that changed something, one object (or file) each, so that
-  replicas writing at once never overwrite each other: finalize records in the bucket under
-  `.netvol/history/`, pull records in the state folder (`history/`).
+- Each keeps what its sync did (`done`) in a RecordSpool: the entries of the sync's history
+  record (sidecar/engine/history.py writes and reads records).
 - Pruning: expired backups and records (by the time in their sync id) are removed at the end
   of a sync, at most PRUNE_PER_SYNC of them each time.
 """
@@ -22,7 +21,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,15 +31,12 @@ from sidecar.core.backup import (
     RECORD_SUFFIX,
     BackupMode,
     Entry,
-    SyncRecord,
     Version,
     backup_key,
-    format_utc,
-    history_key,
-    is_sync_id,
     sync_id_time,
 )
 from sidecar.core.model import Action, BaseEntry, LocalFile
+from sidecar.engine.history import RecordSpool
 from sidecar.s3 import S3Error, Store, read_labels
 
 log = logging.getLogger("sidecar.backup")  # logger name kept from before the move
@@ -62,10 +57,6 @@ class BackupFailed(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-def host_name() -> str:
-    return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
 async def resolve_mode(store: Store, mode: BackupMode) -> BackupMode:
@@ -95,13 +86,14 @@ class RemoteBackup:
         prefix: str,
         mode: BackupMode,
         sync_id: str,
+        spool: RecordSpool,
         resolve: Callable[[], Awaitable[BackupMode]] | None = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
         self.mode = BackupMode(mode)
         self.sync_id = sync_id
-        self.entries: list[Entry] = []
+        self.entries = spool
         self._before: dict[str, Version] = {}
         self._resolve = resolve or (lambda: resolve_mode(store, BackupMode.AUTO))
         # The transfers that replace objects start together: one of them asks, the rest wait
@@ -168,17 +160,17 @@ class RemoteBackup:
 
     def done(self, path: str, after: Version | None) -> None:
         """The write happened: the path now holds `after` (None: deleted)."""
-        self.entries.append(Entry(path, self._before.pop(path, None), after))
+        self.entries.add(Entry(path, self._before.pop(path, None), after))
 
 
 class LocalBackup:
     """Keeps local files one pull replaces or deletes, in <state folder>/backup/<sync id>/."""
 
-    def __init__(self, root: Path, sync_id: str, same_filesystem: bool) -> None:
+    def __init__(self, root: Path, sync_id: str, same_filesystem: bool, spool: RecordSpool) -> None:
         self.root = root
         self.sync_id = sync_id
         self.same_filesystem = same_filesystem
-        self.entries: list[Entry] = []
+        self.entries = spool
         self._before: dict[str, Version] = {}
 
     def keep(self, relpath: str, dir_fd: int, name: str, local: LocalFile | None) -> bool:
@@ -229,7 +221,7 @@ class LocalBackup:
         return False
 
     def done(self, path: str, after: Version | None) -> None:
-        self.entries.append(Entry(path, self._before.pop(path, None), after))
+        self.entries.add(Entry(path, self._before.pop(path, None), after))
 
 
 def same_filesystem(a: Path, b: Path) -> bool:
@@ -237,126 +229,6 @@ def same_filesystem(a: Path, b: Path) -> bool:
         return os.stat(a).st_dev == os.stat(b).st_dev
     except OSError:
         return False
-
-
-def new_record(
-    sync_id: str,
-    operation: str,
-    side: str,
-    remote: str,
-    local_dir: str,
-    backup: str,
-    entries: list[Entry],
-    undoes: str | None = None,
-) -> SyncRecord:
-    return SyncRecord(
-        sync_id=sync_id,
-        time=format_utc(datetime.now(UTC)),
-        operation=operation,
-        side=side,
-        host=host_name(),
-        remote=remote,
-        local_dir=local_dir,
-        backup=backup,
-        entries=sorted(entries, key=lambda e: e.path),
-        undoes=undoes,
-    )
-
-
-class History:
-    """Reads and writes sync records: the bucket's (finalize, undo of a finalize) and this
-    state folder's (pull, undo of a pull)."""
-
-    def __init__(self, store: Store, prefix: str, state_folder: Path) -> None:
-        self.store = store
-        self.prefix = prefix
-        self.local_root = state_folder / "history"
-
-    async def write(self, record: SyncRecord) -> None:
-        """Raises S3Error or OSError."""
-        data = record.to_json()
-        if record.side == "remote":
-            key = history_key(self.prefix, record.sync_id)
-            await self.store.put(key, data, {}, if_none_match=True)
-            return
-        self.write_local(record.sync_id, data)
-
-    def write_local(self, sync_id: str, data: bytes) -> None:
-        self.local_root.mkdir(parents=True, exist_ok=True)
-        path = self.local_root / (sync_id + RECORD_SUFFIX)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-
-    async def remote_ids(self) -> list[str]:
-        ids = []
-        start = self.prefix + HISTORY_DIR
-        async for page in self.store.list(start):
-            for item in page:
-                name = item.key[len(start) :]
-                if name.endswith(RECORD_SUFFIX) and is_sync_id(name[: -len(RECORD_SUFFIX)]):
-                    ids.append(name[: -len(RECORD_SUFFIX)])
-        return ids
-
-    def local_ids(self) -> list[str]:
-        try:
-            names = os.listdir(self.local_root)
-        except FileNotFoundError:
-            return []
-        return [
-            n[: -len(RECORD_SUFFIX)]
-            for n in names
-            if n.endswith(RECORD_SUFFIX) and is_sync_id(n[: -len(RECORD_SUFFIX)])
-        ]
-
-    async def read(self, sync_id: str, side: str) -> SyncRecord:
-        """Raises S3Error, OSError or ValueError (unreadable), each naming the record."""
-        if side == "remote":
-            key = history_key(self.prefix, sync_id)
-            data = await self.store.get_bytes(key)
-            where = key
-        else:
-            path = self.local_root / (sync_id + RECORD_SUFFIX)
-            data = path.read_bytes()
-            where = str(path)
-        try:
-            return SyncRecord.from_json(data)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-
-    async def find(self, sync_id: str) -> SyncRecord | None:
-        if sync_id in self.local_ids():
-            return await self.read(sync_id, "local")
-        try:
-            return await self.read(sync_id, "remote")
-        except S3Error as exc:
-            if exc.not_found:
-                return None
-            raise
-
-    async def records(
-        self, limit: int | None = None, side: str | None = None
-    ) -> tuple[list[SyncRecord], list[str]]:
-        """Newest first (at most `limit`); and the records that could not be read, by name."""
-        ids = []
-        if side in (None, "remote"):
-            ids += [(i, "remote") for i in await self.remote_ids()]
-        if side in (None, "local"):
-            ids += [(i, "local") for i in self.local_ids()]
-        ids.sort(reverse=True)
-        if limit is not None:
-            ids = ids[:limit]
-        records: list[SyncRecord] = []
-        problems: list[str] = []
-        for sync_id, where in ids:
-            try:
-                records.append(await self.read(sync_id, where))
-            except (S3Error, OSError, ValueError) as exc:
-                problems.append(str(exc))
-        return records, problems
 
 
 class Pruner:

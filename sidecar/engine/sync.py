@@ -49,16 +49,15 @@ from sidecar.core.shard import ShardFilter, temp_tag
 from sidecar.core.units import format_bytes
 from sidecar.engine.backup import (
     LOCAL_COPY_CAP,
-    History,
     LocalBackup,
     Pruner,
     RemoteBackup,
-    new_record,
     resolve_mode,
     same_filesystem,
 )
 from sidecar.engine.execute import DownloadOrder, Execution
 from sidecar.engine.fatal import FatalSync
+from sidecar.engine.history import History, RecordSpool, record_header
 from sidecar.engine.limits import LimitedStore, Limits
 from sidecar.engine.lock import LockBusy, SyncLock
 from sidecar.engine.spool import PlanSpool
@@ -347,8 +346,12 @@ class SyncEngine:
             if spool is not None:
                 spool.close()
         progress.phase = "committing"
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
-        await self._finish_backup(store, direction, backup, result)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.state.commit)
+            await self._finish_backup(store, direction, backup, result)
+        finally:
+            if backup is not None:
+                backup.entries.close()
 
     def _open_spool(self) -> PlanSpool:
         try:
@@ -432,6 +435,8 @@ class SyncEngine:
             await transfers.durable.flush()
         except BaseException:
             transfers.durable.flush_now()  # what is on disk gets its records, even now
+            if backup is not None:
+                backup.entries.close()  # an interrupted sync writes no record
             raise
         finally:
             transfers.close()
@@ -450,12 +455,18 @@ class SyncEngine:
         result.sync_id = new_sync_id(datetime.now(UTC))
         if direction is Direction.PULL:
             root = self.state.directory / "backup"
-            local = LocalBackup(root, result.sync_id, self.local_backup_renames())
+            spool = RecordSpool(self.state.directory)
+            local = LocalBackup(root, result.sync_id, self.local_backup_renames(), spool)
             transfers.keep_local = local.keep
             return local
         mode = self._backup_mode or self.config.backup
         return RemoteBackup(
-            store, self.config.prefix, mode, result.sync_id, self.remote_backup_mode
+            store,
+            self.config.prefix,
+            mode,
+            result.sync_id,
+            RecordSpool(self.state.directory),
+            self.remote_backup_mode,
         )
 
     def local_backup_renames(self) -> bool:
@@ -483,21 +494,22 @@ class SyncEngine:
         """The history record of a sync that changed something, then expired backups."""
         if backup is None:
             return
-        if backup.entries:
+        spool = backup.entries
+        if spool:
             side = "local" if direction is Direction.PULL else "remote"
             mode = "local" if isinstance(backup, LocalBackup) else str(backup.mode)
-            record = new_record(
+            header = record_header(
                 backup.sync_id,
                 str(direction),
                 side,
                 self.config.remote_url,
                 str(self.config.local_dir),
                 mode,
-                backup.entries,
+                spool.tally,
             )
             try:
-                await History(store, self.config.prefix, self.state.directory).write(record)
-            except (S3Error, OSError) as exc:
+                await History(store, self.config.prefix, self.state.directory).write(header, spool)
+            except (S3Error, OSError, sqlite3.Error) as exc:
                 result.errors.append(
                     FileError(f".netvol/history/{backup.sync_id}", f"history not written: {exc}")
                 )

@@ -14,11 +14,15 @@ own backups of what it replaces or removes, and its own history record: undo it 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import stat
+import tempfile
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from sidecar.core.backup import (
     BACKUP_DIR,
@@ -36,40 +40,71 @@ from sidecar.core.backup import (
     restore_steps,
     restore_targets,
     sync_id_time,
-    undo_steps,
+    undo_step,
     versions_at,
 )
 from sidecar.core.model import BaseEntry
-from sidecar.engine.backup import BackupFailed, History, LocalBackup, RemoteBackup, new_record
+from sidecar.engine.backup import BackupFailed, LocalBackup, RemoteBackup
 from sidecar.engine.folder import Folder, UnsafeFolder
 from sidecar.engine.hashing import content_hash_file
+from sidecar.engine.history import History, RecordSpool, record_header
 from sidecar.s3 import S3Error, Store, read_labels
 
 if TYPE_CHECKING:
     from sidecar.engine.sync import SyncEngine
 
+_DECIDE_BATCH = 1000  # entries an undo reads what their paths hold for at a time
+
 
 async def undo(engine: SyncEngine, sync_id: str, *, dry_run: bool, force: bool) -> UndoReport:
+    """Two passes, so that a record of any size is never held: every path's step is decided
+    (from what it holds now) as the record streams by and kept in a scratch file; then the
+    steps are carried out. Nothing is touched before the whole record was read."""
     store = await engine.store()
     report = UndoReport("undo", sync_id, dry_run=dry_run)
     history = History(store, engine.config.prefix, engine.state.directory)
-    try:
-        record = await history.find(sync_id)
-    except (S3Error, OSError, ValueError) as exc:
-        report.fatal = f"cannot read the record of sync {sync_id}: {exc}"
-        return report
-    if record is None:
-        report.fatal = (
-            f"no sync {sync_id} in the history of {engine.config.remote_url} or of this "
-            "state folder (sidecar history lists them)"
-        )
-        return report
-    side = record.side
-    current = await _current(engine, store, [e.path for e in record.entries], side)
-    steps, skipped = undo_steps(record, current, force)
-    report.skipped.extend(skipped)
-    await _apply(engine, store, side, steps, report, "undo", undoes=sync_id)
+    side = "local" if sync_id in history.local_ids() else "remote"
+    with tempfile.TemporaryFile(prefix="undo-steps-", dir=engine.state.directory) as steps:
+        async with contextlib.AsyncExitStack() as opened:
+            try:
+                record, entries = await opened.enter_async_context(history.open(sync_id, side))
+                await _decide(engine, store, record, entries, force, steps, report)
+            except S3Error as exc:
+                if not exc.not_found:
+                    raise
+                report.fatal = (
+                    f"no sync {sync_id} in the history of {engine.config.remote_url} or of "
+                    "this state folder (sidecar history lists them)"
+                )
+                return report
+            except (OSError, ValueError) as exc:
+                report.fatal = f"cannot read the record of sync {sync_id}: {exc}"
+                return report
+        steps.seek(0)
+        decided = (Step.from_line(line) for line in steps)
+        await _apply(engine, store, record.side, decided, report, "undo", undoes=sync_id)
     return report
+
+
+async def _decide(
+    engine: SyncEngine,
+    store: Store,
+    record: SyncRecord,
+    entries: Iterator[Entry],
+    force: bool,
+    steps: IO[bytes],
+    report: UndoReport,
+) -> None:
+    """Each entry's step into `steps` (a line each), what is skipped into the report; a
+    batch of entries at a time (what their paths hold now, then their steps)."""
+    while batch := list(itertools.islice(entries, _DECIDE_BATCH)):
+        current = await _current(engine, store, [e.path for e in batch], record.side)
+        for entry in batch:
+            step = undo_step(record.sync_id, entry, current.get(entry.path), force)
+            if isinstance(step, Skipped):
+                report.skipped.append(step)
+            elif step is not None:
+                steps.write(step.to_line())
 
 
 async def restore(
@@ -197,7 +232,7 @@ async def _apply(
     engine: SyncEngine,
     store: Store,
     side: str,
-    steps: list[Step],
+    steps: Iterable[Step],
     report: UndoReport,
     operation: str,
     undoes: str | None = None,
@@ -206,47 +241,62 @@ async def _apply(
         return
     sync_id = new_sync_id(datetime.now(UTC))
     report.sync_id = sync_id
+    spool = RecordSpool(engine.state.directory)
+    try:
+        await _carry_out(engine, store, side, steps, report, sync_id, spool)
+        if not spool:
+            report.sync_id = None
+            return
+        config = engine.config
+        backup_name = "local" if side == "local" else str(await engine.remote_backup_mode())
+        header = record_header(
+            sync_id,
+            operation,
+            side,
+            config.remote_url,
+            str(config.local_dir),
+            backup_name,
+            spool.tally,
+            undoes=undoes,
+        )
+        try:
+            await History(store, config.prefix, engine.state.directory).write(header, spool)
+        except (S3Error, OSError) as exc:
+            report.errors.append(Skipped(f".netvol/history/{sync_id}", f"not written: {exc}"))
+    finally:
+        spool.close()
+
+
+async def _carry_out(
+    engine: SyncEngine,
+    store: Store,
+    side: str,
+    steps: Iterable[Step],
+    report: UndoReport,
+    sync_id: str,
+    spool: RecordSpool,
+) -> None:
     config = engine.config
     if side == "remote":
         mode = await engine.remote_backup_mode()
-        remote_backup = RemoteBackup(store, config.prefix, mode, sync_id, engine.remote_backup_mode)
-        backup: RemoteBackup | LocalBackup = remote_backup
+        backup = RemoteBackup(store, config.prefix, mode, sync_id, spool, engine.remote_backup_mode)
         for step in steps:
-            await _remote_step(store, config.prefix, remote_backup, step, report)
-        _point_base_at_folder(engine, [e.path for e in backup.entries])
+            await _remote_step(store, config.prefix, backup, step, report)
+        _point_base_at_folder(engine, spool.paths())
         await engine.commit_state()
-        backup_name = str(mode)
-    else:
-        backup = LocalBackup(
-            engine.state.directory / "backup", sync_id, engine.local_backup_renames()
-        )
-        folder = Folder(str(config.local_dir))
-        try:
-            for step in steps:
-                _local_step(folder, engine.state.directory / "backup", backup, step, report)
-        finally:
-            folder.close()
-        backup_name = "local"
-    if not backup.entries:
-        report.sync_id = None
         return
-    record = new_record(
-        sync_id,
-        operation,
-        side,
-        config.remote_url,
-        str(config.local_dir),
-        backup_name,
-        backup.entries,
-        undoes=undoes,
+    local = LocalBackup(
+        engine.state.directory / "backup", sync_id, engine.local_backup_renames(), spool
     )
+    folder = Folder(str(config.local_dir))
     try:
-        await History(store, config.prefix, engine.state.directory).write(record)
-    except (S3Error, OSError) as exc:
-        report.errors.append(Skipped(f".netvol/history/{sync_id}", f"not written: {exc}"))
+        for step in steps:
+            _local_step(folder, engine.state.directory / "backup", local, step, report)
+    finally:
+        folder.close()
 
 
-def dry_run_only(report: UndoReport, steps: list[Step]) -> bool:
+def dry_run_only(report: UndoReport, steps: Iterable[Step]) -> bool:
     if not report.dry_run:
         return False
     for step in steps:
@@ -282,7 +332,7 @@ async def _remote_step(
         report.errors.append(Skipped(step.path, exc.message))
 
 
-def _point_base_at_folder(engine: SyncEngine, paths: list[str]) -> None:
+def _point_base_at_folder(engine: SyncEngine, paths: Iterable[str]) -> None:
     """BASE of each path the bucket side undo changed: what the folder holds now. The
     folder's file is then unchanged to the next sync (a finalize does not push it back over
     the restored object) and the bucket's is changed (a pull brings it)."""

@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--no-trace", action="store_true", help="RSS and time only")
     parser.add_argument("--cprofile", help="write each row's cProfile stats to FILE.<row>")
+    parser.add_argument("--dir", default="/dev/shm", help="where the scratch trees go (tmpfs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,10 +199,12 @@ def main() -> None:
         trace = not args.no_trace
         _child(args.child, Path(args.scratch), args.top, args.files, trace, args.cprofile)
         return
-    scratch = Path(tempfile.mkdtemp(prefix="profile-scale-", dir="/dev/shm"))
+    scratch = Path(tempfile.mkdtemp(prefix="profile-scale-", dir=args.dir))
     try:
         _make(scratch / "s3" / "bench" / "vol", args.files)
-        shutil.copytree(scratch / "s3" / "bench" / "vol", scratch / "local")
+        rows = args.rows.split(",")
+        if rows != ["first-pull"]:  # the others sync the local copy (1 M files: ~4 GiB each)
+            shutil.copytree(scratch / "s3" / "bench" / "vol", scratch / "local")
         with LocalS3(scratch / "s3") as server:
             env = dict(os.environ, **server.env())
             env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
@@ -209,7 +212,6 @@ def main() -> None:
             child += ["--files", str(args.files), "--top", str(args.top)]
             child += ["--no-trace"] if args.no_trace else []
             child += ["--cprofile", args.cprofile] if args.cprofile else []
-            rows = args.rows.split(",")
             if any(row.startswith(("noop", "changed")) for row in rows):  # BASE for these
                 subprocess.run([*child, "--child", "setup", "--no-trace"], env=env, check=True)
             for row in rows:

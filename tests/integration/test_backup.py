@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode, new_sync_id
+from sidecar.core.backup import BACKUP_DIR, HISTORY_DIR, BackupMode, SyncRecord, new_sync_id
 from sidecar.core.model import Direction
 from sidecar.engine.backup import RemoteBackup
 from sidecar.engine.sync import SyncEngine
@@ -133,10 +133,11 @@ async def test_versioned_bucket_records_versions_instead_of_copying(
     records = await finalize_undo_redo(conditional, workdir, "auto")
     edit = records[2]
     assert edit.backup == "versions"
-    befores = {e.path: e.before for e in edit.entries if e.before is not None}
+    stored = objects(conditional, edit.remote.split("/")[2])
+    whole = SyncRecord.from_json(stored[f"{HISTORY_DIR}{edit.sync_id}.json"])
+    befores = {e.path: e.before for e in whole.entries if e.before is not None}
     assert set(befores) == {"a.txt", "dir/b.txt"}
     assert all(b.version_id and not b.key for b in befores.values())
-    stored = objects(conditional, edit.remote.split("/")[2])
     assert not any(k.startswith(BACKUP_DIR) for k in stored)
 
 

@@ -27,8 +27,8 @@ from sidecar.core.model import Direction
 from sidecar.core.options import SyncConfig
 from sidecar.core.paths import TEMP_PREFIX, folders_of, parent_dirs
 from sidecar.core.result import SyncResult
-from sidecar.engine.backup import History
 from sidecar.engine.hashing import content_hash_bytes
+from sidecar.engine.history import History
 from sidecar.engine.sync import SyncEngine
 from sidecar.s3 import labels_for, read_labels
 from tests.conftest import S3Server

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from sidecar.core.backup import (
     Entry,
+    Step,
     StepKind,
     SyncRecord,
     Version,
@@ -16,6 +19,7 @@ from sidecar.core.backup import (
     new_sync_id,
     parse_duration,
     parse_utc,
+    read_record,
     restore_targets,
     sync_id_time,
     undo_steps,
@@ -66,6 +70,86 @@ def test_record_round_trips_and_counts() -> None:
     assert (again.uploaded, again.replaced, again.deleted, again.bytes) == (1, 1, 1, 8)
     with pytest.raises(ValueError, match="unreadable history record"):
         SyncRecord.from_json(b"{}")
+
+
+def _format_1(made: SyncRecord) -> bytes:
+    """A record as format 1 wrote it (main before 2026-12-03 21:00 UTC): one JSON line."""
+    data = {
+        "format": 1,
+        **made.summary(),
+        "remote": made.remote,
+        "local_dir": made.local_dir,
+        "entries": [e.as_dict() for e in made.entries],
+    }
+    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+
+
+ENTRIES = (
+    Entry("a", V1, V2),
+    Entry("b", V1, None),
+    Entry("c", None, V2),
+    Entry('d/"quoted",\n é', None, Version(1, executable=True, local="S/d")),
+)
+
+
+def test_a_record_is_a_line_per_entry_and_still_one_json_object() -> None:
+    """Format 2: the header (summary and count) on the first line, an entry a line, a
+    closing line; the whole is the JSON object format 1 was (an older reader parses it)."""
+    made = record("20261203T120000000Z-abcdef", "2026-12-03T12:00:00Z", *ENTRIES)
+    made.undoes = "20261203T110000000Z-000000"
+    data = made.to_json()
+    lines = data.splitlines(keepends=True)
+    assert len(lines) == len(ENTRIES) + 2 and lines[-1] == b"]}\n"
+    old_reader = json.loads(data)
+    assert old_reader["entries"] == [e.as_dict() for e in ENTRIES]
+    assert old_reader["count"] == 4 and old_reader["uploaded"] == 2
+    header, entries = read_record(iter(lines))
+    assert (header.sync_id, header.undoes, header.entries) == (made.sync_id, made.undoes, [])
+    assert header.summary() == made.summary()  # known from the first line alone
+    assert list(entries) == list(ENTRIES)
+    assert SyncRecord.from_json(data) == made
+
+
+def test_format_1_records_still_read() -> None:
+    made = record("20261203T120000000Z-abcdef", "2026-12-03T12:00:00Z", *ENTRIES)
+    old = _format_1(made)
+    assert len(old.splitlines()) == 1
+    again = SyncRecord.from_json(old)
+    assert again == made
+    header, entries = read_record(iter(old.splitlines(keepends=True)))
+    assert header.summary() == made.summary() and list(entries) == list(ENTRIES)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda lines: lines[:-1], "partial history record: it ends after 4 of its 4"),
+        (lambda lines: lines[:3], "partial history record: it ends after 2 of its 4"),
+        (lambda lines: [*lines[:3], lines[3][:10]], "line 4"),
+        (lambda lines: [lines[0], *lines[2:]], "line 2"),  # the first entry lost: a comma
+        (lambda lines: [*lines[:2], *lines[3:]], "3 entries where its header says 4"),
+        (lambda lines: [lines[0][:30]], "unreadable history record"),
+        (lambda lines: [], "unreadable history record"),
+    ],
+)
+def test_a_cut_or_damaged_record_is_named_never_read_as_a_shorter_one(
+    damage: Callable[[list[bytes]], list[bytes]], message: str
+) -> None:
+    made = record("20261203T120000000Z-abcdef", "2026-12-03T12:00:00Z", *ENTRIES)
+    lines = damage(made.to_json().splitlines(keepends=True))
+    with pytest.raises(ValueError, match=message):
+        _header, entries = read_record(iter(lines))
+        list(entries)
+    with pytest.raises(ValueError, match=message):
+        SyncRecord.from_json(b"".join(lines))
+
+
+def test_an_undo_step_round_trips_as_a_line() -> None:
+    for step in (
+        Step(StepKind.PUT_BACK, "a/é", V1, V2),
+        Step(StepKind.REMOVE, "b", None, Version(0, executable=True)),
+    ):
+        assert Step.from_line(step.to_line()) == step
 
 
 def test_undo_steps_skip_paths_changed_since_unless_forced() -> None:
