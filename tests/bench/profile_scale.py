@@ -10,8 +10,10 @@ as the local folder; one untimed pull records BASE, then each row runs in-proces
 tracemalloc on: its traced peak, the process's peak RSS, and the allocation sites that held
 the most when the plan was made (scan, listing and BASE all alive). tracemalloc makes the
 run 2-3x slower: read the times as relative. `changed-finalize` rewrites 10 files (same
-size, new bytes) before its finalize, as the peer benchmark's CHANGED row does; `--cprofile`
-writes each row's cProfile stats (FILE.<row>) and prints the top functions by cumulative time.
+size, new bytes) before its finalize, as the peer benchmark's CHANGED row does;
+`first-pull` pulls the bucket into a new folder (`--rows first-pull` alone makes no local
+copy), `first-finalize` pushes the local copy under a new prefix; `--cprofile` writes each
+row's cProfile stats (FILE.<row>) and prints the top functions by cumulative time.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from sidecar.core.options import SyncConfig
 from sidecar.engine.sync import SyncEngine
 from sidecar.locals3 import LocalS3
 
+FRESH_STATE = ("adopt-pull", "first-pull", "first-finalize")  # rows with a state of their own
 _snapshots: list[tracemalloc.Snapshot] = []
 _phases: list[tuple[str, float, float]] = []  # (phase, monotonic, CPU) as each began
 
@@ -134,11 +137,13 @@ def _child(
     _spy_phases()
     _spy_requests()
     local = scratch / "local"
-    state = scratch / ("state-" + row if row in ("adopt-pull", "first-pull") else "state")
+    state = scratch / ("state-" + row if row in FRESH_STATE else "state")
     config = SyncConfig("bench", "vol/", local, state, concurrency=32)
     direction = Direction.FINALIZE if row.endswith("finalize") else Direction.PULL
     if row == "first-pull":
         config = SyncConfig("bench", "vol/", scratch / "fresh", state, concurrency=32)
+    if row == "first-finalize":  # the local tree pushed under a new prefix
+        config = SyncConfig("bench", "new/", local, state, concurrency=32)
     if row == "changed-finalize":
         _change(local)
     stop = threading.Event()
@@ -216,7 +221,7 @@ def main() -> None:
                 subprocess.run([*child, "--child", "setup", "--no-trace"], env=env, check=True)
             for row in rows:
                 subprocess.run([*child, "--child", row], env=env, check=True)
-                for leftover in ("fresh", "state-adopt-pull", "state-first-pull"):
+                for leftover in ("fresh", *(f"state-{row}" for row in FRESH_STATE)):
                     shutil.rmtree(scratch / leftover, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
