@@ -41,6 +41,30 @@ async def test_request_joins_a_run_that_has_not_scanned_yet(engine: FakeEngine) 
         assert engine.calls == [(PULL, False)]
 
 
+async def test_status_shows_the_walks_counts_while_it_scans(engine: FakeEngine) -> None:
+    """/status's `current` during the walk (README, The daemon): the counts the engine grows,
+    and a line that says them, not "0/0 files"."""
+    engine.before_scan = asyncio.Event()
+    async with Coordinator(engine) as coordinator:
+        ticket = coordinator.submit(PULL)
+        await engine.wait_calls(1)
+        assert coordinator.current is not None and coordinator.current.progress is not None
+        progress = coordinator.current.progress
+        progress.phase = "scanning"  # as the engine sets it, then grows the counts
+        progress.files_scanned, progress.objects_listed, progress.paths_compared = 3, 5, 2
+        progress.files_hashed, progress.objects_checked = 1, 4
+        current = coordinator.status()["current"]
+        walk = ("files_scanned", "objects_listed", "paths_compared", "files_hashed")
+        assert [current[name] for name in (*walk, "objects_checked")] == [3, 5, 2, 1, 4]
+        assert current["line"] == (
+            "pull scanning: 3 files in the folder, 5 objects listed, 2 paths compared "
+            "(1 files hashed, 4 objects checked)"
+        )
+        engine.before_scan.set()
+        engine.release()
+        assert (await ticket.result()).ok
+
+
 async def test_request_after_the_scan_queues_and_later_requests_share_that_run(
     engine: FakeEngine,
 ) -> None:
