@@ -13,7 +13,7 @@ import asyncio
 import json
 import sys
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from sidecar.core.backup import history_line, parse_utc
@@ -24,26 +24,37 @@ EXIT_FAILED = 1
 HISTORY_LIMIT = 50
 
 
-def add_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
-    """The three verbs; the caller adds the sync and client options to each."""
+def add_verbs(
+    verbs: Any, wanted: Callable[[str], bool] = lambda _name: True
+) -> list[argparse.ArgumentParser]:
+    """The three verbs; the caller adds the sync and client options to each of the ones
+    returned: those `wanted` (the verb of this command line, or all)."""
     history = verbs.add_parser("history", help="list the syncs that changed something")
-    history.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    history.add_argument(
-        "--limit", type=int, default=HISTORY_LIMIT, help=f"newest N (default {HISTORY_LIMIT})"
-    )
     undo = verbs.add_parser("undo", help="put back what one sync replaced, deleted or created")
-    undo.add_argument("sync_id", metavar="SYNC_ID", help="from `sidecar history`")
-    undo.add_argument("--force", action="store_true", help="also paths changed since that sync")
     restore = verbs.add_parser("restore", help="put back a file or folder as it was at a time")
-    restore.add_argument("path", metavar="PATH", help="relative to the volume ('' or . = all)")
-    restore.add_argument("--at", required=True, help="UTC time, e.g. 2026-12-03T12:00:00Z")
-    restore.add_argument("--local", action="store_true", help="from the local (pull) backups")
-    for sub in (history, undo, restore):
+    chosen = [
+        sub
+        for sub, name in ((history, "history"), (undo, "undo"), (restore, "restore"))
+        if wanted(name)
+    ]
+    if history in chosen:
+        history.add_argument("--json", action="store_true", help="one JSON document for scripts")
+        history.add_argument(
+            "--limit", type=int, default=HISTORY_LIMIT, help=f"newest N (default {HISTORY_LIMIT})"
+        )
+    if undo in chosen:
+        undo.add_argument("sync_id", metavar="SYNC_ID", help="from `sidecar history`")
+        undo.add_argument("--force", action="store_true", help="also paths changed since that sync")
+    if restore in chosen:
+        restore.add_argument("path", metavar="PATH", help="relative to the volume ('' or . = all)")
+        restore.add_argument("--at", required=True, help="UTC time, e.g. 2026-12-03T12:00:00Z")
+        restore.add_argument("--local", action="store_true", help="from the local (pull) backups")
+    for sub in chosen:
         sub.add_argument("--once", action="store_true", help="run here, no daemon")
         if sub is not history:
             sub.add_argument("--dry-run", action="store_true", help="print, change nothing")
             sub.add_argument("--json", action="store_true", help="print the JSON report")
-    return [history, undo, restore]
+    return chosen
 
 
 def runs_here(args: argparse.Namespace) -> bool:
