@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             once = sync_config(values, env, os.getcwd())
             _check_key_file(once)
             summary_json = collect(vars(args), env, "once")["summary_json"]
-            return _run_once(Direction(args.verb), once, args.dry_run, summary_json)
+            code = _run_once(Direction(args.verb), once, args.dry_run, summary_json)
+            return exit_now(code) if argv is None else code
         if args.verb in ("history", "undo", "restore"):
             from sidecar.cli import undo as undo_cli
 
@@ -181,6 +183,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptionError, ValueError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def exit_now(code: int) -> int:
+    """End a one-shot sync's process here, without the interpreter's teardown (freeing every
+    object and module one by one: ~8 ms of CPU of a no-op pull on this machine).
+
+    What the usual exit guarantees still holds: the sync has committed BASE (fsynced, as
+    kill -9 at this point would keep it too) and closed its files; the threads that are
+    not daemons are waited for first, as the interpreter does (the sync's I/O workers end
+    after its pool's shutdown, one may still be finishing a write); the log and stdout are
+    flushed here. A flush that fails (a closed pipe) takes the usual exit, which reports it
+    as it always did."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return code
+    os._exit(code)
 
 
 def _setup_logging(values: Mapping[str, Any], env: Mapping[str, str]) -> None:

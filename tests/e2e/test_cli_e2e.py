@@ -173,6 +173,48 @@ def test_listing_of_more_than_one_page(rvol: Volume) -> None:
     rvol.pull(dst, state).assert_moved(0)
 
 
+# `sidecar` run as its console script does, with an atexit hook that shows whether the
+# interpreter's teardown ran.
+WATCHED_MAIN = (
+    "import atexit, sys; atexit.register(print, 'TEARDOWN', file=sys.stderr); "
+    "from sidecar.cli.main import main; sys.exit(main())"
+)
+
+
+def test_one_shot_exits_without_teardown_and_keeps_every_write(rvol: Volume) -> None:
+    """pull/finalize --once end with os._exit once the sync is done (issue 16: the teardown
+    cost ~10 ms of CPU): the summary, the log line, BASE, the history record and the backup
+    must all be there as after the usual exit."""
+    src, dst = rvol.work / "A", rvol.work / "B"
+    files = {f"d{i}/f{j}.bin": data_of(1000 + j, f"{i}-{j}") for i in range(3) for j in range(5)}
+    write_tree(src, files)
+    env = rvol.env(SIDECAR_BACKUP="copy")
+
+    def once(verb: str, local: Path, state: Path) -> Run:
+        args = sidecar_args(verb, rvol.remote, local, state)
+        run = run_cli([sys.executable, "-c", WATCHED_MAIN, *args[3:]], env)
+        assert run.code == 0, run
+        assert "TEARDOWN" not in run.err, f"the usual exit ran:\n{run}"
+        assert f"{verb}: transferred" in run.err, run  # the log line was flushed
+        return run
+
+    assert once("finalize", src, rvol.work / "sa").summary["files_transferred"] == len(files)
+    (src / "d1/f2.bin").write_bytes(b"changed")
+    changed = once("finalize", src, rvol.work / "sa").summary
+    assert changed["files_transferred"] == 1
+    assert once("pull", dst, rvol.work / "sb").summary["files_transferred"] == len(files)
+    assert tree(dst) == tree(src)
+    # BASE of both runs was committed: nothing to do on either side.
+    assert once("finalize", src, rvol.work / "sa").summary["files_transferred"] == 0
+    assert once("pull", dst, rvol.work / "sb").summary["files_transferred"] == 0
+    # The history record and the copy of the replaced object were written.
+    history = run_cli([*sidecar_args("history", rvol.remote, src, rvol.work / "sa"), "--json"], env)
+    assert history.code == 0, history
+    assert json.loads(history.out)["syncs"][0]["sync_id"] == changed["sync_id"]
+    in_bucket = rvol.keys()
+    assert any(key.startswith(f"{rvol.prefix}/.netvol/backup/") for key in in_bucket)
+
+
 def test_dry_run_prints_the_plan_and_changes_nothing(rvol: Volume) -> None:
     rvol.put("pre/remote-only.txt", b"remote\n")
     local, state = rvol.work / "local", rvol.work / "state"
