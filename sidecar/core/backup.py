@@ -476,17 +476,36 @@ def restore_targets(
 ) -> dict[str, Version | None]:
     """For every path at or under `path` ('' = all) that a sync after `at` touched: what it
     held at `at` (None: absent), i.e. the `before` of the first such sync."""
-    moment = format_utc(at)
-    folder = path.rstrip("/")
-    targets: dict[str, Version | None] = {}
-    for record in sorted(records, key=lambda r: (r.time, r.sync_id)):
-        if record.time <= moment:
-            continue
-        for entry in record.entries:
+    targets = RestoreTargets(path, at)
+    for record in restore_order(records):
+        if targets.after(record):
+            targets.add(record.entries)
+    return targets.found
+
+
+def restore_order(records: Iterable[SyncRecord]) -> list[SyncRecord]:
+    """The order restore reads records in: by the time each was written."""
+    return sorted(records, key=lambda r: (r.time, r.sync_id))
+
+
+class RestoreTargets:
+    """restore_targets a record at a time (its entries may come as a stream): the records in
+    restore_order, each that is `after` the time `add`ed."""
+
+    def __init__(self, path: str, at: datetime) -> None:
+        self.moment = format_utc(at)
+        self.folder = path.rstrip("/")
+        self.found: dict[str, Version | None] = {}
+
+    def after(self, record: SyncRecord) -> bool:
+        return record.time > self.moment
+
+    def add(self, entries: Iterable[Entry]) -> None:
+        folder, found = self.folder, self.found
+        for entry in entries:
             inside = not folder or entry.path == folder or entry.path.startswith(folder + "/")
-            if inside and entry.path not in targets:
-                targets[entry.path] = entry.before
-    return targets
+            if inside and entry.path not in found:
+                found[entry.path] = entry.before
 
 
 def versions_at(

@@ -268,12 +268,13 @@ class History:
         problems: list[str] = []
         for sync_id, where, size in ids:
             try:
-                records.append(await self._header(sync_id, where, size))
+                records.append(await self.header(sync_id, where, size))
             except (S3Error, OSError, ValueError) as exc:
                 problems.append(str(exc))
         return records, problems
 
-    async def _header(self, sync_id: str, side: str, size: int) -> SyncRecord:
+    async def header(self, sync_id: str, side: str, size: int = 0) -> SyncRecord:
+        """A record's header (no entries); `size`: a remote record's, as listed."""
         if side == "remote" and size > HEADER_PROBE:
             key = history_key(self.prefix, sync_id)
             head = bytearray(HEADER_PROBE)

@@ -28,6 +28,7 @@ from sidecar.core.backup import (
     BACKUP_DIR,
     BackupMode,
     Entry,
+    RestoreTargets,
     Skipped,
     Step,
     StepKind,
@@ -37,8 +38,8 @@ from sidecar.core.backup import (
     format_utc,
     is_bookkeeping,
     new_sync_id,
+    restore_order,
     restore_steps,
-    restore_targets,
     sync_id_time,
     undo_step,
     versions_at,
@@ -115,20 +116,10 @@ async def restore(
     report = UndoReport("restore", f"{path or '.'} at {format_utc(at)}", dry_run=dry_run)
     history = History(store, engine.config.prefix, engine.state.directory)
     try:
-        ids = await history.remote_ids() if side == "remote" else history.local_ids()
-        records: list[SyncRecord] = []
-        for sync_id in sorted(ids):
-            started = sync_id_time(sync_id)
-            # A sync's record is written when it ends, after its id was taken: one that
-            # started before `at` may have written after it.
-            if started is not None and (at - started).total_seconds() < 24 * 3600:
-                records.append(await history.read(sync_id, side))
-        if side == "remote":
-            records += await _unrecorded(store, engine.config.prefix, set(ids))
+        targets = await _restore_targets(engine, store, history, side, path, at)
     except (S3Error, OSError, ValueError) as exc:
         report.fatal = f"cannot read the history: {exc}"
         return report
-    targets = restore_targets(records, path, at)
     if side == "remote" and await engine.remote_backup_mode() is BackupMode.VERSIONS:
         try:
             listed = await store.list_versions(engine.config.prefix + path)
@@ -148,6 +139,34 @@ async def restore(
     report.skipped.extend(skipped)
     await _apply(engine, store, side, steps, report, "restore")
     return report
+
+
+async def _restore_targets(
+    engine: SyncEngine, store: Store, history: History, side: str, path: str, at: datetime
+) -> dict[str, Version | None]:
+    """What each path under `path` held at `at`, by the records written since: their
+    headers first (to order them), then each one's entries as a stream. Holds the paths
+    under `path` that changed, never a whole record."""
+    remote = side == "remote"
+    sizes = await history.remote_sizes() if remote else dict.fromkeys(history.local_ids(), 0)
+    headers: list[SyncRecord] = []
+    for sync_id in sorted(sizes):
+        started = sync_id_time(sync_id)
+        # A sync's record is written when it ends, after its id was taken: one that
+        # started before `at` may have written after it.
+        if started is not None and (at - started).total_seconds() < 24 * 3600:
+            headers.append(await history.header(sync_id, side, sizes[sync_id]))
+    unrecorded = await _unrecorded(store, engine.config.prefix, set(sizes)) if remote else []
+    targets = RestoreTargets(path, at)
+    for record in restore_order(headers + unrecorded):
+        if not targets.after(record):
+            continue
+        if record.entries:  # an interrupted sync's, from its backup copies
+            targets.add(record.entries)
+            continue
+        async with history.open(record.sync_id, side) as (_header, entries):
+            targets.add(entries)
+    return targets.found
 
 
 async def history(engine: SyncEngine, limit: int | None) -> tuple[list[SyncRecord], list[str]]:

@@ -213,7 +213,7 @@ def _as_format_1(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("old_format", [False, True], ids=["format-2", "format-1"])
-async def test_undo_of_a_pull_reads_its_record_of_either_format(
+async def test_undo_and_restore_of_a_pull_read_its_record_of_either_format(
     moto: S3Server, tmp_path: Path, old_format: bool
 ) -> None:
     bucket = moto.new_bucket()
@@ -225,6 +225,9 @@ async def test_undo_of_a_pull_reads_its_record_of_either_format(
     async with SyncEngine(cfg) as engine:
         first = await engine.run(PULL)
         assert first.ok and first.sync_id is not None
+        await asyncio.sleep(1.1)  # history times are to the second
+        moment = datetime.now(UTC)
+        await asyncio.sleep(1.1)
         s3.put_object(Bucket=bucket, Key="vol/a.txt", Body=b"a two")
         s3.delete_object(Bucket=bucket, Key="vol/d/b.txt")
         s3.put_object(Bucket=bucket, Key="vol/c.txt", Body=b"c")
@@ -240,6 +243,8 @@ async def test_undo_of_a_pull_reads_its_record_of_either_format(
             (pulled.sync_id, 1, 1, 1),
             (first.sync_id, 2, 0, 0),
         ]
+        restoring = await engine.restore("d", moment, local=True, dry_run=True)
+        assert (restoring.ok, restoring.put_back, restoring.removed) == (True, ["d/b.txt"], [])
         undone = await engine.undo(pulled.sync_id)
         assert undone.ok, undone.as_dict()
         assert (sorted(undone.put_back), undone.removed) == (["a.txt", "d/b.txt"], ["c.txt"])
@@ -251,7 +256,7 @@ async def test_undo_of_a_pull_reads_its_record_of_either_format(
 
 
 @pytest.mark.parametrize("old_format", [False, True], ids=["format-2", "format-1"])
-async def test_undo_of_a_finalize_reads_its_record_of_either_format(
+async def test_undo_and_restore_of_a_finalize_read_its_record_of_either_format(
     moto: S3Server, tmp_path: Path, old_format: bool
 ) -> None:
     bucket = moto.new_bucket()
@@ -262,6 +267,9 @@ async def test_undo_of_a_finalize_reads_its_record_of_either_format(
     cfg = config(bucket, local, tmp_path / "state", backup=BackupMode.COPY)
     async with SyncEngine(cfg) as engine:
         assert (await engine.run(FIN)).ok
+        await asyncio.sleep(1.1)  # history times are to the second
+        moment = datetime.now(UTC)
+        await asyncio.sleep(1.1)
         write(local / "a.txt", b"a two")
         (local / "d/b.txt").unlink()
         write(local / "c.txt", b"c")
@@ -278,6 +286,9 @@ async def test_undo_of_a_finalize_reads_its_record_of_either_format(
             1,
             1,
         )
+        restoring = await engine.restore("", moment, dry_run=True)
+        assert restoring.ok, restoring.as_dict()
+        assert (sorted(restoring.put_back), restoring.removed) == (["a.txt", "d/b.txt"], ["c.txt"])
         undone = await engine.undo(pushed.sync_id)
         assert undone.ok, undone.as_dict()
         assert (sorted(undone.put_back), undone.removed) == (["a.txt", "d/b.txt"], ["c.txt"])
