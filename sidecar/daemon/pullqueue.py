@@ -16,14 +16,15 @@ hands it its downloads (after the deletes, with the same workers and transfer po
   push keeps the bucket's version beside it as a conflict copy (finalize's conflict rule).
 
 What has not arrived has no BASE entry, so no finalize can take it for a local delete or an
-edit: its object is only ever read.
+edit: its object is only ever read. What is pending, its order and what failed are kept on
+disk (sidecar/daemon/pullstore.py), streamed in from the plan spool: nothing here grows with
+the number of files (waiters hold their paths as given, not the files under them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import os
 import stat
@@ -38,6 +39,7 @@ from sidecar.core.model import Action, Direction, FileError, Identity, identity_
 from sidecar.core.priority import SYNCPRIORITY, Phase, PriorityRules, covers, normalize_wait_path
 from sidecar.core.units import format_bytes
 from sidecar.daemon.coordinator import Coordinator, Refused
+from sidecar.daemon.pullstore import PullStore
 
 log = logging.getLogger("sidecar.priority")
 
@@ -58,48 +60,41 @@ class WaitAnswer:
 
 
 class PullQueue:
-    """One pull's downloads in priority order, drained by `workers` tasks."""
+    """One pull's downloads in priority order (the rows of a PullStore, on disk), drained by
+    `workers` tasks."""
 
-    def __init__(
-        self, downloads: list[Action], rules: PriorityRules, big: int, grace: float = YIELD_GRACE
-    ) -> None:
+    def __init__(self, store: PullStore, big: int, grace: float = YIELD_GRACE) -> None:
+        self.store = store
         self.big = big
         self.grace = grace
         self._workers: list[asyncio.Future[None]] = []
         self._cut_timer: asyncio.TimerHandle | None = None
-        self._actions = {action.path: action for action in downloads}
-        self._heap: list[tuple[int, int, str]] = []
-        self._phase: dict[str, Phase] = {}
-        for action in downloads:
-            size = action.remote.size if action.remote else 0
-            phase = rules.phase(action.path, size)
-            self._phase[action.path] = phase
-            self._heap.append((int(phase), size, action.path))
-        heapq.heapify(self._heap)
-        self.priority_left = sum(1 for p in self._phase.values() if p is Phase.PRIORITY)
-        self.priority_files = self.priority_left
-        self.priority_bytes = sum(
-            size for (phase, size, _path) in self._heap if phase == Phase.PRIORITY
-        )
+        self.priority_left = store.priority_files
+        self.priority_files = store.priority_files
+        self.priority_bytes = store.priority_bytes
         self.priority_failed = 0
         self.stopped: str | None = None
-        self._taken: set[str] = set()
-        self._boosted: set[str] = set()
+        self._phase: dict[str, Phase] = {}  # of the files in flight
         self._big_in_flight: set[str] = set()
         self._wake = asyncio.Event()
+
+    @classmethod
+    def of(
+        cls, downloads: Iterable[Action], rules: PriorityRules, big: int, grace: float = YIELD_GRACE
+    ) -> PullQueue:
+        """A queue of these downloads alone, its store in memory."""
+        store = PullStore(None)
+        store.stage(downloads, rules.phase)
+        store.commit()
+        return cls(store, big, grace)
 
     @property
     def priority_done(self) -> bool:
         return self.priority_left == 0
 
-    def boost(self, paths: Iterable[str]) -> None:
-        for path in paths:
-            action = self._actions.get(path)
-            if action is None or path in self._taken or path in self._boosted:
-                continue
-            self._boosted.add(path)
-            size = action.remote.size if action.remote else 0
-            heapq.heappush(self._heap, (BOOSTED, size, path))
+    def boost(self, specs: Iterable[str]) -> None:
+        """Pending paths under `specs` (files, or folders) not started yet go first."""
+        self.store.boost(specs, BOOSTED)
         self._wake.set()
 
     def stop(self, reason: str) -> None:
@@ -123,37 +118,28 @@ class PullQueue:
             worker.cancel()
 
     def untaken(self) -> int:
-        return len(self._actions) - len(self._taken)
+        return self.store.untaken
 
     def _take(self) -> Action | None:
         """The next file to start, or None when none may start now."""
-        held: list[tuple[int, int, str]] = []
-        found: Action | None = None
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            rank, size, path = entry
-            if path in self._taken:
-                continue  # already started from its boosted entry
-            if rank > Phase.PRIORITY and self.priority_left:
-                # Nothing else starts until the priority set is in: its last files get the
-                # whole link and both cores (ready sooner; a waited path may still pass).
-                held.append(entry)
-                continue
-            # After ready, large files one at a time (a waited one may pass).
-            serialize = rank > Phase.PRIORITY and size >= self.big
-            if serialize and self._big_in_flight:
-                held.append(entry)
-                continue
-            found = self._actions[path]
-            self._taken.add(path)
-            if serialize:
-                self._big_in_flight.add(path)
-            break
-        for entry in held:
-            heapq.heappush(self._heap, entry)
-        return found
+        # Nothing else starts until the priority set is in: its last files get the whole
+        # link and both cores (ready sooner; a waited path may still pass). After ready,
+        # large files one at a time (a waited one may pass).
+        taken = self.store.take(
+            priority_only=self.priority_left > 0,
+            big=self.big if self._big_in_flight else None,
+        )
+        if taken is None:
+            return None
+        action, rank, phase = taken
+        self._phase[action.path] = Phase(phase)
+        size = action.remote.size if action.remote else 0
+        if rank > Phase.PRIORITY and size >= self.big:
+            self._big_in_flight.add(action.path)
+        return action
 
     def phase_of(self, path: str) -> Phase:
+        """The phase of a file in flight."""
         return self._phase[path]
 
     async def drain(
@@ -167,7 +153,7 @@ class PullQueue:
             while self.stopped is None:
                 action = self._take()
                 if action is None:
-                    if not self._heap:
+                    if not self.store.untaken:
                         return
                     self._wake.clear()
                     await self._wake.wait()  # a large file ends, a boost, or a stop
@@ -183,6 +169,7 @@ class PullQueue:
                     self.priority_left -= 1
                     self.priority_failed += error is not None
                 finished(action, error)
+                del self._phase[action.path]
 
         tasks = self._workers = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
         try:
@@ -205,7 +192,9 @@ class PullQueue:
 class _Waiter:
     specs: list[str]
     future: asyncio.Future[WaitAnswer]
-    remaining: set[str] = field(default_factory=set)
+
+    def covers(self, path: str) -> bool:
+        return any(covers(spec, path) for spec in self.specs)
 
 
 @dataclass(eq=False)
@@ -220,8 +209,9 @@ class PriorityPull:
     enabled: bool = True  # False (--ready-when all): only /wait, answered from the folder
     started: float = field(default_factory=time.monotonic)
     clock: Callable[[], float] = time.monotonic
-    pending: dict[str, int] = field(default_factory=dict)  # path -> size, not yet arrived
-    failed: dict[str, str] = field(default_factory=dict)  # path -> why
+    # Where the pending and failed paths are kept (pullstore.QUEUE_NAME, from the first pull
+    # on): the state folder; None: in memory.
+    spool_dir: Path | None = None
     kept_local: set[str] = field(default_factory=set)  # user files at pending paths
     queue: PullQueue | None = None
     files_arrived: int = 0
@@ -234,29 +224,18 @@ class PriorityPull:
     _planned: asyncio.Event = field(default_factory=asyncio.Event)
     _run_ended: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: list[_Waiter] = field(default_factory=list)
+    # Not yet arrived (path -> action, phase, size) and failed (path -> why): on disk once a
+    # pull planned, empty in memory before.
+    _store: PullStore = field(default_factory=lambda: PullStore(None))
 
     # -- the engine's hook ------------------------------------------------------------------
 
-    async def run(self, downloads: list[Action], work: Work, workers: int) -> set[str]:
+    async def run(self, downloads: Iterable[Action], work: Work, workers: int) -> set[str]:
         left_alone: set[str] = set()
         try:
-            # A new plan is the truth: a path that failed before is pending again (wait for
-            # it), local now, or gone from the bucket (unknown).
-            self.failed.clear()
-            rules = self.rules
-            first = next((a for a in downloads if a.path == SYNCPRIORITY), None)
-            if first is not None:
-                # Its patterns decide the order of everything else: it comes first.
-                error = await work(first)
-                if error is None:
-                    self._arrived(first)
-                else:
-                    self.failed[first.path] = error.reason
-                downloads = [a for a in downloads if a is not first]
-            rules = rules.with_patterns(self._syncpriority_lines())
-            queue = self.queue = PullQueue(downloads, rules, self.big)
-            self.pending = {a.path: a.remote.size if a.remote else 0 for a in downloads}
-            self.kept_local &= self.pending.keys()
+            queue = self.queue = await self._plan(downloads, work)
+            store = queue.store
+            self.kept_local = {path for path in self.kept_local if path in store}
             self._planned.set()
             self._reevaluate()
             if queue.priority_done:
@@ -282,28 +261,68 @@ class PriorityPull:
             if queue.stopped:
                 log.info(
                     "pull stopped with %d file(s) (%s) still to come: %s",
-                    len(self.pending),
-                    format_bytes(sum(self.pending.values())),
+                    store.files,
+                    format_bytes(store.nbytes),
                     queue.stopped,
                 )
             return left_alone
         finally:
             self.queue = None
-            if not self.pending and self.coordinator.ready and self.complete_after is None:
+            if not self._store.files and self.coordinator.ready and self.complete_after is None:
                 self.complete_after = round(self.clock() - self.started, 3)
                 log.info("initial pull complete after %.1fs", self.complete_after)
             self._run_ended.set()
 
-    def _syncpriority_lines(self) -> list[str]:
+    async def _plan(self, downloads: Iterable[Action], work: Work) -> PullQueue:
+        """The downloads into the store, in their order; .syncpriority fetched first."""
+        store = self._open_store()
+        # A new plan is the truth: a path that failed before is pending again (wait for
+        # it), local now, or gone from the bucket (unknown).
+        store.clear_failed()
+        # Staged beside what is pending (the truth for /wait until the plan is in), with
+        # the patterns of the .syncpriority here now; a new one in the bucket comes first,
+        # and its patterns decide the order of everything else.
+        lines, problems = self._syncpriority()
+        store.stage(downloads, self.rules.with_patterns(lines).phase)
+        first = store.unstage(SYNCPRIORITY)
+        if first is not None:
+            error = await work(first)
+            if error is None:
+                self._arrived(first)
+            else:
+                store.fail(first.path, error.reason)
+            fetched, problems = self._syncpriority()
+            if fetched != lines:
+                store.rephase(self.rules.with_patterns(fetched).phase)
+        for problem in problems:
+            log.warning("%s", problem)
+        store.commit()
+        return PullQueue(store, self.big)
+
+    def _open_store(self) -> PullStore:
+        """The store on disk, from the first pull on (under the sync's locks, in the state
+        folder it made); until then nothing was pending nor failed."""
+        if self.spool_dir is not None and self._store.path is None:
+            self._store.close()
+            self._store = PullStore(self.spool_dir)
+        return self._store
+
+    def close(self) -> None:
+        """The daemon ends: the store's file goes."""
+        self._store.close()
+
+    def pending_totals(self) -> tuple[int, int]:
+        """(files, bytes) not arrived yet."""
+        return self._store.files, self._store.nbytes
+
+    def _syncpriority(self) -> tuple[list[str], list[str]]:
+        """The lines of the folder's .syncpriority, and what to warn about it."""
         try:
             data = self.read_file(self.local_dir, SYNCPRIORITY)
         except Exception as exc:  # unusable: the flags' patterns and sizes still apply
-            log.warning("%s not used: %s", SYNCPRIORITY, exc)
-            return []
+            return [], [f"{SYNCPRIORITY} not used: {exc}"]
         text, problems = parse_syncignore(data)
-        for problem in problems:
-            log.warning("%s: %s", SYNCPRIORITY, problem)
-        return text.splitlines()
+        return text.splitlines(), [f"{SYNCPRIORITY}: {problem}" for problem in problems]
 
     def _user_file_at(self, action: Action) -> bool:
         """A file at a path the scan saw empty (or one kept before): the user wrote it."""
@@ -325,8 +344,8 @@ class PriorityPull:
                 queue.priority_files,
                 format_bytes(queue.priority_bytes),
                 self.ready_after,
-                len(self.pending),
-                format_bytes(sum(self.pending.values())),
+                self._store.files,
+                format_bytes(self._store.nbytes),
             )
             self.coordinator.mark_ready()
         if self.coordinator.pending and self._background_run():
@@ -380,14 +399,14 @@ class PriorityPull:
                 while folder and folder not in self._placed_dirs:
                     self._placed_dirs.add(folder)
                     folder = folder.rpartition("/")[0]
-        size = self.pending.pop(action.path, 0)
-        self.failed.pop(action.path, None)
+        size = self._store.pop(action.path) or 0
+        self._store.unfail(action.path)
         self.files_arrived += 1
         self.bytes_arrived += size
         self._resolve_path(action.path)
 
     def _left_alone(self, action: Action) -> None:
-        self.pending.pop(action.path, None)
+        self._store.pop(action.path)
         if action.path not in self.kept_local:
             self.kept_local.add(action.path)
             log.warning(
@@ -398,32 +417,28 @@ class PriorityPull:
             )
         self._resolve_path(action.path)
 
+    # A waiter's remaining paths are the pending ones its specs cover: what is pending only
+    # shrinks between plans, and each plan looks at every waiter again (_reevaluate).
     def _failed(self, action: Action, error: FileError) -> None:
-        self.pending.pop(action.path, None)
-        self.failed[action.path] = error.reason
+        self._store.pop(action.path)
+        self._store.fail(action.path, error.reason)
         for waiter in list(self._waiters):
-            if action.path in waiter.remaining:
-                self._answer(waiter, self._failed_answer([action.path]))
+            if waiter.covers(action.path):
+                self._answer(waiter, self._failed_answer([(action.path, error.reason)]))
 
     def _resolve_path(self, path: str) -> None:
         for waiter in list(self._waiters):
-            waiter.remaining.discard(path)
-            if not waiter.remaining:
+            if waiter.covers(path) and not self._store.any_under(waiter.specs):
                 self._answer(waiter, self._ok_answer(waiter.specs))
 
     def _reevaluate(self) -> None:
         """A new plan: every waiter looked at again (a path may be gone from the bucket)."""
         for waiter in list(self._waiters):
-            answer, remaining = self._evaluate(waiter.specs)
+            answer = self._evaluate(waiter.specs)
             if answer is not None:
                 self._answer(waiter, answer)
-            else:
-                waiter.remaining = remaining
         if self.queue is not None:
-            self.queue.boost(self._boosted())
-
-    def _boosted(self) -> set[str]:
-        return set().union(*(waiter.remaining for waiter in self._waiters))
+            self.queue.boost(spec for waiter in self._waiters for spec in waiter.specs)
 
     def _answer(self, waiter: _Waiter, answer: WaitAnswer) -> None:
         with contextlib.suppress(ValueError):
@@ -460,13 +475,13 @@ class PriorityPull:
                 else ("the initial pull is not done")
             )
             return self._timeout_answer(specs, seconds, what)
-        answer, remaining = self._evaluate(specs)
+        answer = self._evaluate(specs)
         if answer is not None:
             return answer
-        waiter = _Waiter(specs, asyncio.get_running_loop().create_future(), remaining)
+        waiter = _Waiter(specs, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         if self.queue is not None:
-            self.queue.boost(remaining)
+            self.queue.boost(specs)
         left = None if deadline is None else max(0.0, deadline - self.clock())
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), left)
@@ -475,15 +490,17 @@ class PriorityPull:
         finally:
             self._answer(waiter, WaitAnswer(499, {}))  # gone (timeout, client left): forget it
 
-    def _evaluate(self, specs: list[str]) -> tuple[WaitAnswer | None, set[str]]:
-        remaining: set[str] = set()
+    def _evaluate(self, specs: list[str]) -> WaitAnswer | None:
+        """The answer now, or None: something under `specs` is still pending."""
+        store = self._store
+        pending = False
         unknown: list[str] = []
-        failed: list[str] = []
+        failed: list[tuple[str, str]] = []
         for spec in specs:
-            mine = {p for p in self.pending if covers(spec, p)}
-            broken = [p for p in self.failed if covers(spec, p)]
+            mine = store.any_under([spec])
+            broken = list(store.failed([spec], MAX_LISTED))  # what an answer lists, at most
             failed.extend(broken)
-            remaining |= mine
+            pending = pending or mine
             here = not spec or os.path.lexists(os.path.join(self.local_dir, spec))
             if not mine and not broken and not here:
                 unknown.append(spec)
@@ -496,18 +513,18 @@ class PriorityPull:
                     "error": f"not in the volume: {shown}",
                     "unknown": unknown,
                 },
-            ), remaining
+            )
         if failed:
-            return self._failed_answer(failed), remaining
-        if not remaining:
-            return self._ok_answer(specs), remaining
-        return None, remaining
+            return self._failed_answer(failed)
+        if not pending:
+            return self._ok_answer(specs)
+        return None
 
     def _ok_answer(self, specs: list[str]) -> WaitAnswer:
         return WaitAnswer(200, {"ok": True, "paths": specs or [""], "state": "local"})
 
-    def _failed_answer(self, paths: list[str]) -> WaitAnswer:
-        failures = [{"path": p, "reason": self.failed.get(p, "failed")} for p in paths]
+    def _failed_answer(self, paths: list[tuple[str, str]]) -> WaitAnswer:
+        failures = [{"path": path, "reason": why} for path, why in paths]
         first = failures[0]
         return WaitAnswer(
             500,
@@ -519,23 +536,23 @@ class PriorityPull:
         )
 
     def _timeout_answer(self, specs: list[str], timeout: float | None, what: str) -> WaitAnswer:
-        still = sorted(p for p in self.pending if any(covers(s, p) for s in specs))
+        still, count, nbytes = self._store.under(specs, MAX_LISTED)
         return WaitAnswer(
             504,
             {
                 "ok": False,
                 "error": f"timed out after {timeout:g}s: {what}",
-                "pending": still[:MAX_LISTED],
-                "pending_count": len(still),
-                "bytes_pending": sum(self.pending[p] for p in still),
+                "pending": still,
+                "pending_count": count,
+                "bytes_pending": nbytes,
             },
         )
 
     def progress(self, specs: list[str]) -> tuple[int, int]:
         """(files, bytes) still pending under these specs: for a waiting client's bar."""
         normal = [normalize_wait_path(s, str(self.local_dir)) for s in specs]
-        still = [size for p, size in self.pending.items() if any(covers(s, p) for s in normal)]
-        return len(still), sum(still)
+        _names, files, nbytes = self._store.under(normal, 0)
+        return files, nbytes
 
     # -- the background ---------------------------------------------------------------------
 
@@ -549,7 +566,7 @@ class PriorityPull:
         while True:
             await self._run_ended.wait()
             self._run_ended.clear()
-            if not self.pending or self.queue is not None or self.coordinator.closing:
+            if not self._store.files or self.queue is not None or self.coordinator.closing:
                 continue
             try:
                 ticket = self.coordinator.submit(
@@ -569,7 +586,8 @@ class PriorityPull:
     def status(self) -> dict[str, Any]:
         if not self.enabled:
             return {"enabled": False}
-        files, size = len(self.pending), sum(self.pending.values())
+        files, size = self.pending_totals()
+        failed_count = self._store.failed_count()
         run = self.coordinator.current
         now = self.clock()
         rate = 0.0
@@ -582,7 +600,7 @@ class PriorityPull:
         elif files:
             state = "paused"
         else:
-            state = "complete" if not self.failed else "complete, with failures"
+            state = "complete" if not failed_count else "complete, with failures"
         return {
             "enabled": True,
             "state": state,
@@ -592,8 +610,8 @@ class PriorityPull:
             "bytes_arrived": self.bytes_arrived,
             "rate_bytes_per_second": round(rate, 1),
             "eta_seconds": round(size / rate, 1) if rate > 0 and files else None,
-            "failed": [{"path": p, "reason": r} for p, r in list(self.failed.items())[:50]],
-            "failed_count": len(self.failed),
+            "failed": [{"path": p, "reason": r} for p, r in self._store.failed(limit=50)],
+            "failed_count": failed_count,
             "user_files_kept": sorted(self.kept_local)[:MAX_LISTED],
             "waiting_requests": len(self._waiters),
             "time_to_ready_seconds": self.ready_after,

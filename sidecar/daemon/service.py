@@ -234,7 +234,10 @@ class SidecarService:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.coordinator.__aexit__(*exc)
+        try:
+            await self.coordinator.__aexit__(*exc)
+        finally:
+            self.priority.close()
 
     def _preempt(self) -> bool:
         return self.priority.enabled and self.priority.preempt()
@@ -383,6 +386,8 @@ def _priority_pull(
         started=started,
         # With auto-sync, what the background pull places is not a user change.
         track_own_writes=config.ready_when == "priority" and config.auto_sync,
+        # Its queue on disk beside the plan spool (a scripted engine has no state folder).
+        spool_dir=getattr(getattr(engine, "state", None), "directory", None),
     )
     if priority.enabled:
         engine.download_order = priority
@@ -406,7 +411,7 @@ def _priority_gauges(priority: PriorityPull) -> dict[str, Any]:
         return {}
     return {
         "time_to_complete": lambda: priority.complete_after,
-        "background": lambda: (len(priority.pending), sum(priority.pending.values())),
+        "background": priority.pending_totals,
     }
 
 

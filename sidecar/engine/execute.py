@@ -27,12 +27,13 @@ T = TypeVar("T")
 class DownloadOrder(Protocol):
     async def run(
         self,
-        downloads: list[Action],
+        downloads: Iterable[Action],
         work: Callable[[Action], Awaitable[FileError | None]],
         workers: int,
     ) -> set[str]:
         """Carry out `work` for the downloads in its own order, `workers` at a time; the
-        paths it left alone on purpose."""
+        paths it left alone on purpose. `downloads` streams from the plan spool: the order
+        keeps them on disk, not in a list (a million of them at a first pull)."""
         ...
 
 
@@ -159,7 +160,7 @@ class Execution:
             await run_bounded(queue, self._transfer_one, self.workers)
             return
         # The daemon's priority order holds the downloads itself (sidecar/daemon/pullqueue.py).
-        left_alone = await self.order.run(list(queue), self._transfer_one, self.workers)
+        left_alone = await self.order.run(queue, self._transfer_one, self.workers)
         if left_alone:  # user files at paths still pending: kept, no conflict resolved yet
             result.conflicts = [c for c in result.conflicts if c.path not in left_alone]
             result.files_skipped += len(left_alone)

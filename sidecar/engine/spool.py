@@ -27,7 +27,7 @@ _COLUMNS = (
     "phase, neg_bytes, seq, kind, path, keep_copy, copy, "
     "l_size, l_mtime, l_inode, l_exec, l_hash, "
     "r_key, r_size, r_etag, r_modified, r_hash, r_exec, r_md5"
-)
+)  # the key, then ACTION_COLUMNS
 _SCHEMA = """
 CREATE TABLE plan (
     phase INTEGER, neg_bytes INTEGER, seq INTEGER, kind TEXT, path TEXT, keep_copy INTEGER,
@@ -71,7 +71,7 @@ class PlanSpool:
             counts.transfer_bytes += size
         if action.kind is ActionKind.DOWNLOAD:
             counts.download_bytes += size
-        self._rows.append((int(phase), -size, counts.actions, *_encode(action)))
+        self._rows.append((int(phase), -size, counts.actions, *action_row(action)))
         counts.actions += 1
         if len(self._rows) >= _BATCH:
             self.flush()
@@ -99,7 +99,7 @@ class PlanSpool:
         try:
             while rows := cursor.fetchmany(_BATCH):
                 for row in rows:
-                    action = _decode(row)
+                    action = action_of(row[3:])
                     if self.keeps(action):
                         yield action
         finally:
@@ -114,7 +114,7 @@ class PlanSpool:
         )
         try:
             while rows := cursor.fetchmany(_BATCH):
-                yield from filter(self.keeps, map(_decode, rows))
+                yield from filter(self.keeps, (action_of(row[3:]) for row in rows))
         finally:
             with contextlib.suppress(sqlite3.ProgrammingError):  # the spool closed first
                 cursor.close()
@@ -184,7 +184,14 @@ def remote_of(row: Sequence[Any]) -> RemoteObject | None:
     )
 
 
-def _encode(action: Action) -> tuple[Any, ...]:
+ACTION_COLUMNS = (
+    "kind, path, keep_copy, copy, l_size, l_mtime, l_inode, l_exec, l_hash, "
+    "r_key, r_size, r_etag, r_modified, r_hash, r_exec, r_md5"
+)  # action_row's, in its order: the plan spool's and the priority queue's (daemon/pullstore)
+ACTION_FIELDS = 4 + LOCAL_FIELDS + REMOTE_FIELDS
+
+
+def action_row(action: Action) -> tuple[Any, ...]:
     return (
         str(action.kind),
         action.path,
@@ -195,8 +202,9 @@ def _encode(action: Action) -> tuple[Any, ...]:
     )
 
 
-def _decode(row: tuple[Any, ...]) -> Action:
-    (_phase, _neg, _seq, kind, path, keep, copy) = row[:7]
-    local = local_of(row[7 : 7 + LOCAL_FIELDS])
-    remote = remote_of(row[7 + LOCAL_FIELDS : 7 + LOCAL_FIELDS + REMOTE_FIELDS])
+def action_of(row: Sequence[Any]) -> Action:
+    """The Action of an action_row (ACTION_COLUMNS in that order)."""
+    kind, path, keep, copy = row[:4]
+    local = local_of(row[4 : 4 + LOCAL_FIELDS])
+    remote = remote_of(row[4 + LOCAL_FIELDS : ACTION_FIELDS])
     return Action(ActionKind(kind), path, local, remote, bool(keep), copy)

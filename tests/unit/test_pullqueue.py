@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sidecar.core.model import Action, ActionKind, FileError, RemoteObject
 from sidecar.core.priority import PriorityRules
-from sidecar.daemon.pullqueue import PullQueue
+from sidecar.daemon.pullqueue import PriorityPull, PullQueue
 
 BIG = 100
 
@@ -19,7 +19,9 @@ def download(path: str, size: int) -> Action:
 
 
 def queue_of(files: dict[str, int], grace: float = 5.0) -> PullQueue:
-    return PullQueue([download(p, s) for p, s in files.items()], PriorityRules(10, ()), BIG, grace)
+    return PullQueue.of(
+        [download(p, s) for p, s in files.items()], PriorityRules(10, ()), BIG, grace
+    )
 
 
 async def test_priority_first_then_smallest_and_one_large_file_at_a_time() -> None:
@@ -90,7 +92,6 @@ def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> No
     from types import SimpleNamespace
 
     from sidecar.daemon.autosync import ChangeFilter
-    from sidecar.daemon.pullqueue import PriorityPull
 
     pull = PriorityPull(
         SimpleNamespace(ready=True),  # type: ignore[arg-type]
@@ -131,3 +132,149 @@ def test_sidecar_status_shows_the_background_pull() -> None:
         {"ready": True, "background_pull": {**background, "state": "complete"}}, 0
     )
     assert "background pull" not in done
+
+
+# -- /wait at the edges: a path not in the pull, asked twice, asked after it arrived, a pull
+# stopped and resumed. The queue lives in its store on disk (sidecar/daemon/pullstore.py):
+# the order and the answers are the ones the queue in memory gave.
+
+FILES = {"a": 1, "b": 20, "c": 21, "d": 22, "e": 23}  # a: the priority set; b-e after it
+
+
+class Script:
+    """The downloads of a pull, one at a time: each writes its file; a held path waits in
+    flight until the test releases it."""
+
+    def __init__(self, local: Path, *held: str) -> None:
+        self.local = local
+        self.started: list[str] = []
+        self.reached = {path: asyncio.Event() for path in held}
+        self.release = {path: asyncio.Event() for path in held}
+
+    async def __call__(self, action: Action) -> FileError | None:
+        self.started.append(action.path)
+        if action.path in self.release:
+            self.reached[action.path].set()
+            await self.release[action.path].wait()
+        target = self.local / action.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x" * FILES.get(action.path, 1))
+        return None
+
+
+def priority_pull(tmp_path: Path) -> PriorityPull:
+    from sidecar.daemon.coordinator import Coordinator
+    from tests.support.daemon_support import FakeEngine
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "state").mkdir()
+    pull = PriorityPull(
+        Coordinator(FakeEngine()),
+        tmp_path / "local",
+        PriorityRules(10, ()),
+        BIG,
+        lambda folder, name: b"",
+    )
+    pull.spool_dir = tmp_path / "state"  # the queue on disk, as the daemon has it
+    return pull
+
+
+def pulling(pull: PriorityPull, work: Script, files: dict[str, int]) -> asyncio.Task[set[str]]:
+    downloads = (download(path, size) for path, size in files.items())
+    return asyncio.ensure_future(pull.run(downloads, work, 1))
+
+
+async def waiting(pull: PriorityPull, count: int) -> None:
+    """Until `count` requests wait (each registers before its first real suspension)."""
+    for _turn in range(100):
+        if pull.status()["waiting_requests"] == count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{pull.status()['waiting_requests']} waiting, not {count}")
+
+
+async def test_wait_for_a_path_not_in_the_pull_is_404_and_moves_nothing(tmp_path: Path) -> None:
+    pull = priority_pull(tmp_path)
+    (tmp_path / "local/mine.txt").write_bytes(b"the user's, not in the bucket")
+    work = Script(tmp_path / "local", "b")
+    run = pulling(pull, work, FILES)
+    await asyncio.wait_for(work.reached["b"].wait(), 10)
+    answer = await pull.wait(["nope"], 5)
+    assert answer.status == 404 and answer.body["unknown"] == ["nope"]
+    both = await pull.wait(["nope", "d"], 5)  # unknown beside a pending path: 404, no wait
+    assert both.status == 404 and both.body["unknown"] == ["nope"]
+    assert (await pull.wait(["mine.txt"], 0)).status == 200  # local, not pulled: here
+    assert pull.status()["waiting_requests"] == 0
+    work.release["b"].set()
+    await asyncio.wait_for(run, 10)
+    assert work.started == ["a", "b", "c", "d", "e"]  # nothing jumped the queue
+
+
+async def test_a_path_waited_for_twice_goes_next_once_and_answers_both(tmp_path: Path) -> None:
+    pull = priority_pull(tmp_path)
+    work = Script(tmp_path / "local", "b")
+    run = pulling(pull, work, FILES)
+    await asyncio.wait_for(work.reached["b"].wait(), 10)
+    first = asyncio.ensure_future(pull.wait(["d"], None))
+    second = asyncio.ensure_future(pull.wait(["./d", "d"], None))  # the same path, twice
+    await waiting(pull, 2)
+    work.release["b"].set()
+    answers = await asyncio.wait_for(asyncio.gather(first, second, run), 10)
+    assert [answer.status for answer in answers[:2]] == [200, 200]
+    assert answers[1].body["paths"] == ["d"]
+    assert work.started == ["a", "b", "d", "c", "e"]  # d once, before c; then the order
+
+
+async def test_a_path_waited_for_after_it_arrived_answers_at_once(tmp_path: Path) -> None:
+    pull = priority_pull(tmp_path)
+    work = Script(tmp_path / "local", "c")
+    run = pulling(pull, work, FILES)
+    await asyncio.wait_for(work.reached["c"].wait(), 10)
+    assert (await pull.wait(["b"], 0)).status == 200  # arrived while the pull goes on
+    assert (await pull.wait(["a", "b"], 0)).status == 200
+    in_flight = await pull.wait(["c"], 0)  # started, not arrived: still pending
+    assert in_flight.status == 504 and in_flight.body["pending"] == ["c"]
+    assert pull.status()["waiting_requests"] == 0
+    work.release["c"].set()
+    await asyncio.wait_for(run, 10)
+    assert work.started == ["a", "b", "c", "d", "e"]
+    assert (await pull.wait(["c", "e"], 0)).status == 200  # the pull is over
+
+
+async def test_a_stopped_pull_keeps_its_waiters_and_the_next_one_serves_them_first(
+    tmp_path: Path,
+) -> None:
+    pull = priority_pull(tmp_path)
+    work = Script(tmp_path / "local", "b")
+    run = pulling(pull, work, FILES)
+    await asyncio.wait_for(work.reached["b"].wait(), 10)
+    assert pull.queue is not None
+    pull.queue.stop("a request is waiting")  # what preempt does: b lands, nothing new starts
+    work.release["b"].set()
+    await asyncio.wait_for(run, 10)
+    status = pull.status()
+    assert (status["state"], status["files_pending"], status["bytes_pending"]) == (
+        "paused",
+        3,
+        21 + 22 + 23,
+    )
+    timed_out = await pull.wait(["d", "c"], 0.01)
+    assert timed_out.status == 504, timed_out.body
+    assert (timed_out.body["pending"], timed_out.body["pending_count"]) == (["c", "d"], 2)
+    assert timed_out.body["bytes_pending"] == 21 + 22
+    assert (await pull.wait(["b"], 0)).status == 200  # arrived before the stop
+    assert pull.progress(["c", "d", "e"]) == (3, 21 + 22 + 23)
+    waiter = asyncio.ensure_future(pull.wait(["e"], None))
+    await waiting(pull, 1)
+    # The next pull plans the rest again (a fresh listing): the waited path first.
+    work.started.clear()
+    rest = {path: FILES[path] for path in ("c", "d", "e")}
+    await asyncio.wait_for(pulling(pull, work, rest), 10)
+    assert (await asyncio.wait_for(waiter, 10)).status == 200
+    assert work.started == ["e", "c", "d"]
+    status = pull.status()
+    assert (status["state"], status["files_pending"], status["files_arrived"]) == (
+        "complete",
+        0,
+        5,
+    )
