@@ -29,6 +29,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ RESUME_RETRY_MAX = 60.0
 # stalled connection or a big file on a slow link.
 YIELD_GRACE = 5.0
 BOOSTED = -1  # the rank of a waited path: before every phase
+# Arrivals the watcher has not reported yet (auto-sync's filter, own_write), newest kept: a
+# watcher that stopped, lagged or lost events must not make them a map of every file. One
+# forgotten is taken for the user's change: at worst a push that finds nothing to send.
+PLACED_KEPT = 65_536
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,7 @@ class PriorityPull:
     ready_after: float | None = None  # seconds from start to the priority set being local
     complete_after: float | None = None  # seconds from start to nothing pending
     track_own_writes: bool = False  # auto-sync is on: remember what arrives (own_write)
-    _placed: dict[str, Identity] = field(default_factory=dict)  # path -> as placed
+    _placed: OrderedDict[str, Identity] = field(default_factory=OrderedDict)  # path -> as placed
     _placed_dirs: set[str] = field(default_factory=set)  # folders arrivals went into
     _planned: asyncio.Event = field(default_factory=asyncio.Event)
     _run_ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -395,6 +400,8 @@ class PriorityPull:
             with contextlib.suppress(OSError):
                 st = os.stat(os.path.join(self.local_dir, action.path), follow_symlinks=False)
                 self._placed[action.path] = identity_of(st)
+                if len(self._placed) > PLACED_KEPT:
+                    self._placed.popitem(last=False)
                 folder = action.path.rpartition("/")[0]
                 while folder and folder not in self._placed_dirs:
                     self._placed_dirs.add(folder)

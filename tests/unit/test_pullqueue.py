@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from sidecar.core.model import Action, ActionKind, FileError, RemoteObject
 from sidecar.core.priority import PriorityRules
 from sidecar.daemon.pullqueue import PriorityPull, PullQueue
@@ -113,6 +115,31 @@ def test_auto_sync_ignores_what_the_background_pull_placed(tmp_path: Path) -> No
     assert not watch(added, str(tmp_path / "d/e"))  # a folder the pull made
     assert watch(added, str(tmp_path / "d/edited.bin"))  # changed since: the user's
     assert watch(added, str(tmp_path / "mine.txt"))
+
+
+def test_auto_sync_remembers_the_latest_arrivals_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrivals the watcher never reports (it stopped, or lost events) are not kept one per
+    file: the oldest are forgotten, and taken for user changes (a push that sends nothing)."""
+    from types import SimpleNamespace
+
+    import sidecar.daemon.pullqueue as pullqueue
+
+    monkeypatch.setattr(pullqueue, "PLACED_KEPT", 3)
+    pull = PriorityPull(
+        SimpleNamespace(ready=True),  # type: ignore[arg-type]
+        tmp_path,
+        PriorityRules(10, ()),
+        BIG,
+        lambda folder, name: b"",
+        track_own_writes=True,
+    )
+    names = [f"f{i}.bin" for i in range(5)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"from the bucket")
+        pull._arrived(download(name, 15))
+    assert [pull.own_write(name) for name in names] == [False, False, True, True, True]
 
 
 def test_sidecar_status_shows_the_background_pull() -> None:
