@@ -305,3 +305,35 @@ async def test_a_stopped_pull_keeps_its_waiters_and_the_next_one_serves_them_fir
         0,
         5,
     )
+
+
+async def test_a_new_syncpriority_comes_first_and_orders_the_rest(tmp_path: Path) -> None:
+    """The bucket's .syncpriority is fetched before anything else and its patterns, not the
+    ones of the file it replaces, decide the order: `huge` (large) joins the priority set,
+    `b` (`!b`) goes last, `c` (named by the old file only) is background again."""
+    from sidecar.engine.sync import read_syncignore
+
+    pull = priority_pull(tmp_path)
+    pull.read_file = read_syncignore
+    local = tmp_path / "local"
+    (local / ".syncpriority").write_text("c\n")  # the one here before the pull
+    ready_when: dict[str, bool] = {}
+    script = Script(local)
+
+    async def work(action: Action) -> FileError | None:
+        ready_when[action.path] = pull.coordinator.ready
+        if action.path == ".syncpriority":
+            (local / ".syncpriority").write_text("huge\n!b\n")
+            script.started.append(action.path)
+            return None
+        return await script(action)
+
+    files = {"c": 21, "huge": 5 * BIG, ".syncpriority": 10, "b": 20, "a": 1}
+    await asyncio.wait_for(pull.run((download(p, s) for p, s in files.items()), work, 1), 10)
+    assert script.started == [".syncpriority", "a", "huge", "c", "b"]
+    assert [path for path, ready in ready_when.items() if not ready] == [
+        ".syncpriority",
+        "a",
+        "huge",
+    ]
+    assert pull.status()["files_arrived"] == 5
