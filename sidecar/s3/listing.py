@@ -76,25 +76,21 @@ def listing_entries(body: bytes, prefixes: int = 0) -> list[ObjectInfo]:
     """The objects of one page; `prefixes` is the number of CommonPrefixes on it, which
     servers count in KeyCount (AWS, moto) or not."""
     url_encoded = (_top_level(body, b"EncodingType") or b"").strip().lower() == b"url"
-    page = []
-    fields: dict[bytes, bytes] = {}
     first = body.find(b"<Contents>")
-    # One pass over the fields of every entry; each </Contents> closes one.
-    for match in _CONTENTS_FIELD.finditer(body, first if first >= 0 else len(body)):
-        name = match.group(1)
-        if name is not None:
-            fields[name] = match.group(2)
-            continue
-        page.append(
-            ObjectInfo(
-                decode_listed_key(_xml_text(fields.get(b"Key", b"")), url_encoded),
-                int(fields.get(b"Size") or 0),
-                unquote_etag(_xml_text(fields.get(b"ETag", b""))),
-                {},
-                fields.get(b"LastModified", b"").decode("ascii", "replace"),
-            )
+    first = first if first >= 0 else len(body)
+    rows = _rows_as_laid_out(body, first)
+    if rows is None:
+        rows = _rows_by_field(body, first)
+    page = [
+        ObjectInfo(
+            _listed_key(key, url_encoded),
+            int(size or 0),
+            unquote_etag(_etag_text(etag)),
+            {},
+            modified.decode("ascii", "replace"),
         )
-        fields = {}
+        for key, etag, size, modified in rows
+    ]
     key_count = _top_level(body, b"KeyCount")
     if (
         key_count is not None
@@ -103,3 +99,80 @@ def listing_entries(body: bytes, prefixes: int = 0) -> list[ObjectInfo]:
     ):
         raise ValueError(f"KeyCount says {int(key_count)} objects, the page lists {len(page)}")
     return page
+
+
+_FIELDS = (b"Key", b"ETag", b"Size", b"LastModified")  # the order of a row's values
+_Row = tuple[bytes, bytes, bytes, bytes]
+
+
+def _rows_by_field(body: bytes, first: int) -> list[_Row]:
+    """Every entry's (Key, ETag, Size, LastModified) as listed (b"" when absent; the last
+    one when repeated): one pass over the fields, each </Contents> closing an entry."""
+    rows = []
+    fields: dict[bytes, bytes] = {}
+    for name, value in _CONTENTS_FIELD.findall(body, first):
+        if name:
+            fields[name] = value
+        else:
+            rows.append(tuple(fields.get(field, b"") for field in _FIELDS))
+            fields = {}
+    return rows  # type: ignore[return-value]
+
+
+# Text that holds no field's opening tag nor a </Contents>.
+_GAP = rb"[^<]*(?:<(?!(?:Key|Size|ETag|LastModified)>|/Contents>)[^<]*)*"
+_LAYOUTS: dict[tuple[bytes, ...], re.Pattern[bytes]] = {}
+
+
+def _rows_as_laid_out(body: bytes, first: int) -> list[_Row] | None:
+    """_rows_by_field's rows, read in one regular expression call where every entry lays
+    its fields out as the first one does (a server writes them all alike): about twice as
+    quick. None where they are not all alike: then the general pass reads them.
+
+    Why the rows are the same: the layout's pattern takes each field as _CONTENTS_FIELD
+    does (its value and the '<' after it), with _GAP between them; _GAP holds no field tag
+    and no </Contents>. If the page holds exactly as many of each of the layout's tags, and
+    of </Contents>, as the pattern found entries (and none of the other fields' tags), then
+    every tag is one the pattern matched, each entry has each field once, and the general
+    pass, meeting the same tags in the same order, reads the same values."""
+    close = body.find(b"</Contents>", first)
+    if close < 0:
+        return []  # no entry is closed: none is read
+    tags = {name: body.find(b"<" + name + b">", first, close) for name in _FIELDS}
+    layout = tuple(sorted((name for name in _FIELDS if tags[name] >= 0), key=tags.__getitem__))
+    pattern = _LAYOUTS.get(layout)
+    if pattern is None:
+        parts = [rb"<" + name + rb">([^<]*)<" + _GAP for name in layout]
+        pattern = _LAYOUTS[layout] = re.compile(b"".join(parts) + rb"</Contents>")
+    found = pattern.findall(body, first)
+    count = len(found)
+    if body.count(b"</Contents>", first) != count or any(
+        body.count(b"<" + name + b">", first) != (count if name in layout else 0)
+        for name in _FIELDS
+    ):
+        return None
+    if len(layout) < 2:  # findall gives one group's values (or no group's match) bare
+        found = [(value,) for value in found] if layout else [() for _ in found]
+    where = [layout.index(name) if name in layout else -1 for name in _FIELDS]
+    if where == [0, 1, 2, 3]:
+        return found
+    return [tuple(row[i] if i >= 0 else b"" for i in where) for row in found]  # type: ignore[misc]
+
+
+def _listed_key(raw: bytes, url_encoded: bool) -> str:
+    """decode_listed_key(_xml_text(raw), url_encoded), without the calls for a key with no
+    entity and nothing url-encoded (nearly every key)."""
+    if b"&" in raw or (url_encoded and (b"%" in raw or b"+" in raw or not raw.isascii())):
+        return decode_listed_key(_xml_text(raw), url_encoded)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _etag_text(raw: bytes) -> str:
+    """_xml_text(raw) of an ETag: its quotes come as &quot; or &#34; (rclone, SeaweedFS),
+    replaced directly where nothing else needs decoding."""
+    if b"&" in raw:
+        plain = raw.replace(b"&quot;", b'"').replace(b"&#34;", b'"')
+        if b"&" in plain:
+            return _xml_text(raw)
+        raw = plain
+    return raw.decode("utf-8", "surrogateescape")

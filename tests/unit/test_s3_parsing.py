@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.s3.errors import http_error
-from sidecar.s3.listing import decode_listed_key, listing_entries, listing_token
+from sidecar.s3.listing import (
+    _rows_as_laid_out,
+    _rows_by_field,
+    decode_listed_key,
+    listing_entries,
+    listing_token,
+)
 from sidecar.s3.metadata import Labels, from_headers, labels_for, read_labels, to_headers
 from sidecar.s3.objects import ObjectInfo
 
@@ -106,3 +114,63 @@ def test_object_labels_round_trip_and_foreign_metadata_says_nothing() -> None:
     assert read_labels({"xxh3-128": "", "mtime-ns": "-5", "mode": "644"}) == Labels(
         None, None, False
     )
+
+
+# ---- a page read as laid out (one pattern) is read as field by field ------------------------
+_FIELD_PIECES = [  # each entry takes at most one of each line
+    [b"<Key>k</Key>", b"<Key>k&amp;1</Key>", b"<Key>p%2F+%C3%A9</Key>"],
+    [b"<ETag>&#34;e&#34;</ETag>", b"<ETag>&quot;e2&quot;</ETag>", b"<ETag>&amp;#34;x</ETag>"],
+    [b"<Size>3</Size>", b"<Size></Size>"],
+    [b"<LastModified>2026-01-01T00:00:00Z</LastModified>"],
+    [b"<StorageClass>STANDARD</StorageClass>", b"<Owner><ID>o</ID></Owner>"],
+]
+_NOISE = [
+    *(piece for line in _FIELD_PIECES for piece in line),
+    b"<Owner><Key>x</Key></Owner>",
+    b"<Key>swallows<ETag>e</ETag>",  # a value's '<' is taken with it: that ETag is not read
+    b"<Key>",
+    b"</Contents>",
+    b"<Contents>",
+    b" ",
+]
+_ENTRY = st.tuples(*(st.sampled_from([None, *line]) for line in _FIELD_PIECES)).flatmap(
+    lambda chosen: st.permutations([piece for piece in chosen if piece is not None])
+)
+
+
+@given(st.lists(_ENTRY, min_size=1, max_size=4), st.lists(st.sampled_from(_NOISE), max_size=12))
+def test_a_page_reads_the_same_by_layout_as_field_by_field(
+    entries: list[list[bytes]], noise: list[bytes]
+) -> None:
+    """The one-pattern read (listing._rows_as_laid_out) gives the rows of the general pass,
+    or gives way to it: alike entries, and damaged or mixed pages."""
+    alike = b"".join(b"<Contents>" + b"".join(entries[0]) + b"</Contents>" for _ in entries)
+    mixed = b"".join(b"<Contents>" + b"".join(e) + b"</Contents>" for e in entries)
+    for contents in (alike, mixed, alike + b"".join(noise), b"".join(noise) + alike):
+        body = b"<ListBucketResult>" + contents + b"</ListBucketResult>"
+        first = body.find(b"<Contents>")
+        first = first if first >= 0 else len(body)
+        fast = _rows_as_laid_out(body, first)
+        assert fast is None or fast == _rows_by_field(body, first), body
+        if contents == alike:
+            assert fast is not None, body  # alike entries take the quick read
+
+
+def test_listing_entries_of_a_page_laid_out_as_seaweedfs_and_aws_do() -> None:
+    seaweed = (
+        b"<ListBucketResult><Contents><Key>p/a</Key><ETag>&#34;e1&#34;</ETag><Size>1</Size>"
+        b"<StorageClass>STANDARD</StorageClass><LastModified>2026-12-03T21:04:48Z"
+        b"</LastModified></Contents><Contents><Key>p/b</Key><ETag>&#34;e2&#34;</ETag>"
+        b"<Size>22</Size><StorageClass>STANDARD</StorageClass><LastModified>"
+        b"2026-12-03T21:04:49Z</LastModified></Contents></ListBucketResult>"
+    )
+    aws = (
+        b"<ListBucketResult><EncodingType>url</EncodingType><Contents><Key>p/%C3%A9+x</Key>"
+        b"<LastModified>2026-12-03T21:04:48.000Z</LastModified><ETag>&quot;e1&quot;</ETag>"
+        b"<Size>1</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>"
+    )
+    assert [(o.key, o.size, o.etag, o.last_modified) for o in listing_entries(seaweed)] == [
+        ("p/a", 1, "e1", "2026-12-03T21:04:48Z"),
+        ("p/b", 22, "e2", "2026-12-03T21:04:49Z"),
+    ]
+    assert [(o.key, o.etag) for o in listing_entries(aws)] == [("p/\u00e9 x", "e1")]
