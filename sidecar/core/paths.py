@@ -35,7 +35,8 @@ def temp_name(tag: str = "") -> str:
 
 
 def is_temp_name(basename: str) -> bool:
-    return bool(_TEMP_RE.match(basename))
+    # The prefix test first: asked of every scanned, listed and filtered name.
+    return basename.startswith(TEMP_PREFIX) and bool(_TEMP_RE.match(basename))
 
 
 def normalize_prefix(prefix: str) -> str:

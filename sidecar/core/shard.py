@@ -126,6 +126,8 @@ class ShardFilter(PathFilter):
 
     def wants_any_shard(self, relpath: str) -> bool:
         """Whether the path takes part in the sync of some shard (the user's filters only)."""
+        if self.shard is None:
+            return self.wants(relpath)  # the same question, its verdict kept for wants()
         return super()._decide(relpath)
 
 
