@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from sidecar.s3.errors import http_error
 from sidecar.s3.listing import (
+    _page_by_value,
+    _plain_page,
     _rows_as_laid_out,
     _rows_by_field,
     decode_listed_key,
@@ -174,3 +176,38 @@ def test_listing_entries_of_a_page_laid_out_as_seaweedfs_and_aws_do() -> None:
         ("p/b", 22, "e2", "2026-12-03T21:04:49Z"),
     ]
     assert [(o.key, o.etag) for o in listing_entries(aws)] == [("p/\u00e9 x", "e1")]
+
+
+_VALUE = st.lists(
+    st.sampled_from(
+        [
+            b"a",
+            b"/",
+            b"&amp;",
+            b"&#34;",
+            b"&quot;",
+            b"%2F",
+            b"+",
+            b" ",
+            b"\xc3\xa9",
+            b"\xff",
+            b"\xc3",
+        ]
+    ),
+    max_size=4,
+).map(b"".join)
+
+
+@given(
+    st.lists(st.tuples(_VALUE, _VALUE, st.sampled_from([b"", b"0", b"12"]), _VALUE), max_size=4),
+    st.booleans(),
+)
+def test_a_plain_page_decodes_as_each_value_alone(
+    rows: list[tuple[bytes, bytes, bytes, bytes]], url_encoded: bool
+) -> None:
+    """Columns decoded joined (listing._plain_page) give what each value decoded by itself
+    gives, or give way to that: entities, url-encoding, invalid or split UTF-8."""
+    plain = _plain_page(rows, url_encoded)
+    assert plain is None or plain == _page_by_value(rows, url_encoded)
+    if not any(b"&" in row[0] + row[1].replace(b"&#34;", b"") for row in rows) and not url_encoded:
+        assert plain is not None
