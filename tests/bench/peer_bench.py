@@ -86,10 +86,10 @@ WAN_PROFILE = {
 }
 PAGE = 4096  # tmpfs stores even a 1-byte file in a whole page
 # Peak RSS per file of a peer's re-sync, measured at 200,000 files on SeaweedFS: s5cmd `sync`
-# lists both sides whole and sorts them in memory (1,997-2,583 MiB, 10-13.2 KiB a file).
-# A tool whose projected peak exceeds --peer-memory is left out of that row with a printed
-# reason: at 1,000,000 files s5cmd `sync` would hold ~13 GiB of a shared 24 GiB machine.
-SYNC_BYTES_PER_FILE = {"s5cmd": 14 * KiB}
+# lists both sides whole and sorts them in memory (2.0-3.7 GiB over two runs, up to 19.2 KiB a
+# file). A tool whose projected peak exceeds --peer-memory is left out of that row with a
+# printed reason: at 1,000,000 files s5cmd `sync` would hold ~19 GiB of a shared 24 GiB machine.
+SYNC_BYTES_PER_FILE = {"s5cmd": 20 * KiB}
 PEER_MEMORY = 4 << 30
 
 
@@ -796,7 +796,8 @@ def write_json(path: Path, rows: list[Row], settings: dict[str, object]) -> None
         "columns": [name for name, _ in COLUMNS],
         "rows": [asdict(row) for row in rows],
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # default=str: settings hold paths (--wait-for, --sidecar-exe), written as text
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -875,7 +876,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=parse_size,
         default=PEER_MEMORY,
         help="leave a peer out of a re-sync row whose projected peak RSS exceeds this "
-        "(s5cmd `sync` at 1,000,000 files: ~13 GiB); default 4GiB",
+        "(s5cmd `sync` at 1,000,000 files: ~19 GiB); default 4GiB",
     )
     parser.add_argument("--workdir", type=Path, default=default_workdir())
     parser.add_argument("--keep", action="store_true", help="keep the workspace (logs) at exit")

@@ -6,12 +6,13 @@
   under every no-op row of that size.
 - `seaweed`: SeaweedFS `weed mini` (tests/support/seaweed.py), for the scale rows (issue 12):
   its filer answers a page of a listing in time independent of the bucket's size. Its buckets
-  are not folders, so a data set is seeded through S3 with `s5cmd cp` (~1,100 objects/s here;
-  `weed filer.copy` is twice as fast but leaves objects with an empty ETag, which no real S3
-  does and which makes `rclone sync --checksum` re-send everything), and checked with an
-  `s5cmd ls`. Objects get the upload time as LastModified, so after seeding the source tree
-  takes each object's LastModified as its mtime (a copy with the same mtimes, as the rclone
-  server gives): the peers' sync verbs compare the two and would otherwise re-send all.
+  are not folders, so a data set is seeded through S3 with `s5cmd cp` (~1,100 objects/s here
+  idle, ~600/s at load 13-20; `weed filer.copy` is twice as fast but leaves objects with an
+  empty ETag, which no real S3 does and which makes `rclone sync --checksum` re-send
+  everything), and checked with an `s5cmd ls`. Objects get the upload time as LastModified,
+  so after seeding the source tree takes each object's LastModified as its mtime (a copy with
+  the same mtimes, as the rclone server gives): the peers' sync verbs compare the two and
+  would otherwise re-send all.
 
 Why SeaweedFS for the 1,000,000-file rows, though seeding it takes many minutes: on `rclone
 serve s3` the listing's pages slow as the bucket grows (1,002 pages summed 48 s at 1 M against
