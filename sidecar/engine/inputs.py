@@ -32,7 +32,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -195,8 +195,10 @@ class CachedHashes:
                 row = next(self._rows, None)
             if row is not None and row[0] == rel:
                 cached = row[1]
-                if cached[:3] == (local.size, local.mtime_ns, local.inode):
-                    local = replace(local, hash=cached[3])
+                size, mtime_ns, inode, digest = cached
+                if size == local.size and mtime_ns == local.mtime_ns and inode == local.inode:
+                    # Built directly: dataclasses.replace took twice as long, on every file.
+                    local = LocalFile(size, mtime_ns, inode, local.executable, digest)
                 else:
                     state.note_hash(rel, None)  # another file now: hashed again if needed
                 row = next(self._rows, None)
