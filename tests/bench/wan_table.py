@@ -4,8 +4,9 @@
 
 One line per workload, direction and RTT: each tool's median seconds at its defaults / tuned,
 the sidecar's ratio to the best peer of either variant, the delay proxy's CPU (the range over
-the row's tools) and the machine's load as the row ran. Daemon rows follow in a table of
-their own.
+the row's tools) and the machine's load as the row ran. Then the same rows in CPU seconds
+(what a loaded machine blurs less than wall time) with the sidecar's peak RSS. Daemon rows
+follow in a table of their own.
 """
 
 from __future__ import annotations
@@ -67,6 +68,55 @@ def peer_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
+    groups: dict[tuple[str, str, float], dict[str, Any]] = {}
+    for row in rows:
+        if not row["workload"].startswith("DAEMON"):
+            key = (row["workload"], row["direction"], row["rtt_ms"])
+            groups.setdefault(key, {})[row["tool"]] = row
+    return groups
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    """Median CPU seconds, default / tuned; the sidecar's (each variant) over the best peer's
+    of either variant; the sidecar's peak RSS."""
+    header = [
+        "row",
+        "RTT ms",
+        *(f"{tool} CPU s" for tool in TOOLS),
+        "sidecar CPU / best peer CPU (def, tuned)",
+        "sidecar RSS MiB",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (workload, direction, rtt), by_tool in _groups(rows).items():
+        cpu = {
+            name: row["median_cpu_s"]
+            for name, row in by_tool.items()
+            if row["median_cpu_s"] is not None
+        }
+        cells = [f"{workload} {direction}", f"{rtt:g}"]
+        for tool in TOOLS:
+            values = [cpu.get(f"{tool}-{v}") for v in VARIANTS]
+            cells.append(" / ".join(f"{c:.2f}" if c is not None else "-" for c in values))
+        peers = {name: c for name, c in cpu.items() if not name.startswith("sidecar")}
+        best = min(peers, key=peers.__getitem__) if peers else None
+        ratios = [
+            f"{cpu[f'sidecar-{v}'] / peers[best]:.2f}"
+            if best and peers[best] and f"sidecar-{v}" in cpu
+            else "-"
+            for v in VARIANTS
+        ]
+        cells.append(" / ".join(ratios) + (f" ({best})" if best else ""))
+        rss = [
+            row["peak_rss_mib"]
+            for name, row in by_tool.items()
+            if name.startswith("sidecar") and row["peak_rss_mib"]
+        ]
+        cells.append(f"{max(rss):.0f}" if rss else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def daemon_table(rows: list[dict[str, Any]]) -> str:
     header = ["daemon row", "RTT ms", "median s", "CPU s", "RSS MiB", "vs best peer", "load"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -90,6 +140,8 @@ def daemon_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str]) -> int:
     rows = load([Path(arg) for arg in argv])
     print(peer_table(rows))
+    print()
+    print(cpu_table(rows))
     if any(row["workload"].startswith("DAEMON") for row in rows):
         print()
         print(daemon_table(rows))
